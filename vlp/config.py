@@ -1,0 +1,285 @@
+"""Typed run configuration: YAML file -> validated :class:`Config`, with dotted command-line overrides.
+
+Every mistake is reported before any work starts, as one line naming the key or the file::
+
+    config error: optim.lr: Input should be a valid number (got 'fast')
+    config error: data.sources[0].shards: no file matches '/data/x-{000..009}.tar'
+"""
+from __future__ import annotations
+
+import glob
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import braceexpand
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+KINDS = ("paired", "labeled", "unlabeled")
+Kind = Literal["paired", "labeled", "unlabeled"]
+
+
+class ConfigError(ValueError):
+    """A configuration problem, with the offending key or file in the message."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class SourceConfig(_Strict):
+    """One WebDataset: a shard spec (brace expansion, ``::``-separated specs, local paths or URLs)."""
+
+    name: str = ""
+    kind: Kind
+    shards: str | list[str]
+    weight: float = Field(1.0, gt=0)
+    classnames: list[str] | str | None = None  # list, or a file (one name per line); default: classnames.txt beside the shards
+    balance: Literal["none", "sqrt", "class"] = "none"  # labeled resampling for long tails (Mahajan et al. 2018)
+    size: int | None = None  # samples; default: sizes.json beside the shards
+
+    def shard_specs(self) -> list[str]:
+        specs = [self.shards] if isinstance(self.shards, str) else list(self.shards)
+        return [s for spec in specs for s in spec.split("::") if s]
+
+
+class BatchConfig(_Strict):
+    """Samples of each kind in every step's batch, per process (the composition is the same on every rank)."""
+
+    paired: int = Field(0, ge=0)
+    labeled: int = Field(0, ge=0)
+    unlabeled: int = Field(0, ge=0)
+
+    @property
+    def total(self) -> int:
+        return self.paired + self.labeled + self.unlabeled
+
+
+class DataConfig(_Strict):
+    sources: list[SourceConfig]
+    batch: BatchConfig
+    workers: int = Field(2, ge=0)
+    shuffle_buffer: int = Field(1000, ge=0)
+    resampled: bool = True  # infinite resampled shards; False = exact epochs split by rank and worker
+    templates: list[str] | str = "a photo of a {c}."  # label -> text prompts (UniCL), list or file or preset name
+    augment: bool = True
+    scale: tuple[float, float] = (0.5, 1.0)  # RandomResizedCrop scale range
+
+
+class MAEConfig(_Strict):
+    decoder_width: int = Field(128, gt=0)
+    decoder_depth: int = Field(2, gt=0)
+    decoder_heads: int = Field(4, gt=0)
+    norm_pix_loss: bool = True
+
+
+class TextConfig(_Strict):
+    lock: bool = False  # LiT: freeze the text tower
+    lock_unlocked_layers: int = 0
+
+
+class ModelConfig(_Strict):
+    name: str = "vlp-tiny-vit"  # open_clip config name, configs/models/<name>.json, or a path to a JSON file
+    mask_ratio: float = Field(0.75, ge=0.0, lt=1.0)
+    clip_unmasked: bool = False  # run a separate unmasked image pass for the contrastive loss
+    mae: MAEConfig = MAEConfig()
+    text: TextConfig = TextConfig()
+    lock_image: bool = False
+    num_classes: int | None = None  # classifier head; default: number of labeled classnames
+
+
+class ObjectiveConfig(_Strict):
+    weight: float = Field(1.0, ge=0)
+    loss: Literal["clip", "siglip"] = "clip"  # contrastive only
+    labels_as_text: bool = False  # contrastive only: UniCL (Yang et al. 2022)
+    label_smoothing: float = Field(0.0, ge=0, lt=1)  # supervised only
+
+
+class OptimConfig(_Strict):
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.05, ge=0)
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = Field(1e-6, gt=0)
+    warmup_steps: int = Field(100, ge=0)
+    min_lr_ratio: float = Field(0.0, ge=0, le=1)
+    grad_clip: float | None = Field(1.0, gt=0)
+    ema_decay: float | None = Field(None, gt=0, lt=1)
+
+
+class TrainConfig(_Strict):
+    steps: int = Field(1000, gt=0)
+    grad_accum: int = Field(1, ge=1)
+    precision: Literal["no", "fp16", "bf16"] = "no"
+    log_every: int = Field(10, gt=0)
+    save_every: int = Field(500, gt=0)
+    keep_last: int = Field(2, ge=1)
+    eval_every: int | None = Field(None, gt=0)
+    max_bad_steps: int = Field(5, ge=1)  # consecutive non-finite losses before aborting
+    cpu: bool = False  # force CPU even where an accelerator is present
+    progress: bool = True
+
+
+class ZeroShotEvalConfig(_Strict):
+    shards: str
+    classnames: list[str] | str | None = None
+    templates: list[str] | str | None = None
+    max_samples: int | None = None
+
+
+class EvalConfig(_Strict):
+    zeroshot: ZeroShotEvalConfig | None = None
+    batch_size: int = Field(256, gt=0)
+
+
+class Config(_Strict):
+    output_dir: str = "runs/default"
+    seed: int = 0
+    model: ModelConfig = ModelConfig()
+    data: DataConfig
+    objectives: dict[Literal["contrastive", "mae", "supervised"], ObjectiveConfig]
+    optim: OptimConfig = OptimConfig()
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+
+    @field_validator("objectives")
+    @classmethod
+    def _some_objective(cls, v):
+        if not v or not any(o.weight > 0 for o in v.values()):
+            raise ValueError("at least one objective needs a weight > 0")
+        return v
+
+    @model_validator(mode="after")
+    def _objectives_have_rows(self):
+        b = self.data.batch
+        kinds = {s.kind for s in self.data.sources}
+        for kind in KINDS:
+            if getattr(b, kind) > 0 and kind not in kinds:
+                raise ValueError(f"data.batch.{kind}: {getattr(b, kind)} samples asked but no source of kind '{kind}'")
+        if b.total == 0:
+            raise ValueError("data.batch: every kind is 0")
+        c = self.objectives.get("contrastive")
+        if c is not None and c.weight > 0:
+            if b.paired == 0 and not (c.labels_as_text and b.labeled > 0):
+                raise ValueError("objectives.contrastive: needs data.batch.paired > 0 (or labels_as_text with labeled rows)")
+        s = self.objectives.get("supervised")
+        if s is not None and s.weight > 0 and b.labeled == 0:
+            raise ValueError("objectives.supervised: needs data.batch.labeled > 0")
+        return self
+
+    def objective_weight(self, name: str) -> float:
+        o = self.objectives.get(name)
+        return o.weight if o is not None else 0.0
+
+
+def expand_shards(spec: str) -> list[str]:
+    """Brace-expand one spec (``::`` separates several); local globs are expanded too."""
+    urls = []
+    for part in spec.split("::"):
+        for url in braceexpand.braceexpand(part):
+            if "://" not in url and any(ch in url for ch in "*?["):
+                urls.extend(sorted(glob.glob(url)))
+            else:
+                urls.append(url)
+    return urls
+
+
+def _is_local(url: str) -> bool:
+    return "://" not in url and not url.startswith("pipe:")
+
+
+def check_shards(key: str, spec: str | list[str]) -> list[str]:
+    """Expand a shard spec and fail, naming the key and the path, when a local shard does not exist."""
+    specs = [spec] if isinstance(spec, str) else list(spec)
+    urls = [u for s in specs for u in expand_shards(s)]
+    if not urls:
+        raise ConfigError(f"{key}: no file matches {spec!r}")
+    missing = [u for u in urls if _is_local(u) and not os.path.exists(u)]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise ConfigError(f"{key}: no such shard {missing[0]!r}{more}")
+    return urls
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for i, k in enumerate(keys[:-1]):
+        if isinstance(node, list):
+            node = node[int(k)]
+            continue
+        if k not in node or node[k] is None:
+            node[k] = {}
+        node = node[k]
+        if not isinstance(node, (dict, list)):
+            raise ConfigError(f"{'.'.join(keys[:i + 1])}: is a value, cannot set {dotted}")
+    last = keys[-1]
+    if isinstance(node, list):
+        node[int(last)] = value
+    else:
+        node[last] = value
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
+    out = []
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected key=value (e.g. optim.lr=3e-4)")
+        key, raw = item.split("=", 1)
+        out.append((key.strip(), yaml.safe_load(raw) if raw != "" else "")),
+    return out
+
+
+def _format_error(err: ValidationError) -> str:
+    e = err.errors()[0]
+    loc = ""
+    for part in e["loc"]:
+        loc += f"[{part}]" if isinstance(part, int) else (f".{part}" if loc else str(part))
+    msg = e["msg"]
+    if e["type"] == "extra_forbidden":
+        msg = "unknown key"
+    elif e["type"] == "missing":
+        msg = "required key missing"
+    got = e.get("input")
+    suffix = f" (got {got!r})" if e["type"] not in ("missing", "extra_forbidden") and not isinstance(got, (dict, list)) else ""
+    return f"{loc or '<root>'}: {msg}{suffix}"
+
+
+def config_from_dict(tree: dict, base_dir: str | os.PathLike = ".", check_files: bool = True) -> Config:
+    try:
+        cfg = Config.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(_format_error(err)) from None
+    if check_files:
+        for i, src in enumerate(cfg.data.sources):
+            check_shards(f"data.sources[{i}].shards", _absolute_specs(src.shard_specs(), base_dir))
+        if cfg.eval.zeroshot is not None:
+            check_shards("eval.zeroshot.shards", _absolute_specs([cfg.eval.zeroshot.shards], base_dir))
+    return cfg
+
+
+def _absolute_specs(specs: list[str], base_dir) -> list[str]:
+    return [s if not _is_local(s) or os.path.isabs(s) else str(Path(base_dir) / s) for s in specs]
+
+
+def load_config(path: str | os.PathLike, overrides: list[str] = (), check_files: bool = True) -> Config:
+    """Read a YAML config, apply ``a.b.c=value`` overrides, validate. Relative shard paths stay relative to CWD."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"--config: no such file {str(path)!r}")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    for key, value in parse_overrides(list(overrides)):
+        try:
+            _set_dotted(tree, key, value)
+        except (IndexError, ValueError, KeyError) as err:
+            raise ConfigError(f"{key}: cannot set ({err})") from None
+    return config_from_dict(tree, check_files=check_files)
+
+
+def dump_config(cfg: Config, path: str | os.PathLike) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
