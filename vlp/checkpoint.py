@@ -1,0 +1,86 @@
+"""Checkpoint folders: atomic publishing, finding the latest, and reading weights and run info back.
+
+A checkpoint is ``RUN_DIR/checkpoints/step_000100/``: accelerate's ``save_state`` files (``model.safetensors``,
+optimizer, scheduler, RNG states; all loaded with ``weights_only=True``), plus ``config.yaml`` (the resolved run
+config) and ``vlp_state.json`` (step, samples seen, bad-sample counts, last metrics). It is written under a
+``.tmp`` name and renamed when complete, so a crash mid-save never leaves a half checkpoint as the latest.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+from safetensors.torch import load_file
+
+from vlp.config import Config, config_from_dict
+
+import yaml
+
+STATE_FILE = "vlp_state.json"
+CONFIG_FILE = "config.yaml"
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+def checkpoint_dir(run_dir: str | os.PathLike, step: int) -> Path:
+    return Path(run_dir) / "checkpoints" / f"step_{step:08d}"
+
+
+def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
+    """Complete checkpoints of a run, oldest first."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir()
+             if (m := _STEP_DIR.match(p.name)) and (p / STATE_FILE).is_file()]
+    return [p for _, p in sorted(found)]
+
+
+def find_checkpoint(path: str | os.PathLike) -> Path:
+    """A checkpoint folder itself, or the latest complete checkpoint of a run directory."""
+    path = Path(path)
+    if (path / STATE_FILE).is_file():
+        return path
+    found = list_checkpoints(path)
+    if not found:
+        raise FileNotFoundError(f"no complete checkpoint in {str(path)!r} (looked for checkpoints/step_*/{STATE_FILE})")
+    return found[-1]
+
+
+def publish(tmp: Path, final: Path, keep_last: int) -> None:
+    """Rename a finished ``.tmp`` checkpoint into place, then prune all but the ``keep_last`` newest."""
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    for old in list_checkpoints(final.parent.parent)[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    for stale in final.parent.glob("*.tmp"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def write_state(ckpt: Path, state: dict) -> None:
+    (ckpt / STATE_FILE).write_text(json.dumps(state, indent=2, default=float))
+
+
+def read_run_info(ckpt: str | os.PathLike) -> dict:
+    return json.loads((find_checkpoint(ckpt) / STATE_FILE).read_text())
+
+
+def read_run_config(ckpt: str | os.PathLike) -> Config:
+    tree = yaml.safe_load((find_checkpoint(ckpt) / CONFIG_FILE).read_text())
+    return config_from_dict(tree, check_files=False)
+
+
+def model_state_dict(ckpt: str | os.PathLike) -> dict:
+    """The training model's weights (``clip.*``, ``mae_decoder.*``, ``classifier.*``) from safetensors."""
+    return load_file(str(find_checkpoint(ckpt) / "model.safetensors"))
+
+
+def clip_state_dict(ckpt: str | os.PathLike, ema: bool = False) -> dict:
+    """A plain open_clip state dict (the ``clip.`` part of the training model; EMA weights if asked)."""
+    ckpt = find_checkpoint(ckpt)
+    source = ckpt / "ema.safetensors" if ema else ckpt / "model.safetensors"
+    state = load_file(str(source))
+    return {k[len("clip."):]: v for k, v in state.items() if k.startswith("clip.")}

@@ -1,0 +1,124 @@
+"""The mixer: one IterableDataset whose workers each yield whole mixed batches of a fixed composition.
+
+Batch contract (plain dict of tensors; see DESIGN.md)::
+
+    image    [B,3,H,W] float    every row
+    text     [B,L]     long     token ids, zeros where a row has no text
+    has_text [B]       bool     paired rows, and labeled rows when labels are used as text (UniCL)
+    label    [B]       long     class index, -1 where absent
+    kind     [B]       long     0 paired, 1 labeled, 2 unlabeled (rows are grouped in that order)
+    bad      [S]       long     skipped samples so far per source, in this worker (cumulative)
+    worker   []        long     the dataloader worker that built the batch
+
+Every rank builds the same composition (``batch.paired`` + ``batch.labeled`` + ``batch.unlabeled`` rows), so
+no objective ever sees an empty subset and distributed gathers line up. Randomness is seeded from
+(seed, rank, worker, batch index), so a run is reproducible and a resumed run can skip the batches it already
+consumed without decoding them (:attr:`start_batch`).
+"""
+from __future__ import annotations
+
+import random
+from typing import Callable, Iterator
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from vlp.config import KINDS, DataConfig
+from vlp.data.sources import Source, build_sources, stream_seed
+from vlp.data.transforms import decode_image
+
+KIND_ID = {k: i for i, k in enumerate(KINDS)}
+
+
+class MixedBatches(IterableDataset):
+    """Infinite stream of mixed batches for one rank."""
+
+    def __init__(self, cfg: DataConfig, transform: Callable, tokenizer: Callable, seed: int = 0,
+                 rank: int = 0, world: int = 1, templates: list[str] | None = None,
+                 labels_as_text: bool = False, sources: list[Source] | None = None):
+        self.cfg = cfg
+        self.transform = transform
+        self.tokenizer = tokenizer
+        self.seed = seed
+        self.rank = rank
+        self.world = world
+        self.templates = templates or ["a photo of a {c}."]
+        self.labels_as_text = labels_as_text
+        self.sources = sources if sources is not None else build_sources(cfg.sources)
+        self.per_kind = {k: getattr(cfg.batch, k) for k in KINDS}
+        self.start_batch = 0  # global batches already consumed (set before iterating to resume)
+        if labels_as_text:
+            for s in self.sources:
+                if s.kind == "labeled" and not s.classnames:
+                    raise ValueError(f"source {s.name}: labels as text need classnames (classnames.txt or config)")
+
+    @property
+    def batch_size(self) -> int:
+        return sum(self.per_kind.values())
+
+    # ---- streams ----------------------------------------------------------------------------------------
+    def _kind_stream(self, kind: str, worker: int, workers: int) -> Iterator[tuple[Source, dict]]:
+        """Records of one kind, each from a source drawn by weight among that kind's sources."""
+        sources = [s for s in self.sources if s.kind == kind]
+        streams = [s.records(self.seed, self.rank, self.world, worker, workers, resampled=self.cfg.resampled,
+                             shuffle_buffer=self.cfg.shuffle_buffer) for s in sources]
+        weights = [s.cfg.weight for s in sources]
+        rng = random.Random(stream_seed(self.seed, "mix", kind, self.rank, worker))
+        while True:
+            i = rng.choices(range(len(sources)), weights)[0] if len(sources) > 1 else 0
+            yield sources[i], next(streams[i])
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        self._streams = {k: self._kind_stream(k, worker, workers) for k in KINDS if self.per_kind[k] > 0}
+        # DataLoader takes batches from workers round-robin: global batch g comes from worker g % workers.
+        local = 0
+        skip = (self.start_batch - worker + workers - 1) // workers if self.start_batch > worker else 0
+        while True:
+            rows = [(k, *next(self._streams[k])) for k in KINDS if self.per_kind[k] > 0 for _ in range(self.per_kind[k])]
+            if local >= skip:
+                yield self._collate(rows, worker, local)
+            local += 1
+
+    # ---- one batch --------------------------------------------------------------------------------------
+    def _collate(self, rows: list[tuple[str, Source, dict]], worker: int, local: int) -> dict:
+        batch_seed = stream_seed(self.seed, "batch", self.rank, worker, local)
+        torch.manual_seed(batch_seed)  # the transforms draw from torch's global RNG
+        rng = random.Random(batch_seed)
+        images, texts, has_text = [], [], []
+        for i, (kind, source, rec) in enumerate(rows):
+            image = self._decode(source, rec, kind, worker, rows, i)
+            images.append(self.transform(image))
+            text = rows[i][2]["text"]
+            if kind == "labeled" and self.labels_as_text:
+                text = rng.choice(self.templates).format(c=source.classnames[rows[i][2]["label"]])
+            has_text.append(text is not None)
+            texts.append(text or "")
+        tokens = self.tokenizer(texts)
+        tokens[~torch.tensor(has_text)] = 0
+        return {
+            "image": torch.stack(images),
+            "text": tokens,
+            "has_text": torch.tensor(has_text),
+            "label": torch.tensor([r[2]["label"] for r in rows], dtype=torch.long),
+            "kind": torch.tensor([KIND_ID[r[0]] for r in rows], dtype=torch.long),
+            "bad": torch.tensor([s.bad.total for s in self.sources], dtype=torch.long),
+            "worker": torch.tensor(worker),
+        }
+
+    def _decode(self, source: Source, rec: dict, kind: str, worker: int, rows: list, i: int):
+        """Decode a row's image; a corrupt one is counted and replaced by the next record of its kind."""
+        while True:
+            try:
+                return decode_image(rec["image"])
+            except Exception as exn:  # PIL raises many types for bad data
+                source.bad.add("corrupt image", f"{source.name}/{rec['key']}: {exn!r}"[:200])
+                source, rec = next(self._streams[kind])
+                rows[i] = (kind, source, rec)
+
+
+def make_loader(dataset: MixedBatches, workers: int) -> DataLoader:
+    """One DataLoader over whole batches (``batch_size=None``); workers keep their streams alive."""
+    return DataLoader(dataset, batch_size=None, num_workers=workers, persistent_workers=False,
+                      prefetch_factor=4 if workers > 0 else None, pin_memory=torch.cuda.is_available())

@@ -1,0 +1,76 @@
+"""Masked autoencoding pieces (He et al. 2022, "Masked Autoencoders Are Scalable Vision Learners"):
+random patch masking, patchify, and the narrow decoder that reconstructs pixels from visible tokens."""
+from __future__ import annotations
+
+import torch
+from open_clip.pos_embed import get_2d_sincos_pos_embed
+from timm.layers import trunc_normal_
+from timm.models.vision_transformer import Block
+from torch import nn
+
+
+def random_masking(noise: torch.Tensor, mask_ratio: float):
+    """Per-sample random subset of patches from uniform ``noise [B, N]`` (lowest noise kept, as in MAE).
+
+    Returns ``ids_keep [B, N_keep]``, ``mask [B, N]`` (1 = removed) and ``ids_restore [B, N]``.
+    """
+    B, N = noise.shape
+    keep = max(1, int(round(N * (1 - mask_ratio))))
+    ids_shuffle = torch.argsort(noise, dim=1)
+    ids_restore = torch.argsort(ids_shuffle, dim=1)
+    ids_keep = ids_shuffle[:, :keep]
+    mask = torch.ones(B, N, device=noise.device)
+    mask[:, :keep] = 0
+    mask = torch.gather(mask, 1, ids_restore)
+    return ids_keep, mask, ids_restore
+
+
+def patchify(images: torch.Tensor, patch: int) -> torch.Tensor:
+    """``[B, C, H, W] -> [B, N, patch*patch*C]``, patches in row-major order (the ViT token order)."""
+    B, C, H, W = images.shape
+    h, w = H // patch, W // patch
+    x = images.reshape(B, C, h, patch, w, patch)
+    x = torch.einsum("nchpwq->nhwpqc", x)
+    return x.reshape(B, h * w, patch * patch * C)
+
+
+class MAEDecoder(nn.Module):
+    """Embeds visible encoder tokens, fills mask tokens, adds fixed 2-D sin-cos positions, runs a few
+    transformer blocks and predicts the pixels of every patch."""
+
+    def __init__(self, encoder_width: int, grid: tuple[int, int], patch: int, width: int = 128, depth: int = 2,
+                 heads: int = 4, channels: int = 3):
+        super().__init__()
+        self.grid = grid
+        self.embed = nn.Linear(encoder_width, width)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, width))
+        assert grid[0] == grid[1], "MAE decoder expects a square patch grid"
+        pos = torch.from_numpy(get_2d_sincos_pos_embed(width, grid[0])).float()
+        self.register_buffer("pos_embed", pos.unsqueeze(0), persistent=False)
+        self.blocks = nn.ModuleList([Block(width, heads, mlp_ratio=4.0, qkv_bias=True) for _ in range(depth)])
+        self.norm = nn.LayerNorm(width)
+        self.pred = nn.Linear(width, patch * patch * channels)
+        trunc_normal_(self.mask_token, std=0.02)
+        self.apply(self._init)
+
+    @staticmethod
+    def _init(m):
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    def forward(self, visible: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
+        """``visible [B, N_keep, encoder_width]`` -> pixel predictions ``[B, N, patch*patch*C]``."""
+        x = self.embed(visible)
+        B, keep, D = x.shape
+        N = ids_restore.shape[1]
+        x = torch.cat([x, self.mask_token.expand(B, N - keep, D).to(x.dtype)], dim=1)
+        x = torch.gather(x, 1, ids_restore.unsqueeze(-1).expand(B, N, D))
+        x = x + self.pos_embed.to(x.dtype)
+        for block in self.blocks:
+            x = block(x)
+        return self.pred(self.norm(x))

@@ -1,0 +1,29 @@
+"""The objective interface: ``loss, metrics = objective(outputs, batch)``.
+
+An objective is a small module that reads the model outputs it needs (declared in ``needs``) and the rows of the
+batch it applies to. Objectives register themselves by name so a config key picks the implementation.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+OBJECTIVES: dict[str, Callable[..., "Objective"]] = {}
+
+
+def register(name: str):
+    def wrap(cls):
+        OBJECTIVES[name] = cls
+        cls.name = name
+        return cls
+    return wrap
+
+
+class Objective(nn.Module):
+    name: str = ""
+    needs: tuple[str, ...] = ()  # model outputs read
+
+    def forward(self, outputs: dict, batch: dict) -> tuple[torch.Tensor, dict]:
+        raise NotImplementedError

@@ -1,0 +1,76 @@
+"""Image-text contrastive objectives on the shared (masked) image pass.
+
+- CLIP (Radford et al. 2021): open_clip's ``ClipLoss``, with its distributed feature gather.
+- SigLIP (Zhai et al. 2023): open_clip's ``SigLipLoss``.
+- UniCL (Yang et al. 2022, "Unified Contrastive Learning in Image-Text-Label Space"): labeled rows carry their
+  class name in a prompt as text; every pair of rows with the same label is a positive, so the target of each
+  row is uniform over its positives. With all labels distinct it is exactly the CLIP loss.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from open_clip.loss import ClipLoss, SigLipLoss
+
+from vlp.objectives.base import Objective, register
+
+
+def _all_gather_nograd(t: torch.Tensor, world_size: int) -> torch.Tensor:
+    parts = [torch.empty_like(t) for _ in range(world_size)]
+    torch.distributed.all_gather(parts, t)
+    return torch.cat(parts)
+
+
+class UniCLLoss(ClipLoss):
+    """CLIP loss with a same-label-positives target matrix. ``labels`` identify rows: equal labels = positives."""
+
+    def forward(self, image_features, text_features, logit_scale, labels, logit_bias=None):
+        if image_features.ndim != 2 or image_features.shape != text_features.shape:
+            raise ValueError(f"UniCL expects [N, D] features of equal shape, got {tuple(image_features.shape)} "
+                             f"and {tuple(text_features.shape)}")
+        logits_per_image, logits_per_text = self.get_logits(image_features, text_features, logit_scale, logit_bias)
+        if self.world_size > 1:
+            if self.local_loss:
+                raise ValueError("UniCL needs the full gathered logits (local_loss=False)")
+            labels = _all_gather_nograd(labels, self.world_size)
+        targets = (labels[:, None] == labels[None, :]).to(logits_per_image.dtype)
+        targets = targets / targets.sum(dim=1, keepdim=True)
+        loss_i = -(targets * F.log_softmax(logits_per_image, dim=1)).sum(dim=1).mean()
+        loss_t = -(targets.T * F.log_softmax(logits_per_text, dim=1)).sum(dim=1).mean()
+        return (loss_i + loss_t) / 2
+
+
+def row_ids(label: torch.Tensor, rank: int) -> torch.Tensor:
+    """UniCL row identities: the class index for labeled rows, a unique negative id for every other row."""
+    n = label.shape[0]
+    unique = -(rank * n + torch.arange(n, device=label.device)) - 1
+    return torch.where(label >= 0, label, unique)
+
+
+@register("contrastive")
+class ContrastiveObjective(Objective):
+    needs = ("image_features", "text_features", "logit_scale")
+
+    def __init__(self, loss: str = "clip", labels_as_text: bool = False, rank: int = 0, world_size: int = 1):
+        super().__init__()
+        self.kind = "siglip" if loss == "siglip" else ("unicl" if labels_as_text else "clip")
+        if loss == "siglip" and labels_as_text:
+            raise ValueError("objectives.contrastive: labels_as_text is implemented for loss: clip only")
+        self.rank = rank
+        if self.kind == "siglip":
+            self.loss = SigLipLoss(rank=rank, world_size=world_size)
+        elif self.kind == "unicl":
+            self.loss = UniCLLoss(gather_with_grad=True, rank=rank, world_size=world_size)
+        else:
+            # gather_with_grad: gradients equal those of one process with the whole global batch.
+            self.loss = ClipLoss(gather_with_grad=True, rank=rank, world_size=world_size)
+
+    def forward(self, outputs, batch):
+        img, txt, scale = outputs["image_features"], outputs["text_features"], outputs["logit_scale"]
+        if self.kind == "siglip":
+            loss = self.loss(img, txt, scale, outputs["logit_bias"])
+        elif self.kind == "unicl":
+            loss = self.loss(img, txt, scale, row_ids(batch["label"][batch["has_text"]], self.rank))
+        else:
+            loss = self.loss(img, txt, scale)
+        return loss, {"logit_scale": scale.detach()}

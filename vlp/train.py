@@ -1,0 +1,401 @@
+"""The trainer: ``accelerate launch -m vlp.train --config configs/X.yaml [key=value ...]``.
+
+Accelerate owns devices, DDP, mixed precision and state saving. vlp adds the mixed-data stream, the objectives,
+AdamW with decay only on weight matrices, warmup + cosine, clipping, optional EMA, the CLIP logit-scale clamp,
+atomic keep-last-K checkpoints with exact resume, non-finite-loss guards, signal-safe exits and logging.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from safetensors.torch import save_file
+
+from vlp import checkpoint as ckpt_io
+from vlp.config import KINDS, Config, ConfigError, dump_config, load_config
+from vlp.data.mixing import MixedBatches, make_loader
+from vlp.data.sources import build_sources, stream_seed
+from vlp.data.transforms import eval_transform, resolve_templates, train_transform
+from vlp.models.factory import create_clip
+from vlp.models.model import build_vlp_model
+from vlp.objectives import build_objectives, combine
+
+log = logging.getLogger("vlp.train")
+
+NO_DECAY_NAMES = ("bias", "embedding", "logit_scale", "logit_bias", "mask_token", "pos_embed")
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: decay on weight matrices only; none on biases, norms, embeddings, logit scale."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim < 2 or any(k in name for k in NO_DECAY_NAMES) else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def warmup_cosine(warmup: int, total: int, min_ratio: float = 0.0):
+    """LR multiplier: linear warmup from ~0, then cosine decay to ``min_ratio`` at ``total``."""
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    return f
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+class Trainer:
+    """One training run. ``Trainer(cfg).fit()``; subclass ``compute_loss`` to change a step."""
+
+    def __init__(self, cfg: Config, resume: str | None = None, accelerator: Accelerator | None = None):
+        self.cfg = cfg
+        self.run_dir = Path(cfg.output_dir)
+        cpu = cfg.train.cpu or not torch.cuda.is_available()
+        self.accelerator = accelerator or Accelerator(
+            cpu=cpu, mixed_precision=cfg.train.precision, log_with="tensorboard", project_dir=str(self.run_dir))
+        acc = self.accelerator
+        self.rank, self.world = acc.process_index, acc.num_processes
+        set_seed(cfg.seed + self.rank)
+
+        clip, self.model_cfg, self.tokenizer = create_clip(cfg.model.name)
+        self.sources = build_sources(cfg.data.sources)
+        self.classnames = next((s.classnames for s in self.sources if s.kind == "labeled" and s.classnames), None)
+        num_classes = cfg.model.num_classes or (len(self.classnames) if self.classnames else 0)
+        if cfg.objective_weight("supervised") > 0 and num_classes == 0:
+            raise ConfigError("model.num_classes: the supervised objective needs a class count "
+                              "(or classnames on a labeled source)")
+        model = build_vlp_model(clip, cfg, num_classes)
+        self.objectives = build_objectives(cfg, model.patch, self.rank, self.world)
+        contrastive = cfg.objectives.get("contrastive")
+        self.templates = resolve_templates(cfg.data.templates)
+        self.dataset = MixedBatches(
+            cfg.data, train_transform(clip, cfg.data.scale, cfg.data.augment), self.tokenizer, cfg.seed, self.rank,
+            self.world, self.templates, labels_as_text=bool(contrastive and contrastive.labels_as_text),
+            sources=self.sources)
+        self.eval_preprocess = eval_transform(clip)
+
+        o = cfg.optim
+        optimizer = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=o.betas, eps=o.eps)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, warmup_cosine(o.warmup_steps, cfg.train.steps, o.min_lr_ratio))
+        self.model, self.optimizer, self.scheduler = acc.prepare(model, optimizer, scheduler)
+        self.ema = None
+        if o.ema_decay:
+            from timm.utils import ModelEmaV3
+            self.ema = ModelEmaV3(acc.unwrap_model(self.model), decay=o.ema_decay)
+
+        self.step = 0
+        self.samples_seen = {k: 0 for k in KINDS}
+        self.bad_steps_total = 0
+        self.last_metrics: dict[str, float] = {}
+        self.eval_metrics: dict[str, float] = {}
+        self._stop_signal: int | None = None
+        if resume:
+            self._resume(resume)
+        self.dataset.start_batch = self.step * cfg.train.grad_accum
+
+    # ---- checkpoints --------------------------------------------------------------------------------------
+    def _resume(self, resume: str) -> None:
+        target = self.run_dir if resume == "auto" else Path(resume)
+        if resume == "auto" and not ckpt_io.list_checkpoints(target):
+            log.info("resume=auto: no checkpoint in %s, starting fresh", target)
+            return
+        path = ckpt_io.find_checkpoint(target)
+        self.accelerator.load_state(str(path))
+        state = json.loads((path / ckpt_io.STATE_FILE).read_text())
+        self.step = state["step"]
+        self.samples_seen = state["samples_seen"]
+        self.bad_steps_total = state.get("nonfinite_steps", 0)
+        self.eval_metrics = state.get("eval", {})
+        if self.ema is not None and (path / "ema.safetensors").is_file():
+            from safetensors.torch import load_file
+            self.ema.module.load_state_dict(load_file(str(path / "ema.safetensors")))
+        log.info("resumed from %s at step %d", path, self.step)
+
+    def save(self) -> Path:
+        """Write a checkpoint for the current step atomically; every rank must call it."""
+        acc = self.accelerator
+        final = ckpt_io.checkpoint_dir(self.run_dir, self.step)
+        tmp = final.with_name(final.name + ".tmp")
+        acc.wait_for_everyone()
+        acc.save_state(str(tmp))
+        if acc.is_main_process:
+            dump_config(self.cfg, tmp / ckpt_io.CONFIG_FILE)
+            if self.ema is not None:
+                save_file({k: v.contiguous() for k, v in self.ema.module.state_dict().items()},
+                          str(tmp / "ema.safetensors"))
+            ckpt_io.write_state(tmp, self.state_dict())
+            ckpt_io.publish(tmp, final, self.cfg.train.keep_last)
+        acc.wait_for_everyone()
+        return final
+
+    def state_dict(self) -> dict:
+        return {
+            "step": self.step,
+            "samples_seen": self.samples_seen,
+            "nonfinite_steps": self.bad_steps_total,
+            "bad_samples": self.bad_samples(),
+            "metrics": self.last_metrics,
+            "eval": self.eval_metrics,
+            "model_cfg": self.model_cfg,
+            "data": [{"name": s.name, "kind": s.kind, "shards": s.cfg.shards, "size": s.size} for s in self.sources],
+            "batch": self.cfg.data.batch.model_dump(),
+            "objectives": {k: v.model_dump() for k, v in self.cfg.objectives.items()},
+            "world_size": self.world,
+        }
+
+    # ---- one step -------------------------------------------------------------------------------------------
+    def masking_noise(self, batch: dict, micro: int) -> torch.Tensor | None:
+        """Per-step masking noise from a generator seeded by (seed, step, micro-batch, rank): exact on resume."""
+        model = self.accelerator.unwrap_model(self.model)
+        if not model.is_vit or self.cfg.model.mask_ratio == 0:
+            return None
+        g = torch.Generator().manual_seed(stream_seed(self.cfg.seed, "mask", self.step, micro, self.rank))
+        return torch.rand(batch["image"].shape[0], model.num_patches, generator=g).to(batch["image"].device)
+
+    def compute_loss(self, batch: dict, micro: int) -> tuple[torch.Tensor, dict]:
+        outputs = self.model(batch, noise=self.masking_noise(batch, micro))
+        return combine(self.objectives, outputs, batch)
+
+    def _all_finite(self, loss: torch.Tensor) -> bool:
+        """Agree across ranks, so every rank skips the same steps (no rank waits in a collective alone)."""
+        flag = torch.tensor([1.0 if torch.isfinite(loss).all() else 0.0], device=loss.device)
+        if self.world > 1:
+            flag = self.accelerator.reduce(flag, reduction="sum") / self.world
+        return bool(flag.item() == 1.0)
+
+    def train_step(self, batches: list[dict]) -> dict | None:
+        """One optimizer step over ``grad_accum`` micro-batches. Returns metrics, or None if skipped."""
+        acc, n = self.accelerator, len(batches)
+        metrics_sum: dict[str, float] = {}
+        for micro, batch in enumerate(batches):
+            sync = micro == n - 1
+            ctx = acc.no_sync(self.model) if not sync and self.world > 1 else _nullcontext()
+            with ctx, acc.autocast():
+                loss, metrics = self.compute_loss(batch, micro)
+            if not self._all_finite(loss):
+                self.optimizer.zero_grad(set_to_none=True)
+                return None
+            acc.backward(loss / n)
+            for k, v in metrics.items():
+                metrics_sum[k] = metrics_sum.get(k, 0.0) + float(v) / n
+        if self.cfg.optim.grad_clip:
+            metrics_sum["grad_norm"] = float(acc.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip))
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        clip = acc.unwrap_model(self.model).clip
+        with torch.no_grad():
+            clip.logit_scale.clamp_(0, math.log(100))  # as in CLIP
+        if self.ema is not None:
+            self.ema.update(acc.unwrap_model(self.model), step=self.step)
+        return metrics_sum
+
+    # ---- the loop -------------------------------------------------------------------------------------------
+    def bad_samples(self) -> dict[str, int]:
+        return {s.name: int(self._bad.get(s.name, 0)) for s in self.sources} if hasattr(self, "_bad") else {}
+
+    def _track_bad(self, batch: dict) -> None:
+        """Per-worker cumulative counts travel with each batch; keep the latest per worker and sum."""
+        self._per_worker_bad = getattr(self, "_per_worker_bad", {})
+        self._per_worker_bad[int(batch["worker"])] = batch["bad"].tolist()
+        totals = [sum(col) for col in zip(*self._per_worker_bad.values())]
+        self._bad = {s.name: totals[i] for i, s in enumerate(self.sources)}
+
+    def _install_signal_handlers(self) -> None:
+        def handler(signum, frame):
+            self._stop_signal = signum
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                signal.signal(sig, handler)
+            except ValueError:  # not the main thread
+                pass
+
+    def _should_stop(self) -> bool:
+        flag = torch.tensor([1.0 if self._stop_signal else 0.0], device=self.accelerator.device)
+        if self.world > 1:
+            flag = self.accelerator.reduce(flag, reduction="sum")
+        return bool(flag.item() > 0)
+
+    def fit(self) -> dict:
+        cfg, acc = self.cfg, self.accelerator
+        tc = cfg.train
+        if acc.is_main_process:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            dump_config(cfg, self.run_dir / ckpt_io.CONFIG_FILE)
+        acc.init_trackers("tb", config=_flat_hparams(cfg))
+        self._install_signal_handlers()
+        loader = iter(make_loader(self.dataset, cfg.data.workers))
+        per_step = {k: getattr(cfg.data.batch, k) * tc.grad_accum * self.world for k in KINDS}
+        bar = None
+        if acc.is_main_process and tc.progress:
+            from tqdm.auto import tqdm
+            bar = tqdm(total=tc.steps, initial=self.step, desc="train", dynamic_ncols=True)
+        consecutive_bad, window_t, window_wait, window_steps = 0, 0.0, 0.0, 0
+        metrics_path = self.run_dir / "metrics.jsonl"
+        while self.step < tc.steps:
+            t0 = time.perf_counter()
+            batches = []
+            for _ in range(tc.grad_accum):
+                batch = next(loader)
+                self._track_bad(batch)
+                batches.append({k: v.to(acc.device, non_blocking=True) for k, v in batch.items()
+                                if k not in ("bad", "worker")})
+            t_data = time.perf_counter() - t0
+            self.model.train()
+            metrics = self.train_step(batches)
+            if metrics is None:
+                consecutive_bad += 1
+                self.bad_steps_total += 1
+                log.warning("step %d: non-finite loss, step skipped (%d in a row, %d total)",
+                            self.step, consecutive_bad, self.bad_steps_total)
+                acc.log({"train/nonfinite_steps": self.bad_steps_total}, step=self.step)
+                if consecutive_bad >= tc.max_bad_steps:
+                    self.save()
+                    raise NonFiniteLoss(
+                        f"{consecutive_bad} consecutive steps had a non-finite loss at step {self.step}; "
+                        f"the last good state is saved in {ckpt_io.find_checkpoint(self.run_dir)}. "
+                        f"Lower optim.lr, enable optim.grad_clip, or check the data.")
+                # the batches are consumed, as in a normal step, so data positions stay aligned on resume
+            else:
+                consecutive_bad = 0
+            self.step += 1
+            for k in KINDS:
+                self.samples_seen[k] += per_step[k]
+            dt = time.perf_counter() - t0
+            window_t += dt
+            window_wait += t_data
+            window_steps += 1
+            if metrics is not None and (self.step % tc.log_every == 0 or self.step == tc.steps):
+                rate = window_steps * sum(per_step.values()) / window_t
+                metrics.update({
+                    "lr": self.scheduler.get_last_lr()[0],
+                    "samples_per_s": rate,
+                    "data_wait_frac": window_wait / window_t,
+                    "nonfinite_steps": self.bad_steps_total,
+                    **{f"samples_per_s/{k}": window_steps * per_step[k] / window_t for k in KINDS if per_step[k]},
+                    **{f"bad_samples/{name}": n for name, n in self.bad_samples().items()},
+                })
+                self.last_metrics = metrics
+                acc.log({f"train/{k}": v for k, v in metrics.items()}, step=self.step)
+                if acc.is_main_process:
+                    with metrics_path.open("a") as f:
+                        f.write(json.dumps({"step": self.step, **metrics}) + "\n")
+                window_t = window_wait = 0.0
+                window_steps = 0
+            if bar is not None:
+                bar.update(1)
+                if self.last_metrics:
+                    bar.set_postfix(loss=f"{self.last_metrics['loss/total']:.3f}",
+                                    sps=f"{self.last_metrics['samples_per_s']:.0f}", refresh=False)
+            if tc.eval_every and self.step % tc.eval_every == 0 and self.step < tc.steps:
+                self.evaluate()
+            stop = self._should_stop()
+            if stop or self.step % tc.save_every == 0 or self.step == tc.steps:
+                if self.step == tc.steps and cfg.eval.zeroshot is not None:
+                    self.evaluate()
+                self.save()
+            if stop:
+                log.warning("signal %s: checkpoint saved at step %d, exiting", self._stop_signal, self.step)
+                break
+        if bar is not None:
+            bar.close()
+        acc.end_training()
+        return {"step": self.step, **self.last_metrics, **self.eval_metrics}
+
+    def evaluate(self) -> dict:
+        """Zero-shot top-1/top-5 on the configured labeled shards (main process; others wait)."""
+        zs = self.cfg.eval.zeroshot
+        if zs is None:
+            return {}
+        acc = self.accelerator
+        if acc.is_main_process:
+            from vlp.eval.cli import evaluate
+            clip = acc.unwrap_model(self.model).clip
+            was_training = clip.training
+            clip.eval()
+            result = evaluate(clip, self.tokenizer, self.eval_preprocess, "zeroshot", zs.shards,
+                              classnames=zs.classnames or self.classnames,
+                              templates=zs.templates or self.templates,
+                              batch_size=self.cfg.eval.batch_size, max_samples=zs.max_samples,
+                              device=acc.device)
+            clip.train(was_training)
+            self.eval_metrics = {f"zeroshot/{k}": v for k, v in result.items() if isinstance(v, (int, float))}
+            acc.log({f"eval/{k}": v for k, v in self.eval_metrics.items()}, step=self.step)
+            log.info("step %d zero-shot: %s", self.step, self.eval_metrics)
+            with (self.run_dir / "metrics.jsonl").open("a") as f:
+                f.write(json.dumps({"step": self.step, **self.eval_metrics}) + "\n")
+        acc.wait_for_everyone()
+        return self.eval_metrics
+
+
+class _nullcontext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+def _flat_hparams(cfg: Config) -> dict:
+    out = {}
+
+    def walk(prefix, node):
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(f"{prefix}.{k}" if prefix else str(k), v)
+        elif isinstance(node, (int, float, str, bool)):
+            out[prefix] = node
+        else:
+            out[prefix] = str(node)
+    walk("", cfg.model_dump(mode="json"))
+    return out
+
+
+def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    parser = parser or argparse.ArgumentParser(prog="vlp train", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", required=True, help="YAML run config")
+    parser.add_argument("--resume", default=None, help="'auto' (latest checkpoint of output_dir, if any) or a path")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=3e-4 train.steps=100")
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = load_config(args.config, args.overrides)
+        trainer = Trainer(cfg, resume=args.resume)
+    except ConfigError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        return 2
+    try:
+        result = trainer.fit()
+    except NonFiniteLoss as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 3
+    if trainer.accelerator.is_main_process:
+        print(json.dumps({k: round(v, 5) if isinstance(v, float) else v for k, v in result.items()}))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run(build_parser().parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
