@@ -1,0 +1,398 @@
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+import argparse  # noqa: E402
+import io  # noqa: E402
+import json  # noqa: E402
+from contextlib import redirect_stdout  # noqa: E402
+
+import numpy as np  # noqa: E402
+import open_clip  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import webdataset as wds  # noqa: E402
+from PIL import Image  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+
+from vlp.eval import data as evdata  # noqa: E402
+from vlp.eval.cli import evaluate, register_cli  # noqa: E402
+from vlp.eval.probe import extract_features, knn_eval, linear_probe, split_train_test  # noqa: E402
+from vlp.eval.retrieval import extract_retrieval_features, retrieval_recall  # noqa: E402
+from vlp.eval.zeroshot import (build_classifier, load_classifier, predict, save_classifier,  # noqa: E402
+                               zeroshot_eval)
+from vlp.models.factory import create_clip, image_transforms  # noqa: E402
+
+N_IMAGES = 12
+CLASSNAMES = ["cat", "dog", "car", "tree", "boat", "house"]
+TEMPLATES = ["a photo of a {c}.", "a drawing of the {c}", "{c}"]
+
+
+# ---------------------------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def clip():
+    torch.manual_seed(0)
+    model, model_cfg, tokenizer = create_clip("vlp-test-vit")
+    model.eval()
+    _, preprocess = image_transforms(model)
+    return model, model_cfg, tokenizer, preprocess
+
+
+@pytest.fixture(scope="module")
+def images():
+    rng = np.random.default_rng(0)
+    out = []
+    for i in range(N_IMAGES):
+        base = rng.integers(0, 256, size=(1, 1, 3))
+        noise = rng.integers(-60, 60, size=(32, 32, 3))
+        out.append(Image.fromarray(np.clip(base + noise, 0, 255).astype(np.uint8)))
+    return out
+
+
+def image_feats(model, preprocess, ims):
+    with torch.no_grad():
+        return model.encode_image(torch.stack([preprocess(im) for im in ims]), normalize=True)
+
+
+def png_bytes(im):
+    buf = io.BytesIO()
+    im.save(buf, format="PNG")  # lossless: the shard decodes to the very same pixels
+    return buf.getvalue()
+
+
+def write_shard(path, samples):
+    """samples: list of (PIL image, {"cls": int} or {"txt": str})."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with wds.TarWriter(str(path)) as w:
+        for i, (im, extra) in enumerate(samples):
+            sample = {"__key__": f"s{i:06d}", "png": png_bytes(im)}
+            for key, value in extra.items():
+                sample[key] = str(value).encode("utf-8")
+            w.write(sample)
+
+
+def np_topk_acc(logits, labels, k):
+    order = np.argsort(-logits, axis=1)[:, :k]
+    return float(np.mean([labels[i] in order[i] for i in range(len(labels))]))
+
+
+def run_cli(argv):
+    parser = argparse.ArgumentParser(prog="vlp")
+    register_cli(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(argv)
+    out = io.StringIO()
+    with redirect_stdout(out):
+        rc = args.func(args)
+    return rc, out.getvalue()
+
+
+def write_export(model, model_cfg, folder):
+    os.makedirs(folder, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()},
+              os.path.join(folder, "open_clip_model.safetensors"))
+    cfg = {"model_cfg": model_cfg,
+           "preprocess_cfg": {"mean": list(model.visual.image_mean), "std": list(model.visual.image_std)}}
+    with open(os.path.join(folder, "open_clip_config.json"), "w") as f:
+        json.dump(cfg, f)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def zs_dataset(clip, images, tmp_path_factory):
+    """clip_benchmark layout: root/test/0.tar + classnames.txt + templates in root. Labels are chosen so
+    that exactly half the images are classified right by the (directly computed) zero-shot classifier."""
+    model, _, tokenizer, preprocess = clip
+    root = tmp_path_factory.mktemp("zs")
+    (root / "classnames.txt").write_text("\n".join(CLASSNAMES) + "\n")
+    (root / "zeroshot_classification_templates.txt").write_text("\n".join(TEMPLATES) + "\n")
+    # Direct computation with open_clip's own function and callables.
+    direct = open_clip.build_zero_shot_classifier(
+        model, tokenizer, CLASSNAMES, [lambda c, t=t: t.replace("{c}", c) for t in TEMPLATES], device="cpu")
+    feats = image_feats(model, preprocess, images)
+    logits = (feats @ direct).numpy()
+    pred = logits.argmax(axis=1)
+    labels = [int(p) if i % 2 == 0 else int((p + 1) % len(CLASSNAMES)) for i, p in enumerate(pred)]
+    write_shard(root / "test" / "0.tar", [(im, {"cls": y}) for im, y in zip(images, labels)])
+    return root, direct, logits, np.array(labels)
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+
+def test_loader_specs_braces_and_max_samples(images, tmp_path):
+    write_shard(tmp_path / "a" / "shard-000000.tar", [(im, {"cls": i}) for i, im in enumerate(images[:5])])
+    write_shard(tmp_path / "a" / "shard-000001.tar", [(im, {"cls": 5 + i}) for i, im in enumerate(images[5:9])])
+    write_shard(tmp_path / "b" / "0.tar", [(im, {"cls": 9 + i}) for i, im in enumerate(images[9:])])
+    pre = lambda im: torch.from_numpy(np.asarray(im).copy())  # noqa: E731
+
+    def labels_of(spec, **kw):
+        batches = list(evdata.labeled_loader(spec, pre, batch_size=4, **kw))
+        assert all(isinstance(x, torch.Tensor) and x.dtype == torch.long for _, x in batches)
+        return torch.cat([y for _, y in batches]).tolist(), batches
+
+    got, batches = labels_of(str(tmp_path / "a" / "shard-{000000..000001}.tar"))
+    assert got == list(range(9))
+    assert [len(y) for _, y in batches] == [4, 4, 1]
+    assert torch.equal(batches[0][0][2], torch.from_numpy(np.array(images[2])))
+    got, _ = labels_of(f"{tmp_path / 'a'}::{tmp_path / 'b' / '0.tar'}")
+    assert got == list(range(N_IMAGES))
+    got, _ = labels_of(str(tmp_path / "a"), max_samples=6)
+    assert got == list(range(6))
+    got, _ = labels_of(str(tmp_path / "a"), workers=2)
+    assert sorted(got) == list(range(9))
+
+
+def test_classnames_and_templates_lookup(tmp_path):
+    (tmp_path / "test").mkdir()
+    (tmp_path / "classnames.txt").write_text("a\nb c\n")
+    (tmp_path / "zeroshot_classification_templates.txt").write_text("x {c} y\n{c}!\n")
+    assert evdata.find_classnames(str(tmp_path / "test" / "0.tar")) == ["a", "b c"]
+    assert evdata.find_classnames(str(tmp_path)) == ["a", "b c"]
+    assert evdata.find_templates(str(tmp_path / "test" / "{0..3}.tar")) == ["x {c} y", "{c}!"]
+    assert evdata.find_classnames(None, ["p", "q"]) == ["p", "q"]
+    assert evdata.find_templates(None, "photo") == ["a photo of a {c}."]
+    from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES, SIMPLE_IMAGENET_TEMPLATES
+    oa = evdata.find_templates(None, "openai_imagenet")
+    assert [t.format(c="dog") for t in oa] == [f("dog") for f in OPENAI_IMAGENET_TEMPLATES]
+    simple = evdata.find_templates(None, "simple")
+    assert [t.format(c="dog") for t in simple] == [f("dog") for f in SIMPLE_IMAGENET_TEMPLATES]
+    assert [f("dog") for f in evdata.template_fns(["a {c}.", "b {}"])] == ["a dog.", "b dog"]
+    with pytest.raises(FileNotFoundError):
+        evdata.find_classnames(str(tmp_path / "elsewhere" / "x" / "0.tar"))
+
+
+# ---------------------------------------------------------------------------------------------- zero-shot
+
+
+def test_zeroshot_known_accuracy_with_image_classifier(clip, images, tmp_path):
+    """Classifier columns = the images' own embeddings: each image is closest to its own column, so the
+    8 images labelled with their own index are right and the 4 others wrong; top-5 by numpy."""
+    model, _, _, preprocess = clip
+    feats = image_feats(model, preprocess, images)
+    labels = [i if i < 8 else (i + 3) % N_IMAGES for i in range(N_IMAGES)]
+    write_shard(tmp_path / "0.tar", [(im, {"cls": y}) for im, y in zip(images, labels)])
+    classifier = feats.T.contiguous()
+    res = zeroshot_eval(model, classifier, evdata.labeled_loader(str(tmp_path), preprocess, batch_size=5))
+    assert res["n"] == N_IMAGES
+    assert res["top1"] == pytest.approx(8 / 12)
+    logits = feats.numpy() @ feats.numpy().T
+    assert res["top1"] == pytest.approx(np_topk_acc(logits, np.array(labels), 1))
+    assert res["top5"] == pytest.approx(np_topk_acc(logits, np.array(labels), 5))
+
+
+def test_zeroshot_shards_match_direct_open_clip(clip, zs_dataset):
+    model, _, tokenizer, preprocess = clip
+    root, direct, logits, labels = zs_dataset
+    clf = build_classifier(model, tokenizer, evdata.find_classnames(str(root)), evdata.find_templates(str(root)))
+    assert clf.shape == (32, len(CLASSNAMES))
+    torch.testing.assert_close(clf, direct)
+    res = evaluate(model, tokenizer, preprocess, "zeroshot", str(root), batch_size=5)
+    assert res["top1"] == pytest.approx(np_topk_acc(logits, labels, 1))
+    assert res["top1"] == pytest.approx(0.5)
+    assert res["top5"] == pytest.approx(np_topk_acc(logits, labels, 5))
+    assert res["n"] == N_IMAGES
+    assert not model.training
+
+
+def test_save_load_classifier_round_trip(tmp_path):
+    w = torch.randn(32, 3)
+    path = tmp_path / "clf.safetensors"
+    save_classifier(path, w, ["a", "b", "c"], ["a photo of {c}", "{c}"])
+    w2, names, temps = load_classifier(path)
+    assert torch.equal(w, w2)
+    assert names == ["a", "b", "c"]
+    assert temps == ["a photo of {c}", "{c}"]
+
+
+def test_cli_eval_and_zeroshot_on_export(clip, images, zs_dataset, tmp_path):
+    model, model_cfg, tokenizer, preprocess = clip
+    root, direct, logits, labels = zs_dataset
+    export = write_export(model, model_cfg, str(tmp_path / "export"))
+    expected = evaluate(model, tokenizer, preprocess, "zeroshot", str(root))
+
+    out_json = tmp_path / "res.json"
+    rc, out = run_cli(["eval", "--model", export, "--task", "zeroshot", "--data", str(root),
+                       "--batch-size", "4", "--output", str(out_json), "--device", "cpu"])
+    assert rc == 0
+    result = json.loads(out_json.read_text())
+    assert result["task"] == "zeroshot" and result["model"] == export and result["data"] == str(root)
+    assert result["metrics"]["top1"] == expected["top1"] == pytest.approx(0.5)
+    assert result["metrics"]["top5"] == expected["top5"]
+    assert "top1" in out and "0.5000" in out
+
+    # zeroshot build -> saved classifier equals the direct one; eval with it gives the same numbers
+    clf_path = tmp_path / "clf.safetensors"
+    rc, _ = run_cli(["zeroshot", "build", "--model", export, "--device", "cpu",
+                     "--classnames", str(root / "classnames.txt"),
+                     "--templates", str(root / "zeroshot_classification_templates.txt"), "-o", str(clf_path)])
+    assert rc == 0
+    w, names, temps = load_classifier(clf_path)
+    assert names == CLASSNAMES and temps == TEMPLATES
+    torch.testing.assert_close(w, direct)
+    rc, _ = run_cli(["eval", "--model", export, "--data", str(root), "--classifier", str(clf_path),
+                     "--output", str(out_json), "--device", "cpu"])
+    assert json.loads(out_json.read_text())["metrics"]["top1"] == expected["top1"]
+
+    # zeroshot predict: top-k with softmax(logit_scale * logits), checked against a direct computation
+    paths = []
+    for i in range(2):
+        p = tmp_path / f"img{i}.png"
+        images[i].save(p)
+        paths.append(str(p))
+    rc, out = run_cli(["zeroshot", "predict", "--model", export, "--classifier", str(clf_path), "--topk", "3",
+                       "--device", "cpu", *paths])
+    assert rc == 0
+    scale = float(model.logit_scale.detach().exp())
+    probs = torch.softmax(scale * torch.from_numpy(logits[:2]), dim=-1)
+    for i, p in enumerate(paths):
+        assert p in out
+        top = probs[i].topk(3)
+        for j, v in zip(top.indices.tolist(), top.values.tolist()):
+            assert f"{CLASSNAMES[j]}" in out and f"{v:.4f}" in out
+    res = predict(model, preprocess, direct, CLASSNAMES, paths, k=2)
+    assert [r[0][0] for r in res] == [CLASSNAMES[int(logits[i].argmax())] for i in range(2)]
+    assert res[0][0][1] == pytest.approx(float(probs[0].max()), rel=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- retrieval
+
+
+def np_recall(img, txt, t2i, k):
+    img = img / np.linalg.norm(img, axis=1, keepdims=True)
+    txt = txt / np.linalg.norm(txt, axis=1, keepdims=True)
+    s = txt @ img.T
+    t2i_hits = [t2i[t] in np.argsort(-s[t])[:k] for t in range(len(txt))]
+    i2t_hits = []
+    for i in range(len(img)):
+        top = np.argsort(-s[:, i])[:k]
+        i2t_hits.append(any(t2i[t] == i for t in top))
+    return float(np.mean(t2i_hits)), float(np.mean(i2t_hits))
+
+
+def test_retrieval_recall_hand_constructed():
+    e = torch.eye(3)
+    images = e.clone()
+    texts = torch.stack([
+        e[0],                      # t0 -> img0: top-1 img0 (right)
+        e[1] + 0.2 * e[0],         # t1 -> img0: top-1 img1 (wrong), img0 second
+        e[0] + 0.5 * e[1],         # t2 -> img1: top-1 img0 (wrong), img1 second
+        e[2],                      # t3 -> img2: right
+    ])
+    t2i = torch.tensor([0, 0, 1, 2])
+    r = retrieval_recall(images, texts, t2i, ks=(1, 2))
+    assert r["image_retrieval_recall@1"] == pytest.approx(0.5)
+    assert r["image_retrieval_recall@2"] == pytest.approx(1.0)
+    # img0: best text t0 (its own); img1: best t1 (img0's), t2 second; img2: t3
+    assert r["text_retrieval_recall@1"] == pytest.approx(2 / 3)
+    assert r["text_retrieval_recall@2"] == pytest.approx(1.0)
+
+
+def test_retrieval_recall_random_vs_bruteforce():
+    g = torch.Generator().manual_seed(1)
+    n_img, dim = 30, 16
+    n_caps = [1 + (i % 3) for i in range(n_img)]  # 1..3 captions per image
+    t2i = torch.tensor([i for i, n in enumerate(n_caps) for _ in range(n)])
+    img = torch.randn(n_img, dim, generator=g)
+    txt = img[t2i] + 1.3 * torch.randn(len(t2i), dim, generator=g)
+    r = retrieval_recall(img, txt, t2i, ks=(1, 5, 10))
+    for k in (1, 5, 10):
+        ir, tr = np_recall(img.numpy(), txt.numpy(), t2i.numpy(), k)
+        assert r[f"image_retrieval_recall@{k}"] == pytest.approx(ir)
+        assert r[f"text_retrieval_recall@{k}"] == pytest.approx(tr)
+    assert 0 < r["image_retrieval_recall@1"] < 1 and 0 < r["text_retrieval_recall@1"] < 1
+
+
+def test_retrieval_shards_end_to_end(clip, images, tmp_path):
+    model, _, tokenizer, preprocess = clip
+    captions = [[f"a photo number {i}"] + [f"caption {i} {j}" for j in range(i % 3)] for i in range(N_IMAGES)]
+    write_shard(tmp_path / "0.tar", [(im, {"txt": "\n".join(c)}) for im, c in zip(images, captions)])
+    loader = evdata.retrieval_loader(str(tmp_path), preprocess, batch_size=5)
+    img_f, txt_f, t2i = extract_retrieval_features(model, tokenizer, loader)
+    flat = [c for caps in captions for c in caps]
+    assert t2i.tolist() == [i for i, caps in enumerate(captions) for _ in caps]
+    with torch.no_grad():
+        exp_txt = model.encode_text(tokenizer(flat), normalize=True)
+    torch.testing.assert_close(img_f, image_feats(model, preprocess, images))
+    torch.testing.assert_close(txt_f, exp_txt)
+    res = evaluate(model, tokenizer, preprocess, "retrieval", str(tmp_path), batch_size=5, ks=(1, 5))
+    ir, tr = np_recall(img_f.numpy(), txt_f.numpy(), t2i.numpy(), 5)
+    assert res["image_retrieval_recall@5"] == pytest.approx(ir)
+    assert res["text_retrieval_recall@5"] == pytest.approx(tr)
+    assert res["n_images"] == N_IMAGES and res["n_texts"] == len(flat)
+
+
+# ---------------------------------------------------------------------------------------------- probes
+
+
+def np_knn(trf, trl, tef, k, T, C):
+    trf = trf / np.linalg.norm(trf, axis=1, keepdims=True)
+    tef = tef / np.linalg.norm(tef, axis=1, keepdims=True)
+    preds = []
+    for x in tef:
+        sims = trf @ x
+        nn = np.argsort(-sims)[:k]
+        votes = np.zeros(C)
+        for j in nn:
+            votes[trl[j]] += np.exp(sims[j] / T)
+        ranked = np.argsort(-votes, kind="stable")
+        preds.append(np.where(votes[ranked] > 0, ranked, -1))  # zero-vote classes predict nothing
+    return np.array(preds)
+
+
+def test_knn_vs_bruteforce():
+    rng = np.random.default_rng(3)
+    C, dim = 7, 8
+    centers = rng.normal(size=(C, dim))
+    trl = rng.integers(0, C, 80)
+    tel = rng.integers(0, C, 40)
+    trf = centers[trl] + 1.5 * rng.normal(size=(80, dim))
+    tef = centers[tel] + 1.5 * rng.normal(size=(40, dim))
+    for k, T in ((5, 0.1), (20, 0.07)):
+        res = knn_eval(torch.tensor(trf), torch.tensor(trl), torch.tensor(tef), torch.tensor(tel), k=k, T=T,
+                       num_classes=C, chunk=16)
+        ranked = np_knn(trf, trl, tef, k, T, C)
+        assert res["top1"] == pytest.approx(np.mean(ranked[:, 0] == tel))
+        assert res["top5"] == pytest.approx(np.mean((ranked[:, :5] == tel[:, None]).any(axis=1)))
+        assert res["n"] == 40
+        assert 0 < res["top1"] < 1
+
+
+def test_linear_probe_separable_and_split():
+    rng = np.random.default_rng(0)
+    C, dim, per = 4, 10, 25
+    centers = 5 * np.eye(C, dim)
+    labels = np.repeat(np.arange(C), per)
+    feats = centers[labels] + 0.3 * rng.normal(size=(len(labels), dim))
+    tr_f, tr_l, te_f, te_l = split_train_test(torch.tensor(feats), torch.tensor(labels), 0.2, seed=0)
+    again = split_train_test(torch.tensor(feats), torch.tensor(labels), 0.2, seed=0)
+    assert all(torch.equal(a, b) for a, b in zip((tr_f, tr_l, te_f, te_l), again))
+    assert len(te_l) == 20 and len(tr_l) == 80
+    assert torch.bincount(te_l).tolist() == [5] * C
+    train_rows = {tuple(r) for r in tr_f.tolist()}
+    assert not any(tuple(r) in train_rows for r in te_f.tolist())
+    res = linear_probe(tr_f, tr_l, te_f, te_l, C=1.0)
+    assert res["top1"] == 1.0 and res["n"] == 20
+    other = split_train_test(torch.tensor(feats), torch.tensor(labels), 0.2, seed=1)
+    assert not torch.equal(other[2], te_f)
+
+
+def test_probe_tasks_on_shards(clip, images, tmp_path):
+    model, _, tokenizer, preprocess = clip
+    labels = [i % 3 for i in range(N_IMAGES)]
+    write_shard(tmp_path / "train" / "0.tar", [(im, {"cls": y}) for im, y in zip(images, labels)])
+    write_shard(tmp_path / "val" / "0.tar", [(im, {"cls": y}) for im, y in zip(images[:6], labels[:6])])
+    feats, ys = extract_features(model, evdata.labeled_loader(str(tmp_path / "train"), preprocess, 5))
+    torch.testing.assert_close(feats, image_feats(model, preprocess, images))
+    assert ys.tolist() == labels
+    # The val images are train images: 1-NN is each image itself.
+    res = evaluate(model, tokenizer, preprocess, "knn", str(tmp_path / "val"), train_data=str(tmp_path / "train"),
+                   k=1)
+    assert res["top1"] == 1.0 and res["n"] == 6 and res["n_train"] == N_IMAGES
+    # Split path equals the manual split + kNN.
+    res = evaluate(model, tokenizer, preprocess, "knn", str(tmp_path / "train"), test_fraction=0.25, k=3)
+    tr_f, tr_l, te_f, te_l = split_train_test(feats, ys, 0.25, seed=0)
+    assert res == {**knn_eval(tr_f, tr_l, te_f, te_l, k=3, num_classes=3), "n_train": len(tr_l)}
+    res = evaluate(model, tokenizer, preprocess, "linear-probe", str(tmp_path / "train"), test_fraction=0.25)
+    assert res == {**linear_probe(tr_f, tr_l, te_f, te_l), "n_train": len(tr_l)}

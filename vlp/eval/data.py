@@ -1,0 +1,250 @@
+"""Evaluation data: webdataset shards in clip_benchmark's layout, class names and prompt templates.
+
+A *spec* names shards: a tar file, a brace pattern (``data/shard-{000000..000009}.tar``), a folder holding
+``*.tar`` files (or a ``test/`` sub-folder of them, as clip_benchmark writes), or several of these joined by
+``::``. Each sample has an image under ``jpg``/``jpeg``/``png``/``webp`` and either ``cls`` (the class index as
+ASCII text) or ``txt`` (one caption per line). ``classnames.txt`` and ``zeroshot_classification_templates.txt``
+lie beside the shards or in their parent folder.
+"""
+from __future__ import annotations
+
+import glob
+import os
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Sequence
+
+import braceexpand
+import torch
+import webdataset as wds
+
+IMAGE_KEYS = "jpg;jpeg;png;webp"
+CLASSNAMES_FILE = "classnames.txt"
+TEMPLATES_FILE = "zeroshot_classification_templates.txt"
+DATASET_TYPE_FILE = "dataset_type.txt"
+
+
+# ---------------------------------------------------------------------------------------------- shards
+
+
+def _split_specs(spec: str | os.PathLike | Sequence) -> list[str]:
+    if isinstance(spec, (list, tuple)):
+        out: list[str] = []
+        for s in spec:
+            out.extend(_split_specs(s))
+        return out
+    return [s for s in str(spec).split("::") if s.strip()]
+
+
+def _folder_shards(folder: Path) -> list[str]:
+    tars = sorted(glob.glob(str(folder / "*.tar")))
+    if not tars and (folder / "test").is_dir():
+        tars = sorted(glob.glob(str(folder / "test" / "*.tar")))
+    return tars
+
+
+def expand_urls(spec: str | os.PathLike | Sequence) -> list[str]:
+    """The shard paths/URLs a spec names, in order (brace patterns expanded, folders listed)."""
+    urls: list[str] = []
+    for part in _split_specs(spec):
+        part = part.strip()
+        if os.path.isdir(part):
+            found = _folder_shards(Path(part))
+            if not found:
+                raise FileNotFoundError(f"no .tar shards in {part} (nor in {part}/test)")
+            urls.extend(found)
+        else:
+            urls.extend(braceexpand.braceexpand(part))
+    if not urls:
+        raise ValueError(f"no shards in data spec {spec!r}")
+    return urls
+
+
+def _shard_dirs(spec) -> list[Path]:
+    """Folders where metadata files may lie: the shard folders (or spec folders) and their parents."""
+    dirs: list[Path] = []
+    for part in _split_specs(spec):
+        part = part.strip()
+        if os.path.isdir(part):
+            base = [Path(part), Path(part) / "test"]
+        else:
+            first = next(iter(braceexpand.braceexpand(part)), part)
+            base = [Path(first).parent]
+        for d in base:
+            for c in (d, d.parent):
+                if c not in dirs:
+                    dirs.append(c)
+    return dirs
+
+
+def find_metadata_file(spec, filename: str) -> Path | None:
+    for d in _shard_dirs(spec):
+        if (d / filename).is_file():
+            return d / filename
+    return None
+
+
+def _read_lines(path: str | os.PathLike) -> list[str]:
+    lines = [line.rstrip("\r\n") for line in Path(path).read_text(encoding="utf-8").splitlines()]
+    return [line for line in lines if line.strip()]
+
+
+def find_classnames(spec=None, given: str | os.PathLike | Sequence[str] | None = None) -> list[str]:
+    """Class names: ``given`` (a list, or a file with one name per line), else ``classnames.txt`` near ``spec``."""
+    if given is not None and not isinstance(given, (str, os.PathLike)):
+        return [str(c) for c in given]
+    if given is not None:
+        if not os.path.isfile(given):
+            raise FileNotFoundError(f"classnames file {given} not found")
+        return _read_lines(given)
+    if spec is None:
+        raise ValueError("no class names given and no data spec to look beside")
+    path = find_metadata_file(spec, CLASSNAMES_FILE)
+    if path is None:
+        raise FileNotFoundError(f"no {CLASSNAMES_FILE} beside the shards of {spec!r} (pass classnames)")
+    return _read_lines(path)
+
+
+def template_presets() -> dict[str, list[str]]:
+    from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES, SIMPLE_IMAGENET_TEMPLATES
+
+    as_str = lambda ts: [t("{c}") if callable(t) else str(t) for t in ts]  # noqa: E731
+    return {
+        "openai_imagenet": as_str(OPENAI_IMAGENET_TEMPLATES),
+        "simple": as_str(SIMPLE_IMAGENET_TEMPLATES),
+        "photo": ["a photo of a {c}."],
+    }
+
+
+def find_templates(spec=None, given: str | os.PathLike | Sequence[str] | None = None) -> list[str]:
+    """Prompt templates as strings with a ``{c}`` placeholder.
+
+    ``given`` may be a list, a preset name (``openai_imagenet``, ``simple``, ``photo``), a file with one template
+    per line, or one template string containing ``{c}``. Otherwise ``zeroshot_classification_templates.txt`` near
+    ``spec`` is read, falling back to the ``openai_imagenet`` preset.
+    """
+    presets = template_presets()
+    if given is not None and not isinstance(given, (str, os.PathLike)):
+        templates = [t("{c}") if callable(t) else str(t) for t in given]
+    elif given is not None:
+        g = str(given)
+        if g in presets:
+            templates = presets[g]
+        elif os.path.isfile(g):
+            templates = _read_lines(g)
+        elif "{c}" in g or "{}" in g:
+            templates = [g]
+        else:
+            raise FileNotFoundError(f"templates {g!r}: not a file, not a preset ({', '.join(presets)})")
+    else:
+        path = find_metadata_file(spec, TEMPLATES_FILE) if spec is not None else None
+        templates = _read_lines(path) if path is not None else presets["openai_imagenet"]
+    if not templates:
+        raise ValueError("no templates")
+    return templates
+
+
+def template_fns(templates: Sequence[str | Callable]) -> list[Callable[[str], str]]:
+    """Templates as callables ``c -> text`` (``{c}`` named placeholder, or a positional ``{}``)."""
+
+    def make(t):
+        if callable(t):
+            return t
+        if "{c}" in t:
+            return lambda c, t=t: t.format(c=c)
+        return lambda c, t=t: t.format(c)
+
+    return [make(t) for t in templates]
+
+
+def find_dataset_type(spec) -> str | None:
+    """The content of ``dataset_type.txt`` near the shards (e.g. ``retrieval``), if any."""
+    path = find_metadata_file(spec, DATASET_TYPE_FILE)
+    return path.read_text().strip() if path is not None else None
+
+
+# ---------------------------------------------------------------------------------------------- loaders
+
+
+def _all_nodes(urls):
+    """Every process reads every shard (evaluation runs whole, on one or on each process)."""
+    return urls
+
+
+def _decode_label(value) -> int:
+    if isinstance(value, bytes):
+        value = value.decode("utf-8")
+    return int(str(value).strip())
+
+
+def _decode_captions(value) -> list[str]:
+    if isinstance(value, bytes):
+        value = value.decode("utf-8")
+    caps = [c.strip() for c in str(value).split("\n") if c.strip()]
+    return caps
+
+
+def _collate_labeled(samples):
+    images = torch.stack([s[0] for s in samples])
+    labels = torch.tensor([s[1] for s in samples], dtype=torch.long)
+    return images, labels
+
+
+def _collate_captions(samples):
+    images = torch.stack([s[0] for s in samples])
+    return images, [s[1] for s in samples]
+
+
+class _Truncated:
+    """Iterate batches of a loader, stopping after ``max_samples`` samples (the last batch cut)."""
+
+    def __init__(self, loader, max_samples: int | None):
+        self.loader = loader
+        self.max_samples = max_samples
+
+    def __iter__(self) -> Iterator:
+        seen = 0
+        for images, targets in self.loader:
+            if self.max_samples is not None:
+                left = self.max_samples - seen
+                if left <= 0:
+                    break
+                if len(images) > left:
+                    images, targets = images[:left], targets[:left]
+            seen += len(images)
+            yield images, targets
+            if self.max_samples is not None and seen >= self.max_samples:
+                break
+
+
+def _loader(spec, preprocess, batch_size, workers, max_samples, target_key, target_fn, collate):
+    urls = expand_urls(spec)
+    workers = max(0, min(int(workers), len(urls)))
+    ds = wds.WebDataset(urls, shardshuffle=False, nodesplitter=_all_nodes, handler=wds.warn_and_continue,
+                        empty_check=False)
+    if max_samples is not None:
+        ds = ds.slice(int(max_samples))
+    ds = (ds.decode("pilrgb", handler=wds.warn_and_continue)
+          .to_tuple(IMAGE_KEYS, target_key, handler=wds.warn_and_continue)
+          .map_tuple(preprocess, target_fn, handler=wds.warn_and_continue)
+          .batched(batch_size, collation_fn=collate, partial=True))
+    loader = wds.WebLoader(ds, batch_size=None, shuffle=False, num_workers=workers)
+    return _Truncated(loader, max_samples)
+
+
+def labeled_loader(spec, preprocess, batch_size: int = 64, workers: int = 0, max_samples: int | None = None):
+    """Batches ``(images [B,3,H,W], labels [B] long)`` from classification shards (``cls``)."""
+    return _loader(spec, preprocess, batch_size, workers, max_samples, "cls", _decode_label, _collate_labeled)
+
+
+def retrieval_loader(spec, preprocess, batch_size: int = 64, workers: int = 0, max_samples: int | None = None):
+    """Batches ``(images [B,3,H,W], [[caption, ...] per image])`` from retrieval shards (``txt``)."""
+    return _loader(spec, preprocess, batch_size, workers, max_samples, "txt", _decode_captions,
+                   _collate_captions)
+
+
+def iter_images(paths: Iterable[str | os.PathLike], preprocess) -> Iterator[torch.Tensor]:
+    from PIL import Image
+
+    for p in paths:
+        with Image.open(p) as im:
+            yield preprocess(im.convert("RGB"))

@@ -1,0 +1,124 @@
+"""Zero-shot classification: classifier weights from prompts (open_clip), saving them, top-k evaluation, predict."""
+from __future__ import annotations
+
+import json
+import os
+from typing import Sequence
+
+import open_clip
+import torch
+import torch.nn.functional as F
+
+from vlp.eval.data import iter_images, template_fns
+
+
+def unwrap(model):
+    """The bare open_clip model of a DDP / compiled wrapper."""
+    while True:
+        inner = getattr(model, "module", None)
+        if inner is None:
+            inner = getattr(model, "_orig_mod", None)
+        if not isinstance(inner, torch.nn.Module):
+            return model
+        model = inner
+
+
+@torch.no_grad()
+def build_classifier(model, tokenizer, classnames: Sequence[str], templates: Sequence, device="cpu",
+                     num_classes_per_batch: int | None = 10) -> torch.Tensor:
+    """Zero-shot weights ``[embed_dim, num_classes]``: per class, the mean of the normalized text embeddings
+    over templates, renormalized (``open_clip.build_zero_shot_classifier``). Templates are strings with a
+    ``{c}`` placeholder (or callables)."""
+    model = unwrap(model)
+    return open_clip.build_zero_shot_classifier(
+        model, tokenizer=tokenizer, classnames=list(classnames), templates=template_fns(templates),
+        num_classes_per_batch=num_classes_per_batch, device=device).float()
+
+
+def save_classifier(path: str | os.PathLike, weights: torch.Tensor, classnames: Sequence[str],
+                    templates: Sequence) -> None:
+    """Save ``weights`` ``[embed_dim, num_classes]`` as safetensors; class names and templates in the metadata."""
+    from safetensors.torch import save_file
+
+    weights = weights.detach().float().cpu().contiguous()
+    if weights.shape[1] != len(classnames):
+        raise ValueError(f"classifier has {weights.shape[1]} columns for {len(classnames)} class names")
+    templates = [t("{c}") if callable(t) else str(t) for t in templates]
+    save_file({"weights": weights}, str(path),
+              metadata={"classnames": json.dumps(list(classnames)), "templates": json.dumps(templates),
+                        "format": "vlp-zeroshot-classifier"})
+
+
+def load_classifier(path: str | os.PathLike):
+    """Returns ``(weights [embed_dim, num_classes], classnames, templates)``."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+        weights = f.get_tensor("weights")
+    return weights, json.loads(meta.get("classnames", "[]")), json.loads(meta.get("templates", "[]"))
+
+
+def _topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> dict[int, int]:
+    maxk = min(max(ks), logits.shape[1])
+    pred = logits.topk(maxk, dim=1).indices  # [B, maxk]
+    hit = pred.eq(labels.view(-1, 1))
+    return {k: int(hit[:, :min(k, maxk)].any(dim=1).sum()) for k in ks}
+
+
+@torch.no_grad()
+def zeroshot_eval(model, classifier: torch.Tensor, loader, device="cpu") -> dict:
+    """Top-1 / top-5 accuracy of argmax over ``normalize(image_features) @ classifier``.
+
+    ``loader`` yields ``(images, labels)``. Returns ``{"top1", "top5", "n"}`` (top-5 is top-min(5, classes)).
+    """
+    model = unwrap(model)
+    classifier = classifier.to(device=device, dtype=torch.float32)
+    correct = {1: 0, 5: 0}
+    n = 0
+    for images, labels in loader:
+        images = images.to(device=device, dtype=input_dtype(model))
+        labels = labels.to(device)
+        feats = model.encode_image(images, normalize=True).float()
+        c = _topk_correct(feats @ classifier, labels)
+        correct[1] += c[1]
+        correct[5] += c[5]
+        n += len(labels)
+    return {"top1": correct[1] / max(n, 1), "top5": correct[5] / max(n, 1), "n": n}
+
+
+def input_dtype(model) -> torch.dtype:
+    """The dtype image batches are cast to (the vision tower's parameters', e.g. bf16 models)."""
+    for p in unwrap(model).visual.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.float32
+
+
+def logit_scale_of(model, default: float = 100.0) -> float:
+    scale = getattr(unwrap(model), "logit_scale", None)
+    if scale is None:
+        return default
+    return float(scale.detach().exp()) if isinstance(scale, torch.Tensor) else float(scale)
+
+
+@torch.no_grad()
+def predict(model, preprocess, classifier: torch.Tensor, classnames: Sequence[str], image_paths, k: int = 5,
+            device="cpu", logit_scale: float | None = None, batch_size: int = 32) -> list[list[tuple[str, float]]]:
+    """For each image file, the top-``k`` ``(classname, probability)`` pairs, probabilities being
+    ``softmax(logit_scale * cosine logits)`` (``logit_scale`` defaults to the model's, else 100)."""
+    model = unwrap(model)
+    scale = logit_scale_of(model) if logit_scale is None else float(logit_scale)
+    classifier = classifier.to(device=device, dtype=torch.float32)
+    k = min(k, classifier.shape[1])
+    paths = list(image_paths)
+    results: list[list[tuple[str, float]]] = []
+    images = list(iter_images(paths, preprocess))
+    for i in range(0, len(images), batch_size):
+        batch = torch.stack(images[i:i + batch_size]).to(device=device, dtype=input_dtype(model))
+        feats = model.encode_image(batch, normalize=True).float()
+        probs = F.softmax(scale * (feats @ classifier), dim=-1)
+        top = probs.topk(k, dim=-1)
+        for vals, idxs in zip(top.values.tolist(), top.indices.tolist()):
+            results.append([(classnames[j], v) for j, v in zip(idxs, vals)])
+    return results
