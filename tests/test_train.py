@@ -1,0 +1,200 @@
+"""The trainer on real shards, real open_clip models and real Accelerate processes."""
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO, run_config, write_config
+from vlp import checkpoint as ckpt_io
+from vlp.config import config_from_dict
+from vlp.train import NonFiniteLoss, Trainer, param_groups, warmup_cosine
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+LAUNCH_2 = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0"]
+
+
+def _metrics(run_dir: Path) -> dict[int, dict]:
+    """Last logged record per step (a resumed run re-logs the steps after its checkpoint)."""
+    out = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if "loss/total" in rec:
+            out[rec["step"]] = rec
+    return out
+
+
+def test_two_process_gradients_equal_single_process(tmp_path):
+    """CLIP (gathered features) + MAE + supervised: DDP over 2 CPU processes == one process, doubled batch."""
+    sys.path.insert(0, str(REPO / "tests" / "scripts"))
+    from grads_common import build, global_batch
+
+    from vlp.objectives import combine
+
+    out = tmp_path / "g.pt"
+    proc = subprocess.run([*LAUNCH_2, str(REPO / "tests" / "scripts" / "ddp_grads.py"), str(out)],
+                          env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ddp = torch.load(out, weights_only=True)
+    assert ddp["world"] == 2
+    model, objectives, tok = build()
+    batch, noise = global_batch(tok)
+    loss, _ = combine(objectives, model(batch, noise=noise), batch)
+    loss.backward()
+    single = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+    assert single.shape == ddp["grads"].shape
+    assert single.abs().max() > 1e-3
+    assert torch.allclose(single, ddp["grads"], atol=1e-5, rtol=0)
+
+
+def test_two_process_training_run(demo_data, tmp_path):
+    """`accelerate launch --multi_gpu --num_processes 2 -m vlp.train` on CPU: trains, checkpoints, logs."""
+    cfg = run_config(demo_data, tmp_path / "run", train={"steps": 4, "save_every": 2})
+    path = write_config(tmp_path / "c.yaml", cfg)
+    proc = subprocess.run([*LAUNCH_2, "-m", "vlp.train", "--config", str(path)], env=ENV, capture_output=True,
+                          text=True, timeout=400, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    info = ckpt_io.read_run_info(tmp_path / "run")
+    assert info["step"] == 4 and info["world_size"] == 2
+    # samples seen count both ranks: 4 steps x 2 ranks x per-rank composition
+    assert info["samples_seen"] == {"paired": 64, "labeled": 32, "unlabeled": 32}
+    steps = _metrics(tmp_path / "run")
+    assert sorted(steps) == [1, 2, 3, 4]
+    assert all(math.isfinite(r["loss/contrastive"]) for r in steps.values())
+
+
+def test_killed_run_resumes_to_identical_losses(demo_data, tmp_path):
+    """SIGKILL after a checkpoint, `--resume auto`: same steps, same losses as an uninterrupted run."""
+    steps, save_every = 12, 4
+    ref_cfg = run_config(demo_data, tmp_path / "ref", train={"steps": steps, "save_every": save_every})
+    ref_path = write_config(tmp_path / "ref.yaml", ref_cfg)
+    subprocess.run([sys.executable, "-m", "vlp.train", "--config", str(ref_path)], env=ENV, check=True,
+                   capture_output=True, timeout=300)
+    reference = _metrics(tmp_path / "ref")
+
+    run_dir = tmp_path / "killed"
+    # a larger batch slows each step so the kill lands between the first checkpoint and the end
+    cfg = run_config(demo_data, run_dir, train={"steps": steps, "save_every": save_every})
+    path = write_config(tmp_path / "killed.yaml", cfg)
+    proc = subprocess.Popen([sys.executable, "-m", "vlp.train", "--config", str(path)], env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while not ckpt_io.list_checkpoints(run_dir) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    saved = ckpt_io.list_checkpoints(run_dir)
+    assert saved, "no checkpoint before the kill"
+    killed_at = json.loads((saved[-1] / ckpt_io.STATE_FILE).read_text())["step"]
+    assert killed_at < steps, "the run finished before it could be killed"
+
+    subprocess.run([sys.executable, "-m", "vlp.train", "--config", str(path), "--resume", "auto"], env=ENV,
+                   check=True, capture_output=True, timeout=300)
+    resumed = _metrics(run_dir)
+    assert ckpt_io.read_run_info(run_dir)["step"] == steps
+    for step in range(killed_at + 1, steps + 1):
+        for key in ("loss/total", "loss/contrastive", "loss/mae", "loss/supervised"):
+            assert resumed[step][key] == pytest.approx(reference[step][key], rel=1e-5, abs=1e-6), (step, key)
+
+
+def test_nonfinite_loss_step_is_skipped_and_counted(demo_data, tmp_path):
+    cfg = config_from_dict(run_config(demo_data, tmp_path / "run", train={"steps": 5, "save_every": 5,
+                                                                         "progress": False}))
+
+    class NaNAtStep3(Trainer):
+        def compute_loss(self, batch, micro):
+            loss, metrics = super().compute_loss(batch, micro)
+            return (loss * float("nan") if self.step == 2 else loss), metrics
+
+    trainer = NaNAtStep3(cfg)
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    result = trainer.fit()
+    assert result["step"] == 5 and result["nonfinite_steps"] == 1
+    info = ckpt_io.read_run_info(tmp_path / "run")
+    assert info["nonfinite_steps"] == 1
+    assert 3 not in _metrics(tmp_path / "run")  # the skipped step logged no losses
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+    assert any(not torch.equal(before[n], p) for n, p in trainer.model.named_parameters())
+
+
+def test_consecutive_nonfinite_losses_abort_with_last_good_checkpoint(demo_data, tmp_path):
+    cfg = config_from_dict(run_config(demo_data, tmp_path / "run", train={"steps": 20, "max_bad_steps": 3,
+                                                                         "save_every": 100, "progress": False}))
+
+    class AlwaysNaNAfter2(Trainer):
+        def compute_loss(self, batch, micro):
+            loss, metrics = super().compute_loss(batch, micro)
+            return (loss * float("inf") if self.step >= 2 else loss), metrics
+
+    trainer = AlwaysNaNAfter2(cfg)
+    with pytest.raises(NonFiniteLoss, match="3 consecutive steps"):
+        trainer.fit()
+    ckpt = ckpt_io.find_checkpoint(tmp_path / "run")
+    weights = ckpt_io.model_state_dict(ckpt)
+    assert all(torch.isfinite(v).all() for v in weights.values())
+    live = {k: v for k, v in trainer.accelerator.unwrap_model(trainer.model).state_dict().items()}
+    assert all(torch.equal(weights[k], live[k]) for k in weights)  # the saved state is the last good one
+
+
+def test_sigterm_saves_a_checkpoint_before_exiting(demo_data, tmp_path):
+    run_dir = tmp_path / "run"
+    cfg = run_config(demo_data, run_dir, train={"steps": 100000, "save_every": 100000, "log_every": 1})
+    path = write_config(tmp_path / "c.yaml", cfg)
+    proc = subprocess.Popen([sys.executable, "-m", "vlp.train", "--config", str(path)], env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 240
+    while time.time() < deadline and not ((run_dir / "metrics.jsonl").exists()
+                                          and len((run_dir / "metrics.jsonl").read_text().splitlines()) >= 2):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 0
+    info = ckpt_io.read_run_info(run_dir)
+    assert 2 <= info["step"] < 100000
+
+
+def test_config_errors_fail_before_any_work(demo_data, tmp_path):
+    cfg = run_config(demo_data, tmp_path / "run")
+    path = write_config(tmp_path / "c.yaml", cfg)
+    cases = [
+        (["optim.lr=fast"], "optim.lr"),
+        (["optim.learning_rate=0.1"], "optim.learning_rate: unknown key"),
+        ([f"data.sources.0.shards={tmp_path}/missing-{{000..002}}.tar"], "missing-000.tar"),
+    ]
+    for overrides, expected in cases:
+        proc = subprocess.run([sys.executable, "-m", "vlp.train", "--config", str(path), *overrides], env=ENV,
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2
+        assert expected in proc.stderr.strip().splitlines()[-1]
+        assert not (tmp_path / "run").exists()
+
+
+def test_param_groups_skip_decay_on_norms_biases_embeddings_and_logit_scale():
+    from vlp.config import ModelConfig
+    from vlp.models.factory import create_clip
+    from vlp.models.model import VLPModel
+
+    clip, _, _ = create_clip("vlp-test-vit")
+    model = VLPModel(clip, ModelConfig(), num_classes=3)
+    decay, no_decay = param_groups(model, 0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    no_decay_names = {names[id(p)] for p in no_decay["params"]}
+    decay_names = {names[id(p)] for p in decay["params"]}
+    assert {"clip.logit_scale", "clip.positional_embedding", "clip.token_embedding.weight",
+            "clip.visual.class_embedding", "clip.visual.ln_pre.weight", "mae_decoder.mask_token"} <= no_decay_names
+    assert "clip.visual.transformer.resblocks.0.attn.in_proj_weight" in decay_names
+    assert all(p.ndim >= 2 for p in decay["params"])
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+
+
+def test_warmup_cosine_schedule():
+    f = warmup_cosine(10, 110, min_ratio=0.1)
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
+    assert f(60) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert f(110) == pytest.approx(0.1) and f(500) == pytest.approx(0.1)
