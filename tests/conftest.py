@@ -22,7 +22,7 @@ def demo_data(tmp_path_factory) -> Path:
     return out
 
 
-def run_config(data: Path, out_dir: Path, **sections) -> dict:
+def run_config(shards: Path, out_dir: Path, **sections) -> dict:
     """A small mixed run on the digits shards, with the tiny test model; sections override top-level keys."""
     cfg = {
         "output_dir": str(out_dir),
@@ -31,9 +31,9 @@ def run_config(data: Path, out_dir: Path, **sections) -> dict:
                                                                         "decoder_heads": 2}},
         "data": {
             "sources": [
-                {"name": "lab", "kind": "labeled", "shards": str(data / "labeled" / "*.tar")},
-                {"name": "pairs", "kind": "paired", "shards": str(data / "paired" / "*.tar")},
-                {"name": "unlab", "kind": "unlabeled", "shards": str(data / "unlabeled" / "*.tar")},
+                {"name": "lab", "kind": "labeled", "shards": str(shards / "labeled" / "*.tar")},
+                {"name": "pairs", "kind": "paired", "shards": str(shards / "paired" / "*.tar")},
+                {"name": "unlab", "kind": "unlabeled", "shards": str(shards / "unlabeled" / "*.tar")},
             ],
             "batch": {"paired": 8, "labeled": 4, "unlabeled": 4},
             "workers": 1,
@@ -47,7 +47,7 @@ def run_config(data: Path, out_dir: Path, **sections) -> dict:
     }
     for key, value in sections.items():
         if isinstance(value, dict) and isinstance(cfg.get(key), dict):
-            cfg[key].update(value)
+            cfg[key] = {**cfg[key], **value}
         else:
             cfg[key] = value
     return cfg

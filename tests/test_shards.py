@@ -1,5 +1,6 @@
 """vlp.data.shards: real images -> real shards -> read back with webdataset; inspect, verify, CLI."""
 import os
+import tarfile
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
@@ -342,7 +343,9 @@ def test_verify_reports_bad_samples_and_truncated_tar(tmp_path):
     # a truncated copy (cut in half) is reported with counts, not raised
     broken = tmp_path / "c" / "shard-000002.tar"
     data = Path(clean[0]).read_bytes()
-    broken.write_bytes(data[: len(data) // 2])
+    with tarfile.open(clean[0]) as tar:  # cut inside the data of a member of the last sample
+        last = [m for m in tar.getmembers() if m.name.startswith("003.")][0]
+    broken.write_bytes(data[: last.offset_data + last.size // 2])
     result = S.verify_shards(str(tmp_path / "c" / "shard-{000000..000002}.tar"))
     assert result["shard_errors"] >= 1 and not result["clean"]
     assert 8 <= result["total"] < 12 and result["ok"] + result["bad"] == result["total"]

@@ -172,12 +172,19 @@ class Config(_Strict):
         return o.weight if o is not None else 0.0
 
 
-def expand_shards(spec: str) -> list[str]:
-    """Brace-expand one spec (``::`` separates several); local globs are expanded too."""
+def expand_shards(spec: str | os.PathLike | list) -> list[str]:
+    """Shard paths/URLs of a spec, in order: ``::`` separates several specs (a list is several too), braces
+    expand, local globs expand, and a folder means its ``*.tar`` files (or those of its ``test/`` folder, the
+    clip_benchmark layout)."""
+    if isinstance(spec, (list, tuple)):
+        return [u for s in spec for u in expand_shards(s)]
     urls = []
-    for part in spec.split("::"):
-        for url in braceexpand.braceexpand(part):
-            if "://" not in url and any(ch in url for ch in "*?["):
+    for part in (p.strip() for p in str(spec).split("::")):
+        for url in braceexpand.braceexpand(part) if part else ():
+            if "://" not in url and os.path.isdir(url):
+                tars = sorted(glob.glob(os.path.join(url, "*.tar")))
+                urls.extend(tars or sorted(glob.glob(os.path.join(url, "test", "*.tar"))))
+            elif "://" not in url and any(ch in url for ch in "*?["):
                 urls.extend(sorted(glob.glob(url)))
             else:
                 urls.append(url)

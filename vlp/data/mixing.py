@@ -71,21 +71,27 @@ class MixedBatches(IterableDataset):
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        self._streams = {k: self._kind_stream(k, worker, workers) for k in KINDS if self.per_kind[k] > 0}
-        # DataLoader takes batches from workers round-robin: global batch g comes from worker g % workers.
+        # In a fresh run the DataLoader takes batches from workers round-robin, so global batch g is built by
+        # stream g % workers. A resumed loader again starts at worker 0, which must therefore continue the
+        # stream that builds batch start_batch: worker w runs stream (w + start_batch) % workers.
+        stream = (worker + self.start_batch) % workers
+        self._streams = {k: self._kind_stream(k, stream, workers) for k in KINDS if self.per_kind[k] > 0}
         local = 0
-        skip = (self.start_batch - worker + workers - 1) // workers if self.start_batch > worker else 0
+        skip = (self.start_batch - stream + workers - 1) // workers if self.start_batch > stream else 0
         while True:
             rows = [(k, *next(self._streams[k])) for k in KINDS if self.per_kind[k] > 0 for _ in range(self.per_kind[k])]
             if local >= skip:
-                yield self._collate(rows, worker, local)
+                yield self._collate(rows, stream, local, worker)
             local += 1
 
     # ---- one batch --------------------------------------------------------------------------------------
-    def _collate(self, rows: list[tuple[str, Source, dict]], worker: int, local: int) -> dict:
-        batch_seed = stream_seed(self.seed, "batch", self.rank, worker, local)
-        torch.manual_seed(batch_seed)  # the transforms draw from torch's global RNG
-        rng = random.Random(batch_seed)
+    def _collate(self, rows: list[tuple[str, Source, dict]], stream: int, local: int, worker: int) -> dict:
+        batch_seed = stream_seed(self.seed, "batch", self.rank, stream, local)
+        with torch.random.fork_rng(devices=[]):  # transforms draw from torch's global RNG; keep the caller's
+            torch.manual_seed(batch_seed)
+            return self._collate_seeded(rows, random.Random(batch_seed), worker)
+
+    def _collate_seeded(self, rows: list[tuple[str, Source, dict]], rng: random.Random, worker: int) -> dict:
         images, texts, has_text = [], [], []
         for i, (kind, source, rec) in enumerate(rows):
             image = self._decode(source, rec, kind, worker, rows, i)

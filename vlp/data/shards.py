@@ -26,7 +26,6 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
-import braceexpand
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +135,7 @@ def write_samples(
                 raise ValueError(f"duplicate __key__ {key!r}")
             seen.add(key)
             if writer is None:
-                writer = wds.ShardWriter(shard_pattern(out, prefix), maxcount=maxcount, verbose=0, mtime=0.0)
+                writer = wds.ShardWriter(shard_pattern(out, prefix), maxcount=maxcount, verbose=0, mtime=0)  # an int: a float mtime adds slow PAX headers
             writer.write(sample)
             name = os.path.basename(writer.fname)
             counts[name] = counts.get(name, 0) + 1
@@ -470,18 +469,10 @@ def write_hf_dataset(
 
 
 def expand_spec(spec: str | Iterable[str]) -> list[str]:
-    """Shard spec -> shard paths: ``::`` separates specs, braces expand, a folder means its ``*.tar`` files."""
-    specs = [spec] if isinstance(spec, str) else list(spec)
-    shards: list[str] = []
-    for part in (p.strip() for s in specs for p in s.split("::")):
-        if not part:
-            continue
-        for path in braceexpand.braceexpand(part):
-            if os.path.isdir(path):
-                shards.extend(sorted(str(p) for p in Path(path).glob("*.tar")))
-            else:
-                shards.append(path)
-    return shards
+    """Shard spec -> shard paths (see :func:`vlp.config.expand_shards`)."""
+    from vlp.config import expand_shards
+
+    return expand_shards(spec if isinstance(spec, str) else list(spec))
 
 
 def _sizes_for(shard: str, cache: dict[str, dict]) -> int | None:

@@ -6,6 +6,7 @@ without decoding it). Problems in the data never stop a run: each is skipped and
 """
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
@@ -144,7 +145,10 @@ class Source:
                 return
 
     def _read(self, shards, rng: random.Random, shuffle_buffer: int) -> Iterator[dict]:
-        samples = wds.tariterators.tarfile_samples(({"url": u} for u in shards), handler=self._tar_error)
+        # One tar at a time: webdataset drops its end-of-shard marker when a tar breaks off, and would then
+        # merge a truncated shard's last partial sample with the next shard's first one if their keys match.
+        samples = itertools.chain.from_iterable(
+            wds.tariterators.tarfile_samples([{"url": u}], handler=self._tar_error) for u in shards)
         if shuffle_buffer > 1:
             samples = wds.filters._shuffle(samples, shuffle_buffer, min(100, shuffle_buffer), rng)
         for sample in samples:

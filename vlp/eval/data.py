@@ -8,7 +8,6 @@ lie beside the shards or in their parent folder.
 """
 from __future__ import annotations
 
-import glob
 import os
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
@@ -35,27 +34,13 @@ def _split_specs(spec: str | os.PathLike | Sequence) -> list[str]:
     return [s for s in str(spec).split("::") if s.strip()]
 
 
-def _folder_shards(folder: Path) -> list[str]:
-    tars = sorted(glob.glob(str(folder / "*.tar")))
-    if not tars and (folder / "test").is_dir():
-        tars = sorted(glob.glob(str(folder / "test" / "*.tar")))
-    return tars
-
-
 def expand_urls(spec: str | os.PathLike | Sequence) -> list[str]:
-    """The shard paths/URLs a spec names, in order (brace patterns expanded, folders listed)."""
-    urls: list[str] = []
-    for part in _split_specs(spec):
-        part = part.strip()
-        if os.path.isdir(part):
-            found = _folder_shards(Path(part))
-            if not found:
-                raise FileNotFoundError(f"no .tar shards in {part} (nor in {part}/test)")
-            urls.extend(found)
-        else:
-            urls.extend(braceexpand.braceexpand(part))
+    """The shard paths/URLs a spec names, in order (see :func:`vlp.config.expand_shards`)."""
+    from vlp.config import expand_shards
+
+    urls = expand_shards(spec)
     if not urls:
-        raise ValueError(f"no shards in data spec {spec!r}")
+        raise FileNotFoundError(f"no shards match data spec {spec!r}")
     return urls
 
 

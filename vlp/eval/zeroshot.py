@@ -84,7 +84,9 @@ def zeroshot_eval(model, classifier: torch.Tensor, loader, device="cpu") -> dict
         correct[1] += c[1]
         correct[5] += c[5]
         n += len(labels)
-    return {"top1": correct[1] / max(n, 1), "top5": correct[5] / max(n, 1), "n": n}
+    if n == 0:
+        raise ValueError("zero-shot evaluation: the data yielded no samples (check the shard spec)")
+    return {"top1": correct[1] / n, "top5": correct[5] / n, "n": n}
 
 
 def input_dtype(model) -> torch.dtype:

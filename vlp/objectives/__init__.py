@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from vlp.objectives.base import OBJECTIVES, Objective, register
 from vlp.objectives.contrastive import ContrastiveObjective, UniCLLoss
@@ -14,19 +13,9 @@ __all__ = ["OBJECTIVES", "Objective", "register", "build_objectives", "combine",
 
 
 def build_objectives(cfg, patch: int | None, rank: int = 0, world_size: int = 1) -> dict[str, tuple[Objective, float]]:
-    """name -> (objective, weight) for every objective with a positive weight."""
-    out = {}
-    for name, o in cfg.objectives.items():
-        if o.weight <= 0:
-            continue
-        if name == "contrastive":
-            obj = ContrastiveObjective(o.loss, o.labels_as_text, rank, world_size)
-        elif name == "mae":
-            obj = MAEObjective(patch, cfg.model.mae.norm_pix_loss)
-        else:
-            obj = SupervisedObjective(o.label_smoothing)
-        out[name] = (obj, o.weight)
-    return out
+    """name -> (objective, weight) for every objective of the run config with a positive weight."""
+    return {name: (OBJECTIVES[name].from_config(o, cfg, patch=patch, rank=rank, world_size=world_size), o.weight)
+            for name, o in cfg.objectives.items() if o.weight > 0}
 
 
 def combine(objectives: dict, outputs: dict, batch: dict) -> tuple[torch.Tensor, dict]:

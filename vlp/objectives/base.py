@@ -25,5 +25,10 @@ class Objective(nn.Module):
     name: str = ""
     needs: tuple[str, ...] = ()  # model outputs read
 
+    @classmethod
+    def from_config(cls, o, cfg, *, patch: int | None, rank: int, world_size: int) -> "Objective":
+        """Build from its ``ObjectiveConfig`` ``o`` and the run config ``cfg``."""
+        raise NotImplementedError
+
     def forward(self, outputs: dict, batch: dict) -> tuple[torch.Tensor, dict]:
         raise NotImplementedError

@@ -65,6 +65,10 @@ class ContrastiveObjective(Objective):
             # gather_with_grad: gradients equal those of one process with the whole global batch.
             self.loss = ClipLoss(gather_with_grad=True, rank=rank, world_size=world_size)
 
+    @classmethod
+    def from_config(cls, o, cfg, *, patch, rank, world_size):
+        return cls(o.loss, o.labels_as_text, rank, world_size)
+
     def forward(self, outputs, batch):
         img, txt, scale = outputs["image_features"], outputs["text_features"], outputs["logit_scale"]
         if self.kind == "siglip":

@@ -31,6 +31,10 @@ class MAEObjective(Objective):
         self.patch = patch
         self.norm_pix = norm_pix
 
+    @classmethod
+    def from_config(cls, o, cfg, *, patch, rank, world_size):
+        return cls(patch, cfg.model.mae.norm_pix_loss)
+
     def forward(self, outputs, batch):
         loss = mae_loss(outputs["mae_pred"].float(), batch["image"].float(), outputs["mae_mask"], self.patch,
                         self.norm_pix)

@@ -14,6 +14,10 @@ class SupervisedObjective(Objective):
         super().__init__()
         self.label_smoothing = label_smoothing
 
+    @classmethod
+    def from_config(cls, o, cfg, *, patch, rank, world_size):
+        return cls(o.label_smoothing)
+
     def forward(self, outputs, batch):
         rows = batch["label"] >= 0
         logits, labels = outputs["class_logits"][rows], batch["label"][rows]
