@@ -105,6 +105,7 @@ class OptimConfig(_Strict):
     min_lr_ratio: float = Field(0.0, ge=0, le=1)
     grad_clip: float | None = Field(1.0, gt=0)
     ema_decay: float | None = Field(None, gt=0, lt=1)
+    fused: bool = True  # torch's single-kernel AdamW (CPU and CUDA); false: the multi-tensor (foreach) one
 
 
 class TrainConfig(_Strict):

@@ -89,7 +89,8 @@ class Trainer:
         self.eval_preprocess = eval_transform(clip)
 
         o = cfg.optim
-        optimizer = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=o.betas, eps=o.eps)
+        optimizer = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=o.betas, eps=o.eps,
+                                      fused=o.fused or None)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, warmup_cosine(o.warmup_steps, cfg.train.steps, o.min_lr_ratio))
         self.model, self.optimizer, self.scheduler = acc.prepare(model, optimizer, scheduler)
