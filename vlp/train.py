@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import gather_object, set_seed
 from safetensors.torch import save_file
 
 from vlp import checkpoint as ckpt_io
@@ -122,6 +122,10 @@ class Trainer:
         self.samples_seen = state["samples_seen"]
         self.bad_steps_total = state.get("nonfinite_steps", 0)
         self.eval_metrics = state.get("eval", {})
+        self._bad_base = state.get("bad_samples", {})
+        if state.get("world_size") == self.world and state.get("data_workers") == self.cfg.data.workers:
+            taken = state.get("data_taken", {}).get(str(self.rank), {})
+            self.dataset.start_taken = {int(k): v for k, v in taken.items()}
         if self.ema is not None and (path / "ema.safetensors").is_file():
             from safetensors.torch import load_file
             self.ema.module.load_state_dict(load_file(str(path / "ema.safetensors")))
@@ -134,7 +138,11 @@ class Trainer:
         tmp = final.with_name(final.name + ".tmp")
         acc.wait_for_everyone()
         acc.save_state(str(tmp))
+        # every rank's exact stream positions (records consumed per stream and kind, replacements included)
+        mine = [getattr(self, "_data_taken", {})]
+        taken = gather_object(mine) if self.world > 1 else mine
         if acc.is_main_process:
+            self.data_taken = {str(r): {str(k): v for k, v in t.items()} for r, t in enumerate(taken)}
             dump_config(self.cfg, tmp / ckpt_io.CONFIG_FILE)
             if self.ema is not None:
                 save_file({k: v.contiguous() for k, v in self.ema.module.state_dict().items()},
@@ -157,6 +165,8 @@ class Trainer:
             "batch": self.cfg.data.batch.model_dump(),
             "objectives": {k: v.model_dump() for k, v in self.cfg.objectives.items()},
             "world_size": self.world,
+            "data_workers": self.cfg.data.workers,
+            "data_taken": getattr(self, "data_taken", {}),
         }
 
     # ---- one step -------------------------------------------------------------------------------------------
@@ -208,7 +218,9 @@ class Trainer:
 
     # ---- the loop -------------------------------------------------------------------------------------------
     def bad_samples(self) -> dict[str, int]:
-        return {s.name: int(self._bad.get(s.name, 0)) for s in self.sources} if hasattr(self, "_bad") else {}
+        base = getattr(self, "_bad_base", {})  # counts of the run before it was resumed
+        now = getattr(self, "_bad", {})
+        return {s.name: int(base.get(s.name, 0)) + int(now.get(s.name, 0)) for s in self.sources}
 
     def _track_bad(self, batch: dict) -> None:
         """Per-worker cumulative counts travel with each batch; keep the latest per worker and sum."""
@@ -216,6 +228,8 @@ class Trainer:
         self._per_worker_bad[int(batch["worker"])] = batch["bad"].tolist()
         totals = [sum(col) for col in zip(*self._per_worker_bad.values())]
         self._bad = {s.name: totals[i] for i, s in enumerate(self.sources)}
+        self._data_taken = getattr(self, "_data_taken", {})
+        self._data_taken[int(batch["stream"])] = batch["taken"].tolist()
 
     def _install_signal_handlers(self) -> None:
         def handler(signum, frame):
@@ -255,7 +269,7 @@ class Trainer:
                 batch = next(loader)
                 self._track_bad(batch)
                 batches.append({k: v.to(acc.device, non_blocking=True) for k, v in batch.items()
-                                if k not in ("bad", "worker")})
+                                if k not in ("bad", "worker", "stream", "taken")})
             t_data = time.perf_counter() - t0
             self.model.train()
             metrics = self.train_step(batches)

@@ -9,11 +9,14 @@ Batch contract (plain dict of tensors; see DESIGN.md)::
     kind     [B]       long     0 paired, 1 labeled, 2 unlabeled (rows are grouped in that order)
     bad      [S]       long     skipped samples so far per source, in this worker (cumulative)
     worker   []        long     the dataloader worker that built the batch
+    stream   []        long     the stream (worker slot of a fresh run) the batch belongs to
+    taken    [3]       long     records this stream has consumed per kind, after this batch (resume position)
 
 Every rank builds the same composition (``batch.paired`` + ``batch.labeled`` + ``batch.unlabeled`` rows), so
 no objective ever sees an empty subset and distributed gathers line up. Randomness is seeded from
 (seed, rank, worker, batch index), so a run is reproducible and a resumed run can skip the batches it already
-consumed without decoding them (:attr:`start_batch`).
+consumed without decoding them (:attr:`start_batch`). Records that replaced corrupt images shift a stream; a
+resume that also knows each stream's ``taken`` counts (:attr:`start_taken`) skips exactly what was consumed.
 """
 from __future__ import annotations
 
@@ -47,6 +50,7 @@ class MixedBatches(IterableDataset):
         self.sources = sources if sources is not None else build_sources(cfg.sources)
         self.per_kind = {k: getattr(cfg.batch, k) for k in KINDS}
         self.start_batch = 0  # global batches already consumed (set before iterating to resume)
+        self.start_taken: dict[int, list[int]] = {}  # per stream: records consumed per kind (exact resume)
         if labels_as_text:
             for s in self.sources:
                 if s.kind == "labeled" and not s.classnames:
@@ -76,20 +80,32 @@ class MixedBatches(IterableDataset):
         # stream that builds batch start_batch: worker w runs stream (w + start_batch) % workers.
         stream = (worker + self.start_batch) % workers
         self._streams = {k: self._kind_stream(k, stream, workers) for k in KINDS if self.per_kind[k] > 0}
+        self._taken = [0] * len(KINDS)
         local = 0
         skip = (self.start_batch - stream + workers - 1) // workers if self.start_batch > stream else 0
+        if skip and stream in self.start_taken:  # exact position, replacements of corrupt images included
+            for k, n in zip(KINDS, self.start_taken[stream]):
+                for _ in range(n if self.per_kind[k] > 0 else 0):
+                    self._next(k)
+            local = skip
         while True:
-            rows = [(k, *next(self._streams[k])) for k in KINDS if self.per_kind[k] > 0 for _ in range(self.per_kind[k])]
+            rows = [(k, *self._next(k)) for k in KINDS if self.per_kind[k] > 0 for _ in range(self.per_kind[k])]
             if local >= skip:
                 yield self._collate(rows, stream, local, worker)
             local += 1
+
+    def _next(self, kind: str) -> tuple[Source, dict]:
+        self._taken[KIND_ID[kind]] += 1
+        return next(self._streams[kind])
 
     # ---- one batch --------------------------------------------------------------------------------------
     def _collate(self, rows: list[tuple[str, Source, dict]], stream: int, local: int, worker: int) -> dict:
         batch_seed = stream_seed(self.seed, "batch", self.rank, stream, local)
         with torch.random.fork_rng(devices=[]):  # transforms draw from torch's global RNG; keep the caller's
             torch.manual_seed(batch_seed)
-            return self._collate_seeded(rows, random.Random(batch_seed), worker)
+            batch = self._collate_seeded(rows, random.Random(batch_seed), worker)
+        batch["stream"], batch["taken"] = torch.tensor(stream), torch.tensor(self._taken)
+        return batch
 
     def _collate_seeded(self, rows: list[tuple[str, Source, dict]], rng: random.Random, worker: int) -> dict:
         images, texts, has_text = [], [], []
@@ -120,7 +136,7 @@ class MixedBatches(IterableDataset):
                 return decode_image(rec["image"])
             except Exception as exn:  # PIL raises many types for bad data
                 source.bad.add("corrupt image", f"{source.name}/{rec['key']}: {exn!r}"[:200])
-                source, rec = next(self._streams[kind])
+                source, rec = self._next(kind)
                 rows[i] = (kind, source, rec)
 
 
