@@ -45,8 +45,9 @@ fits after data preparation, start-up and evaluation, with a 15% margin; ``--ste
 get busier later, a run that overruns its share of the budget is stopped with SIGTERM (vlp checkpoints the
 step it reached) and marked ``cut short`` in the table and the JSON.
 
-All runs: vlp-tiny-vit, lr 2e-3 (AdamW, wd 0.05, cosine), warm-up 10% of the steps but at least 30 (CLIP from
-scratch at this lr collapses to a constant embedding with a few-step warm-up), gradient clip 1, batch 128.
+All runs: vlp-tiny-vit, lr 1e-3 from configs/bench/quality-*.yaml (AdamW, wd 0.05, cosine; 2e-3 stalls the
+mixed run's 80-row contrastive batch, README), warm-up 10% of the steps but at least 30 (CLIP from scratch
+collapses to a constant embedding with a few-step warm-up), gradient clip 1, batch 128.
 The MAE-only and supervised-only runs never train the CLIP projection; hence the ``pooled`` headline.
 
 Usage::
@@ -476,7 +477,7 @@ def main(argv: list[str] | None = None) -> int:
     for run in runs:
         ratio, factor = plan(run)
         run_steps = max(1, round(steps * factor))
-        # linear warm-up: 10% of the steps, at least 30 (CLIP from scratch at lr 2e-3 collapses to a constant
+        # linear warm-up: 10% of the steps, at least 30 (CLIP from scratch at a high lr collapses to a constant
         # embedding with a few-step warm-up), at most half the run
         warmup = max(1, min(max(30, run_steps // 10), run_steps // 2))
         tree = run_config(run, shards, runs_dir / run, run_steps, batch, ratio, args.model, warmup, log_every)
