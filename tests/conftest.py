@@ -27,8 +27,7 @@ def run_config(shards: Path, out_dir: Path, **sections) -> dict:
     cfg = {
         "output_dir": str(out_dir),
         "seed": 0,
-        "model": {"name": "vlp-test-vit", "mask_ratio": 0.75, "mae": {"decoder_width": 32, "decoder_depth": 1,
-                                                                        "decoder_heads": 2}},
+        "model": {"name": "vlp-test-vit", "mask_ratio": 0.75},
         "data": {
             "sources": [
                 {"name": "lab", "kind": "labeled", "shards": str(shards / "labeled" / "*.tar")},
@@ -40,7 +39,8 @@ def run_config(shards: Path, out_dir: Path, **sections) -> dict:
             "shuffle_buffer": 50,
             "templates": ["a photo of the digit {c}.", "the number {c}."],
         },
-        "objectives": {"contrastive": {"weight": 1.0, "labels_as_text": True}, "mae": {"weight": 0.5},
+        "objectives": {"contrastive": {"weight": 1.0, "labels_as_text": True},
+                       "mae": {"weight": 0.5, "decoder_width": 32, "decoder_depth": 1, "decoder_heads": 2},
                        "supervised": {"weight": 0.5}},
         "optim": {"lr": 1e-3, "warmup_steps": 2},
         "train": {"steps": 6, "log_every": 1, "save_every": 3, "progress": False},
@@ -56,3 +56,14 @@ def run_config(shards: Path, out_dir: Path, **sections) -> dict:
 def write_config(path: Path, cfg: dict) -> Path:
     path.write_text(yaml.safe_dump(cfg))
     return path
+
+
+def student(clip, model_cfg, num_classes: int = 0, use_mae: bool = True, **mae):
+    """The student the trainer builds for CLIP (+ MAE) (+ supervised with ``num_classes``), from real objectives."""
+    from vlp.objectives import ContrastiveObjective, MAEObjective, SupervisedObjective
+    from vlp.task import build_student
+
+    patch = clip.visual.patch_size[0] if hasattr(clip.visual, "patch_size") else None
+    objectives = [ContrastiveObjective()] + ([MAEObjective(patch, **mae)] if use_mae else []) + \
+        ([SupervisedObjective()] if num_classes else [])
+    return build_student(clip, model_cfg, objectives, num_classes=num_classes)

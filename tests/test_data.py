@@ -30,6 +30,7 @@ from vlp.config import (
     config_from_dict,
     load_config,
 )
+from vlp.data.batch import flatten
 from vlp.data.mixing import KIND_ID, MixedBatches, make_loader
 from vlp.data.shards import write_class_files, write_samples
 from vlp.data.sources import Source
@@ -75,7 +76,7 @@ def take(cfg: DataConfig, clip, n: int, workers: int, seed: int = SEED, start: i
     ds.start_batch = start
     ds.start_taken = start_taken or {}
     it = iter(make_loader(ds, workers))
-    return [next(it) for _ in range(n)]
+    return [flatten(*next(it)) for _ in range(n)]
 
 
 def data_config(sources: list[dict], **kw) -> DataConfig:
@@ -394,7 +395,7 @@ def test_batches_report_bad_samples_and_the_run_goes_on(dirty, clip):
     _, tokenizer, transform = clip
     ds = MixedBatches(cfg, transform, tokenizer, seed=SEED)
     it = iter(ds)  # in this process: the sources' counters are the ones the batches report
-    inline = [next(it) for _ in range(14)]  # 28 paired rows: >= 2 epochs of the ~10 valid paired records
+    inline = [flatten(*next(it)) for _ in range(14)]  # 28 paired rows: >= 2 epochs of the ~10 valid paired records
     p, l = ds.sources
     assert p.bad.counts["corrupt image"] >= 4  # 2 per epoch
     assert set(p.bad.counts) == {"corrupt image", "no caption", "caption not UTF-8", "unreadable tar"}

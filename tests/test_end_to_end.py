@@ -24,8 +24,7 @@ def trained(demo_data, tmp_path_factory):
     cfg = run_config(
         demo_data, run_dir,
         # a light mask: this 2-layer, 16-patch ViT has only 4 visible patches left at FLIP's 75%
-        model={"name": "vlp-test-vit", "mask_ratio": 0.25,
-               "mae": {"decoder_width": 32, "decoder_depth": 1, "decoder_heads": 2}},
+        model={"name": "vlp-test-vit", "mask_ratio": 0.25},
         data={"batch": {"paired": 16, "labeled": 16, "unlabeled": 16}},
         optim={"lr": 3e-3, "warmup_steps": 30},
         train={"steps": STEPS, "log_every": 5, "save_every": 100, "eval_every": 100, "progress": False},

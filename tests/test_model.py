@@ -8,7 +8,8 @@ import torch
 
 from vlp.config import ModelConfig
 from vlp.models.factory import create_clip, resolve_model_config
-from vlp.models.model import VLPModel
+from vlp.models.model import VLPModel  # noqa: F401
+from conftest import student
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +32,7 @@ def _batch(tok, n=6, n_text=4):
 
 def test_unmasked_pass_equals_open_clip_encode_image(clip):
     model, tok = clip
-    vlp = VLPModel(model, ModelConfig(), num_classes=3).eval()
+    vlp = student(model, ModelConfig(), num_classes=3).eval()
     batch = _batch(tok)
     out = vlp(batch)
     ref = torch.nn.functional.normalize(model.encode_image(batch["image"][batch["has_text"]]), dim=-1)
@@ -44,7 +45,7 @@ def test_unmasked_pass_equals_open_clip_encode_image(clip):
 def test_masked_pass_equals_open_clip_on_kept_patches(clip):
     """Keeping patches {k} must equal open_clip's ViT run on a sequence of exactly those tokens."""
     model, tok = clip
-    vlp = VLPModel(model, ModelConfig(mask_ratio=0.75)).train()
+    vlp = student(model, ModelConfig(mask_ratio=0.75)).train()
     batch = _batch(tok)
     noise = torch.rand(6, vlp.num_patches, generator=torch.Generator().manual_seed(3))
     out = vlp(batch, noise=noise)
@@ -62,7 +63,7 @@ def test_masked_pass_equals_open_clip_on_kept_patches(clip):
 
 def test_clip_unmasked_option_runs_separate_full_pass(clip):
     model, tok = clip
-    vlp = VLPModel(model, ModelConfig(mask_ratio=0.75, clip_unmasked=True)).train()
+    vlp = student(model, ModelConfig(mask_ratio=0.75, clip_unmasked=True)).train()
     batch = _batch(tok)
     out = vlp(batch)
     model.eval()
@@ -76,9 +77,9 @@ def test_mae_on_non_vit_tower_fails_with_clear_message():
                          "timm_proj": "linear", "image_size": 32}
     model, _, tok = create_clip(cfg)
     with pytest.raises(ValueError, match="not a ViT"):
-        VLPModel(model, ModelConfig(), use_mae=True)
+        student(model, ModelConfig(), use_mae=True)
     # CLIP + supervised work on the timm tower
-    vlp = VLPModel(model, ModelConfig(), num_classes=3, use_mae=False).train()
+    vlp = student(model, ModelConfig(), num_classes=3, use_mae=False).train()
     out = vlp(_batch(tok))
     assert out["image_features"].shape == (4, 32) and out["class_logits"].shape == (6, 3)
     model.eval()
@@ -90,7 +91,7 @@ def test_mae_on_non_vit_tower_fails_with_clear_message():
 
 def test_locking_towers_freezes_their_parameters():
     model, _, _ = create_clip("vlp-test-vit")
-    vlp = VLPModel(model, ModelConfig(lock_image=True, text={"lock": True}))
+    vlp = student(model, ModelConfig(lock_image=True, text={"lock": True}))
     assert not any(p.requires_grad for p in model.visual.parameters())
     assert not model.token_embedding.weight.requires_grad
     assert all(p.requires_grad for p in vlp.mae_decoder.parameters())
@@ -107,7 +108,7 @@ def test_hf_text_tower_from_local_package():
     ours = model.text.transformer
     w = "embeddings.word_embeddings.weight"
     assert torch.equal(ours.state_dict()[w], ref.state_dict()[w])  # pretrained weights, not a random init
-    vlp = VLPModel(model, ModelConfig(text={"lock": True}), use_mae=False).train()
+    vlp = student(model, ModelConfig(text={"lock": True}), use_mae=False).train()
     out = vlp({"image": torch.randn(2, 3, 32, 32), "text": tok(["a cat", "a dog"]),
                "has_text": torch.tensor([True, True]), "label": torch.tensor([-1, -1])})
     assert out["text_features"].shape == (2, 32)

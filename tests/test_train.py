@@ -178,10 +178,10 @@ def test_config_errors_fail_before_any_work(demo_data, tmp_path):
 def test_param_groups_skip_decay_on_norms_biases_embeddings_and_logit_scale():
     from vlp.config import ModelConfig
     from vlp.models.factory import create_clip
-    from vlp.models.model import VLPModel
+    from conftest import student
 
     clip, _, _ = create_clip("vlp-test-vit")
-    model = VLPModel(clip, ModelConfig(), num_classes=3)
+    model = student(clip, ModelConfig(), num_classes=3)
     decay, no_decay = param_groups(model, 0.1)
     names = {id(p): n for n, p in model.named_parameters()}
     no_decay_names = {names[id(p)] for p in no_decay["params"]}

@@ -132,7 +132,7 @@ def _vlp_loader(a, spec, transform, tokenizer):
         "sources": [{"name": "bench", "kind": "paired", "shards": spec}],
         "batch": {"paired": a.batch_size}, "workers": a.workers, "shuffle_buffer": a.shuffle, "resampled": True})
     ds = MixedBatches(cfg, transform, tokenizer, seed=0)
-    return make_loader(ds, a.workers), lambda b: b["image"]
+    return make_loader(ds, a.workers), lambda b: b[0].image
 
 
 def _open_clip_loader(a, spec, transform, tokenizer, samples):

@@ -14,7 +14,8 @@ from typing import Any, Literal
 
 import braceexpand
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator,
+                      model_validator)
 
 KINDS = ("paired", "labeled", "unlabeled")
 Kind = Literal["paired", "labeled", "unlabeled"]
@@ -22,6 +23,10 @@ Kind = Literal["paired", "labeled", "unlabeled"]
 
 class ConfigError(ValueError):
     """A configuration problem, with the offending key or file in the message."""
+
+
+class KeyedError(ValueError):
+    """Raised inside validation with a message that already starts with the key (``objectives.mae.x: ...``)."""
 
 
 class _Strict(BaseModel):
@@ -67,13 +72,6 @@ class DataConfig(_Strict):
     scale: tuple[float, float] = (0.5, 1.0)  # RandomResizedCrop scale range
 
 
-class MAEConfig(_Strict):
-    decoder_width: int = Field(128, gt=0)
-    decoder_depth: int = Field(2, gt=0)
-    decoder_heads: int = Field(4, gt=0)
-    norm_pix_loss: bool = True
-
-
 class TextConfig(_Strict):
     lock: bool = False  # LiT: freeze the text tower
     lock_unlocked_layers: int = 0
@@ -83,17 +81,33 @@ class ModelConfig(_Strict):
     name: str = "vlp-tiny-vit"  # open_clip config name, configs/models/<name>.json, or a path to a JSON file
     mask_ratio: float = Field(0.75, ge=0.0, lt=1.0)
     clip_unmasked: bool = False  # run a separate unmasked image pass for the contrastive loss
-    mae: MAEConfig = MAEConfig()
     text: TextConfig = TextConfig()
     lock_image: bool = False
     num_classes: int | None = None  # classifier head; default: number of labeled classnames
 
+    @model_validator(mode="before")
+    @classmethod
+    def _moved_keys(cls, data):
+        if isinstance(data, dict) and "mae" in data:
+            raise KeyedError("model.mae: moved to objectives.mae (e.g. objectives.mae.decoder_width)")
+        return data
+
 
 class ObjectiveConfig(_Strict):
+    """Base of every objective's own config (``Objective.Config``): its weight in the summed loss."""
+
     weight: float = Field(1.0, ge=0)
-    loss: Literal["clip", "siglip"] = "clip"  # contrastive only
-    labels_as_text: bool = False  # contrastive only: UniCL (Yang et al. 2022)
-    label_smoothing: float = Field(0.0, ge=0, lt=1)  # supervised only
+
+
+class TeacherConfig(_Strict):
+    """The momentum teacher (an EMA of the student; BYOL, MoCo v3, DINO): tau from ``tau`` to ``tau_end``
+    along a cosine (as solo-learn's ``MomentumUpdater``) or constant. ``scope``: ``image`` tracks the image tower,
+    its projection and the heads objectives name; ``all`` tracks every parameter (an EMA of the whole model)."""
+
+    tau: float = Field(0.996, ge=0, le=1)
+    tau_end: float = Field(1.0, ge=0, le=1)
+    schedule: Literal["cosine", "constant"] = "cosine"
+    scope: Literal["image", "all"] = "image"
 
 
 class OptimConfig(_Strict):
@@ -104,7 +118,7 @@ class OptimConfig(_Strict):
     warmup_steps: int = Field(100, ge=0)
     min_lr_ratio: float = Field(0.0, ge=0, le=1)
     grad_clip: float | None = Field(1.0, gt=0)
-    ema_decay: float | None = Field(None, gt=0, lt=1)
+    ema_decay: float | None = Field(None, gt=0, lt=1)  # shorthand: teacher {tau: x, schedule: constant, scope: all}
     fused: bool = True  # torch's single-kernel AdamW (CPU and CUDA); false: the multi-tensor (foreach) one
 
 
@@ -138,10 +152,34 @@ class Config(_Strict):
     seed: int = 0
     model: ModelConfig = ModelConfig()
     data: DataConfig
-    objectives: dict[Literal["contrastive", "mae", "supervised"], ObjectiveConfig]
+    objectives: dict[str, SerializeAsAny[ObjectiveConfig]]
+    teacher: TeacherConfig | None = None  # default: built when an objective uses one (or optim.ema_decay)
     optim: OptimConfig = OptimConfig()
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
+
+    @field_validator("objectives", mode="before")
+    @classmethod
+    def _objective_configs(cls, v):
+        """Each objective's own ``Config`` validates its section, so errors name ``objectives.<name>.<key>``."""
+        from vlp.objectives import OBJECTIVES
+
+        if not isinstance(v, dict):
+            return v
+        out = {}
+        for name, raw in v.items():
+            if isinstance(raw, ObjectiveConfig):
+                out[name] = raw
+                continue
+            if name not in OBJECTIVES:
+                raise KeyedError(f"objectives.{name}: unknown objective (known: {', '.join(sorted(OBJECTIVES))})")
+            if isinstance(raw, (int, float)) and not isinstance(raw, bool):
+                raw = {"weight": raw}
+            try:
+                out[name] = OBJECTIVES[name].Config.model_validate(raw if raw is not None else {})
+            except ValidationError as err:
+                raise KeyedError(_format_error(err, prefix=f"objectives.{name}")) from None
+        return out
 
     @field_validator("objectives")
     @classmethod
@@ -159,13 +197,16 @@ class Config(_Strict):
                 raise ValueError(f"data.batch.{kind}: {getattr(b, kind)} samples asked but no source of kind '{kind}'")
         if b.total == 0:
             raise ValueError("data.batch: every kind is 0")
-        c = self.objectives.get("contrastive")
-        if c is not None and c.weight > 0:
-            if b.paired == 0 and not (c.labels_as_text and b.labeled > 0):
-                raise ValueError("objectives.contrastive: needs data.batch.paired > 0 (or labels_as_text with labeled rows)")
-        s = self.objectives.get("supervised")
-        if s is not None and s.weight > 0 and b.labeled == 0:
-            raise ValueError("objectives.supervised: needs data.batch.labeled > 0")
+        from vlp.objectives import OBJECTIVES
+
+        for name, o in self.objectives.items():
+            if o.weight > 0:
+                try:
+                    OBJECTIVES[name].check(o, self)
+                except ValueError as err:
+                    raise KeyedError(str(err)) from None
+        if self.optim.ema_decay is not None and self.teacher is not None:
+            raise KeyedError("optim.ema_decay: set teacher.tau (with teacher.schedule: constant) instead of both")
         return self
 
     def objective_weight(self, name: str) -> float:
@@ -238,9 +279,12 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
     return out
 
 
-def _format_error(err: ValidationError) -> str:
+def _format_error(err: ValidationError, prefix: str = "") -> str:
     e = err.errors()[0]
-    loc = ""
+    cause = (e.get("ctx") or {}).get("error")
+    if isinstance(cause, KeyedError):
+        return str(cause)
+    loc = prefix
     for part in e["loc"]:
         loc += f"[{part}]" if isinstance(part, int) else (f".{part}" if loc else str(part))
     msg = e["msg"]

@@ -1,8 +1,9 @@
 """The trainer: ``accelerate launch -m vlp.train --config configs/X.yaml [key=value ...]``.
 
-Accelerate owns devices, DDP, mixed precision and state saving. vlp adds the mixed-data stream, the objectives,
-AdamW with decay only on weight matrices, warmup + cosine, clipping, optional EMA, the CLIP logit-scale clamp,
-atomic keep-last-K checkpoints with exact resume, non-finite-loss guards, signal-safe exits and logging.
+Accelerate owns devices, DDP, mixed precision and state saving; :class:`vlp.task.PretrainTask` owns the step
+(student, objectives, momentum teacher, masking). The trainer holds the loop: the mixed-data stream, AdamW with
+decay only on weight matrices, warmup + cosine, accumulation, clipping, atomic keep-last-K checkpoints with exact
+resume, non-finite-loss guards, signal-safe exits and logging. It has no objective-specific line.
 """
 from __future__ import annotations
 
@@ -18,16 +19,14 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object, set_seed
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from vlp import checkpoint as ckpt_io
 from vlp.config import KINDS, Config, ConfigError, dump_config, load_config
 from vlp.data.mixing import MixedBatches, make_loader
-from vlp.data.sources import build_sources, stream_seed
+from vlp.data.sources import build_sources
 from vlp.data.transforms import eval_transform, resolve_templates, train_transform
-from vlp.models.factory import create_clip
-from vlp.models.model import build_vlp_model
-from vlp.objectives import build_objectives, combine
+from vlp.task import PretrainTask
 
 log = logging.getLogger("vlp.train")
 
@@ -71,33 +70,24 @@ class Trainer:
         self.rank, self.world = acc.process_index, acc.num_processes
         set_seed(cfg.seed + self.rank)
 
-        clip, self.model_cfg, self.tokenizer = create_clip(cfg.model.name)
         self.sources = build_sources(cfg.data.sources)
         self.classnames = next((s.classnames for s in self.sources if s.kind == "labeled" and s.classnames), None)
-        num_classes = cfg.model.num_classes or (len(self.classnames) if self.classnames else 0)
-        if cfg.objective_weight("supervised") > 0 and num_classes == 0:
-            raise ConfigError("model.num_classes: the supervised objective needs a class count "
-                              "(or classnames on a labeled source)")
-        model = build_vlp_model(clip, cfg, num_classes)
-        self.objectives = build_objectives(cfg, model.patch, self.rank, self.world)
-        contrastive = cfg.objectives.get("contrastive")
+        self.task = PretrainTask(cfg, self.rank, self.world, self.classnames)
+        self.model_cfg, self.tokenizer = self.task.model_cfg, self.task.tokenizer
+        clip = self.task.student.clip
         self.templates = resolve_templates(cfg.data.templates)
         self.dataset = MixedBatches(
             cfg.data, train_transform(clip, cfg.data.scale, cfg.data.augment), self.tokenizer, cfg.seed, self.rank,
-            self.world, self.templates, labels_as_text=bool(contrastive and contrastive.labels_as_text),
-            sources=self.sources)
+            self.world, self.templates, labels_as_text=self.task.labels_as_text, sources=self.sources,
+            view_groups=self.task.view_groups)
         self.eval_preprocess = eval_transform(clip)
 
         o = cfg.optim
-        optimizer = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=o.betas, eps=o.eps,
-                                      fused=o.fused or None)
+        optimizer = torch.optim.AdamW(param_groups(self.task.student, o.weight_decay), lr=o.lr, betas=o.betas,
+                                      eps=o.eps, fused=o.fused or None)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, warmup_cosine(o.warmup_steps, cfg.train.steps, o.min_lr_ratio))
-        self.model, self.optimizer, self.scheduler = acc.prepare(model, optimizer, scheduler)
-        self.ema = None
-        if o.ema_decay:
-            from timm.utils import ModelEmaV3
-            self.ema = ModelEmaV3(acc.unwrap_model(self.model), decay=o.ema_decay)
+        self.model, self.optimizer, self.scheduler = self.task.prepare(acc, optimizer, scheduler)
 
         self.step = 0
         self.samples_seen = {k: 0 for k in KINDS}
@@ -126,9 +116,8 @@ class Trainer:
         if state.get("world_size") == self.world and state.get("data_workers") == self.cfg.data.workers:
             taken = state.get("data_taken", {}).get(str(self.rank), {})
             self.dataset.start_taken = {int(k): v for k, v in taken.items()}
-        if self.ema is not None and (path / "ema.safetensors").is_file():
-            from safetensors.torch import load_file
-            self.ema.module.load_state_dict(load_file(str(path / "ema.safetensors")))
+        self.task.load_extra_state({f.stem: load_file(str(f)) for f in sorted(path.glob("*.safetensors"))
+                                    if f.stem in self.task.extra_state()})
         log.info("resumed from %s at step %d", path, self.step)
 
     def save(self) -> Path:
@@ -144,9 +133,10 @@ class Trainer:
         if acc.is_main_process:
             self.data_taken = {str(r): {str(k): v for k, v in t.items()} for r, t in enumerate(taken)}
             dump_config(self.cfg, tmp / ckpt_io.CONFIG_FILE)
-            if self.ema is not None:
-                save_file({k: v.contiguous() for k, v in self.ema.module.state_dict().items()},
-                          str(tmp / "ema.safetensors"))
+            for stem, tensors in self.task.extra_state().items():
+                if tensors:
+                    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()},
+                              str(tmp / f"{stem}.safetensors"))
             ckpt_io.write_state(tmp, self.state_dict())
             ckpt_io.publish(tmp, final, self.cfg.train.keep_last)
         acc.wait_for_everyone()
@@ -163,24 +153,15 @@ class Trainer:
             "model_cfg": self.model_cfg,
             "data": [{"name": s.name, "kind": s.kind, "shards": s.cfg.shards, "size": s.size} for s in self.sources],
             "batch": self.cfg.data.batch.model_dump(),
-            "objectives": {k: v.model_dump() for k, v in self.cfg.objectives.items()},
+            "objectives": {k: v.model_dump(mode="json") for k, v in self.cfg.objectives.items()},
             "world_size": self.world,
             "data_workers": self.cfg.data.workers,
             "data_taken": getattr(self, "data_taken", {}),
         }
 
     # ---- one step -------------------------------------------------------------------------------------------
-    def masking_noise(self, batch: dict, micro: int) -> torch.Tensor | None:
-        """Per-step masking noise from a generator seeded by (seed, step, micro-batch, rank): exact on resume."""
-        model = self.accelerator.unwrap_model(self.model)
-        if not model.is_vit or self.cfg.model.mask_ratio == 0:
-            return None
-        g = torch.Generator().manual_seed(stream_seed(self.cfg.seed, "mask", self.step, micro, self.rank))
-        return torch.rand(batch["image"].shape[0], model.num_patches, generator=g).to(batch["image"].device)
-
-    def compute_loss(self, batch: dict, micro: int) -> tuple[torch.Tensor, dict]:
-        outputs = self.model(batch, noise=self.masking_noise(batch, micro))
-        return combine(self.objectives, outputs, batch)
+    def compute_loss(self, batch, micro: int) -> tuple[torch.Tensor, dict]:
+        return self.task.training_forward(batch, self.step, micro)
 
     def _all_finite(self, loss: torch.Tensor) -> bool:
         """Agree across ranks, so every rank skips the same steps (no rank waits in a collective alone)."""
@@ -189,7 +170,7 @@ class Trainer:
             flag = self.accelerator.reduce(flag, reduction="sum") / self.world
         return bool(flag.item() == 1.0)
 
-    def train_step(self, batches: list[dict]) -> dict | None:
+    def train_step(self, batches: list) -> dict | None:
         """One optimizer step over ``grad_accum`` micro-batches. Returns metrics, or None if skipped."""
         acc, n = self.accelerator, len(batches)
         metrics_sum: dict[str, float] = {}
@@ -204,16 +185,13 @@ class Trainer:
             acc.backward(loss / n)
             for k, v in metrics.items():
                 metrics_sum[k] = metrics_sum.get(k, 0.0) + float(v) / n
+        self.task.after_backward(self.step)
         if self.cfg.optim.grad_clip:
             metrics_sum["grad_norm"] = float(acc.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip))
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        clip = acc.unwrap_model(self.model).clip
-        with torch.no_grad():
-            clip.logit_scale.clamp_(0, math.log(100))  # as in CLIP
-        if self.ema is not None:
-            self.ema.update(acc.unwrap_model(self.model), step=self.step)
+        metrics_sum.update(self.task.after_optimizer_step(self.step))
         return metrics_sum
 
     # ---- the loop -------------------------------------------------------------------------------------------
@@ -222,14 +200,14 @@ class Trainer:
         now = getattr(self, "_bad", {})
         return {s.name: int(base.get(s.name, 0)) + int(now.get(s.name, 0)) for s in self.sources}
 
-    def _track_bad(self, batch: dict) -> None:
-        """Per-worker cumulative counts travel with each batch; keep the latest per worker and sum."""
+    def _track_stream(self, meta) -> None:
+        """Per-worker cumulative counts travel with each batch's StreamMeta; keep the latest per worker and sum."""
         self._per_worker_bad = getattr(self, "_per_worker_bad", {})
-        self._per_worker_bad[int(batch["worker"])] = batch["bad"].tolist()
+        self._per_worker_bad[meta.worker] = meta.bad.tolist()
         totals = [sum(col) for col in zip(*self._per_worker_bad.values())]
         self._bad = {s.name: totals[i] for i, s in enumerate(self.sources)}
         self._data_taken = getattr(self, "_data_taken", {})
-        self._data_taken[int(batch["stream"])] = batch["taken"].tolist()
+        self._data_taken[meta.stream] = list(meta.taken)
 
     def _install_signal_handlers(self) -> None:
         def handler(signum, frame):
@@ -266,10 +244,9 @@ class Trainer:
             t0 = time.perf_counter()
             batches = []
             for _ in range(tc.grad_accum):
-                batch = next(loader)
-                self._track_bad(batch)
-                batches.append({k: v.to(acc.device, non_blocking=True) for k, v in batch.items()
-                                if k not in ("bad", "worker", "stream", "taken")})
+                batch, meta = next(loader)
+                self._track_stream(meta)
+                batches.append(batch.to(acc.device, non_blocking=True))
             t_data = time.perf_counter() - t0
             self.model.train()
             metrics = self.train_step(batches)

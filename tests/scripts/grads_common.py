@@ -5,9 +5,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch
 
 from vlp.config import config_from_dict
-from vlp.models.factory import create_clip
-from vlp.models.model import build_vlp_model
-from vlp.objectives import build_objectives
+from vlp.task import PretrainTask
 
 PER_RANK = {"paired": 3, "labeled": 2, "unlabeled": 1}
 CFG = {
@@ -21,10 +19,10 @@ CFG = {
 def build(rank=0, world=1):
     cfg = config_from_dict(CFG, check_files=False)
     torch.manual_seed(0)
-    clip, _, tok = create_clip(cfg.model.name)
-    model = build_vlp_model(clip, cfg, num_classes=4)
+    task = PretrainTask(cfg, rank, world, classnames=[f"class {i}" for i in range(4)])
+    model = task.student
     torch.nn.init.normal_(model.classifier.fc.weight, std=0.1)  # zero-init head would hide its gradient path
-    return model, build_objectives(cfg, model.patch, rank, world), tok
+    return model, task.objectives, task.tokenizer
 
 
 def global_batch(tok, world=2):

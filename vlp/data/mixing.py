@@ -1,22 +1,12 @@
 """The mixer: one IterableDataset whose workers each yield whole mixed batches of a fixed composition.
 
-Batch contract (plain dict of tensors; see DESIGN.md)::
-
-    image    [B,3,H,W] float    every row
-    text     [B,L]     long     token ids, zeros where a row has no text
-    has_text [B]       bool     paired rows, and labeled rows when labels are used as text (UniCL)
-    label    [B]       long     class index, -1 where absent
-    kind     [B]       long     0 paired, 1 labeled, 2 unlabeled (rows are grouped in that order)
-    bad      [S]       long     skipped samples so far per source, in this worker (cumulative)
-    worker   []        long     the dataloader worker that built the batch
-    stream   []        long     the stream (worker slot of a fresh run) the batch belongs to
-    taken    [3]       long     records this stream has consumed per kind, after this batch (resume position)
-
-Every rank builds the same composition (``batch.paired`` + ``batch.labeled`` + ``batch.unlabeled`` rows), so
-no objective ever sees an empty subset and distributed gathers line up. Randomness is seeded from
-(seed, rank, worker, batch index), so a run is reproducible and a resumed run can skip the batches it already
-consumed without decoding them (:attr:`start_batch`). Records that replaced corrupt images shift a stream; a
-resume that also knows each stream's ``taken`` counts (:attr:`start_taken`) skips exactly what was consumed.
+Each item is ``(Batch, StreamMeta)`` (the contract lives in :mod:`vlp.data.batch`). Every rank builds the same
+composition (``batch.paired`` + ``batch.labeled`` + ``batch.unlabeled`` rows), so no objective ever sees an empty
+subset and distributed gathers line up. Each record is decoded once; the shared-pass image and every view group an
+objective declared for its kind are cut from that one decode. Randomness is seeded from (seed, rank, worker, batch
+index), so a run is reproducible and a resumed run can skip the batches it already consumed without decoding them
+(:attr:`start_batch`). Records that replaced corrupt images shift a stream; a resume that also knows each stream's
+``taken`` counts (:attr:`start_taken`) skips exactly what was consumed.
 """
 from __future__ import annotations
 
@@ -27,10 +17,9 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from vlp.config import KINDS, DataConfig
+from vlp.data.batch import KIND_ID, Batch, StreamMeta, ViewGroup, merge_view_groups
 from vlp.data.sources import Source, build_sources, stream_seed
 from vlp.data.transforms import decode_image
-
-KIND_ID = {k: i for i, k in enumerate(KINDS)}
 
 
 class MixedBatches(IterableDataset):
@@ -38,7 +27,8 @@ class MixedBatches(IterableDataset):
 
     def __init__(self, cfg: DataConfig, transform: Callable, tokenizer: Callable, seed: int = 0,
                  rank: int = 0, world: int = 1, templates: list[str] | None = None,
-                 labels_as_text: bool = False, sources: list[Source] | None = None):
+                 labels_as_text: bool = False, sources: list[Source] | None = None,
+                 view_groups: list[ViewGroup] = ()):
         self.cfg = cfg
         self.transform = transform
         self.tokenizer = tokenizer
@@ -49,6 +39,7 @@ class MixedBatches(IterableDataset):
         self.labels_as_text = labels_as_text
         self.sources = sources if sources is not None else build_sources(cfg.sources)
         self.per_kind = {k: getattr(cfg.batch, k) for k in KINDS}
+        self.view_groups = merge_view_groups(list(view_groups))
         self.start_batch = 0  # global batches already consumed (set before iterating to resume)
         self.start_taken: dict[int, list[int]] = {}  # per stream: records consumed per kind (exact resume)
         if labels_as_text:
@@ -72,7 +63,7 @@ class MixedBatches(IterableDataset):
             i = rng.choices(range(len(sources)), weights)[0] if len(sources) > 1 else 0
             yield sources[i], next(streams[i])
 
-    def __iter__(self) -> Iterator[dict]:
+    def __iter__(self) -> Iterator[tuple[Batch, StreamMeta]]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         # In a fresh run the DataLoader takes batches from workers round-robin, so global batch g is built by
@@ -99,19 +90,26 @@ class MixedBatches(IterableDataset):
         return next(self._streams[kind])
 
     # ---- one batch --------------------------------------------------------------------------------------
-    def _collate(self, rows: list[tuple[str, Source, dict]], stream: int, local: int, worker: int) -> dict:
+    def _collate(self, rows: list[tuple[str, Source, dict]], stream: int, local: int,
+                 worker: int) -> tuple[Batch, StreamMeta]:
         batch_seed = stream_seed(self.seed, "batch", self.rank, stream, local)
         with torch.random.fork_rng(devices=[]):  # transforms draw from torch's global RNG; keep the caller's
             torch.manual_seed(batch_seed)
             batch = self._collate_seeded(rows, random.Random(batch_seed), worker)
-        batch["stream"], batch["taken"] = torch.tensor(stream), torch.tensor(self._taken)
-        return batch
+        meta = StreamMeta(bad=torch.tensor([s.bad.total for s in self.sources], dtype=torch.long), worker=worker,
+                          stream=stream, taken=list(self._taken))
+        return batch, meta
 
-    def _collate_seeded(self, rows: list[tuple[str, Source, dict]], rng: random.Random, worker: int) -> dict:
+    def _collate_seeded(self, rows: list[tuple[str, Source, dict]], rng: random.Random, worker: int) -> Batch:
         images, texts, has_text = [], [], []
+        views: dict[str, list[list[torch.Tensor]]] = {g.name: [[] for _ in g.transforms] for g in self.view_groups}
         for i, (kind, source, rec) in enumerate(rows):
             image = self._decode(source, rec, kind, worker, rows, i)
             images.append(self.transform(image))
+            for g in self.view_groups:  # every view of this row from the same decode
+                if kind in g.kinds:
+                    for v, t in enumerate(g.transforms):
+                        views[g.name][v].append(t(image))
             text = rows[i][2]["text"]
             if kind == "labeled" and self.labels_as_text:
                 text = rng.choice(self.templates).format(c=source.classnames[rows[i][2]["label"]])
@@ -119,15 +117,14 @@ class MixedBatches(IterableDataset):
             texts.append(text or "")
         tokens = self.tokenizer(texts)
         tokens[~torch.tensor(has_text)] = 0
-        return {
-            "image": torch.stack(images),
-            "text": tokens,
-            "has_text": torch.tensor(has_text),
-            "label": torch.tensor([r[2]["label"] for r in rows], dtype=torch.long),
-            "kind": torch.tensor([KIND_ID[r[0]] for r in rows], dtype=torch.long),
-            "bad": torch.tensor([s.bad.total for s in self.sources], dtype=torch.long),
-            "worker": torch.tensor(worker),
-        }
+        return Batch(
+            image=torch.stack(images),
+            text=tokens,
+            has_text=torch.tensor(has_text),
+            label=torch.tensor([r[2]["label"] for r in rows], dtype=torch.long),
+            kind=torch.tensor([KIND_ID[r[0]] for r in rows], dtype=torch.long),
+            views={name: torch.stack([torch.stack(v) for v in per_view]) for name, per_view in views.items()},
+        )
 
     def _decode(self, source: Source, rec: dict, kind: str, worker: int, rows: list, i: int):
         """Decode a row's image; a corrupt one is counted and replaced by the next record of its kind."""

@@ -8,6 +8,8 @@ from timm.layers import trunc_normal_
 from timm.models.vision_transformer import Block
 from torch import nn
 
+from vlp.models.heads import Head
+
 
 def random_masking(noise: torch.Tensor, mask_ratio: float):
     """Per-sample random subset of patches from uniform ``noise [B, N]`` (lowest noise kept, as in MAE).
@@ -34,7 +36,7 @@ def patchify(images: torch.Tensor, patch: int) -> torch.Tensor:
     return x.reshape(B, h * w, patch * patch * C)
 
 
-class MAEDecoder(nn.Module):
+class MAEDecoder(Head):
     """Embeds visible encoder tokens, fills mask tokens, adds fixed 2-D sin-cos positions, runs a few
     transformer blocks and predicts the pixels of every patch."""
 
@@ -74,3 +76,14 @@ class MAEDecoder(nn.Module):
         for block in self.blocks:
             x = block(x)
         return self.pred(self.norm(x))
+
+    def head_forward(self, model, outputs, batch) -> dict:
+        """Reads the shared pass's visible tokens; writes ``mae_pred`` and ``mae_mask`` (all ones unmasked)."""
+        tokens = outputs["tokens"]
+        ids_restore = outputs.get("ids_restore")
+        if ids_restore is None:
+            ids_restore = torch.arange(tokens.shape[1], device=tokens.device).expand(tokens.shape[0], -1)
+        mask = outputs.get("mask")
+        if mask is None:
+            mask = torch.ones(tokens.shape[:2], device=tokens.device)
+        return {"mae_pred": self(tokens, ids_restore), "mae_mask": mask}

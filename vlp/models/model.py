@@ -1,9 +1,17 @@
-"""VLPModel: an open_clip CLIP model plus an MAE decoder and a classifier head, sharing one image pass.
+"""VLPModel, the trainable student: an open_clip CLIP model plus the heads that objectives add, sharing one pass.
 
-In training the ViT image tower runs once per step on the *visible* patches only (random masking, ratio from
-config): the contrastive loss reads the pooled visible tokens (FLIP, Li et al. 2023), the MAE decoder reads the
-visible tokens (He et al. 2022), and the classifier reads the pooled feature. Evaluation and export use
-``model.clip``, a plain open_clip model, unmasked.
+In training the image tower runs once per step on the *visible* patches of every row (random masking from the
+task's noise; FLIP, Li et al. 2023; MAE, He et al. 2022). The forward returns what that pass made::
+
+    pooled [B,W]            pooled pre-projection feature of every row (the masked pass in training)
+    tokens [B,1+keep,W]     ViT tokens after the final norm (ViT towers only)
+    mask   [B,N]            1 = removed patch (masked pass only); ids_restore [B,N] undoes the shuffle
+    image_features, text_features [T,D]  L2-normalized, rows with text (when a text objective is active)
+    logit_scale, logit_bias
+
+then every head adds its own outputs: ``outputs.update(head.head_forward(model, outputs, batch))``. A head that
+needs another pass (views of its rows) runs it through :meth:`encode_pooled`. The model knows no objective names;
+objectives declare their heads (``Objective.heads``). Evaluation and export use ``model.clip``, unmasked.
 """
 from __future__ import annotations
 
@@ -13,12 +21,11 @@ from open_clip.transformer import VisionTransformer
 from torch import nn
 
 from vlp.config import ModelConfig
-from vlp.models.heads import ClassifierHead
-from vlp.models.mae import MAEDecoder, random_masking
+from vlp.models.mae import random_masking
 
 
 class VLPModel(nn.Module):
-    def __init__(self, clip: nn.Module, cfg: ModelConfig, num_classes: int = 0, use_mae: bool = True,
+    def __init__(self, clip: nn.Module, cfg: ModelConfig, heads: dict[str, nn.Module] | None = None,
                  use_text: bool = True):
         super().__init__()
         self.clip = clip
@@ -26,23 +33,24 @@ class VLPModel(nn.Module):
         self.use_text = use_text
         visual = clip.visual
         self.is_vit = isinstance(visual, VisionTransformer)
-        if use_mae and not self.is_vit:
-            raise ValueError(f"objectives.mae: the image tower {type(visual).__name__} is not a ViT; "
-                             f"MAE needs a patch-token ViT (use an open_clip ViT config or drop the mae objective)")
         if self.is_vit and getattr(visual, "attn_pool", None) is not None:
             raise ValueError("model.name: ViTs with attentional pooling are not supported by the masked pass")
         self.patch = visual.patch_size[0] if self.is_vit else None
         self.width = visual.conv1.out_channels if self.is_vit else self._feature_width(visual)
-        self.mae_decoder = None
-        if use_mae:
-            m = cfg.mae
-            self.mae_decoder = MAEDecoder(self.width, visual.grid_size, self.patch, m.decoder_width,
-                                          m.decoder_depth, m.decoder_heads)
-        self.classifier = ClassifierHead(self.width, num_classes) if num_classes > 0 else None
+        self.head_names: list[str] = []
+        for name, head in (heads or {}).items():
+            self.add_head(name, head)
         if cfg.lock_image:
             visual.lock(unlocked_groups=0, freeze_bn_stats=True)
         if cfg.text.lock:
             clip.lock_text_tower(unlocked_layers=cfg.text.lock_unlocked_layers, freeze_layer_norm=True)
+
+    def add_head(self, name: str, head: nn.Module) -> None:
+        """Register an objective's head as ``self.<name>`` (its parameters are then ``<name>.*``)."""
+        if hasattr(self, name):
+            raise ValueError(f"head name {name!r} is taken")
+        self.add_module(name, head)
+        self.head_names.append(name)
 
     @staticmethod
     def _feature_width(visual) -> int:
@@ -74,6 +82,12 @@ class VLPModel(nn.Module):
         pooled, tokens = v._pool(x)
         return pooled, tokens
 
+    def encode_pooled(self, images: torch.Tensor) -> torch.Tensor:
+        """Pooled pre-projection feature of unmasked images (any tower): what views and the teacher read."""
+        if self.is_vit:
+            return self.encode_visible(images, None)[0]
+        return self.clip.visual.trunk(images)
+
     def image_features(self, pooled: torch.Tensor) -> torch.Tensor:
         """Project a pooled feature into the contrastive space, as the image tower's own forward does."""
         v = self.clip.visual
@@ -82,8 +96,8 @@ class VLPModel(nn.Module):
         return pooled @ v.proj if v.proj is not None else pooled
 
     # ---- one step ---------------------------------------------------------------------------------------
-    def forward(self, batch: dict, noise: torch.Tensor | None = None) -> dict:
-        """Everything the objectives read, from one (masked) image pass.
+    def forward(self, batch, noise: torch.Tensor | None = None) -> dict:
+        """Everything the objectives read, from one (masked) image pass plus the heads.
 
         ``noise [B, N]`` fixes the masking (lowest values kept); by default it is drawn from torch's RNG.
         """
@@ -91,22 +105,15 @@ class VLPModel(nn.Module):
         out: dict = {}
         ratio = self.cfg.mask_ratio if self.training else 0.0
         if self.is_vit:
-            ids_keep = ids_restore = None
+            ids_keep = None
             if ratio > 0:
                 if noise is None:
                     noise = torch.rand(images.shape[0], self.num_patches, device=images.device)
-                ids_keep, mask, ids_restore = random_masking(noise, ratio)
-                out["mae_mask"] = mask
-            pooled, tokens = self.encode_visible(images, ids_keep)
-            if self.mae_decoder is not None:
-                out["mae_pred"] = self.mae_decoder(tokens, ids_restore if ids_restore is not None
-                                                   else torch.arange(tokens.shape[1], device=images.device).expand(tokens.shape[0], -1))
-                if "mae_mask" not in out:
-                    out["mae_mask"] = torch.ones(tokens.shape[:2], device=images.device)
+                ids_keep, out["mask"], out["ids_restore"] = random_masking(noise, ratio)
+            pooled, out["tokens"] = self.encode_visible(images, ids_keep)
         else:
-            pooled = self._timm_pooled(images)
-        if self.classifier is not None:
-            out["class_logits"] = self.classifier(pooled)
+            pooled = self.clip.visual.trunk(images)
+        out["pooled"] = pooled
         if self.use_text:
             has_text = batch["has_text"]
             if self.cfg.clip_unmasked and ratio > 0:
@@ -118,17 +125,6 @@ class VLPModel(nn.Module):
             out["logit_scale"] = self.clip.logit_scale.exp()
             if getattr(self.clip, "logit_bias", None) is not None:
                 out["logit_bias"] = self.clip.logit_bias
+        for name in self.head_names:
+            out.update(getattr(self, name).head_forward(self, out, batch))
         return out
-
-    def _timm_pooled(self, images: torch.Tensor) -> torch.Tensor:
-        """Pooled trunk feature of a timm image tower (before open_clip's projection head)."""
-        visual = self.clip.visual
-        return visual.trunk(images)
-
-
-def build_vlp_model(clip: nn.Module, cfg, num_classes: int) -> VLPModel:
-    """VLPModel for a run config: the MAE decoder, classifier and text use follow the active objectives."""
-    return VLPModel(clip, cfg.model,
-                    num_classes=num_classes if cfg.objective_weight("supervised") > 0 else 0,
-                    use_mae=cfg.objective_weight("mae") > 0,
-                    use_text=cfg.objective_weight("contrastive") > 0)

@@ -1,24 +1,36 @@
-"""Training objectives, one module each; ``build_objectives`` picks them from the run config."""
+"""Training objectives, one file each, registered by name (``objectives.<name>`` in a run config).
+
+Every ``*.py`` file in this package is imported, so adding an objective is adding its file (see ``base.py``).
+"""
 from __future__ import annotations
+
+import importlib
+import pkgutil
 
 import torch
 
-from vlp.objectives.base import OBJECTIVES, Objective, register
-from vlp.objectives.contrastive import ContrastiveObjective, UniCLLoss
-from vlp.objectives.reconstruction import MAEObjective, mae_loss
-from vlp.objectives.supervised import SupervisedObjective
+from vlp.objectives.base import OBJECTIVES, BuildContext, Objective, ObjectiveConfig, ViewGroup, register
 
-__all__ = ["OBJECTIVES", "Objective", "register", "build_objectives", "combine", "ContrastiveObjective",
-           "UniCLLoss", "MAEObjective", "mae_loss", "SupervisedObjective"]
+for _info in pkgutil.iter_modules(__path__):
+    if _info.name != "base":
+        importlib.import_module(f"{__name__}.{_info.name}")
+
+from vlp.objectives.contrastive import ContrastiveObjective, UniCLLoss  # noqa: E402
+from vlp.objectives.reconstruction import MAEObjective, mae_loss  # noqa: E402
+from vlp.objectives.supervised import SupervisedObjective  # noqa: E402
+
+__all__ = ["OBJECTIVES", "BuildContext", "Objective", "ObjectiveConfig", "ViewGroup", "register",
+           "build_objectives", "combine", "ContrastiveObjective", "UniCLLoss", "MAEObjective", "mae_loss",
+           "SupervisedObjective"]
 
 
-def build_objectives(cfg, patch: int | None, rank: int = 0, world_size: int = 1) -> dict[str, tuple[Objective, float]]:
+def build_objectives(cfg, ctx: BuildContext) -> dict[str, tuple[Objective, float]]:
     """name -> (objective, weight) for every objective of the run config with a positive weight."""
-    return {name: (OBJECTIVES[name].from_config(o, cfg, patch=patch, rank=rank, world_size=world_size), o.weight)
+    return {name: (OBJECTIVES[name].from_config(o, ctx), o.weight)
             for name, o in cfg.objectives.items() if o.weight > 0}
 
 
-def combine(objectives: dict, outputs: dict, batch: dict) -> tuple[torch.Tensor, dict]:
+def combine(objectives: dict, outputs: dict, batch) -> tuple[torch.Tensor, dict]:
     """Weighted sum of the objectives' losses; metrics are named ``loss/<name>`` and ``<name>/<metric>``."""
     total, metrics = 0.0, {}
     for name, (obj, weight) in objectives.items():

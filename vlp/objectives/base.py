@@ -1,34 +1,118 @@
-"""The objective interface: ``loss, metrics = objective(outputs, batch)``.
+"""The objective contract. An objective is one file under ``vlp/objectives/`` that registers itself by name:
 
-An objective is a small module that reads the model outputs it needs (declared in ``needs``) and the rows of the
-batch it applies to. Objectives register themselves by name so a config key picks the implementation.
+    @register("rotation")
+    class RotationObjective(Objective):
+        class Config(ObjectiveConfig):          # validated under objectives.rotation (one-line errors)
+            label_smoothing: float = 0.0
+        kinds = ("unlabeled",)                  # rows it reads (the run config must give some)
+        def heads(self, ctx): ...               # modules added to the student (trained, in DDP)
+        def view_groups(self, ctx): ...         # extra augmented views of its rows, decoded once per record
+        def forward(self, outputs, batch): ...  # -> (loss, {metric: tensor})
+
+Everything else is optional: ``check`` (cross-key validation against the run config), ``uses_teacher`` and
+``teacher_heads`` (the momentum teacher tracks the image tower plus these heads), ``needs_text`` (the student
+computes text features), ``labels_as_text`` (labeled rows carry prompts), hooks ``after_backward`` /
+``after_optimizer_step`` (called with the unwrapped student), and ``card_settings`` (its line in the model card).
+An objective holds no trainable parameters of its own: those are heads, owned by the student, so DDP syncs them.
+State that must survive a resume (a DINO center, class-wise counters) lives in registered buffers; the task saves
+every objective's buffers in each checkpoint.
+
+A head is an ``nn.Module`` whose ``forward(model, outputs, batch) -> dict`` runs inside the student's forward
+after the shared image pass (so DDP sees every parameter it uses) and adds named outputs for its objective.
 """
 from __future__ import annotations
 
-from typing import Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-OBJECTIVES: dict[str, Callable[..., "Objective"]] = {}
+from vlp.config import ObjectiveConfig
+
+OBJECTIVES: dict[str, type["Objective"]] = {}
 
 
 def register(name: str):
+    """Class decorator: make an objective available as ``objectives.<name>`` in run configs."""
     def wrap(cls):
+        if name in OBJECTIVES and OBJECTIVES[name] is not cls:
+            raise ValueError(f"objective {name!r} registered twice ({OBJECTIVES[name].__module__}, {cls.__module__})")
         OBJECTIVES[name] = cls
         cls.name = name
         return cls
     return wrap
 
 
+@dataclass
+class BuildContext:
+    """What an objective may read when it builds its heads and views: the run config and the student's shape."""
+
+    cfg: Any                          # vlp.config.Config
+    rank: int = 0
+    world_size: int = 1
+    width: int = 0                    # image tower's pooled feature width (pre-projection)
+    embed_dim: int = 0                # contrastive embedding width
+    patch: int | None = None          # ViT patch size (None for other towers)
+    grid: tuple[int, int] | None = None
+    is_vit: bool = False
+    image_size: int = 224
+    mean: tuple = (0.48145466, 0.4578275, 0.40821073)
+    std: tuple = (0.26862954, 0.26130258, 0.27577711)
+    classnames: list[str] | None = None  # the labeled sources' class names (one label space)
+    num_classes: int = 0
+    extras: dict = field(default_factory=dict)
+
+
 class Objective(nn.Module):
-    name: str = ""
-    needs: tuple[str, ...] = ()  # model outputs read
+    name: ClassVar[str] = ""
+    Config: ClassVar[type[ObjectiveConfig]] = ObjectiveConfig
+    kinds: ClassVar[tuple[str, ...]] = ()       # rows it reads; empty = any rows
+    needs_text: ClassVar[bool] = False
+    labels_as_text: bool = False
+    uses_teacher: ClassVar[bool] = False
+    teacher_heads: ClassVar[tuple[str, ...]] = ()
+    needs: ClassVar[tuple[str, ...]] = ()        # model outputs read (documentation and checks)
 
     @classmethod
-    def from_config(cls, o, cfg, *, patch: int | None, rank: int, world_size: int) -> "Objective":
-        """Build from its ``ObjectiveConfig`` ``o`` and the run config ``cfg``."""
+    def from_config(cls, o: ObjectiveConfig, ctx: BuildContext) -> "Objective":
+        """Build from its validated config ``o`` (the default passes no arguments)."""
+        return cls()
+
+    @classmethod
+    def check(cls, o: ObjectiveConfig, cfg) -> None:
+        """Cross-key checks against the run config, raising ``ValueError('objectives.<name>...: why')``."""
+        b = cfg.data.batch
+        if cls.kinds and not any(getattr(b, k) > 0 for k in cls.kinds):
+            need = " or ".join(f"data.batch.{k} > 0" for k in cls.kinds)
+            raise ValueError(f"objectives.{cls.name}: needs {need}")
+
+    @classmethod
+    def card_settings(cls, o: ObjectiveConfig, cfg) -> dict:
+        """Its row in the model card: the weight and every setting that differs from the default."""
+        return {"weight": o.weight, **o.model_dump(mode="json", exclude_defaults=True, exclude={"weight"})}
+
+    def heads(self, ctx: BuildContext) -> dict[str, nn.Module]:
+        """Modules the student adds (attribute name -> head); trained with the student."""
+        return {}
+
+    def view_groups(self, ctx: BuildContext) -> list["ViewGroup"]:
+        return []
+
+    def forward(self, outputs: dict, batch) -> tuple[torch.Tensor, dict]:
         raise NotImplementedError
 
-    def forward(self, outputs: dict, batch: dict) -> tuple[torch.Tensor, dict]:
-        raise NotImplementedError
+    def teacher_forward(self, teacher, batch, step: int) -> dict:
+        """No-grad teacher outputs this objective reads (``outputs['teacher/...']``); called before the student."""
+        return {}
+
+    def after_backward(self, model: nn.Module, step: int) -> None:
+        pass
+
+    def after_optimizer_step(self, model: nn.Module, step: int) -> None:
+        pass
+
+
+from vlp.data.batch import ViewGroup  # noqa: E402  (re-exported for objective files)
+
+__all__ = ["OBJECTIVES", "Objective", "ObjectiveConfig", "BuildContext", "ViewGroup", "register"]

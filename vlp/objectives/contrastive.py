@@ -8,11 +8,14 @@
 """
 from __future__ import annotations
 
+import math
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
 from open_clip.loss import ClipLoss, SigLipLoss
 
-from vlp.objectives.base import Objective, register
+from vlp.objectives.base import Objective, ObjectiveConfig, register
 
 
 def _all_gather_nograd(t: torch.Tensor, world_size: int) -> torch.Tensor:
@@ -49,10 +52,19 @@ def row_ids(label: torch.Tensor, rank: int) -> torch.Tensor:
 
 @register("contrastive")
 class ContrastiveObjective(Objective):
+    """CLIP / SigLIP / UniCL on the rows that carry text; after each optimizer step the logit scale is clamped
+    to [0, ln 100] as in CLIP."""
+
+    class Config(ObjectiveConfig):
+        loss: Literal["clip", "siglip"] = "clip"
+        labels_as_text: bool = False  # UniCL (Yang et al. 2022): labeled rows carry a class prompt as text
+
     needs = ("image_features", "text_features", "logit_scale")
+    needs_text = True
 
     def __init__(self, loss: str = "clip", labels_as_text: bool = False, rank: int = 0, world_size: int = 1):
         super().__init__()
+        self.labels_as_text = labels_as_text
         self.kind = "siglip" if loss == "siglip" else ("unicl" if labels_as_text else "clip")
         if loss == "siglip" and labels_as_text:
             raise ValueError("objectives.contrastive: labels_as_text is implemented for loss: clip only")
@@ -66,8 +78,24 @@ class ContrastiveObjective(Objective):
             self.loss = ClipLoss(gather_with_grad=True, rank=rank, world_size=world_size)
 
     @classmethod
-    def from_config(cls, o, cfg, *, patch, rank, world_size):
-        return cls(o.loss, o.labels_as_text, rank, world_size)
+    def from_config(cls, o, ctx):
+        return cls(o.loss, o.labels_as_text, ctx.rank, ctx.world_size)
+
+    @classmethod
+    def check(cls, o, cfg):
+        b = cfg.data.batch
+        if b.paired == 0 and not (o.labels_as_text and b.labeled > 0):
+            raise ValueError("objectives.contrastive: needs data.batch.paired > 0 (or labels_as_text with labeled rows)")
+        if o.loss == "siglip" and o.labels_as_text:
+            raise ValueError("objectives.contrastive.labels_as_text: implemented for loss: clip only")
+
+    @classmethod
+    def card_settings(cls, o, cfg):
+        return {"weight": o.weight, "loss": o.loss, "labels_as_text": o.labels_as_text}
+
+    def after_optimizer_step(self, model, step):
+        with torch.no_grad():
+            model.clip.logit_scale.clamp_(0, math.log(100))  # as in CLIP
 
     def forward(self, outputs, batch):
         img, txt, scale = outputs["image_features"], outputs["text_features"], outputs["logit_scale"]

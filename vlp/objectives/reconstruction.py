@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from vlp.models.mae import patchify
-from vlp.objectives.base import Objective, register
+from pydantic import Field
+
+from vlp.models.mae import MAEDecoder, patchify
+from vlp.objectives.base import Objective, ObjectiveConfig, register
 
 
 def mae_loss(pred: torch.Tensor, images: torch.Tensor, mask: torch.Tensor, patch: int,
@@ -24,16 +26,38 @@ def mae_loss(pred: torch.Tensor, images: torch.Tensor, mask: torch.Tensor, patch
 
 @register("mae")
 class MAEObjective(Objective):
+    """Reconstruct the masked patches of every row from the shared masked pass (a narrow decoder head)."""
+
+    class Config(ObjectiveConfig):
+        decoder_width: int = Field(128, gt=0)
+        decoder_depth: int = Field(2, gt=0)
+        decoder_heads: int = Field(4, gt=0)
+        norm_pix_loss: bool = True
+
     needs = ("mae_pred", "mae_mask")
 
-    def __init__(self, patch: int, norm_pix: bool = True):
+    def __init__(self, patch: int, norm_pix: bool = True, decoder_width: int = 128, decoder_depth: int = 2,
+                 decoder_heads: int = 4):
         super().__init__()
         self.patch = patch
         self.norm_pix = norm_pix
+        self.decoder = (decoder_width, decoder_depth, decoder_heads)
 
     @classmethod
-    def from_config(cls, o, cfg, *, patch, rank, world_size):
-        return cls(patch, cfg.model.mae.norm_pix_loss)
+    def from_config(cls, o, ctx):
+        return cls(ctx.patch, o.norm_pix_loss, o.decoder_width, o.decoder_depth, o.decoder_heads)
+
+    @classmethod
+    def card_settings(cls, o, cfg):
+        return {"weight": o.weight, "mask_ratio": cfg.model.mask_ratio, "norm_pix_loss": o.norm_pix_loss,
+                "decoder": f"{o.decoder_depth} layers x {o.decoder_width}"}
+
+    def heads(self, ctx):
+        if not ctx.is_vit:
+            raise ValueError(f"objectives.mae: the image tower is not a ViT; MAE needs a patch-token ViT "
+                             f"(use an open_clip ViT config or drop the mae objective)")
+        width, depth, n_heads = self.decoder
+        return {"mae_decoder": MAEDecoder(ctx.width, ctx.grid, ctx.patch, width, depth, n_heads)}
 
     def forward(self, outputs, batch):
         loss = mae_loss(outputs["mae_pred"].float(), batch["image"].float(), outputs["mae_mask"], self.patch,

@@ -2,12 +2,20 @@
 from __future__ import annotations
 
 import torch.nn.functional as F
+from pydantic import Field
 
-from vlp.objectives.base import Objective, register
+from vlp.models.heads import ClassifierHead
+from vlp.objectives.base import Objective, ObjectiveConfig, register
 
 
 @register("supervised")
 class SupervisedObjective(Objective):
+    """A linear classifier head on the shared pass's pooled feature, trained on the labeled rows."""
+
+    class Config(ObjectiveConfig):
+        label_smoothing: float = Field(0.0, ge=0, lt=1)
+
+    kinds = ("labeled",)
     needs = ("class_logits",)
 
     def __init__(self, label_smoothing: float = 0.0):
@@ -15,8 +23,18 @@ class SupervisedObjective(Objective):
         self.label_smoothing = label_smoothing
 
     @classmethod
-    def from_config(cls, o, cfg, *, patch, rank, world_size):
+    def from_config(cls, o, ctx):
         return cls(o.label_smoothing)
+
+    @classmethod
+    def card_settings(cls, o, cfg):
+        return {"weight": o.weight, "label_smoothing": o.label_smoothing}
+
+    def heads(self, ctx):
+        if ctx.num_classes <= 0:
+            raise ValueError("model.num_classes: the supervised objective needs a class count "
+                             "(or classnames on a labeled source)")
+        return {"classifier": ClassifierHead(ctx.width, ctx.num_classes)}
 
     def forward(self, outputs, batch):
         rows = batch["label"] >= 0

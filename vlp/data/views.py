@@ -1,0 +1,41 @@
+"""View recipes for objectives that need extra augmented views (torchvision transforms, nothing hand-written).
+
+- ``plain``:  resize + center crop (what evaluation sees).
+- ``weak``:   random resized crop (scale 0.8-1) + horizontal flip (FixMatch's weak view).
+- ``crop``:   random resized crop with the given ``scale`` + flip (SimCLR/DINO geometry only).
+- ``strong``: crop + flip + colour jitter (p 0.8) + grayscale (p 0.2) + Gaussian blur + solarize (BYOL, DINO).
+- ``randaugment``: crop + flip + RandAugment (FixMatch's strong view).
+
+Each returns a PIL -> normalized ``[3, size, size]`` tensor callable; randomness comes from torch's RNG, which the
+mixer seeds per batch, so views are reproducible and resume stays exact.
+"""
+from __future__ import annotations
+
+from torchvision import transforms as T
+
+RECIPES = ("plain", "weak", "crop", "strong", "randaugment")
+
+
+def view_transform(recipe: str, size: int, mean, std, scale: tuple[float, float] = (0.25, 1.0),
+                   blur_p: float = 0.5, solarize_p: float = 0.2):
+    if recipe not in RECIPES:
+        raise ValueError(f"unknown view recipe {recipe!r} (known: {', '.join(RECIPES)})")
+    tail = [T.ToTensor(), T.Normalize(mean, std)]
+    if recipe == "plain":
+        return T.Compose([T.Resize(size, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(size), *tail])
+    crop_scale = (0.8, 1.0) if recipe == "weak" else tuple(scale)
+    geometry = [T.RandomResizedCrop(size, scale=crop_scale, interpolation=T.InterpolationMode.BICUBIC),
+                T.RandomHorizontalFlip()]
+    if recipe in ("weak", "crop"):
+        return T.Compose([*geometry, *tail])
+    if recipe == "randaugment":
+        return T.Compose([*geometry, T.RandAugment(num_ops=2, magnitude=10), *tail])
+    kernel = max(3, (size // 10) | 1)  # odd, ~10% of the image as in SimCLR
+    return T.Compose([
+        *geometry,
+        T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
+        T.RandomGrayscale(p=0.2),
+        T.RandomApply([T.GaussianBlur(kernel, sigma=(0.1, 2.0))], p=blur_p),
+        T.RandomSolarize(128, p=solarize_p),
+        *tail,
+    ])

@@ -1,0 +1,154 @@
+"""PretrainTask: the training step's home. It owns the student (open_clip CLIP + the heads objectives add), the
+objectives, the optional momentum teacher and the masking policy; the trainer calls only this interface::
+
+    task = PretrainTask(cfg, rank, world, classnames)
+    model, opt, sched = task.prepare(accelerator, optimizer, scheduler)  # only the student enters DDP/FSDP
+    loss, metrics = task.training_forward(batch, step, micro)            # inside autocast
+    task.after_backward(step); optimizer.step(); task.after_optimizer_step(step)
+    task.extra_state() / task.load_extra_state(state)                   # teacher + objective buffers
+
+Anchors: open_clip's ``CLIPTask`` / ``DistillCLIPTask`` (a task owns model, loss and a frozen teacher), timm's
+``timm/task`` (only the trainable module is wrapped), solo-learn's ``BaseMomentumMethod`` (momentum pairs, tau
+schedule). Masking noise is seeded by (seed, step, micro-batch, rank), so a resumed run masks exactly as before.
+"""
+from __future__ import annotations
+
+import torch
+
+from vlp.config import Config, ConfigError, TeacherConfig
+from vlp.data.batch import ViewGroup, merge_view_groups
+from vlp.data.sources import stream_seed
+from vlp.models.factory import create_clip
+from vlp.models.model import VLPModel
+from vlp.models.teacher import MomentumTeacher
+from vlp.objectives import OBJECTIVES, BuildContext, Objective, build_objectives, combine
+
+
+def build_context(model: VLPModel, cfg: Config | None = None, rank: int = 0, world_size: int = 1,
+                  classnames: list[str] | None = None, num_classes: int = 0) -> BuildContext:
+    """What objectives see of the student when they build heads and views."""
+    v = model.clip.visual
+    size = v.image_size if isinstance(v.image_size, int) else v.image_size[0]
+    embed_dim = model.clip.text_projection.shape[1] if hasattr(model.clip, "text_projection") and \
+        isinstance(model.clip.text_projection, torch.Tensor) else getattr(model.clip, "embed_dim", 0)
+    return BuildContext(cfg=cfg, rank=rank, world_size=world_size, width=model.width, embed_dim=embed_dim,
+                        patch=model.patch, grid=tuple(v.grid_size) if model.is_vit else None, is_vit=model.is_vit,
+                        image_size=size, mean=tuple(v.image_mean or ()), std=tuple(v.image_std or ()),
+                        classnames=classnames, num_classes=num_classes)
+
+
+def build_student(clip: torch.nn.Module, model_cfg, objectives: list[Objective], ctx: BuildContext | None = None,
+                  **ctx_kw) -> VLPModel:
+    """The student for these objectives: text features only if one reads them, and every head they declare."""
+    model = VLPModel(clip, model_cfg, use_text=any(o.needs_text for o in objectives))
+    ctx = ctx or build_context(model, **ctx_kw)
+    for obj in objectives:
+        for name, head in obj.heads(ctx).items():
+            model.add_head(name, head)
+    return model
+
+
+def teacher_config(cfg: Config, objectives) -> TeacherConfig | None:
+    if cfg.teacher is not None:
+        return cfg.teacher
+    if cfg.optim.ema_decay is not None:
+        return TeacherConfig(tau=cfg.optim.ema_decay, schedule="constant", scope="all")
+    if any(o.uses_teacher for o in objectives):
+        return TeacherConfig()
+    return None
+
+
+class PretrainTask:
+    def __init__(self, cfg: Config, rank: int = 0, world_size: int = 1, classnames: list[str] | None = None):
+        self.cfg = cfg
+        self.rank, self.world_size = rank, world_size
+        clip, self.model_cfg, self.tokenizer = create_clip(cfg.model.name)
+        self.classnames = classnames
+        self.num_classes = cfg.model.num_classes or (len(classnames) if classnames else 0)
+        probe = VLPModel(clip, cfg.model, use_text=False)
+        self.ctx = build_context(probe, cfg, rank, world_size, classnames, self.num_classes)
+        try:
+            self.objectives = build_objectives(cfg, self.ctx)
+            objs = [o for o, _ in self.objectives.values()]
+            for name, (obj, _) in self.objectives.items():
+                if any(True for _ in obj.parameters()):
+                    raise ValueError(f"objectives.{name}: an objective holds no trainable parameters; "
+                                     f"declare them as heads")
+            self.student = build_student(clip, cfg.model, objs, self.ctx)
+            self.view_groups: list[ViewGroup] = merge_view_groups([g for o in objs for g in o.view_groups(self.ctx)])
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+        self.labels_as_text = any(o.labels_as_text for o in objs)
+        tcfg = teacher_config(cfg, objs)
+        heads = tuple(h for o in objs for h in o.teacher_heads)
+        self.teacher = MomentumTeacher(self.student, tcfg, cfg.train.steps, heads) if tcfg else None
+        self.model: torch.nn.Module = self.student  # the wrapped student after prepare()
+        self._unwrap = lambda m: m
+
+    # ---- distributed --------------------------------------------------------------------------------------
+    def prepare(self, accelerator, optimizer, scheduler):
+        """Wrap only the trainable student (DDP/FSDP, mixed precision); teacher and objectives just move."""
+        self.model, optimizer, scheduler = accelerator.prepare(self.student, optimizer, scheduler)
+        self._unwrap = accelerator.unwrap_model
+        for obj, _ in self.objectives.values():
+            obj.to(accelerator.device)
+        if self.teacher is not None:
+            self.teacher.to(accelerator.device)
+        return self.model, optimizer, scheduler
+
+    @property
+    def unwrapped(self) -> VLPModel:
+        return self._unwrap(self.model)
+
+    # ---- one step -----------------------------------------------------------------------------------------
+    def masking_noise(self, batch, step: int, micro: int) -> torch.Tensor | None:
+        """Per-step masking noise from a generator seeded by (seed, step, micro-batch, rank): exact on resume."""
+        model = self.unwrapped
+        if not model.is_vit or self.cfg.model.mask_ratio == 0:
+            return None
+        g = torch.Generator().manual_seed(stream_seed(self.cfg.seed, "mask", step, micro, self.rank))
+        return torch.rand(batch["image"].shape[0], model.num_patches, generator=g).to(batch["image"].device)
+
+    def training_forward(self, batch, step: int, micro: int = 0) -> tuple[torch.Tensor, dict]:
+        outputs = self.model(batch, noise=self.masking_noise(batch, step, micro))
+        if self.teacher is not None:
+            with torch.no_grad():
+                for obj, _ in self.objectives.values():
+                    if obj.uses_teacher:
+                        outputs.update(obj.teacher_forward(self.teacher, batch, step))
+        return combine(self.objectives, outputs, batch)
+
+    def after_backward(self, step: int) -> None:
+        for obj, _ in self.objectives.values():
+            obj.after_backward(self.unwrapped, step)
+
+    def after_optimizer_step(self, step: int) -> dict:
+        model = self.unwrapped
+        for obj, _ in self.objectives.values():
+            obj.after_optimizer_step(model, step)
+        if self.teacher is not None:
+            return {"teacher/tau": self.teacher.update(model, step)}
+        return {}
+
+    # ---- state --------------------------------------------------------------------------------------------
+    def extra_state(self) -> dict[str, torch.Tensor]:
+        """Tensors a checkpoint must hold besides the student and optimizer: the teacher's tracked weights
+        (``teacher.<student key>``) and every objective's buffers (``objectives.<name>.<buffer>``)."""
+        state = {}
+        if self.teacher is not None:
+            state.update({f"teacher.{k}": v for k, v in self.teacher.state_dict_tracked().items()})
+        for name, (obj, _) in self.objectives.items():
+            state.update({f"objectives.{name}.{k}": v.detach().contiguous() for k, v in obj.state_dict().items()})
+        return state
+
+    def load_extra_state(self, state: dict[str, torch.Tensor]) -> None:
+        if self.teacher is not None:
+            self.teacher.load_tracked({k[len("teacher."):]: v for k, v in state.items() if k.startswith("teacher.")})
+        for name, (obj, _) in self.objectives.items():
+            prefix = f"objectives.{name}."
+            own = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+            if own or obj.state_dict():
+                obj.load_state_dict(own)
+
+    def card_settings(self) -> dict:
+        return {name: OBJECTIVES[name].card_settings(o, self.cfg) for name, o in self.cfg.objectives.items()}
