@@ -1,4 +1,4 @@
-"""vlp.data.shards: real images -> real shards -> read back with webdataset; inspect, verify, CLI."""
+"""vlp.shards: real images -> real shards -> read back with webdataset; inspect, verify, CLI."""
 import os
 import tarfile
 
@@ -15,7 +15,7 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from vlp.data import shards as S
+from vlp import shards as S
 
 # class -> dominant colour channel; "digit" images are grey (sklearn digits)
 COLOURS = {"ant": (220, 20, 20), "cat": (20, 200, 20), "zebra": (20, 20, 220)}
@@ -409,3 +409,4 @@ def test_cli(image_folder, hf_dataset, tmp_path, capsys):
     assert "error:" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         _cli(["shards"])
+
