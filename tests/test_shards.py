@@ -1,4 +1,4 @@
-"""vlp.data.shards: real images -> real shards -> read back with webdataset; inspect, verify, CLI."""
+"""vlp.shards: real images -> real shards -> read back with webdataset; inspect, verify, CLI; one format with training."""
 import os
 import tarfile
 
@@ -15,7 +15,7 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from vlp.data import shards as S
+from vlp import shards as S
 
 # class -> dominant colour channel; "digit" images are grey (sklearn digits)
 COLOURS = {"ant": (220, 20, 20), "cat": (20, 200, 20), "zebra": (20, 20, 220)}
@@ -409,3 +409,99 @@ def test_cli(image_folder, hf_dataset, tmp_path, capsys):
     assert "error:" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         _cli(["shards"])
+
+
+# ---------------------------------------------------------------------------------------------- one format with training
+
+
+def _train_read(spec, kind):
+    """A training source's records for one epoch, and the source (its `bad` counter)."""
+    from vlp.config import SourceConfig
+    from vlp.data.sources import Source
+
+    source = Source(SourceConfig(kind=kind, shards=spec))
+    return list(source.records(0, resampled=False, epochs=1)), source
+
+
+def test_verify_and_training_agree_on_image_keys(tmp_path):
+    import torch
+
+    from vlp.data.transforms import decode_image  # what the mixer decodes batches with
+    from vlp.eval.data import labeled_loader
+
+    buf = io.BytesIO()
+    _gradient(COLOURS["ant"]).save(buf, format="BMP")
+    bmp = buf.getvalue()
+    assert bmp[:2] == b"BM"
+    S.write_samples([{"__key__": "0", "bmp": bmp, "cls": "1"}], tmp_path / "bmp")
+    S.write_class_files(tmp_path / "bmp", ["ant", "cat"], {1: 1})
+    spec = str(tmp_path / "bmp")
+
+    for kind in ("labeled", None):
+        result = S.verify_shards(spec, kind=kind)
+        assert (result["ok"], result["bad"], result["reasons"], result["clean"]) == (1, 0, {}, True)
+    records, source = _train_read(spec, "labeled")
+    assert source.bad.total == 0 and [(r["image"], r["label"]) for r in records] == [(bmp, 1)]
+    image = decode_image(records[0]["image"])
+    assert image.size == (16, 16) and int(np.asarray(image, np.float32).reshape(-1, 3).mean(0).argmax()) == 0
+    # evaluation reads the same key list
+    batches = list(labeled_loader(spec, lambda im: torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1)))
+    assert batches[0][0].shape == (1, 3, 16, 16) and batches[0][1].tolist() == [1]
+
+    # an image under a key outside IMAGE_KEYS: both skip it, for the same reason
+    assert "img" not in S.IMAGE_KEYS
+    S.write_samples([{"__key__": "0", "img": bmp, "cls": "1"}], tmp_path / "odd")
+    result = S.verify_shards(str(tmp_path / "odd"), kind="labeled")
+    assert (result["ok"], result["bad"], result["reasons"]) == (0, 1, {"no image": 1})
+    assert result["bad_samples"][0][2].startswith("no image")
+    records, source = _train_read(str(tmp_path / "odd"), "labeled")
+    assert records == [] and dict(source.bad.counts) == {"no image": 1}
+
+
+def test_verify_counts_bad_samples_by_trainings_reasons(tmp_path, capsys):
+    jpg = S.image_to_jpeg_bytes(_gradient((90, 90, 90)))
+    paired = [
+        {"txt": "a good caption"},
+        {"json": json.dumps({"caption": " from img2dataset "})},
+        {},  # no caption
+        {"txt": "   "},  # empty caption
+        {"json": json.dumps({"caption": None})},  # empty caption
+        {"txt": b"caf\xe9 \xff"},  # caption not UTF-8
+        {"json": b"[1, 2]"},  # bad caption json
+    ]
+    labeled = [
+        {"cls": "1"},
+        {"cls": "blue"},  # a class name in cls
+        {"txt": "green"},  # a class name in txt (class names are known)
+        {"cls": "purple"},  # unknown label
+        {"cls": "7"},  # label out of range
+        {"cls": "-1"},  # label out of range
+        {},  # no label
+        {"cls": b"\xff"},  # label not UTF-8
+    ]
+    written = {}
+    for kind, extras in (("paired", paired), ("labeled", labeled)):
+        samples = [{"__key__": f"{kind}{i}", "jpg": jpg, **extra} for i, extra in enumerate(extras)]
+        samples.append({"__key__": f"{kind}noimage", "txt": "an image-less caption", "cls": "0"})
+        S.write_samples(samples, tmp_path / kind, maxcount=3)
+        written[kind] = {s["__key__"] for s in samples}
+    S.write_class_files(tmp_path / "labeled", ["red", "green", "blue"], {})
+
+    for kind, n_ok in (("paired", 2), ("labeled", 3)):
+        spec = str(tmp_path / kind)
+        result = S.verify_shards(spec, kind=kind)
+        records, source = _train_read(spec, kind)
+        assert result["reasons"] == dict(source.bad.counts) and sum(result["reasons"].values()) == result["bad"]
+        assert result["ok"] == len(records) == n_ok and result["shard_errors"] == 0
+        skipped = {key for _, key, _ in result["bad_samples"]}
+        assert {r["key"].rsplit("/", 1)[1] for r in records} == written[kind] - skipped
+    assert result["reasons"] == {"label not UTF-8": 1, "label out of range": 2, "no image": 1, "no label": 1,
+                                 "unknown label": 1}
+    assert [r["label"] for r in records] == [1, 2, 1] and [r["text"] for r in _train_read(
+        str(tmp_path / "paired"), "paired")[0]] == ["a good caption", "from img2dataset"]
+    assert S.verify_shards(str(tmp_path / "paired"), kind="paired")["reasons"] == {
+        "bad caption json": 1, "caption not UTF-8": 1, "empty caption": 2, "no caption": 1, "no image": 1}
+
+    assert _cli(["shards", "verify", str(tmp_path / "labeled"), "--kind", "labeled"]) == 1
+    text = capsys.readouterr().out
+    assert "bad: 6" in text and "label out of range=2" in text and "cls 'purple'" in text

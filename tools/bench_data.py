@@ -86,7 +86,7 @@ def _synthetic_images(n: int, size: int) -> list[tuple[bytes, str]]:
 
 def make_shards(a) -> tuple[str, int, str]:
     """Write (or reuse) the benchmark shards; return (brace spec, samples, description)."""
-    from vlp.data.shards import write_samples
+    from vlp.shards import write_samples
 
     if a.synthetic:
         name, what = f"synthetic-{a.synthetic_size}px-{a.samples}-{a.shard_size}", f"synthetic {a.synthetic_size}px JPEGs"

@@ -121,7 +121,7 @@ def ensure_cifar(cache: Path) -> Path | None:
 
 def split_cifar(train_root: Path, n_test: int, limit_per_class: int | None, seed: int):
     """Class-stratified, seeded split: (test, labeled, paired, unlabeled), each a list of (path, label)."""
-    from vlp.data.shards import find_image_folder
+    from vlp.shards import find_image_folder
 
     classes, items = find_image_folder(train_root)
     if classes != CLASSNAMES:
@@ -149,7 +149,7 @@ def split_cifar(train_root: Path, n_test: int, limit_per_class: int | None, seed
 
 
 def write_split_shards(out: Path, parts: dict[str, list], seed: int, maxcount: int = 1000) -> dict[str, int]:
-    from vlp.data.shards import write_class_files, write_samples
+    from vlp.shards import write_class_files, write_samples
 
     rng = random.Random(seed + 1)
 

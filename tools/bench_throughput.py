@@ -83,7 +83,7 @@ def write_shards(train_root: Path, out: Path, n_images: int, seed: int = 0) -> d
     params = {"n_images": n_images, "seed": seed, "version": 1}
     if marker.is_file() and json.loads(marker.read_text()).get("params") == params:
         return json.loads(marker.read_text())
-    from vlp.data.shards import find_image_folder, write_class_files, write_samples
+    from vlp.shards import find_image_folder, write_class_files, write_samples
 
     classes, items = find_image_folder(train_root)
     by_class: dict[int, list] = {}

@@ -83,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="PNG path (default RUN_DIR/losses.png)")
     p.set_defaults(func=_cmd_plot)
 
-    from vlp.data.shards import register_cli as shards_cli
+    from vlp.shards import register_cli as shards_cli
     from vlp.eval.cli import register_cli as eval_cli
 
     shards_cli(sub)

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from vlp.data.shards import write_class_files, write_samples
+from vlp.shards.write import write_class_files, write_samples
 
 CLASSNAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 CAPTION_TEMPLATES = [

@@ -3,6 +3,7 @@
 A source yields light records ``{"key", "image": bytes, "text": str | None, "label": int}``; images are
 decoded later, by the mixer, only for batches that are really used (so resuming can fast-forward a stream
 without decoding it). Problems in the data never stop a run: each is skipped and counted per source, by reason.
+The sample format and the reasons are :mod:`vlp.data.format`'s (``vlp shards verify`` judges samples the same way).
 """
 from __future__ import annotations
 
@@ -14,16 +15,15 @@ import os
 import random
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Iterator
 
 import webdataset as wds
 
 from vlp.config import SourceConfig, expand_shards
+from vlp.data.format import CLASS_COUNTS_FILE, SIZES_FILE, Rejected, find_sidecar, load_classnames, parse_sample
+from vlp.data.format import IMAGE_KEYS, read_lines  # noqa: F401  (re-exported for older imports)
 
 log = logging.getLogger(__name__)
-
-IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 
 
 def stream_seed(*parts) -> int:
@@ -51,23 +51,6 @@ class BadSamples:
         return sum(self.counts.values())
 
 
-def _sidecar(urls: list[str], name: str) -> Path | None:
-    for url in urls:
-        if "://" in url:
-            continue
-        p = Path(url).parent / name
-        if p.is_file():
-            return p
-        p = Path(url).parent.parent / name
-        if p.is_file():
-            return p
-    return None
-
-
-def read_lines(path: str | os.PathLike) -> list[str]:
-    return [ln.strip() for ln in Path(path).read_text(encoding="utf-8").splitlines() if ln.strip()]
-
-
 class Source:
     """A dataset of one kind, read from its shards (see :class:`vlp.config.SourceConfig`)."""
 
@@ -87,16 +70,10 @@ class Source:
 
     # ---- metadata ---------------------------------------------------------------------------------------
     def _classnames(self) -> list[str] | None:
-        c = self.cfg.classnames
-        if isinstance(c, list):
-            return c
-        if isinstance(c, str):
-            return read_lines(c)
-        found = _sidecar(self.urls, "classnames.txt")
-        return read_lines(found) if found else None
+        return load_classnames(self.urls, self.cfg.classnames)
 
     def _size_from_sidecar(self) -> int | None:
-        found = _sidecar(self.urls, "sizes.json")
+        found = find_sidecar(self.urls, SIZES_FILE)
         if not found:
             return None
         sizes = json.loads(found.read_text())
@@ -109,7 +86,7 @@ class Source:
         """Per-class acceptance probabilities that resample a long-tailed stream to n_c^(1/2) or uniform."""
         if self.cfg.balance == "none" or self.kind != "labeled":
             return None
-        found = _sidecar(self.urls, "class_counts.json")
+        found = find_sidecar(self.urls, CLASS_COUNTS_FILE)
         if not found:
             raise ValueError(f"source {self.name}: balance={self.cfg.balance} needs class_counts.json beside the shards")
         counts = {int(k): int(v) for k, v in json.loads(found.read_text()).items() if int(v) > 0}
@@ -165,67 +142,14 @@ class Source:
 
     # ---- validation -------------------------------------------------------------------------------------
     def to_record(self, sample: dict) -> dict | None:
+        """The sample as a record, or None (counted in :attr:`bad`) when :func:`parse_sample` rejects it."""
         key = sample.get("__key__", "?")
-        where = f"{self.name}/{key}"
-        image = next((sample[k] for k in IMAGE_KEYS if k in sample), None)
-        if image is None:
-            self.bad.add("no image", where)
+        parsed = parse_sample(sample, self.kind, self.classnames, self.class_index)
+        if isinstance(parsed, Rejected):
+            where = f"{self.name}/{key}"
+            self.bad.add(parsed.reason, f"{where}: {parsed.detail}" if parsed.detail else where)
             return None
-        record = {"key": f"{sample.get('__url__', '')}/{key}", "image": image, "text": None, "label": -1}
-        if self.kind == "paired":
-            text = self._caption(sample, where)
-            if text is None:
-                return None
-            record["text"] = text
-        elif self.kind == "labeled":
-            label = self._label(sample, where)
-            if label is None:
-                return None
-            record["label"] = label
-        return record
-
-    def _caption(self, sample: dict, where: str) -> str | None:
-        try:
-            if "txt" in sample:
-                text = sample["txt"].decode("utf-8")
-            elif "json" in sample:
-                text = json.loads(sample["json"].decode("utf-8")).get("caption") or ""
-            else:
-                self.bad.add("no caption", where)
-                return None
-        except (UnicodeDecodeError, ValueError, AttributeError):
-            self.bad.add("caption not UTF-8", where)
-            return None
-        text = text.strip()
-        if not text:
-            self.bad.add("empty caption", where)
-            return None
-        return text
-
-    def _label(self, sample: dict, where: str) -> int | None:
-        raw = sample.get("cls")
-        if raw is None:
-            raw = sample.get("txt") if self.class_index else None
-        if raw is None:
-            self.bad.add("no label", where)
-            return None
-        try:
-            value = raw.decode("utf-8").strip()
-        except UnicodeDecodeError:
-            self.bad.add("label not UTF-8", where)
-            return None
-        if value.lstrip("-").isdigit():
-            label = int(value)
-        elif value in self.class_index:
-            label = self.class_index[value]
-        else:
-            self.bad.add("unknown label", f"{where}: {value[:40]!r}")
-            return None
-        n = len(self.classnames) if self.classnames else None
-        if label < 0 or (n is not None and label >= n):
-            self.bad.add("label out of range", f"{where}: {label}")
-            return None
-        return label
+        return {"key": f"{sample.get('__url__', '')}/{key}", **parsed}
 
 
 def build_sources(cfgs: list[SourceConfig]) -> list[Source]:

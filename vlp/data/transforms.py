@@ -1,13 +1,12 @@
 """Image transforms (open_clip's, with the model's size, mean and std) and text prompts for labels."""
 from __future__ import annotations
 
-import io
+import os
 
 import open_clip
 from open_clip.transform import AugmentationCfg
-from PIL import Image
 
-from vlp.data.sources import read_lines
+from vlp.data.format import decode_image, read_lines  # noqa: F401  (decode_image: the mixer's import)
 
 TEMPLATE_PRESETS = {
     "photo": ["a photo of a {c}."],
@@ -18,22 +17,32 @@ TEMPLATE_PRESETS = {
 
 def _as_format(t) -> str:
     """open_clip's template lists hold callables; vlp keeps '{c}' format strings."""
-    return t if isinstance(t, str) else t("{c}")
+    return t("{c}") if callable(t) else str(t)
+
+
+def template_presets() -> dict[str, list[str]]:
+    """The presets as '{c}' format strings."""
+    return {name: [_as_format(t) for t in ts] for name, ts in TEMPLATE_PRESETS.items()}
+
+
+def load_templates(spec) -> list[str]:
+    """Templates from a list (strings or open_clip's callables), a preset name, a file with one per line, or one
+    template string holding ``{c}`` (or a positional ``{}``); not checked for a placeholder."""
+    if not isinstance(spec, (str, os.PathLike)):
+        return [_as_format(t) for t in spec]
+    s = str(spec)
+    if s in TEMPLATE_PRESETS:
+        return [_as_format(t) for t in TEMPLATE_PRESETS[s]]
+    if os.path.isfile(s):
+        return read_lines(s)
+    if "{c}" in s or "{}" in s:
+        return [s]
+    raise FileNotFoundError(f"templates {s!r}: not a file, not a preset ({', '.join(TEMPLATE_PRESETS)})")
 
 
 def resolve_templates(spec: list[str] | str | None, default: str = "photo") -> list[str]:
     """A list of '{c}' templates, a file with one per line, or a preset name (photo, simple, openai_imagenet)."""
-    if spec is None:
-        spec = default
-    if isinstance(spec, list):
-        templates = spec
-    elif spec in TEMPLATE_PRESETS:
-        templates = TEMPLATE_PRESETS[spec]
-    elif "{c}" in spec:
-        templates = [spec]
-    else:
-        templates = read_lines(spec)
-    templates = [_as_format(t) for t in templates]
+    templates = load_templates(default if spec is None else spec)
     bad = [t for t in templates if "{c}" not in t]
     if bad:
         raise ValueError(f"template without a {{c}} placeholder: {bad[0]!r}")
@@ -58,9 +67,3 @@ def eval_transform(model):
     v = model.visual
     return open_clip.image_transform(image_size_of(model), is_train=False, mean=v.image_mean, std=v.image_std)
 
-
-def decode_image(data: bytes) -> Image.Image:
-    """Decode image bytes fully (raises on corrupt or truncated data)."""
-    with Image.open(io.BytesIO(data)) as img:
-        img.load()
-        return img.convert("RGB")

@@ -2,9 +2,9 @@
 
 A *spec* names shards: a tar file, a brace pattern (``data/shard-{000000..000009}.tar``), a folder holding
 ``*.tar`` files (or a ``test/`` sub-folder of them, as clip_benchmark writes), or several of these joined by
-``::``. Each sample has an image under ``jpg``/``jpeg``/``png``/``webp`` and either ``cls`` (the class index as
-ASCII text) or ``txt`` (one caption per line). ``classnames.txt`` and ``zeroshot_classification_templates.txt``
-lie beside the shards or in their parent folder.
+``::``. Each sample has an image under one of :data:`vlp.data.format.IMAGE_KEYS` (training's format) and either
+``cls`` (the class index as ASCII text) or ``txt`` (one caption per line). ``classnames.txt`` and
+``zeroshot_classification_templates.txt`` lie beside the shards or in their parent folder.
 """
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ import braceexpand
 import torch
 import webdataset as wds
 
-IMAGE_KEYS = "jpg;jpeg;png;webp"
-CLASSNAMES_FILE = "classnames.txt"
+from vlp.data.format import CLASSNAMES_FILE, IMAGE_KEYS, read_lines
+
 TEMPLATES_FILE = "zeroshot_classification_templates.txt"
 DATASET_TYPE_FILE = "dataset_type.txt"
 
@@ -68,11 +68,6 @@ def find_metadata_file(spec, filename: str) -> Path | None:
     return None
 
 
-def _read_lines(path: str | os.PathLike) -> list[str]:
-    lines = [line.rstrip("\r\n") for line in Path(path).read_text(encoding="utf-8").splitlines()]
-    return [line for line in lines if line.strip()]
-
-
 def find_classnames(spec=None, given: str | os.PathLike | Sequence[str] | None = None) -> list[str]:
     """Class names: ``given`` (a list, or a file with one name per line), else ``classnames.txt`` near ``spec``."""
     if given is not None and not isinstance(given, (str, os.PathLike)):
@@ -80,24 +75,19 @@ def find_classnames(spec=None, given: str | os.PathLike | Sequence[str] | None =
     if given is not None:
         if not os.path.isfile(given):
             raise FileNotFoundError(f"classnames file {given} not found")
-        return _read_lines(given)
+        return read_lines(given)
     if spec is None:
         raise ValueError("no class names given and no data spec to look beside")
     path = find_metadata_file(spec, CLASSNAMES_FILE)
     if path is None:
         raise FileNotFoundError(f"no {CLASSNAMES_FILE} beside the shards of {spec!r} (pass classnames)")
-    return _read_lines(path)
+    return read_lines(path)
 
 
 def template_presets() -> dict[str, list[str]]:
-    from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES, SIMPLE_IMAGENET_TEMPLATES
+    from vlp.data.transforms import template_presets
 
-    as_str = lambda ts: [t("{c}") if callable(t) else str(t) for t in ts]  # noqa: E731
-    return {
-        "openai_imagenet": as_str(OPENAI_IMAGENET_TEMPLATES),
-        "simple": as_str(SIMPLE_IMAGENET_TEMPLATES),
-        "photo": ["a photo of a {c}."],
-    }
+    return template_presets()
 
 
 def find_templates(spec=None, given: str | os.PathLike | Sequence[str] | None = None) -> list[str]:
@@ -107,22 +97,13 @@ def find_templates(spec=None, given: str | os.PathLike | Sequence[str] | None = 
     per line, or one template string containing ``{c}``. Otherwise ``zeroshot_classification_templates.txt`` near
     ``spec`` is read, falling back to the ``openai_imagenet`` preset.
     """
-    presets = template_presets()
-    if given is not None and not isinstance(given, (str, os.PathLike)):
-        templates = [t("{c}") if callable(t) else str(t) for t in given]
-    elif given is not None:
-        g = str(given)
-        if g in presets:
-            templates = presets[g]
-        elif os.path.isfile(g):
-            templates = _read_lines(g)
-        elif "{c}" in g or "{}" in g:
-            templates = [g]
-        else:
-            raise FileNotFoundError(f"templates {g!r}: not a file, not a preset ({', '.join(presets)})")
+    from vlp.data.transforms import load_templates
+
+    if given is not None:
+        templates = load_templates(given)
     else:
         path = find_metadata_file(spec, TEMPLATES_FILE) if spec is not None else None
-        templates = _read_lines(path) if path is not None else presets["openai_imagenet"]
+        templates = read_lines(path) if path is not None else load_templates("openai_imagenet")
     if not templates:
         raise ValueError("no templates")
     return templates
@@ -209,7 +190,7 @@ def _loader(spec, preprocess, batch_size, workers, max_samples, target_key, targ
     if max_samples is not None:
         ds = ds.slice(int(max_samples))
     ds = (ds.decode("pilrgb", handler=wds.warn_and_continue)
-          .to_tuple(IMAGE_KEYS, target_key, handler=wds.warn_and_continue)
+          .to_tuple(";".join(IMAGE_KEYS), target_key, handler=wds.warn_and_continue)
           .map_tuple(preprocess, target_fn, handler=wds.warn_and_continue)
           .batched(batch_size, collation_fn=collate, partial=True))
     loader = wds.WebLoader(ds, batch_size=None, shuffle=False, num_workers=workers)

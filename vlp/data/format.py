@@ -1,0 +1,193 @@
+"""The one sample format: what training (:mod:`vlp.data.sources`), ``vlp shards verify`` and evaluation read.
+
+A dataset is a set of WebDataset tars. A sample is a dict ``{"__key__", ext: bytes, ...}``; the extensions
+that count are:
+
+* image (every kind): the bytes under the first of :data:`IMAGE_KEYS` present (jpg jpeg png webp bmp ppm tif
+  tiff), decoded by PIL to RGB with :func:`decode_image`. No such key: ``"no image"``; bytes PIL cannot fully
+  decode: ``"corrupt image"`` (training finds this late, when a batch decodes the record).
+* caption (``paired``): ``txt`` (UTF-8), else the ``caption`` of ``json`` (img2dataset's layout); stripped.
+  Reasons: ``"no caption"``, ``"caption not UTF-8"``, ``"bad caption json"`` (not a JSON object, or a
+  caption that is not a string), ``"empty caption"``.
+* label (``labeled``): ``cls`` holding a class index or a class name; when class names are known, ``txt`` may
+  hold it instead. Reasons: ``"no label"``, ``"label not UTF-8"``, ``"unknown label"`` (neither an integer nor
+  a known class name), ``"label out of range"`` (negative, or not below the number of known classes).
+* ``unlabeled``: the image only; other keys are ignored, as they are for the other kinds.
+
+Sidecar files lie beside the shards or one folder up (:func:`find_sidecar`): ``classnames.txt`` (line i names
+class i), ``sizes.json`` (``{"<shard file name>": samples}``), ``class_counts.json`` (``{"i": n}``).
+
+Parsers return the value, or a :class:`Rejected` whose ``reason`` is the key of the bad-sample counter
+(training's ``Source.bad.counts`` and verify's ``reasons`` use the same keys) and whose ``detail`` is for logs.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from vlp.config import KINDS
+
+IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "bmp", "ppm", "tif", "tiff")
+CAPTION_KEYS = ("txt", "json")
+CLASSNAMES_FILE = "classnames.txt"
+SIZES_FILE = "sizes.json"
+CLASS_COUNTS_FILE = "class_counts.json"
+REASONS = ("no image", "no caption", "caption not UTF-8", "bad caption json", "empty caption", "no label",
+           "label not UTF-8", "unknown label", "label out of range", "corrupt image")
+
+__all__ = ["KINDS", "IMAGE_KEYS", "REASONS", "Rejected", "image_key", "parse_image", "parse_caption",
+           "parse_label", "parse_sample", "infer_kind", "decode_image", "check_image", "find_sidecar",
+           "read_lines", "load_classnames"]
+
+
+@dataclass(frozen=True)
+class Rejected:
+    """Why a sample is skipped: ``reason`` (a counter key, one of :data:`REASONS`) and a ``detail`` for logs."""
+
+    reason: str
+    detail: str = ""
+
+    def __str__(self) -> str:
+        return f"{self.reason}: {self.detail}" if self.detail else self.reason
+
+
+def _keys(sample: Mapping) -> list[str]:
+    return sorted(k for k in sample if not k.startswith("__"))
+
+
+def image_key(sample: Mapping) -> str | None:
+    """The sample's image extension: the first of :data:`IMAGE_KEYS` it has, else None."""
+    return next((k for k in IMAGE_KEYS if k in sample), None)
+
+
+def parse_image(sample: Mapping) -> bytes | Rejected:
+    """The image bytes (not decoded), or ``no image``."""
+    key = image_key(sample)
+    if key is None:
+        return Rejected("no image", f"keys {_keys(sample)}")
+    return sample[key]
+
+
+def parse_caption(sample: Mapping) -> str | Rejected:
+    """The stripped caption from ``txt``, else from ``json``'s ``caption``."""
+    try:
+        if "txt" in sample:
+            text = sample["txt"].decode("utf-8")
+        elif "json" in sample:
+            meta = json.loads(sample["json"].decode("utf-8"))
+            text = meta.get("caption") if isinstance(meta, dict) else None
+            if not isinstance(meta, dict) or not isinstance(text, (str, type(None))):
+                return Rejected("bad caption json", f"json {sample['json'][:60]!r}")
+            text = text or ""
+        else:
+            return Rejected("no caption", f"keys {_keys(sample)}")
+    except UnicodeDecodeError as exn:
+        return Rejected("caption not UTF-8", str(exn))
+    except ValueError as exn:
+        return Rejected("bad caption json", str(exn)[:100])
+    text = text.strip()
+    if not text:
+        return Rejected("empty caption")
+    return text
+
+
+def parse_label(sample: Mapping, classnames: Sequence[str] | None = None,
+                class_index: Mapping[str, int] | None = None) -> int | Rejected:
+    """The class index from ``cls`` (or ``txt`` when class names are known): an integer or a class name.
+
+    ``class_index`` maps names to indices (built from ``classnames`` when not given).
+    """
+    if class_index is None:
+        class_index = {c: i for i, c in enumerate(classnames or [])}
+    key = "cls" if "cls" in sample else "txt" if class_index and "txt" in sample else None
+    if key is None:
+        return Rejected("no label", f"keys {_keys(sample)}")
+    try:
+        value = sample[key].decode("utf-8").strip()
+    except UnicodeDecodeError as exn:
+        return Rejected("label not UTF-8", f"{key}: {exn}")
+    if value.lstrip("-").isdigit():
+        label = int(value)
+    elif value in class_index:
+        label = class_index[value]
+    else:
+        return Rejected("unknown label", f"{key} {value[:40]!r}")
+    n = len(classnames) if classnames else None
+    if label < 0 or (n is not None and label >= n):
+        return Rejected("label out of range", f"{key} {label}" + (f" (classes: {n})" if n is not None else ""))
+    return label
+
+
+def parse_sample(sample: Mapping, kind: str, classnames: Sequence[str] | None = None,
+                 class_index: Mapping[str, int] | None = None) -> dict | Rejected:
+    """``{"image": bytes, "text": str | None, "label": int}`` (label -1 unless labeled) for a sample of ``kind``."""
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    image = parse_image(sample)
+    if isinstance(image, Rejected):
+        return image
+    record: dict[str, Any] = {"image": image, "text": None, "label": -1}
+    if kind == "paired":
+        record["text"] = parse_caption(sample)
+        if isinstance(record["text"], Rejected):
+            return record["text"]
+    elif kind == "labeled":
+        record["label"] = parse_label(sample, classnames, class_index)
+        if isinstance(record["label"], Rejected):
+            return record["label"]
+    return record
+
+
+def infer_kind(sample: Mapping) -> str:
+    """A guess for when no kind is given: ``cls`` -> labeled, ``txt``/``json`` -> paired, else unlabeled."""
+    if "cls" in sample:
+        return "labeled"
+    return "paired" if any(k in sample for k in CAPTION_KEYS) else "unlabeled"
+
+
+def decode_image(data: bytes):
+    """Decode image bytes fully to an RGB PIL image (raises on corrupt or truncated data)."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as img:
+        img.load()
+        return img.convert("RGB")
+
+
+def check_image(data: bytes, key: str = "image") -> Rejected | None:
+    """None if :func:`decode_image` decodes ``data``, else ``corrupt image``."""
+    try:
+        decode_image(data)
+    except Exception as exn:  # PIL raises many types for bad data
+        return Rejected("corrupt image", f"{key}: undecodable image: {type(exn).__name__}: {exn}"[:300])
+    return None
+
+
+def find_sidecar(urls: Sequence[str], name: str) -> Path | None:
+    """The file ``name`` beside the first local shard that has one, or one folder up from it."""
+    for url in urls:
+        if "://" in url:
+            continue
+        for folder in (Path(url).parent, Path(url).parent.parent):
+            if (folder / name).is_file():
+                return folder / name
+    return None
+
+
+def read_lines(path: str | os.PathLike) -> list[str]:
+    """The non-blank lines of a UTF-8 text file, stripped."""
+    return [ln.strip() for ln in Path(path).read_text(encoding="utf-8").splitlines() if ln.strip()]
+
+
+def load_classnames(urls: Sequence[str], given: Sequence[str] | str | os.PathLike | None = None) -> list[str] | None:
+    """Class names: ``given`` (a list, or a file with one per line), else ``classnames.txt`` near the shards."""
+    if isinstance(given, (str, os.PathLike)):
+        return read_lines(given)
+    if given is not None:
+        return list(given)
+    found = find_sidecar(urls, CLASSNAMES_FILE)
+    return read_lines(found) if found else None

@@ -1,0 +1,461 @@
+"""Write WebDataset tar shards in the sample format of :mod:`vlp.data.format` (offline tooling, not run in training).
+
+A dataset is a folder of ``PREFIX-000000.tar, PREFIX-000001.tar, ...`` plus, beside them:
+
+* ``sizes.json``: ``{"PREFIX-000000.tar": 1000, ...}`` (open_clip_train's format);
+* labeled data only: ``classnames.txt`` (line i = class i) and ``class_counts.json`` (``{"0": n0, ...}``).
+
+Samples: ``__key__`` (zero-padded running index), the image as JPEG bytes under ``jpg`` and
+
+* labeled: ``cls`` (class index as ASCII text);
+* paired: ``txt`` (UTF-8 caption) and ``json`` (``{"caption", "key", "status": "success", "url"}``);
+* unlabeled: nothing else.
+"""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import random
+import re
+from collections import Counter
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+from vlp.data.format import CLASS_COUNTS_FILE, CLASSNAMES_FILE, IMAGE_KEYS, KINDS, SIZES_FILE
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = tuple(f".{k}" for k in IMAGE_KEYS)  # image files the folder writers pick up
+JPEG_QUALITY = 95
+KEY_WIDTH = 9  # img2dataset's key width
+
+# --------------------------------------------------------------------------------------------- images
+
+
+def _is_jpeg(data: bytes) -> bool:
+    return data[:3] == b"\xff\xd8\xff"
+
+
+def image_to_jpeg_bytes(image: Any) -> bytes:
+    """Image (path, bytes or PIL image) -> JPEG bytes; JPEG input keeps its original bytes."""
+    from PIL import Image
+
+    if isinstance(image, (str, os.PathLike)):
+        image = Path(image).read_bytes()
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        data = bytes(image)
+        with Image.open(io.BytesIO(data)) as im:  # header parse: rejects non-images cheaply
+            if im.format == "JPEG" and _is_jpeg(data):
+                return data
+            im.load()
+            return _pil_to_jpeg(im)
+    if isinstance(image, Image.Image):
+        return _pil_to_jpeg(image)
+    raise TypeError(f"cannot convert {type(image).__name__} to an image")
+
+
+def _pil_to_jpeg(im: Any) -> bytes:
+    from PIL import Image
+
+    if im.mode in ("RGBA", "LA") or (im.mode == "P" and "transparency" in im.info):
+        im = im.convert("RGBA")
+        background = Image.new("RGB", im.size, (255, 255, 255))
+        background.paste(im, mask=im.getchannel("A"))
+        im = background
+    elif im.mode != "RGB":
+        im = im.convert("RGB")
+    buf = io.BytesIO()
+    im.save(buf, format="JPEG", quality=JPEG_QUALITY)
+    return buf.getvalue()
+
+
+def _key(index: int) -> str:
+    return f"{index:0{KEY_WIDTH}d}"
+
+
+# --------------------------------------------------------------------------------------------- writing
+
+
+def shard_pattern(out_dir: str | os.PathLike, prefix: str = "shard") -> str:
+    """The ``%``-pattern ShardWriter fills in: ``OUT/PREFIX-%06d.tar``."""
+    return os.path.join(str(out_dir).replace("%", "%%"), prefix.replace("%", "%%") + "-%06d.tar")
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_samples(
+    samples: Iterable[dict],
+    out_dir: str | os.PathLike,
+    prefix: str = "shard",
+    maxcount: int = 1000,
+) -> list[str]:
+    """Write sample dicts (``__key__`` + bytes/str/int values per extension) to shards and update sizes.json.
+
+    Old ``PREFIX-*.tar`` shards in ``out_dir`` are removed first; sizes.json keeps other prefixes' entries.
+    Returns the shard paths written (none for no samples).
+    """
+    import webdataset as wds
+
+    if maxcount < 1:
+        raise ValueError(f"maxcount must be >= 1, got {maxcount}")
+    if not prefix or "/" in prefix or os.sep in prefix:
+        raise ValueError(f"bad shard prefix {prefix!r}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    own = re.compile(re.escape(prefix) + r"-\d{6,}\.tar$")
+    for old in out.iterdir():
+        if own.match(old.name):
+            old.unlink()
+
+    counts: dict[str, int] = {}
+    seen: set[str] = set()
+    writer = None
+    try:
+        for sample in samples:
+            key = sample.get("__key__")
+            if not isinstance(key, str) or not key:
+                raise ValueError(f"sample without a string __key__: {sorted(sample)}")
+            if "." in key or "/" in key:
+                raise ValueError(f"__key__ must not contain '.' or '/': {key!r}")
+            if key in seen:
+                raise ValueError(f"duplicate __key__ {key!r}")
+            seen.add(key)
+            if writer is None:
+                writer = wds.ShardWriter(shard_pattern(out, prefix), maxcount=maxcount, verbose=0, mtime=0)  # an int: a float mtime adds slow PAX headers
+            writer.write(sample)
+            name = os.path.basename(writer.fname)
+            counts[name] = counts.get(name, 0) + 1
+    finally:
+        if writer is not None:
+            writer.close()
+
+    sizes_path = out / SIZES_FILE
+    sizes = {k: v for k, v in _read_json(sizes_path).items() if not own.match(k)}
+    sizes.update(counts)
+    if sizes or sizes_path.exists():
+        _write_text_atomic(sizes_path, json.dumps(dict(sorted(sizes.items())), indent=1) + "\n")
+    return [str(out / name) for name in counts]
+
+
+def write_class_files(out_dir: str | os.PathLike, classnames: list[str], class_counts: dict[int, int]) -> None:
+    """Write ``classnames.txt`` (line i = class i) and ``class_counts.json`` (``{"i": n}``) into ``out_dir``."""
+    out = Path(out_dir)
+    for name in classnames:
+        if "\n" in name or "\r" in name:
+            raise ValueError(f"class name with a line break: {name!r}")
+    _write_text_atomic(out / CLASSNAMES_FILE, "".join(f"{name}\n" for name in classnames))
+    counts = {str(i): int(class_counts.get(i, 0)) for i in range(len(classnames))}
+    _write_text_atomic(out / CLASS_COUNTS_FILE, json.dumps(counts, indent=1) + "\n")
+
+
+def _check_kind(kind: str, allowed: Iterable[str] = KINDS) -> None:
+    if kind not in allowed:
+        raise ValueError(f"kind must be one of {tuple(allowed)}, got {kind!r}")
+
+
+def _make_sample(
+    index: int, image: Any, kind: str, label: int | None = None, caption: str | None = None, url: str = ""
+) -> dict:
+    key = _key(index)
+    sample: dict[str, Any] = {"__key__": key, "jpg": image_to_jpeg_bytes(image)}
+    if kind == "labeled":
+        sample["cls"] = str(int(label)).encode("ascii")
+    elif kind == "paired":
+        sample["txt"] = caption.encode("utf-8")
+        meta = {"caption": caption, "key": key, "status": "success", "url": url}
+        sample["json"] = json.dumps(meta, ensure_ascii=False).encode("utf-8")
+    return sample
+
+
+class _Collector:
+    """Turns (image, label, caption, source) records into samples; records skips and class counts."""
+
+    def __init__(self, kind: str):
+        self.kind = kind
+        self.index = 0
+        self.skipped: list[tuple[str, str]] = []
+        self.class_counts: Counter = Counter()
+
+    def samples(self, records: Iterable[tuple[Any, int | None, str | None, str]]) -> Iterator[dict]:
+        for image, label, caption, source in records:
+            try:
+                sample = _make_sample(self.index, image, self.kind, label, caption, source)
+            except Exception as exn:  # unreadable / undecodable image
+                self.skipped.append((source, f"{type(exn).__name__}: {exn}"))
+                continue
+            if self.kind == "labeled":
+                self.class_counts[int(label)] += 1
+            self.index += 1
+            yield sample
+
+    def result(self, out_dir: Path, shards: list[str], classnames: list[str] | None = None) -> dict:
+        if self.skipped:
+            log.warning("skipped %d item(s), e.g. %s: %s", len(self.skipped), *self.skipped[0])
+        if not shards:
+            raise ValueError(f"no samples written to {out_dir} (skipped {len(self.skipped)})")
+        result = {
+            "out_dir": str(out_dir),
+            "kind": self.kind,
+            "shards": shards,
+            "num_samples": self.index,
+            "num_skipped": len(self.skipped),
+            "skipped": self.skipped,
+        }
+        if self.kind == "labeled":
+            assert classnames is not None
+            write_class_files(out_dir, classnames, self.class_counts)
+            result["classnames"] = classnames
+            result["class_counts"] = {i: self.class_counts.get(i, 0) for i in range(len(classnames))}
+        return result
+
+
+def find_image_folder(root: str | os.PathLike) -> tuple[list[str], list[tuple[Path, int]]]:
+    """ImageFolder scan of ``root/<class>/**/<image>``: (sorted class names, [(path, class index)])."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"not a folder: {root}")
+    classes = sorted(entry.name for entry in os.scandir(root) if entry.is_dir())
+    items: list[tuple[Path, int]] = []
+    for index, name in enumerate(classes):
+        for dirpath, dirnames, filenames in sorted(os.walk(root / name, followlinks=True)):
+            dirnames.sort()
+            for fname in sorted(filenames):
+                if fname.lower().endswith(IMAGE_EXTENSIONS):
+                    items.append((Path(dirpath) / fname, index))
+    return classes, items
+
+
+def _find_images(root: Path) -> list[Path]:
+    """All images anywhere under ``root`` (unlabeled folders need no class level)."""
+    return sorted(
+        p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
+    )
+
+
+def write_image_folder(
+    root: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    kind: str = "labeled",
+    prefix: str = "shard",
+    maxcount: int = 1000,
+    shuffle_seed: int | None = 0,
+) -> dict:
+    """ImageFolder ``root/<class>/<file>`` -> labeled (cls + classnames.txt + class_counts.json) or unlabeled shards.
+
+    Classes are the sorted subfolder names (torchvision order). Samples are shuffled with ``shuffle_seed``
+    (None keeps folder order) so shards mix classes. Unlabeled takes every image under ``root``.
+    Undecodable images are skipped and listed under ``skipped``.
+    """
+    _check_kind(kind, ("labeled", "unlabeled"))
+    root, out = Path(root), Path(out_dir)
+    if kind == "labeled":
+        classnames, items = find_image_folder(root)
+        if not classnames:
+            raise ValueError(f"no class subfolders in {root}")
+    else:
+        if not root.is_dir():
+            raise FileNotFoundError(f"not a folder: {root}")
+        classnames, items = None, [(p, None) for p in _find_images(root)]
+    if not items:
+        raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {root}")
+    if shuffle_seed is not None:
+        random.Random(shuffle_seed).shuffle(items)
+    collector = _Collector(kind)
+    records = ((path, label, None, str(path)) for path, label in items)
+    shards = write_samples(collector.samples(records), out, prefix=prefix, maxcount=maxcount)
+    return collector.result(out, shards, classnames)
+
+
+def read_table(table: Any, image_col: str = "image", caption_col: str = "caption"):
+    """CSV / TSV (by extension, optionally compressed) / parquet file, or a DataFrame -> DataFrame."""
+    import pandas as pd
+
+    if isinstance(table, pd.DataFrame):
+        df = table
+    else:
+        path = str(table)
+        name = path.lower()
+        for ext in (".gz", ".bz2", ".xz", ".zst", ".zip"):
+            name = name.removesuffix(ext)
+        if name.endswith((".parquet", ".pq")):
+            df = pd.read_parquet(path)
+        elif name.endswith((".csv", ".tsv", ".tab")):
+            sep = "," if name.endswith(".csv") else "\t"
+            df = pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False, na_values=[])
+        else:
+            raise ValueError(f"unknown table format (want .csv, .tsv or .parquet): {path}")
+    missing = [c for c in (image_col, caption_col) if c not in df.columns]
+    if missing:
+        raise KeyError(f"column(s) {missing} not in table; columns: {list(df.columns)}")
+    return df
+
+
+def write_captions(
+    table: Any,
+    out_dir: str | os.PathLike,
+    image_col: str = "image",
+    caption_col: str = "caption",
+    image_root: str | os.PathLike | None = None,
+    prefix: str = "shard",
+    maxcount: int = 1000,
+    shuffle_seed: int | None = None,
+) -> dict:
+    """Table of (image path, caption) -> paired shards (txt + json), img2dataset layout.
+
+    Relative paths resolve against ``image_root`` or the table's folder. Rows whose image is missing or
+    undecodable, or whose caption is empty, are skipped and listed under ``skipped`` (count: ``num_skipped``).
+    ``shuffle_seed=None`` keeps table order.
+    """
+    df = read_table(table, image_col, caption_col)
+    if image_root is not None:
+        base = Path(image_root)
+    elif isinstance(table, (str, os.PathLike)):
+        base = Path(table).resolve().parent
+    else:
+        base = Path.cwd()
+    if shuffle_seed is not None:
+        df = df.sample(frac=1.0, random_state=shuffle_seed)
+    collector = _Collector("paired")
+
+    def records() -> Iterator[tuple[Any, None, str, str]]:
+        for image, caption in zip(df[image_col].tolist(), df[caption_col].tolist()):
+            if image is None or (isinstance(image, float) and image != image) or str(image) == "":
+                collector.skipped.append((str(image), "no image path"))
+                continue
+            path = Path(str(image)).expanduser()
+            path = path if path.is_absolute() else base / path
+            if not path.is_file():
+                collector.skipped.append((str(path), "missing image file"))
+                continue
+            if caption is None or (isinstance(caption, float) and caption != caption) or str(caption).strip() == "":
+                collector.skipped.append((str(path), "empty caption"))
+                continue
+            yield path, None, str(caption), str(path)
+
+    shards = write_samples(collector.samples(records()), out_dir, prefix=prefix, maxcount=maxcount)
+    return collector.result(Path(out_dir), shards)
+
+
+def load_hf_dataset(dataset: Any, split: str | None = None):
+    """A ``datasets.Dataset``, a ``DatasetDict`` (+ ``split``) or a ``save_to_disk`` path -> ``datasets.Dataset``."""
+    import datasets
+
+    if isinstance(dataset, (str, os.PathLike)):
+        dataset = datasets.load_from_disk(str(dataset))
+    if isinstance(dataset, datasets.DatasetDict):
+        if split is None:
+            if len(dataset) != 1:
+                raise ValueError(f"dataset has splits {list(dataset)}; choose one with split=")
+            split = next(iter(dataset))
+        if split not in dataset:
+            raise KeyError(f"split {split!r} not in {list(dataset)}")
+        dataset = dataset[split]
+    elif split is not None and not isinstance(dataset, datasets.Dataset):
+        raise TypeError(f"not a datasets.Dataset: {type(dataset).__name__}")
+    if not isinstance(dataset, datasets.Dataset):
+        raise TypeError(f"not a datasets.Dataset: {type(dataset).__name__}")
+    return dataset
+
+
+def _hf_image(value: Any) -> tuple[Any, str]:
+    """An image cell (undecoded Image dict, path string, bytes or PIL image) -> (image, source)."""
+    if isinstance(value, dict):
+        if value.get("bytes") is not None:
+            return value["bytes"], value.get("path") or ""
+        if value.get("path"):
+            return value["path"], value["path"]
+        raise ValueError("empty image cell")
+    if isinstance(value, (str, os.PathLike)):
+        return value, str(value)
+    if value is None:
+        raise ValueError("empty image cell")
+    return value, ""
+
+
+def write_hf_dataset(
+    dataset: Any,
+    out_dir: str | os.PathLike,
+    image_col: str = "image",
+    label_col: str | None = None,
+    caption_col: str | None = None,
+    split: str | None = None,
+    classnames: list[str] | None = None,
+    prefix: str = "shard",
+    maxcount: int = 1000,
+    shuffle_seed: int | None = 0,
+) -> dict:
+    """A ``datasets.Dataset`` (or a ``load_from_disk`` path) -> labeled (``label_col``), paired (``caption_col``)
+    or unlabeled shards.
+
+    Class names: ``classnames``, else the ClassLabel feature's names, else the sorted distinct string labels,
+    else ``"0".."max"`` for integer labels. Shuffled with ``shuffle_seed`` (None keeps dataset order).
+    """
+    import datasets
+
+    if label_col and caption_col:
+        raise ValueError("give label_col or caption_col, not both")
+    ds = load_hf_dataset(dataset, split)
+    for col in (image_col, label_col, caption_col):
+        if col and col not in ds.column_names:
+            raise KeyError(f"column {col!r} not in dataset; columns: {ds.column_names}")
+    if isinstance(ds.features[image_col], datasets.Image):
+        ds = ds.cast_column(image_col, datasets.Image(decode=False))  # keep the original (JPEG) bytes
+    kind = "labeled" if label_col else "paired" if caption_col else "unlabeled"
+    keep = [c for c in (image_col, label_col, caption_col) if c]
+    ds = ds.select_columns(keep)
+
+    label_map: dict[Any, int] | None = None
+    if kind == "labeled":
+        feature = ds.features[label_col]
+        string_labels = isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string")
+        if classnames is not None:
+            classnames = list(classnames)
+        elif isinstance(feature, datasets.ClassLabel):
+            classnames = list(feature.names)
+        elif string_labels:
+            classnames = sorted({str(v) for v in ds[label_col] if v is not None})
+        else:
+            ints = [int(v) for v in ds[label_col] if v is not None]
+            classnames = [str(i) for i in range(max(ints) + 1)] if ints else []
+        if string_labels:
+            label_map = {name: i for i, name in enumerate(classnames)}
+    if shuffle_seed is not None:
+        ds = ds.shuffle(seed=shuffle_seed)
+    collector = _Collector(kind)
+    name = getattr(ds.info, "dataset_name", None) or "dataset"
+
+    def records() -> Iterator[tuple[Any, int | None, str | None, str]]:
+        for row_index, row in enumerate(ds):
+            try:
+                image, source = _hf_image(row[image_col])
+            except ValueError as exn:
+                collector.skipped.append((f"{name}[{row_index}]", str(exn)))
+                continue
+            source = source or f"{name}[{row_index}]"
+            label = caption = None
+            if kind == "labeled":
+                value = row[label_col]
+                label = label_map.get(value, -1) if label_map is not None else (-1 if value is None else int(value))
+                if not 0 <= label < len(classnames):
+                    collector.skipped.append((source, f"label {value!r} outside the {len(classnames)} classes"))
+                    continue
+            elif kind == "paired":
+                caption = row[caption_col]
+                if caption is None or str(caption).strip() == "":
+                    collector.skipped.append((source, "empty caption"))
+                    continue
+                caption = str(caption)
+            yield image, label, caption, source
+
+    shards = write_samples(collector.samples(records()), out_dir, prefix=prefix, maxcount=maxcount)
+    return collector.result(Path(out_dir), shards, classnames)
