@@ -96,8 +96,8 @@ def evaluate(model, tokenizer, preprocess, task: str, data, *, classnames=None, 
     - ``knn`` / ``linear_probe``: features of ``train_data`` and ``data``, or a ``test_fraction`` split of
       ``data`` -> ``top1``, ``top5``, ``n`` (test samples), ``n_train``.
 
-    ``options``: extra keywords for tasks that take them. The model is put in eval mode and its training mode
-    restored afterwards.
+    ``options``: extra keywords for tasks that take them. Runs under ``torch.no_grad()``; the model is put in
+    eval mode and its training mode restored afterwards.
     """
     entry = get_eval_task(task, data)
     device = torch.device(device) if device is not None else _model_device(model)
@@ -105,10 +105,11 @@ def evaluate(model, tokenizer, preprocess, task: str, data, *, classnames=None, 
     was_training = module.training
     module.eval()
     try:
-        return entry.run(module, tokenizer, preprocess, data, device=device, batch_size=batch_size,
-                         workers=workers, max_samples=max_samples, classnames=classnames, templates=templates,
-                         classifier=classifier, train_data=train_data, test_fraction=test_fraction, seed=seed,
-                         k=k, T=T, C=C, ks=ks, **options)
+        with torch.no_grad():
+            return entry.run(module, tokenizer, preprocess, data, device=device, batch_size=batch_size,
+                             workers=workers, max_samples=max_samples, classnames=classnames,
+                             templates=templates, classifier=classifier, train_data=train_data,
+                             test_fraction=test_fraction, seed=seed, k=k, T=T, C=C, ks=ks, **options)
     finally:
         module.train(was_training)
 
