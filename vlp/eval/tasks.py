@@ -191,7 +191,8 @@ _EVALUATE_OPTIONS = frozenset(p.name for p in inspect.signature(evaluate).parame
 def _task_options(task: EvalTask) -> set[str]:
     """The keywords ``task`` accepts: :func:`evaluate`'s plus those its ``run`` names."""
     params = inspect.signature(task.run).parameters.values()
-    return set(_EVALUATE_OPTIONS) | {p.name for p in params if p.kind is p.KEYWORD_ONLY}
+    named = set(_EVALUATE_OPTIONS) | {p.name for p in params if p.kind is p.KEYWORD_ONLY}
+    return named - {"device", "train_data"}  # given by run_training_eval (train_data as train_shards)
 
 
 def _as_dict(settings) -> dict[str, Any]:
