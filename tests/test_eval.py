@@ -3,12 +3,14 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"
 
 import argparse  # noqa: E402
+import copy  # noqa: E402
 import io  # noqa: E402
 import json  # noqa: E402
-from contextlib import redirect_stdout  # noqa: E402
+from contextlib import redirect_stderr, redirect_stdout  # noqa: E402
 
 import numpy as np  # noqa: E402
 import open_clip  # noqa: E402
+import pydantic  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 import webdataset as wds  # noqa: E402
@@ -16,9 +18,10 @@ from PIL import Image  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
 from vlp.eval import data as evdata  # noqa: E402
-from vlp.eval.cli import evaluate, register_cli  # noqa: E402
+from vlp.eval.cli import evaluate, normalize_task, register_cli  # noqa: E402
 from vlp.eval.probe import extract_features, knn_eval, linear_probe, split_train_test  # noqa: E402
-from vlp.eval.retrieval import extract_retrieval_features, retrieval_recall  # noqa: E402
+from vlp.eval.retrieval import extract_retrieval_features, retrieval_eval, retrieval_recall  # noqa: E402
+from vlp.eval.tasks import EVAL_TASKS, get_eval_task, register_eval_task, run_training_eval  # noqa: E402
 from vlp.eval.zeroshot import (build_classifier, load_classifier, predict, save_classifier,  # noqa: E402
                                zeroshot_eval)
 from vlp.models.factory import create_clip, image_transforms  # noqa: E402
@@ -396,3 +399,140 @@ def test_probe_tasks_on_shards(clip, images, tmp_path):
     assert res == {**knn_eval(tr_f, tr_l, te_f, te_l, k=3, num_classes=3), "n_train": len(tr_l)}
     res = evaluate(model, tokenizer, preprocess, "linear-probe", str(tmp_path / "train"), test_fraction=0.25)
     assert res == {**linear_probe(tr_f, tr_l, te_f, te_l), "n_train": len(tr_l)}
+
+
+# ---------------------------------------------------------------------------------------------- task registry
+
+
+@pytest.fixture(scope="module")
+def probe_shards(images, tmp_path_factory):
+    """train: 8 images, val: the 4 others; labels i % 3."""
+    root = tmp_path_factory.mktemp("probe")
+    labels = [i % 3 for i in range(N_IMAGES)]
+    write_shard(root / "train" / "0.tar", [(im, {"cls": y}) for im, y in zip(images[:8], labels[:8])])
+    write_shard(root / "val" / "0.tar", [(im, {"cls": y}) for im, y in zip(images[8:], labels[8:])])
+    return str(root / "train"), str(root / "val")
+
+
+def test_registry_lists_tasks_and_aliases():
+    assert {n: (t.needs_text, t.uses_train_data) for n, t in EVAL_TASKS.items()} == {
+        "zeroshot": (True, False), "retrieval": (True, False), "knn": (False, True), "linear_probe": (False, True)}
+    # every spelling the CLI accepted before the registry
+    spellings = {"zeroshot": "zeroshot", "zero-shot": "zeroshot", "zero_shot": "zeroshot",
+                 "zeroshot_classification": "zeroshot", "classification": "zeroshot", "retrieval": "retrieval",
+                 "zeroshot_retrieval": "retrieval", "linear-probe": "linear_probe", "linear_probe": "linear_probe",
+                 "linear": "linear_probe", "knn": "knn", "KNN": "knn", "Zero-Shot": "zeroshot"}
+    assert {s: normalize_task(s) for s in spellings} == spellings
+    with pytest.raises(ValueError) as e:
+        get_eval_task("nope")
+    msg = str(e.value)
+    assert "\n" not in msg and all(n in msg for n in ("zeroshot", "retrieval", "knn", "linear_probe"))
+    parser = argparse.ArgumentParser(prog="vlp")
+    register_cli(parser.add_subparsers(dest="command"))
+    for given, name in (("linear-probe", "linear_probe"), ("auto", "auto"), ("zero-shot", "zeroshot")):
+        assert parser.parse_args(["eval", "--model", "m", "--data", "d", "--task", given]).task == name
+    err = io.StringIO()
+    with pytest.raises(SystemExit), redirect_stderr(err):
+        parser.parse_args(["eval", "--model", "m", "--data", "d", "--task", "nope"])
+    assert err.getvalue().strip().splitlines()[-1].endswith(msg)
+
+
+def test_evaluate_through_registry_equals_task_modules(clip, images, zs_dataset, probe_shards, tmp_path):
+    model, _, tokenizer, preprocess = clip
+    root = str(zs_dataset[0])
+    clf = build_classifier(model, tokenizer, CLASSNAMES, TEMPLATES)
+    direct = zeroshot_eval(model, clf, evdata.labeled_loader(root, preprocess, 5))
+    for spelling in ("zeroshot", "zero-shot", "auto"):
+        assert evaluate(model, tokenizer, preprocess, spelling, root, batch_size=5) == direct
+    assert evaluate(model, tokenizer, preprocess, "zeroshot", root, classifier=clf, max_samples=7) == \
+        zeroshot_eval(model, clf, evdata.labeled_loader(root, preprocess, 64, max_samples=7))
+
+    write_shard(tmp_path / "ret" / "0.tar", [(im, {"txt": f"photo {i}\nimage {i}"}) for i, im in enumerate(images)])
+    ret = str(tmp_path / "ret")
+    assert evaluate(model, tokenizer, preprocess, "retrieval", ret, batch_size=5, ks=(1, 3)) == \
+        retrieval_eval(model, tokenizer, evdata.retrieval_loader(ret, preprocess, 5), ks=(1, 3))
+
+    train, val = probe_shards
+    tr_f, tr_l = extract_features(model, evdata.labeled_loader(train, preprocess, 4))
+    te_f, te_l = extract_features(model, evdata.labeled_loader(val, preprocess, 4))
+    res = evaluate(model, tokenizer, preprocess, "knn", val, train_data=train, k=3, T=0.1)
+    assert res == {**knn_eval(tr_f, tr_l, te_f, te_l, k=3, T=0.1), "n_train": 8}
+    res = evaluate(model, None, preprocess, "linear-probe", val, train_data=train, C=0.5)
+    assert res == {**linear_probe(tr_f, tr_l, te_f, te_l, C=0.5), "n_train": 8}
+    assert not model.training
+
+
+class KnnSection(pydantic.BaseModel):
+    """The shape of the planned ``eval.knn`` config section."""
+    shards: str
+    train_shards: str | None = None
+    k: int = 20
+    max_samples: int | None = None
+
+
+def test_run_training_eval_knn_and_zeroshot(clip, zs_dataset, probe_shards):
+    model, _, tokenizer, preprocess = clip
+    train, val = probe_shards
+    root = str(zs_dataset[0])
+    metrics = run_training_eval(
+        model, tokenizer, preprocess,
+        {"zeroshot": {"shards": root, "classnames": None, "templates": [], "max_samples": None},
+         "knn": KnnSection(shards=val, train_shards=train, k=3), "retrieval": None},
+        device="cpu", batch_size=5, default_classnames=CLASSNAMES, default_templates=TEMPLATES)
+    # today's trainer: {f"zeroshot/{k}": v for numbers of evaluate(..., "zeroshot", ...)}
+    zs = evaluate(model, tokenizer, preprocess, "zeroshot", root, classnames=CLASSNAMES, templates=TEMPLATES,
+                  batch_size=5, device="cpu")
+    tr_f, tr_l = extract_features(model, evdata.labeled_loader(train, preprocess, 4))
+    te_f, te_l = extract_features(model, evdata.labeled_loader(val, preprocess, 4))
+    knn = knn_eval(tr_f, tr_l, te_f, te_l, k=3)
+    assert metrics == {"zeroshot/top1": zs["top1"], "zeroshot/top5": zs["top5"], "zeroshot/n": N_IMAGES,
+                       "knn/top1": knn["top1"], "knn/top5": knn["top5"], "knn/n": 4, "knn/n_train": 8}
+    assert metrics["zeroshot/top1"] == pytest.approx(0.5)
+
+    # kNN needs no text tower: none at all here, and no tokenizer
+    image_only = copy.deepcopy(model)
+    image_only.transformer = image_only.token_embedding = image_only.ln_final = None
+    got = run_training_eval(image_only, None, preprocess, {"knn": {"shards": val, "train_shards": train, "k": 3}},
+                            device="cpu", batch_size=4)
+    assert got == {k: v for k, v in metrics.items() if k.startswith("knn/")}
+    with pytest.raises(ValueError, match="text tower"):
+        run_training_eval(image_only, None, preprocess, {"zeroshot": {"shards": root}}, device="cpu", batch_size=4)
+    with pytest.raises(ValueError, match="kk"):
+        run_training_eval(model, tokenizer, preprocess, {"knn": {"shards": val, "kk": 3}}, device="cpu",
+                          batch_size=4)
+    with pytest.raises(ValueError, match="train_shards"):
+        run_training_eval(model, tokenizer, preprocess, {"zeroshot": {"shards": root, "train_shards": train}},
+                          device="cpu", batch_size=4)
+
+
+def test_new_task_is_one_registry_entry(clip, probe_shards):
+    """A 'mean feature norm' task: one decorated function; evaluate, the CLI parser and run_training_eval
+    take it, with its own option ``p``."""
+    model, _, _, preprocess = clip
+    train, _ = probe_shards
+
+    @register_eval_task("mean_norm", needs_text=False, aliases=("feature-norm",), help="mean image feature norm")
+    def mean_norm(model, tokenizer, preprocess, data, *, device, batch_size, workers, max_samples, p=2.0, **_):
+        norms = [model.encode_image(x.to(device)).norm(p=p, dim=-1)
+                 for x, _ in evdata.labeled_loader(data, preprocess, batch_size, workers, max_samples)]
+        return {"mean_norm": float(torch.cat(norms).mean()), "n": int(sum(len(n) for n in norms))}
+
+    try:
+        assert EVAL_TASKS["mean_norm"].needs_text is False
+        with torch.no_grad():
+            x = next(iter(evdata.labeled_loader(train, preprocess, 100)))[0]
+            expected = {p: float(model.encode_image(x).norm(p=p, dim=-1).mean()) for p in (1.0, 2.0)}
+        res = evaluate(model, None, preprocess, "feature-norm", train, batch_size=3)
+        assert res["mean_norm"] == pytest.approx(expected[2.0], rel=1e-5) and res["n"] == 8
+        res = evaluate(model, None, preprocess, "mean_norm", train, batch_size=3, p=1.0)
+        assert res["mean_norm"] == pytest.approx(expected[1.0], rel=1e-5)
+        got = run_training_eval(model, None, preprocess, {"mean_norm": {"shards": train, "p": 1.0}}, device="cpu",
+                                batch_size=3)
+        assert got == {"mean_norm/mean_norm": res["mean_norm"], "mean_norm/n": 8}
+        parser = argparse.ArgumentParser(prog="vlp")
+        register_cli(parser.add_subparsers(dest="command"))
+        assert parser.parse_args(["eval", "--model", "m", "--data", "d", "--task", "feature-norm"]).task == "mean_norm"
+    finally:
+        del EVAL_TASKS["mean_norm"]
+    with pytest.raises(ValueError, match="unknown eval task"):
+        normalize_task("feature-norm")

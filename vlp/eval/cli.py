@@ -1,102 +1,23 @@
-"""``vlp zeroshot build|predict`` and ``vlp eval``, plus :func:`evaluate` for periodic evaluation in training."""
+"""``vlp zeroshot build|predict`` and ``vlp eval`` (any task of :data:`vlp.eval.tasks.EVAL_TASKS`).
+
+:func:`evaluate` is :func:`vlp.eval.tasks.evaluate`, re-exported."""
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
 import torch
 
-from vlp.eval.data import (find_classnames, find_dataset_type, find_templates, labeled_loader,
-                           retrieval_loader)
-from vlp.eval.probe import extract_features, knn_eval, linear_probe, split_train_test
-from vlp.eval.retrieval import retrieval_eval
-from vlp.eval.zeroshot import (build_classifier, load_classifier, predict, save_classifier, unwrap,
-                               zeroshot_eval)
-
-TASKS = ("zeroshot", "retrieval", "linear-probe", "knn")
-_ALIASES = {
-    "zeroshot": "zeroshot", "zero-shot": "zeroshot", "zero_shot": "zeroshot",
-    "zeroshot_classification": "zeroshot", "classification": "zeroshot",
-    "retrieval": "retrieval", "zeroshot_retrieval": "retrieval",
-    "linear-probe": "linear-probe", "linear_probe": "linear-probe", "linear": "linear-probe",
-    "knn": "knn",
-}
+from vlp.eval.data import find_classnames, find_templates
+from vlp.eval.tasks import EVAL_TASKS, evaluate, get_eval_task  # noqa: F401  (evaluate: re-exported)
+from vlp.eval.zeroshot import build_classifier, load_classifier, predict, save_classifier
 
 
 def normalize_task(task: str | None, data=None) -> str:
-    if task is None or task == "auto":
-        kind = find_dataset_type(data) if data is not None else None
-        return "retrieval" if kind and "retrieval" in kind else "zeroshot"
-    try:
-        return _ALIASES[task.lower()]
-    except KeyError:
-        raise ValueError(f"unknown eval task {task!r}; one of {', '.join(TASKS)}") from None
-
-
-def _model_device(model) -> torch.device:
-    try:
-        return next(unwrap(model).parameters()).device
-    except StopIteration:
-        return torch.device("cpu")
-
-
-def evaluate(model, tokenizer, preprocess, task: str, data, *, classnames=None, templates=None, classifier=None,
-             batch_size: int = 64, workers: int = 0, max_samples: int | None = None, device=None,
-             train_data=None, test_fraction: float = 0.2, seed: int = 0, k: int = 20, T: float = 0.07,
-             C: float = 1.0, ks=(1, 5, 10)) -> dict:
-    """Evaluate ``model`` on shards ``data``; returns the metrics dict.
-
-    - ``zeroshot``: ``classifier`` (a ``[D, C]`` tensor or a saved ``.safetensors``), else one built from
-      ``classnames``/``templates`` (found beside the shards when not given) -> ``top1``, ``top5``, ``n``.
-    - ``retrieval``: ``image_retrieval_recall@k`` / ``text_retrieval_recall@k`` for ``ks``.
-    - ``knn`` / ``linear-probe``: features of ``train_data`` and ``data``, or a ``test_fraction`` split of
-      ``data`` -> ``top1``, ``top5``, ``n`` (test samples), ``n_train``.
-
-    The model is put in eval mode and its training mode restored afterwards.
-    """
-    task = normalize_task(task, data)
-    device = torch.device(device) if device is not None else _model_device(model)
-    module = unwrap(model)
-    was_training = module.training
-    module.eval()
-    try:
-        if task == "zeroshot":
-            if classifier is None:
-                names = find_classnames(data, classnames)
-                temps = find_templates(data, templates)
-                weights = build_classifier(module, tokenizer, names, temps, device)
-            elif isinstance(classifier, (str, os.PathLike)):
-                weights = load_classifier(classifier)[0]
-            else:
-                weights = classifier
-            loader = labeled_loader(data, preprocess, batch_size, workers, max_samples)
-            return zeroshot_eval(module, weights, loader, device)
-        if task == "retrieval":
-            loader = retrieval_loader(data, preprocess, batch_size, workers, max_samples)
-            return retrieval_eval(module, tokenizer, loader, device, ks)
-        # knn / linear-probe
-        feats, labels = extract_features(module, labeled_loader(data, preprocess, batch_size, workers,
-                                                                max_samples), device)
-        if train_data:
-            train_feats, train_labels = extract_features(
-                module, labeled_loader(train_data, preprocess, batch_size, workers, max_samples), device)
-            test_feats, test_labels = feats, labels
-        else:
-            train_feats, train_labels, test_feats, test_labels = split_train_test(feats, labels, test_fraction,
-                                                                                  seed)
-        if task == "knn":
-            num_classes = int(max(train_labels.max(), test_labels.max())) + 1
-            metrics = knn_eval(train_feats, train_labels, test_feats, test_labels, k=k, T=T,
-                               num_classes=num_classes)
-        else:
-            metrics = linear_probe(train_feats, train_labels, test_feats, test_labels, C=C, seed=seed)
-        metrics["n_train"] = int(train_feats.shape[0])
-        return metrics
-    finally:
-        module.train(was_training)
+    """The registered name of ``task`` (an alias, any case, or ``auto``/``None``: by ``dataset_type.txt``)."""
+    return get_eval_task(task, data).name
 
 
 # ---------------------------------------------------------------------------------------------- commands
@@ -170,6 +91,16 @@ def cmd_zeroshot_predict(args) -> int:
     return 0
 
 
+def _task_arg(value: str) -> str:
+    """``--task``: the registered name of an alias; an unknown name fails with one line listing the known."""
+    if value.lower() == "auto":
+        return "auto"
+    try:
+        return get_eval_task(value).name
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def register_cli(subparsers) -> None:
     """Add ``zeroshot build``, ``zeroshot predict`` and ``eval`` to the ``vlp`` command's subparsers."""
     common = argparse.ArgumentParser(add_help=False)
@@ -197,11 +128,14 @@ def register_cli(subparsers) -> None:
     p.add_argument("images", nargs="+")
     p.set_defaults(func=cmd_zeroshot_predict)
 
-    e = subparsers.add_parser("eval", parents=[common], help="zero-shot, retrieval, linear-probe or kNN evaluation")
-    e.add_argument("--task", default="zeroshot", choices=sorted(set(_ALIASES)) + ["auto"], metavar="TASK",
-                   help="zeroshot, retrieval, linear-probe, knn, or auto (dataset_type.txt)")
+    names = ", ".join(EVAL_TASKS)
+    e = subparsers.add_parser("eval", parents=[common], help=f"evaluate: {names}")
+    e.add_argument("--task", default="zeroshot", type=_task_arg, choices=[*EVAL_TASKS, "auto"], metavar="TASK",
+                   help="; ".join(f"{t.name}: {t.help}" if t.help else t.name for t in EVAL_TASKS.values())
+                   + "; auto: by dataset_type.txt (aliases accepted, e.g. linear-probe)")
     e.add_argument("--data", required=True, help="shards: folder, tar, brace pattern; several joined by ::")
-    e.add_argument("--train-data", default=None, help="train shards for knn / linear-probe")
+    e.add_argument("--train-data", default=None,
+                   help="train shards for " + ", ".join(t.name for t in EVAL_TASKS.values() if t.uses_train_data))
     e.add_argument("--classnames", default=None)
     e.add_argument("--templates", default=None)
     e.add_argument("--classifier", default=None, help="a saved zero-shot classifier instead of prompts")

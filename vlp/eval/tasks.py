@@ -1,0 +1,239 @@
+"""The evaluation-task registry: one :class:`EvalTask` entry per task; :func:`evaluate` and
+:func:`run_training_eval` dispatch through it.
+
+A task is a function ``run(model, tokenizer, preprocess, data, *, device, batch_size, workers, max_samples,
+**options) -> dict`` registered with :func:`register_eval_task`. ``model`` is the bare open_clip model, already
+in eval mode; ``options`` are every option of :func:`evaluate` (``classnames``, ``templates``, ``classifier``,
+``train_data``, ``test_fraction``, ``seed``, ``k``, ``T``, ``C``, ``ks``) plus any extra keyword, so a task names
+the ones it uses and takes ``**_`` for the rest::
+
+    @register_eval_task("mean_norm", needs_text=False)
+    def mean_norm(model, tokenizer, preprocess, data, *, device, batch_size, workers, max_samples, **_):
+        ...
+        return {"mean_norm": value}
+"""
+from __future__ import annotations
+
+import inspect
+import os
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
+
+import torch
+
+from vlp.eval.data import (find_classnames, find_dataset_type, find_templates, labeled_loader,
+                           retrieval_loader)
+from vlp.eval.probe import extract_features, knn_eval, linear_probe, split_train_test
+from vlp.eval.retrieval import retrieval_eval
+from vlp.eval.zeroshot import build_classifier, load_classifier, unwrap, zeroshot_eval
+
+
+@dataclass(frozen=True)
+class EvalTask:
+    """A registered evaluation task.
+
+    ``needs_text``: uses the text tower (and tokenizer); ``shards``: the sample kind it reads from ``data``
+    (``labeled``: ``cls`` labels, ``captions``: ``txt``); ``uses_train_data``: takes ``train_data`` shards
+    (else splits ``data``); ``aliases``: other accepted spellings of ``name``.
+    """
+    name: str
+    run: Callable[..., dict]
+    needs_text: bool = True
+    shards: str = "labeled"
+    uses_train_data: bool = False
+    aliases: tuple[str, ...] = ()
+    help: str = ""
+
+
+EVAL_TASKS: dict[str, EvalTask] = {}
+
+
+def register_eval_task(name: str, *, needs_text: bool = True, shards: str = "labeled",
+                       uses_train_data: bool = False, aliases: tuple[str, ...] = (), help: str = ""):
+    """Decorator registering ``run`` as eval task ``name`` (see the module docstring); returns ``run``."""
+
+    def decorator(run: Callable[..., dict]) -> Callable[..., dict]:
+        taken = {s for t in EVAL_TASKS.values() for s in (t.name, *t.aliases)} | {"auto"}
+        clash = [s for s in (name, *aliases) if s.lower() in taken]
+        if clash:
+            raise ValueError(f"eval task name {clash[0]!r} is already registered")
+        EVAL_TASKS[name] = EvalTask(name, run, needs_text, shards, uses_train_data,
+                                    tuple(a.lower() for a in aliases), help)
+        return run
+
+    return decorator
+
+
+def get_eval_task(task: str | None, data=None) -> EvalTask:
+    """The task named ``task`` (a name or alias, any case). ``None``/``auto``: ``retrieval`` when ``data``'s
+    ``dataset_type.txt`` says so, else ``zeroshot``."""
+    if task is None or task == "auto":
+        kind = find_dataset_type(data) if data is not None else None
+        task = "retrieval" if kind and "retrieval" in kind else "zeroshot"
+    key = str(task).lower()
+    for t in EVAL_TASKS.values():
+        if key == t.name.lower() or key in t.aliases:
+            return t
+    raise ValueError(f"unknown eval task {task!r}; known: {', '.join(EVAL_TASKS)} (or auto)")
+
+
+def _model_device(model) -> torch.device:
+    try:
+        return next(unwrap(model).parameters()).device
+    except StopIteration:
+        return torch.device("cpu")
+
+
+def evaluate(model, tokenizer, preprocess, task: str, data, *, classnames=None, templates=None, classifier=None,
+             batch_size: int = 64, workers: int = 0, max_samples: int | None = None, device=None,
+             train_data=None, test_fraction: float = 0.2, seed: int = 0, k: int = 20, T: float = 0.07,
+             C: float = 1.0, ks=(1, 5, 10), **options) -> dict:
+    """Evaluate ``model`` on shards ``data`` with the registered ``task``; returns the metrics dict.
+
+    - ``zeroshot``: ``classifier`` (a ``[D, C]`` tensor or a saved ``.safetensors``), else one built from
+      ``classnames``/``templates`` (found beside the shards when not given) -> ``top1``, ``top5``, ``n``.
+    - ``retrieval``: ``image_retrieval_recall@k`` / ``text_retrieval_recall@k`` for ``ks``.
+    - ``knn`` / ``linear_probe``: features of ``train_data`` and ``data``, or a ``test_fraction`` split of
+      ``data`` -> ``top1``, ``top5``, ``n`` (test samples), ``n_train``.
+
+    ``options``: extra keywords for tasks that take them. Runs under ``torch.no_grad()``; the model is put in
+    eval mode and its training mode restored afterwards.
+    """
+    entry = get_eval_task(task, data)
+    device = torch.device(device) if device is not None else _model_device(model)
+    module = unwrap(model)
+    was_training = module.training
+    module.eval()
+    try:
+        with torch.no_grad():
+            return entry.run(module, tokenizer, preprocess, data, device=device, batch_size=batch_size,
+                             workers=workers, max_samples=max_samples, classnames=classnames,
+                             templates=templates, classifier=classifier, train_data=train_data,
+                             test_fraction=test_fraction, seed=seed, k=k, T=T, C=C, ks=ks, **options)
+    finally:
+        module.train(was_training)
+
+
+# ---------------------------------------------------------------------------------------------- the tasks
+
+
+@register_eval_task("zeroshot", aliases=("zero-shot", "zero_shot", "zeroshot_classification", "classification"),
+                    help="zero-shot classification: top1, top5")
+def run_zeroshot(model, tokenizer, preprocess, data, *, device, batch_size, workers, max_samples, classnames=None,
+                 templates=None, classifier=None, **_) -> dict:
+    """Top-1/top-5 of a given classifier, else one built from class names and templates."""
+    if classifier is None:
+        names = find_classnames(data, classnames)
+        temps = find_templates(data, templates)
+        weights = build_classifier(model, tokenizer, names, temps, device)
+    elif isinstance(classifier, (str, os.PathLike)):
+        weights = load_classifier(classifier)[0]
+    else:
+        weights = classifier
+    loader = labeled_loader(data, preprocess, batch_size, workers, max_samples)
+    return zeroshot_eval(model, weights, loader, device)
+
+
+@register_eval_task("retrieval", shards="captions", aliases=("zeroshot_retrieval",),
+                    help="image-text retrieval: recall@k both ways")
+def run_retrieval(model, tokenizer, preprocess, data, *, device, batch_size, workers, max_samples, ks=(1, 5, 10),
+                  **_) -> dict:
+    """Image and text retrieval recall@k for ``ks``."""
+    loader = retrieval_loader(data, preprocess, batch_size, workers, max_samples)
+    return retrieval_eval(model, tokenizer, loader, device, ks)
+
+
+def probe_features(model, preprocess, data, *, device, batch_size, workers, max_samples, train_data=None,
+                   test_fraction: float = 0.2, seed: int = 0):
+    """Image features ``(train_feats, train_labels, test_feats, test_labels)``: of ``train_data`` and ``data``,
+    or a ``test_fraction`` split of ``data``."""
+    feats, labels = extract_features(model, labeled_loader(data, preprocess, batch_size, workers, max_samples),
+                                     device)
+    if train_data:
+        train_feats, train_labels = extract_features(
+            model, labeled_loader(train_data, preprocess, batch_size, workers, max_samples), device)
+        return train_feats, train_labels, feats, labels
+    return split_train_test(feats, labels, test_fraction, seed)
+
+
+@register_eval_task("knn", needs_text=False, uses_train_data=True, help="weighted kNN on image features")
+def run_knn(model, tokenizer, preprocess, data, *, device, batch_size, workers, max_samples, train_data=None,
+            test_fraction: float = 0.2, seed: int = 0, k: int = 20, T: float = 0.07, **_) -> dict:
+    """Weighted kNN (``k``, temperature ``T``) top-1/top-5; ``n_train`` train samples."""
+    tr_f, tr_l, te_f, te_l = probe_features(model, preprocess, data, device=device, batch_size=batch_size,
+                                            workers=workers, max_samples=max_samples, train_data=train_data,
+                                            test_fraction=test_fraction, seed=seed)
+    num_classes = int(max(tr_l.max(), te_l.max())) + 1
+    metrics = knn_eval(tr_f, tr_l, te_f, te_l, k=k, T=T, num_classes=num_classes)
+    metrics["n_train"] = int(tr_f.shape[0])
+    return metrics
+
+
+@register_eval_task("linear_probe", needs_text=False, uses_train_data=True, aliases=("linear-probe", "linear"),
+                    help="logistic regression on image features")
+def run_linear_probe(model, tokenizer, preprocess, data, *, device, batch_size, workers, max_samples,
+                     train_data=None, test_fraction: float = 0.2, seed: int = 0, C: float = 1.0, **_) -> dict:
+    """Logistic-regression (``C``) top-1/top-5; ``n_train`` train samples."""
+    tr_f, tr_l, te_f, te_l = probe_features(model, preprocess, data, device=device, batch_size=batch_size,
+                                            workers=workers, max_samples=max_samples, train_data=train_data,
+                                            test_fraction=test_fraction, seed=seed)
+    metrics = linear_probe(tr_f, tr_l, te_f, te_l, C=C, seed=seed)
+    metrics["n_train"] = int(tr_f.shape[0])
+    return metrics
+
+
+# ---------------------------------------------------------------------------------------------- in training
+
+_EVALUATE_OPTIONS = frozenset(p.name for p in inspect.signature(evaluate).parameters.values()
+                              if p.kind is p.KEYWORD_ONLY)
+
+
+def _task_options(task: EvalTask) -> set[str]:
+    """The keywords ``task`` accepts: :func:`evaluate`'s plus those its ``run`` names."""
+    params = inspect.signature(task.run).parameters.values()
+    named = set(_EVALUATE_OPTIONS) | {p.name for p in params if p.kind is p.KEYWORD_ONLY}
+    return named - {"device", "train_data"}  # given by run_training_eval (train_data as train_shards)
+
+
+def _as_dict(settings) -> dict[str, Any]:
+    if hasattr(settings, "model_dump"):  # a pydantic config section
+        return settings.model_dump()
+    return dict(settings)
+
+
+def run_training_eval(clip_model, tokenizer, preprocess, specs: Mapping[str, Any], *, device, batch_size: int,
+                      default_classnames=None, default_templates=None) -> dict[str, float]:
+    """Run each configured eval task; metrics named ``<task>/<metric>`` (numbers only), e.g. ``zeroshot/top1``,
+    ``knn/top1``.
+
+    ``specs`` maps a task name (or alias) to its settings, a dict or a pydantic section (``None``: skipped):
+    ``shards`` (required), ``train_shards`` (tasks with ``uses_train_data``), ``classnames`` and ``templates``
+    (empty or unset: ``default_classnames``/``default_templates``), and any other :func:`evaluate` option
+    (``max_samples``, ``k``, ``T``, ``C``, ``test_fraction``, ``seed``, ``ks``, ``batch_size`` ...). Unset
+    (``None``) settings take :func:`evaluate`'s defaults. Image-only tasks (``needs_text=False``, e.g. ``knn``)
+    never touch the text tower, so they suit models trained without one.
+    """
+    metrics: dict[str, float] = {}
+    for name, settings in specs.items():
+        if settings is None:
+            continue
+        task = get_eval_task(name)
+        opts = {k: v for k, v in _as_dict(settings).items() if v is not None}
+        shards = opts.pop("shards", None)
+        if not shards:
+            raise ValueError(f"eval.{name}: no shards")
+        train_shards = opts.pop("train_shards", None)
+        if train_shards and not task.uses_train_data:
+            raise ValueError(f"eval.{name}: task {task.name} takes no train_shards")
+        unknown = sorted(set(opts) - _task_options(task))
+        if unknown:
+            raise ValueError(f"eval.{name}: unknown setting(s) {', '.join(unknown)}")
+        if task.needs_text and tokenizer is None:
+            raise ValueError(f"eval.{name}: task {task.name} needs a text tower (no tokenizer given)")
+        opts["classnames"] = opts.get("classnames") or default_classnames
+        opts["templates"] = opts.get("templates") or default_templates
+        opts.setdefault("batch_size", batch_size)
+        result = evaluate(clip_model, tokenizer, preprocess, task.name, shards, device=device,
+                          train_data=train_shards, **opts)
+        metrics.update({f"{task.name}/{k}": v for k, v in result.items() if isinstance(v, (int, float))})
+    return metrics
