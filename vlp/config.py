@@ -142,9 +142,24 @@ class ZeroShotEvalConfig(_Strict):
     max_samples: int | None = None
 
 
+class KnnEvalConfig(_Strict):
+    """Weighted kNN (DINO's protocol) on image features: needs no text tower, so it monitors SSL-only runs."""
+
+    shards: str                          # labeled evaluation shards
+    train_shards: str | None = None      # labeled shards for the kNN memory (default: a split of ``shards``)
+    k: int = Field(20, gt=0)
+    max_samples: int | None = None
+
+
 class EvalConfig(_Strict):
+    """In-training evaluation; every task registered in ``vlp.eval.tasks`` that has a section here runs."""
+
     zeroshot: ZeroShotEvalConfig | None = None
+    knn: KnnEvalConfig | None = None
     batch_size: int = Field(256, gt=0)
+
+    def tasks(self) -> dict:
+        return {name: spec for name in ("zeroshot", "knn") if (spec := getattr(self, name)) is not None}
 
 
 class Config(_Strict):
@@ -305,8 +320,10 @@ def config_from_dict(tree: dict, base_dir: str | os.PathLike = ".", check_files:
     if check_files:
         for i, src in enumerate(cfg.data.sources):
             check_shards(f"data.sources[{i}].shards", _absolute_specs(src.shard_specs(), base_dir))
-        if cfg.eval.zeroshot is not None:
-            check_shards("eval.zeroshot.shards", _absolute_specs([cfg.eval.zeroshot.shards], base_dir))
+        for task, spec in cfg.eval.tasks().items():
+            for key in ("shards", "train_shards"):
+                if getattr(spec, key, None):
+                    check_shards(f"eval.{task}.{key}", _absolute_specs([getattr(spec, key)], base_dir))
     return cfg
 
 

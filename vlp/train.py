@@ -298,7 +298,7 @@ class Trainer:
                 self.evaluate()
             stop = self._should_stop()
             if stop or self.step % tc.save_every == 0 or self.step == tc.steps:
-                if self.step == tc.steps and cfg.eval.zeroshot is not None:
+                if self.step == tc.steps and cfg.eval.tasks():
                     self.evaluate()
                 self.save()
             if stop:
@@ -310,25 +310,25 @@ class Trainer:
         return {"step": self.step, **self.last_metrics, **self.eval_metrics}
 
     def evaluate(self) -> dict:
-        """Zero-shot top-1/top-5 on the configured labeled shards (main process; others wait)."""
-        zs = self.cfg.eval.zeroshot
-        if zs is None:
+        """The configured eval tasks (``eval.zeroshot``, ``eval.knn``...) on the student (main process; others
+        wait); metrics are ``<task>/<metric>``."""
+        specs = self.cfg.eval.tasks()
+        if not specs:
             return {}
         acc = self.accelerator
         if acc.is_main_process:
-            from vlp.eval.cli import evaluate
+            from vlp.eval.tasks import run_training_eval
+
             clip = acc.unwrap_model(self.model).clip
             was_training = clip.training
             clip.eval()
-            result = evaluate(clip, self.tokenizer, self.eval_preprocess, "zeroshot", zs.shards,
-                              classnames=zs.classnames or self.classnames,
-                              templates=zs.templates or self.templates,
-                              batch_size=self.cfg.eval.batch_size, max_samples=zs.max_samples,
-                              device=acc.device)
+            self.eval_metrics = run_training_eval(
+                clip, self.tokenizer, self.eval_preprocess, specs, device=acc.device,
+                batch_size=self.cfg.eval.batch_size, default_classnames=self.classnames,
+                default_templates=self.templates)
             clip.train(was_training)
-            self.eval_metrics = {f"zeroshot/{k}": v for k, v in result.items() if isinstance(v, (int, float))}
             acc.log({f"eval/{k}": v for k, v in self.eval_metrics.items()}, step=self.step)
-            log.info("step %d zero-shot: %s", self.step, self.eval_metrics)
+            log.info("step %d eval: %s", self.step, self.eval_metrics)
             with (self.run_dir / "metrics.jsonl").open("a") as f:
                 f.write(json.dumps({"step": self.step, **self.eval_metrics}) + "\n")
         acc.wait_for_everyone()
