@@ -66,22 +66,13 @@ _VISION_ONLY_TEXT_CFG = {"context_length": 77, "vocab_size": 49408, "width": 64,
 # ---------------------------------------------------------------------------------------------------- helpers
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The open_clip model inside DDP / torch.compile / a training wrapper holding it as ``.clip``."""
-    seen = 0
-    while seen < 8:
-        seen += 1
-        if hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        elif isinstance(model, torch.nn.parallel.DistributedDataParallel) or (
-                type(model).__name__ in ("DistributedDataParallel", "DataParallel") and hasattr(model, "module")):
-            model = model.module
-        elif not hasattr(model, "visual") and isinstance(getattr(model, "clip", None), torch.nn.Module):
-            model = model.clip
-        else:
-            break
-    if not hasattr(model, "visual"):
-        raise TypeError(f"expected an open_clip model (with .visual), got {type(model).__name__}")
-    return model
+    """The open_clip model inside ``model`` (``vlp.models.factory.unwrap``); TypeError if there is none."""
+    from vlp.models.factory import unwrap
+
+    clip = unwrap(model)
+    if not hasattr(clip, "visual"):
+        raise TypeError(f"expected an open_clip model (with .visual), got {type(clip).__name__}")
+    return clip
 
 
 def _tensors_for_safetensors(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
