@@ -776,17 +776,10 @@ def card_from_run(cfg, info: dict | None = None, license: str | None = None, rep
         sources.append(entry)
     batch = {k: getattr(cfg.data.batch, k) for k in KIND_ORDER}
 
-    objectives = {}
-    for oname, o in cfg.objectives.items():
-        settings = {"weight": o.weight}
-        if oname == "contrastive":
-            settings.update(loss=o.loss, labels_as_text=o.labels_as_text)
-        elif oname == "supervised":
-            settings.update(label_smoothing=o.label_smoothing)
-        elif oname == "mae":
-            settings.update(mask_ratio=cfg.model.mask_ratio, norm_pix_loss=cfg.model.mae.norm_pix_loss,
-                            decoder=f"{cfg.model.mae.decoder_depth} layers x {cfg.model.mae.decoder_width}")
-        objectives[oname] = settings
+    from vlp.objectives import OBJECTIVES
+
+    objectives = {oname: OBJECTIVES[oname].card_settings(o, cfg) if oname in OBJECTIVES else {"weight": o.weight}
+                  for oname, o in cfg.objectives.items()}
 
     train_metrics = dict(info.get("metrics") or {})
     metrics = {k: v for k, v in train_metrics.items() if k.startswith(_EVAL_PREFIXES)}

@@ -30,5 +30,12 @@ class Objective(nn.Module):
         """Build from its ``ObjectiveConfig`` ``o`` and the run config ``cfg``."""
         raise NotImplementedError
 
+    @classmethod
+    def card_settings(cls, o, cfg) -> dict:
+        """The settings the model card shows for this objective: its weight and every non-default field of ``o``."""
+        settings = {"weight": o.weight}
+        settings.update({k: v for k, v in o.model_dump(exclude_defaults=True).items() if k != "weight"})
+        return settings
+
     def forward(self, outputs: dict, batch: dict) -> tuple[torch.Tensor, dict]:
         raise NotImplementedError

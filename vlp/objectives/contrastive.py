@@ -69,6 +69,10 @@ class ContrastiveObjective(Objective):
     def from_config(cls, o, cfg, *, patch, rank, world_size):
         return cls(o.loss, o.labels_as_text, rank, world_size)
 
+    @classmethod
+    def card_settings(cls, o, cfg) -> dict:
+        return {"weight": o.weight, "loss": o.loss, "labels_as_text": o.labels_as_text}
+
     def forward(self, outputs, batch):
         img, txt, scale = outputs["image_features"], outputs["text_features"], outputs["logit_scale"]
         if self.kind == "siglip":

@@ -35,6 +35,17 @@ class MAEObjective(Objective):
     def from_config(cls, o, cfg, *, patch, rank, world_size):
         return cls(patch, cfg.model.mae.norm_pix_loss)
 
+    @classmethod
+    def card_settings(cls, o, cfg) -> dict:
+        def get(name, older):  # the objective's own setting, else where older configs keep it (cfg.model[.mae])
+            value = getattr(o, name, None)
+            return value if value is not None else getattr(older, name)
+
+        mae = getattr(cfg.model, "mae", None)
+        return {"weight": o.weight, "mask_ratio": get("mask_ratio", cfg.model),
+                "norm_pix_loss": get("norm_pix_loss", mae),
+                "decoder": f"{get('decoder_depth', mae)} layers x {get('decoder_width', mae)}"}
+
     def forward(self, outputs, batch):
         loss = mae_loss(outputs["mae_pred"].float(), batch["image"].float(), outputs["mae_mask"], self.patch,
                         self.norm_pix)

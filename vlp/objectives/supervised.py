@@ -18,6 +18,10 @@ class SupervisedObjective(Objective):
     def from_config(cls, o, cfg, *, patch, rank, world_size):
         return cls(o.label_smoothing)
 
+    @classmethod
+    def card_settings(cls, o, cfg) -> dict:
+        return {"weight": o.weight, "label_smoothing": o.label_smoothing}
+
     def forward(self, outputs, batch):
         rows = batch["label"] >= 0
         logits, labels = outputs["class_logits"][rows], batch["label"][rows]
