@@ -536,3 +536,26 @@ def test_teacher_weights_old_ema_file_and_no_teacher(tmp_path, capsys):
     with pytest.raises(ValueError, match="teacher.safetensors"):
         clip_state_dict(ckpt, weights="teacher")
 
+
+def test_card_asks_each_objective_for_its_settings(tmp_path, monkeypatch):
+    from vlp.config import config_from_dict
+    from vlp.objectives import OBJECTIVES, Objective, SupervisedObjective
+
+    cfg = config_from_dict(_run_config(tmp_path), check_files=False)
+    assert ex.card_from_run(cfg)["objectives"] == {
+        "contrastive": {"weight": 1.0, "loss": "clip", "labels_as_text": False},
+        "mae": {"weight": 0.3, "mask_ratio": 0.6, "norm_pix_loss": True, "decoder": "2 layers x 128"},
+        "supervised": {"weight": 0.7, "label_smoothing": 0.0}}
+    # the base default: the weight and the objective config's non-default fields
+    assert Objective.card_settings(cfg.objectives["supervised"], cfg) == {"weight": 0.7}
+
+    class Noted(SupervisedObjective):
+        @classmethod
+        def card_settings(cls, o, cfg):
+            return {"weight": o.weight, "note": "from the class"}
+
+    monkeypatch.setitem(OBJECTIVES, "supervised", Noted)
+    monkeypatch.delitem(OBJECTIVES, "contrastive")  # an objective the registry does not know: its weight only
+    objectives = ex.card_from_run(cfg)["objectives"]
+    assert objectives["supervised"] == {"weight": 0.7, "note": "from the class"}
+    assert objectives["contrastive"] == {"weight": 1.0}
