@@ -409,3 +409,153 @@ def test_cli_export_from_checkpoint_and_push(vit, images, tmp_path, fake_hub):
                                    atol=1e-5, rtol=0)
     args = parser.parse_args(["export", "--checkpoint", str(tmp_path / "nothing"), "--out", str(tmp_path / "x")])
     assert args.func(args) == 1
+
+
+# ------------------------------------------------------------------------------------- momentum teacher
+
+def _run_config(run: Path) -> dict:
+    return {
+        "output_dir": str(run),
+        "model": {"name": "vlp-test-vit", "mask_ratio": 0.6},
+        "data": {"sources": [{"name": "pairs", "kind": "paired", "shards": "/nowhere/p-{0..3}.tar"},
+                             {"name": "digits", "kind": "labeled", "shards": "/nowhere/l-{0..1}.tar"}],
+                 "batch": {"paired": 24, "labeled": 8}},
+        "objectives": {"contrastive": {"weight": 1.0}, "mae": {"weight": 0.3}, "supervised": {"weight": 0.7}},
+        "optim": {"lr": 0.00123, "ema_decay": 0.99},
+        "train": {"steps": 40, "precision": "no"},
+    }
+
+
+def _training_checkpoint(ckpt: Path, seed: int):
+    """A checkpoint folder as the trainer writes it: ``model.safetensors`` of a real training model (VLPModel over
+    ``create_clip("vlp-test-vit")``: ``clip.*``, ``mae_decoder.*``, ``classifier.*``), config.yaml, vlp_state.json.
+    Returns the training model."""
+    from safetensors.torch import save_model
+
+    from vlp.config import config_from_dict
+    from vlp.models.model import build_vlp_model
+
+    config = _run_config(ckpt.parent.parent)
+    clip, _, _ = _perturbed("vlp-test-vit", seed)
+    model = build_vlp_model(clip, config_from_dict(config, check_files=False), num_classes=3).eval()
+    ckpt.mkdir(parents=True)
+    save_model(model, str(ckpt / "model.safetensors"))  # as accelerate's save_state writes it
+    (ckpt / "config.yaml").write_text(yaml.safe_dump(config))
+    (ckpt / "vlp_state.json").write_text(json.dumps({"step": 40, "samples_seen": {"paired": 960, "labeled": 320},
+                                                     "metrics": {}, "world_size": 1}))
+    return model
+
+
+def _export_parser():
+    parser = argparse.ArgumentParser(prog="vlp")
+    ex.register_cli(parser.add_subparsers(dest="command"))
+    return parser
+
+
+def _moved(state: dict, seed: int) -> dict:
+    gen = torch.Generator().manual_seed(seed)
+    return {k: v + 0.05 * torch.randn(v.shape, generator=gen) for k, v in state.items()}
+
+
+def test_cli_export_momentum_teacher(images, tmp_path, capsys):
+    ckpt = tmp_path / "run" / "checkpoints" / "step_00000040"
+    student = _training_checkpoint(ckpt, seed=2)
+    # the teacher tracks the image tower and the classifier head (not the text tower), with other values
+    teacher = _moved({k: v for k, v in student.state_dict().items() if k.startswith(("clip.visual.", "classifier."))},
+                     seed=3)
+    assert {"clip.visual.conv1.weight", "clip.visual.proj", "classifier.fc.weight"} <= set(teacher)
+    save_file(teacher, str(ckpt / "teacher.safetensors"))
+
+    parser = _export_parser()
+    loaded = {}
+    for weights in ("teacher", "student"):
+        args = parser.parse_args(["export", "--checkpoint", str(tmp_path / "run"), "--out", str(tmp_path / weights),
+                                  "--weights", weights])
+        assert args.func(args) == 0
+        _no_pickles(tmp_path / weights)
+        loaded[weights] = open_clip.create_model_and_transforms(f"local-dir:{tmp_path / weights}")[0].eval()
+
+    # the merged state: the teacher's image tower, the student's text tower
+    merged, _, tokenizer = create_clip("vlp-test-vit")
+    state = {k[len("clip."):]: v for k, v in {**student.state_dict(), **teacher}.items() if k.startswith("clip.")}
+    merged.load_state_dict(state, strict=True)
+    merged.eval()
+    tokens = tokenizer(TEXTS)
+    with torch.no_grad():
+        teacher_images = loaded["teacher"].encode_image(images)
+        student_images = loaded["student"].encode_image(images)
+        torch.testing.assert_close(teacher_images, merged.encode_image(images), atol=1e-5, rtol=0)
+        torch.testing.assert_close(student_images, student.clip.encode_image(images), atol=1e-5, rtol=0)
+        assert not torch.allclose(teacher_images, student_images, atol=1e-3)
+        torch.testing.assert_close(loaded["teacher"].encode_text(tokens), student.clip.encode_text(tokens),
+                                   atol=1e-5, rtol=0)
+    assert "| exported weights | momentum teacher (teacher.safetensors" in (tmp_path / "teacher" / "README.md").read_text()
+    assert "| exported weights | student |" in (tmp_path / "student" / "README.md").read_text()
+
+    # --ema: a hidden alias of --weights teacher
+    with pytest.raises(SystemExit):
+        parser.parse_args(["export", "--help"])
+    usage = capsys.readouterr().out
+    assert "--weights" in usage and "--ema" not in usage
+    args = parser.parse_args(["export", "--checkpoint", str(ckpt), "--out", str(tmp_path / "ema"), "--ema"])
+    assert args.weights == "teacher" and args.func(args) == 0
+    assert (tmp_path / "ema" / "open_clip_model.safetensors").read_bytes() == \
+        (tmp_path / "teacher" / "open_clip_model.safetensors").read_bytes()
+
+
+def test_teacher_weights_old_ema_file_and_no_teacher(tmp_path, capsys):
+    from vlp.checkpoint import clip_state_dict
+
+    ckpt = tmp_path / "run" / "checkpoints" / "step_00000040"
+    full = _training_checkpoint(ckpt, seed=4).state_dict()
+    student = {k[len("clip."):]: v for k, v in full.items() if k.startswith("clip.")}
+
+    def same(a, b):
+        return set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in b)
+
+    assert same(clip_state_dict(ckpt), student)
+    with pytest.raises(FileNotFoundError, match="teacher.safetensors"):
+        clip_state_dict(ckpt, weights="teacher")
+    with pytest.raises(ValueError, match="weights"):
+        clip_state_dict(ckpt, weights="ema")
+    args = _export_parser().parse_args(["export", "--checkpoint", str(ckpt), "--out", str(tmp_path / "x"),
+                                        "--weights", "teacher"])
+    assert args.func(args) == 1 and "teacher.safetensors" in capsys.readouterr().err
+
+    # older runs: ema.safetensors, the EMA of the whole training model
+    ema = _moved(full, seed=5)
+    save_file(ema, str(ckpt / "ema.safetensors"))
+    want = {k[len("clip."):]: v for k, v in ema.items() if k.startswith("clip.")}
+    assert same(clip_state_dict(ckpt, weights="teacher"), want) and same(clip_state_dict(ckpt, ema=True), want)
+    assert same(clip_state_dict(ckpt), student)
+    # teacher.safetensors comes first
+    save_file({"clip.visual.proj": torch.zeros_like(student["visual.proj"])}, str(ckpt / "teacher.safetensors"))
+    assert same(clip_state_dict(ckpt, weights="teacher"),
+                {**student, "visual.proj": torch.zeros_like(student["visual.proj"])})
+    save_file({"clip.visual.nothing": torch.zeros(1)}, str(ckpt / "teacher.safetensors"))
+    with pytest.raises(ValueError, match="teacher.safetensors"):
+        clip_state_dict(ckpt, weights="teacher")
+
+
+def test_card_asks_each_objective_for_its_settings(tmp_path, monkeypatch):
+    from vlp.config import config_from_dict
+    from vlp.objectives import OBJECTIVES, Objective, SupervisedObjective
+
+    cfg = config_from_dict(_run_config(tmp_path), check_files=False)
+    assert ex.card_from_run(cfg)["objectives"] == {
+        "contrastive": {"weight": 1.0, "loss": "clip", "labels_as_text": False},
+        "mae": {"weight": 0.3, "mask_ratio": 0.6, "norm_pix_loss": True, "decoder": "2 layers x 128"},
+        "supervised": {"weight": 0.7, "label_smoothing": 0.0}}
+    # the base default: the weight and the objective config's non-default fields
+    assert Objective.card_settings(cfg.objectives["supervised"], cfg) == {"weight": 0.7}
+
+    class Noted(SupervisedObjective):
+        @classmethod
+        def card_settings(cls, o, cfg):
+            return {"weight": o.weight, "note": "from the class"}
+
+    monkeypatch.setitem(OBJECTIVES, "supervised", Noted)
+    monkeypatch.delitem(OBJECTIVES, "contrastive")  # an objective the registry does not know: its weight only
+    objectives = ex.card_from_run(cfg)["objectives"]
+    assert objectives["supervised"] == {"weight": 0.7, "note": "from the class"}
+    assert objectives["contrastive"] == {"weight": 1.0}

@@ -22,6 +22,8 @@ import yaml
 STATE_FILE = "vlp_state.json"
 CONFIG_FILE = "config.yaml"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
+TEACHER_FILES = ("teacher.safetensors", "ema.safetensors")  # the momentum teacher (ema.safetensors: older runs)
+WEIGHTS = ("student", "teacher")
 
 
 def checkpoint_dir(run_dir: str | os.PathLike, step: int) -> Path:
@@ -78,9 +80,39 @@ def model_state_dict(ckpt: str | os.PathLike) -> dict:
     return load_file(str(find_checkpoint(ckpt) / "model.safetensors"))
 
 
-def clip_state_dict(ckpt: str | os.PathLike, ema: bool = False) -> dict:
-    """A plain open_clip state dict (the ``clip.`` part of the training model; EMA weights if asked)."""
+def teacher_file(ckpt: str | os.PathLike) -> Path | None:
+    """The checkpoint's momentum-teacher weights file, or None when the run had no teacher."""
     ckpt = find_checkpoint(ckpt)
-    source = ckpt / "ema.safetensors" if ema else ckpt / "model.safetensors"
-    state = load_file(str(source))
+    return next((ckpt / name for name in TEACHER_FILES if (ckpt / name).is_file()), None)
+
+
+def clip_state_dict(ckpt: str | os.PathLike, weights: str = "student", ema: bool = False) -> dict:
+    """A plain open_clip state dict: the ``clip.`` part of the training model.
+
+    ``weights="teacher"`` (or ``ema=True``): the student's state with the momentum teacher's ``clip.*`` values
+    (``teacher.safetensors``, else ``ema.safetensors``) written over it.
+    """
+    if ema:
+        weights = "teacher"
+    if weights not in WEIGHTS:
+        raise ValueError(f"weights={weights!r}: one of {', '.join(WEIGHTS)}")
+    ckpt = find_checkpoint(ckpt)
+    state = _clip_part(load_file(str(ckpt / "model.safetensors")))
+    if weights == "teacher":
+        source = teacher_file(ckpt)
+        if source is None:
+            raise FileNotFoundError(f"{ckpt}: no momentum teacher to load (neither {' nor '.join(TEACHER_FILES)}); "
+                                    f"use the student weights")
+        teacher = _clip_part(load_file(str(source)))
+        if not teacher:
+            raise ValueError(f"{source}: no clip.* weights")
+        unknown = sorted(set(teacher) - set(state))
+        if unknown:
+            raise ValueError(f"{source}: {len(unknown)} keys not in the student's model.safetensors "
+                             f"(clip.{unknown[0]}, ...)")
+        state.update(teacher)
+    return state
+
+
+def _clip_part(state: dict) -> dict:
     return {k[len("clip."):]: v for k, v in state.items() if k.startswith("clip.")}

@@ -131,22 +131,24 @@ class PretrainTask:
         return {}
 
     # ---- state --------------------------------------------------------------------------------------------
-    def extra_state(self) -> dict[str, torch.Tensor]:
-        """Tensors a checkpoint must hold besides the student and optimizer: the teacher's tracked weights
-        (``teacher.<student key>``) and every objective's buffers (``objectives.<name>.<buffer>``)."""
-        state = {}
-        if self.teacher is not None:
-            state.update({f"teacher.{k}": v for k, v in self.teacher.state_dict_tracked().items()})
+    def extra_state(self) -> dict[str, dict[str, torch.Tensor]]:
+        """Tensors a checkpoint holds besides the student and optimizer, one safetensors file per entry:
+        ``teacher`` (the tracked weights under the student's key names, what ``vlp export --weights teacher``
+        reads) and ``objectives`` (every objective's buffers, ``<name>.<buffer>``)."""
+        state = {"teacher": self.teacher.state_dict_tracked() if self.teacher is not None else {},
+                 "objectives": {}}
         for name, (obj, _) in self.objectives.items():
-            state.update({f"objectives.{name}.{k}": v.detach().contiguous() for k, v in obj.state_dict().items()})
+            state["objectives"].update({f"{name}.{k}": v for k, v in obj.state_dict().items()})
         return state
 
-    def load_extra_state(self, state: dict[str, torch.Tensor]) -> None:
+    def load_extra_state(self, state: dict[str, dict[str, torch.Tensor]]) -> None:
         if self.teacher is not None:
-            self.teacher.load_tracked({k[len("teacher."):]: v for k, v in state.items() if k.startswith("teacher.")})
+            if "teacher" not in state:
+                raise FileNotFoundError("the checkpoint has no teacher.safetensors, but this run has a teacher")
+            self.teacher.load_tracked(state["teacher"])
+        saved = state.get("objectives", {})
         for name, (obj, _) in self.objectives.items():
-            prefix = f"objectives.{name}."
-            own = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+            own = {k[len(name) + 1:]: v for k, v in saved.items() if k.startswith(f"{name}.")}
             if own or obj.state_dict():
                 obj.load_state_dict(own)
 

@@ -10,17 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from vlp.eval.data import iter_images, template_fns
-
-
-def unwrap(model):
-    """The bare open_clip model of a DDP / compiled wrapper."""
-    while True:
-        inner = getattr(model, "module", None)
-        if inner is None:
-            inner = getattr(model, "_orig_mod", None)
-        if not isinstance(inner, torch.nn.Module):
-            return model
-        model = inner
+from vlp.models.factory import unwrap
 
 
 @torch.no_grad()

