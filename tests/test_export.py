@@ -432,12 +432,12 @@ def _training_checkpoint(ckpt: Path, seed: int):
     Returns the training model."""
     from safetensors.torch import save_model
 
+    from conftest import student
     from vlp.config import config_from_dict
-    from vlp.models.model import build_vlp_model
 
     config = _run_config(ckpt.parent.parent)
     clip, _, _ = _perturbed("vlp-test-vit", seed)
-    model = build_vlp_model(clip, config_from_dict(config, check_files=False), num_classes=3).eval()
+    model = student(clip, config_from_dict(config, check_files=False).model, num_classes=3).eval()
     ckpt.mkdir(parents=True)
     save_model(model, str(ckpt / "model.safetensors"))  # as accelerate's save_state writes it
     (ckpt / "config.yaml").write_text(yaml.safe_dump(config))
