@@ -1,0 +1,66 @@
+"""Rotation prediction (Gidaris et al. 2018, "Unsupervised Representation Learning by Predicting Image
+Rotations"): each image of the chosen rows is shown at 0, 90, 180 and 270 degrees and a 4-way head on the pooled
+feature predicts which. One view group (``rotation``: a random crop per row, cut from the shared decode) is
+rotated four ways on the device; the student runs unmasked on the 4 x rows, and the loss is the cross-entropy
+over all of them.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+
+from vlp.data.views import view_transform
+from vlp.models.heads import Head
+from vlp.objectives.base import Objective, ObjectiveConfig, ViewGroup, register
+
+
+class RotationHead(Head):
+    """Rotates the ``rotation`` view 4 ways, encodes it with the student, predicts the rotation."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.fc = torch.nn.Linear(width, 4)
+
+    def head_forward(self, model, outputs, batch) -> dict:
+        views = batch.views["rotation"][0]  # [B_rows, 3, H, W]
+        rotated = torch.cat([torch.rot90(views, k, dims=(2, 3)) for k in range(4)])
+        target = torch.arange(4, device=views.device).repeat_interleave(views.shape[0])
+        return {"rotation_logits": self.fc(model.encode_pooled(rotated)), "rotation_target": target}
+
+
+@register("rotation")
+class RotationObjective(Objective):
+    class Config(ObjectiveConfig):
+        kinds: list[Literal["paired", "labeled", "unlabeled"]] = Field(default_factory=lambda: ["unlabeled"],
+                                                                       min_length=1)
+        crop_scale: tuple[float, float] = (0.5, 1.0)
+
+    needs = ("rotation_logits", "rotation_target")
+
+    def __init__(self, kinds=("unlabeled",), crop_scale=(0.5, 1.0)):
+        super().__init__()
+        self.row_kinds, self.crop_scale = tuple(kinds), tuple(crop_scale)
+
+    @classmethod
+    def from_config(cls, o, ctx):
+        return cls(o.kinds, o.crop_scale)
+
+    @classmethod
+    def check(cls, o, cfg):
+        if not any(getattr(cfg.data.batch, k) > 0 for k in o.kinds):
+            raise ValueError(f"objectives.rotation.kinds: no rows of {o.kinds} in data.batch")
+
+    def heads(self, ctx):
+        return {"rotation_head": RotationHead(ctx.width)}
+
+    def view_groups(self, ctx):
+        t = view_transform("crop", ctx.image_size, ctx.mean, ctx.std, scale=self.crop_scale)
+        return [ViewGroup("rotation", self.row_kinds, (t,), recipe=f"crop{self.crop_scale}")]
+
+    def forward(self, outputs, batch):
+        logits, target = outputs["rotation_logits"].float(), outputs["rotation_target"]
+        loss = F.cross_entropy(logits, target)
+        return loss, {"acc": (logits.argmax(-1) == target).float().mean().detach()}
