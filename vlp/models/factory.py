@@ -7,11 +7,14 @@ then from the vlp source tree); an open_clip built-in config name. ``hf_model_na
 """
 from __future__ import annotations
 
+import atexit
 import copy
 import hashlib
 import importlib
 import json
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import open_clip
@@ -77,28 +80,22 @@ def create_clip(name_or_cfg: str | dict, pretrained_text: bool = True):
     return model, model_cfg, tokenizer_for(model_cfg)
 
 
+_CONFIG_DIR: Path | None = None
+
+
 def _register(model_cfg: dict) -> str:
-    """open_clip.create_model builds from its registry of names: add this config under a private name."""
+    """open_clip.create_model builds from its registry of names: add this config under a content-hashed name,
+    through open_clip's public ``add_model_config`` (a JSON file in a per-process folder)."""
+    global _CONFIG_DIR
     name = "vlp-" + hashlib.sha1(json.dumps(model_cfg, sort_keys=True).encode()).hexdigest()[:12]
-    open_clip.factory._MODEL_CONFIGS[name] = copy.deepcopy(model_cfg)
+    if name not in open_clip.list_models():
+        if _CONFIG_DIR is None:
+            _CONFIG_DIR = Path(tempfile.mkdtemp(prefix="vlp-model-configs-"))
+            atexit.register(shutil.rmtree, _CONFIG_DIR, True)
+        path = _CONFIG_DIR / f"{name}.json"
+        path.write_text(json.dumps(model_cfg))
+        open_clip.add_model_config(path)
     return name
-
-
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The open_clip model inside torch.compile / DDP / EMA wrappers (``.module``) or a training model holding it
-    as ``.clip``; anything else is returned as is."""
-    for _ in range(8):
-        if isinstance(getattr(model, "_orig_mod", None), torch.nn.Module):  # torch.compile (forwards attributes)
-            model = model._orig_mod
-        elif hasattr(model, "visual"):
-            break
-        elif isinstance(getattr(model, "module", None), torch.nn.Module):  # DDP, DataParallel, timm ModelEma
-            model = model.module
-        elif isinstance(getattr(model, "clip", None), torch.nn.Module):  # vlp.models.model.VLPModel
-            model = model.clip
-        else:
-            break
-    return model
 
 
 def tokenizer_for(model_cfg: dict):
