@@ -98,6 +98,23 @@ def _register(model_cfg: dict) -> str:
     return name
 
 
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The open_clip model inside torch.compile / DDP / EMA wrappers (``.module``) or a training model holding it
+    as ``.clip``; anything else is returned as is."""
+    for _ in range(8):
+        if isinstance(getattr(model, "_orig_mod", None), torch.nn.Module):  # torch.compile (forwards attributes)
+            model = model._orig_mod
+        elif hasattr(model, "visual"):
+            break
+        elif isinstance(getattr(model, "module", None), torch.nn.Module):  # DDP, DataParallel, timm ModelEma
+            model = model.module
+        elif isinstance(getattr(model, "clip", None), torch.nn.Module):  # vlp.models.model.VLPModel
+            model = model.clip
+        else:
+            break
+    return model
+
+
 def tokenizer_for(model_cfg: dict):
     text = model_cfg.get("text_cfg", {})
     context_length = text.get("context_length", 77)
