@@ -224,10 +224,6 @@ class Config(_Strict):
             raise KeyedError("optim.ema_decay: set teacher.tau (with teacher.schedule: constant) instead of both")
         return self
 
-    def objective_weight(self, name: str) -> float:
-        o = self.objectives.get(name)
-        return o.weight if o is not None else 0.0
-
 
 def expand_shards(spec: str | os.PathLike | list) -> list[str]:
     """Shard paths/URLs of a spec, in order: ``::`` separates several specs (a list is several too), braces

@@ -37,15 +37,18 @@ def build_context(model: VLPModel, cfg: Config | None = None, rank: int = 0, wor
                         classnames=classnames, num_classes=num_classes)
 
 
-def build_student(clip: torch.nn.Module, model_cfg, objectives: list[Objective], ctx: BuildContext | None = None,
-                  **ctx_kw) -> VLPModel:
-    """The student for these objectives: text features only if one reads them, and every head they declare."""
-    model = VLPModel(clip, model_cfg, use_text=any(o.needs_text for o in objectives))
-    ctx = ctx or build_context(model, **ctx_kw)
+def add_heads(model: VLPModel, objectives: list[Objective], ctx: BuildContext) -> VLPModel:
+    """Every head the objectives declare, added to the student."""
     for obj in objectives:
         for name, head in obj.heads(ctx).items():
             model.add_head(name, head)
     return model
+
+
+def build_student(clip: torch.nn.Module, model_cfg, objectives: list[Objective], **ctx_kw) -> VLPModel:
+    """The student for these objectives: text features only if one reads them, and every head they declare."""
+    model = VLPModel(clip, model_cfg, use_text=any(o.needs_text for o in objectives))
+    return add_heads(model, objectives, build_context(model, **ctx_kw))
 
 
 def teacher_config(cfg: Config, objectives) -> TeacherConfig | None:
@@ -59,14 +62,17 @@ def teacher_config(cfg: Config, objectives) -> TeacherConfig | None:
 
 
 class PretrainTask:
+    EXTRA_STATE = ("teacher", "objectives")  # the files extra_state() writes (<name>.safetensors)
+
     def __init__(self, cfg: Config, rank: int = 0, world_size: int = 1, classnames: list[str] | None = None):
         self.cfg = cfg
         self.rank, self.world_size = rank, world_size
         clip, self.model_cfg, self.tokenizer = create_clip(cfg.model.name)
         self.classnames = classnames
         self.num_classes = cfg.model.num_classes or (len(classnames) if classnames else 0)
-        probe = VLPModel(clip, cfg.model, use_text=False)
-        self.ctx = build_context(probe, cfg, rank, world_size, classnames, self.num_classes)
+        active = [name for name, o in cfg.objectives.items() if o.weight > 0]
+        self.student = VLPModel(clip, cfg.model, use_text=any(OBJECTIVES[n].needs_text for n in active))
+        self.ctx = build_context(self.student, cfg, rank, world_size, classnames, self.num_classes)
         try:
             self.objectives = build_objectives(cfg, self.ctx)
             objs = [o for o, _ in self.objectives.values()]
@@ -74,7 +80,7 @@ class PretrainTask:
                 if any(True for _ in obj.parameters()):
                     raise ValueError(f"objectives.{name}: an objective holds no trainable parameters; "
                                      f"declare them as heads")
-            self.student = build_student(clip, cfg.model, objs, self.ctx)
+            add_heads(self.student, objs, self.ctx)
             self.view_groups: list[ViewGroup] = merge_view_groups([g for o in objs for g in o.view_groups(self.ctx)])
         except ValueError as err:
             raise ConfigError(str(err)) from None
@@ -135,10 +141,10 @@ class PretrainTask:
         """Tensors a checkpoint holds besides the student and optimizer, one safetensors file per entry:
         ``teacher`` (the tracked weights under the student's key names, what ``vlp export --weights teacher``
         reads) and ``objectives`` (every objective's buffers, ``<name>.<buffer>``)."""
-        state = {"teacher": self.teacher.state_dict_tracked() if self.teacher is not None else {},
-                 "objectives": {}}
+        teacher, objectives = self.EXTRA_STATE
+        state = {teacher: self.teacher.state_dict_tracked() if self.teacher is not None else {}, objectives: {}}
         for name, (obj, _) in self.objectives.items():
-            state["objectives"].update({f"{name}.{k}": v for k, v in obj.state_dict().items()})
+            state[objectives].update({f"{name}.{k}": v for k, v in obj.state_dict().items()})
         return state
 
     def load_extra_state(self, state: dict[str, dict[str, torch.Tensor]]) -> None:
@@ -151,6 +157,3 @@ class PretrainTask:
             own = {k[len(name) + 1:]: v for k, v in saved.items() if k.startswith(f"{name}.")}
             if own or obj.state_dict():
                 obj.load_state_dict(own)
-
-    def card_settings(self) -> dict:
-        return {name: OBJECTIVES[name].card_settings(o, self.cfg) for name, o in self.cfg.objectives.items()}

@@ -117,7 +117,7 @@ class Trainer:
             taken = state.get("data_taken", {}).get(str(self.rank), {})
             self.dataset.start_taken = {int(k): v for k, v in taken.items()}
         self.task.load_extra_state({f.stem: load_file(str(f)) for f in sorted(path.glob("*.safetensors"))
-                                    if f.stem in self.task.extra_state()})
+                                    if f.stem in self.task.EXTRA_STATE})
         log.info("resumed from %s at step %d", path, self.step)
 
     def save(self) -> Path:

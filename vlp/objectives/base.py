@@ -22,15 +22,23 @@ after the shared image pass (so DDP sees every parameter it uses) and adds named
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
 
 import torch
+from pydantic import Field
 from torch import nn
 
 from vlp.config import ObjectiveConfig
 
 OBJECTIVES: dict[str, type["Objective"]] = {}
+
+
+class RowsConfig(ObjectiveConfig):
+    """Config of an objective whose rows the user picks (``kinds``; unlabeled by default)."""
+
+    kinds: list[Literal["paired", "labeled", "unlabeled"]] = Field(default_factory=lambda: ["unlabeled"],
+                                                                   min_length=1)
 
 
 def register(name: str):
@@ -61,7 +69,6 @@ class BuildContext:
     std: tuple = (0.26862954, 0.26130258, 0.27577711)
     classnames: list[str] | None = None  # the labeled sources' class names (one label space)
     num_classes: int = 0
-    extras: dict = field(default_factory=dict)
 
 
 class Objective(nn.Module):
@@ -81,9 +88,13 @@ class Objective(nn.Module):
 
     @classmethod
     def check(cls, o: ObjectiveConfig, cfg) -> None:
-        """Cross-key checks against the run config, raising ``ValueError('objectives.<name>...: why')``."""
+        """Cross-key checks against the run config, raising ``ValueError('objectives.<name>...: why')``. The
+        default: the step has rows of the kinds it reads (``o.kinds`` where its config chooses them)."""
         b = cfg.data.batch
-        if cls.kinds and not any(getattr(b, k) > 0 for k in cls.kinds):
+        if isinstance(o, RowsConfig):
+            if not any(getattr(b, k) > 0 for k in o.kinds):
+                raise ValueError(f"objectives.{cls.name}.kinds: no rows of {o.kinds} in data.batch")
+        elif cls.kinds and not any(getattr(b, k) > 0 for k in cls.kinds):
             need = " or ".join(f"data.batch.{k} > 0" for k in cls.kinds)
             raise ValueError(f"objectives.{cls.name}: needs {need}")
 
@@ -115,4 +126,4 @@ class Objective(nn.Module):
 
 from vlp.data.batch import ViewGroup  # noqa: E402  (re-exported for objective files)
 
-__all__ = ["OBJECTIVES", "Objective", "ObjectiveConfig", "BuildContext", "ViewGroup", "register"]
+__all__ = ["OBJECTIVES", "Objective", "ObjectiveConfig", "RowsConfig", "BuildContext", "ViewGroup", "register"]

@@ -6,8 +6,6 @@ instead of BatchNorm, so the always-eval teacher and the student compute the sam
 """
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 import torch.nn.functional as F
 from pydantic import Field
@@ -15,7 +13,7 @@ from torch import nn
 
 from vlp.data.views import view_transform
 from vlp.models.heads import Head
-from vlp.objectives.base import Objective, ObjectiveConfig, ViewGroup, register
+from vlp.objectives.base import Objective, RowsConfig, ViewGroup, register
 
 
 def mlp(dim_in: int, hidden: int, dim_out: int) -> nn.Sequential:
@@ -43,9 +41,7 @@ class BYOLHead(Head):
 
 @register("byol")
 class BYOLObjective(Objective):
-    class Config(ObjectiveConfig):
-        kinds: list[Literal["paired", "labeled", "unlabeled"]] = Field(default_factory=lambda: ["unlabeled"],
-                                                                       min_length=1)
+    class Config(RowsConfig):
         hidden_dim: int = Field(1024, gt=0)
         proj_dim: int = Field(256, gt=0)
         crop_scale: tuple[float, float] = (0.2, 1.0)
@@ -62,11 +58,6 @@ class BYOLObjective(Objective):
     @classmethod
     def from_config(cls, o, ctx):
         return cls(o.kinds, o.hidden_dim, o.proj_dim, o.crop_scale)
-
-    @classmethod
-    def check(cls, o, cfg):
-        if not any(getattr(cfg.data.batch, k) > 0 for k in o.kinds):
-            raise ValueError(f"objectives.byol.kinds: no rows of {o.kinds} in data.batch")
 
     def heads(self, ctx):
         return {"byol_head": BYOLHead(ctx.width, self.hidden, self.dim)}

@@ -54,8 +54,8 @@ class MAEObjective(Objective):
 
     def heads(self, ctx):
         if not ctx.is_vit:
-            raise ValueError(f"objectives.mae: the image tower is not a ViT; MAE needs a patch-token ViT "
-                             f"(use an open_clip ViT config or drop the mae objective)")
+            raise ValueError("objectives.mae: the image tower is not a ViT; MAE needs a patch-token ViT "
+                             "(use an open_clip ViT config or drop the mae objective)")
         width, depth, n_heads = self.decoder
         return {"mae_decoder": MAEDecoder(ctx.width, ctx.grid, ctx.patch, width, depth, n_heads)}
 

@@ -6,15 +6,12 @@ over all of them.
 """
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 import torch.nn.functional as F
-from pydantic import Field
 
 from vlp.data.views import view_transform
 from vlp.models.heads import Head
-from vlp.objectives.base import Objective, ObjectiveConfig, ViewGroup, register
+from vlp.objectives.base import Objective, RowsConfig, ViewGroup, register
 
 
 class RotationHead(Head):
@@ -33,9 +30,7 @@ class RotationHead(Head):
 
 @register("rotation")
 class RotationObjective(Objective):
-    class Config(ObjectiveConfig):
-        kinds: list[Literal["paired", "labeled", "unlabeled"]] = Field(default_factory=lambda: ["unlabeled"],
-                                                                       min_length=1)
+    class Config(RowsConfig):
         crop_scale: tuple[float, float] = (0.5, 1.0)
 
     needs = ("rotation_logits", "rotation_target")
@@ -47,11 +42,6 @@ class RotationObjective(Objective):
     @classmethod
     def from_config(cls, o, ctx):
         return cls(o.kinds, o.crop_scale)
-
-    @classmethod
-    def check(cls, o, cfg):
-        if not any(getattr(cfg.data.batch, k) > 0 for k in o.kinds):
-            raise ValueError(f"objectives.rotation.kinds: no rows of {o.kinds} in data.batch")
 
     def heads(self, ctx):
         return {"rotation_head": RotationHead(ctx.width)}
