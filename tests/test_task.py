@@ -2,16 +2,14 @@
 views; the momentum teacher follows its formula, stays out of the optimizer, and survives a kill/resume exactly."""
 import json
 import math
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 
 from conftest import run_config, write_config
-from test_train import ENV, _metrics
+from test_train import ENV, _metrics, sigkill_after_first_checkpoint
 from vlp import checkpoint as ckpt_io
 from vlp.config import TeacherConfig, config_from_dict
 from vlp.data.mixing import make_loader
@@ -131,14 +129,7 @@ def test_killed_run_with_a_teacher_resumes_to_identical_losses_and_teacher(demo_
     reference = _metrics(tmp_path / "ref")
 
     run_dir, path = tmp_path / "killed", config("killed")
-    proc = subprocess.Popen([sys.executable, "-m", "vlp.train", "--config", str(path)], env=ENV,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while not ckpt_io.list_checkpoints(run_dir) and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    saved = ckpt_io.list_checkpoints(run_dir)
+    saved = sigkill_after_first_checkpoint(path, run_dir, timeout=300)
     assert saved and (saved[-1] / "teacher.safetensors").is_file()
     killed_at = json.loads((saved[-1] / ckpt_io.STATE_FILE).read_text())["step"]
     assert killed_at < steps, "the run finished before it could be killed"

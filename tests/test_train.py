@@ -31,6 +31,18 @@ def _metrics(run_dir: Path) -> dict[int, dict]:
     return out
 
 
+def sigkill_after_first_checkpoint(config: Path, run_dir: Path, timeout: float) -> list[Path]:
+    """Start `vlp.train` on ``config``, SIGKILL it once a checkpoint exists; the checkpoints left behind."""
+    proc = subprocess.Popen([sys.executable, "-m", "vlp.train", "--config", str(config)], env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + timeout
+    while not ckpt_io.list_checkpoints(run_dir) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    return ckpt_io.list_checkpoints(run_dir)
+
+
 def test_two_process_gradients_equal_single_process(tmp_path):
     """CLIP (gathered features) + MAE + supervised: DDP over 2 CPU processes == one process, doubled batch."""
     sys.path.insert(0, str(REPO / "tests" / "scripts"))
@@ -83,14 +95,7 @@ def test_killed_run_resumes_to_identical_losses(demo_data, tmp_path):
     # a larger batch slows each step so the kill lands between the first checkpoint and the end
     cfg = run_config(demo_data, run_dir, train={"steps": steps, "save_every": save_every})
     path = write_config(tmp_path / "killed.yaml", cfg)
-    proc = subprocess.Popen([sys.executable, "-m", "vlp.train", "--config", str(path)], env=ENV,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    while not ckpt_io.list_checkpoints(run_dir) and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    saved = ckpt_io.list_checkpoints(run_dir)
+    saved = sigkill_after_first_checkpoint(path, run_dir, timeout=240)
     assert saved, "no checkpoint before the kill"
     killed_at = json.loads((saved[-1] / ckpt_io.STATE_FILE).read_text())["step"]
     assert killed_at < steps, "the run finished before it could be killed"
