@@ -44,11 +44,10 @@ def sigkill_after_first_checkpoint(config: Path, run_dir: Path, timeout: float) 
 
 
 def test_two_process_gradients_equal_single_process(tmp_path):
-    """CLIP (gathered features) + MAE + supervised: DDP over 2 CPU processes == one process, doubled batch."""
+    """CLIP (gathered features, own masking ratio) + MAE + supervised + teacher pseudo-labels: DDP over 2 CPU
+    processes == one process, doubled batch."""
     sys.path.insert(0, str(REPO / "tests" / "scripts"))
-    from grads_common import build, global_batch
-
-    from vlp.objectives import combine
+    from grads_common import build, global_batch, loss_of
 
     out = tmp_path / "g.pt"
     proc = subprocess.run([*LAUNCH_2, str(REPO / "tests" / "scripts" / "ddp_grads.py"), str(out)],
@@ -56,10 +55,10 @@ def test_two_process_gradients_equal_single_process(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     ddp = torch.load(out, weights_only=True)
     assert ddp["world"] == 2
-    model, objectives, tok = build()
-    batch, noise = global_batch(tok)
-    loss, _ = combine(objectives, model(batch, noise=noise), batch)
-    loss.backward()
+    task = build()
+    model = task.student
+    batch, noise = global_batch(task.tokenizer)
+    loss_of(task, model, batch, noise).backward()
     single = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
     assert single.shape == ddp["grads"].shape
     assert single.abs().max() > 1e-3

@@ -158,6 +158,8 @@ def write_split_shards(out: Path, parts: dict[str, list], seed: int, maxcount: i
             s = {"__key__": f"{i:09d}", "jpg": Path(path).read_bytes()}  # CIFAR JPEGs keep their bytes
             if kind in ("labeled", "test"):
                 s["cls"] = str(y)
+            elif kind == "unlabeled":  # withheld: read only to measure pseudo-label accuracy (Batch.hidden_label)
+                s["hidden.cls"] = str(y)
             elif kind == "paired":
                 caption = rng.choice(CAPTION_TEMPLATES).format(c=CLASSNAMES[y])
                 s["txt"] = caption
@@ -180,7 +182,7 @@ def write_split_shards(out: Path, parts: dict[str, list], seed: int, maxcount: i
 def prepare(cache: Path, shards: Path, n_test: int, limit_per_class: int | None, seed: int) -> dict | None:
     """Extract CIFAR-10 and write the four shard folders (skipped when already written with these settings)."""
     params = {"n_test": n_test, "limit_per_class": limit_per_class, "seed": seed, "templates": CAPTION_TEMPLATES,
-              "version": 1}
+              "version": 2}
     marker = shards / "split.json"
     if marker.is_file():
         info = json.loads(marker.read_text())

@@ -6,6 +6,7 @@ objectives, the optional momentum teacher and the masking policy; the trainer ca
     loss, metrics = task.training_forward(batch, step, micro)            # inside autocast
     task.after_backward(step); optimizer.step(); task.after_optimizer_step(step)
     task.extra_state() / task.load_extra_state(state)                   # teacher + objective buffers
+    task.on_train_start()                                               # after a resume, before step one
 
 Anchors: open_clip's ``CLIPTask`` / ``DistillCLIPTask`` (a task owns model, loss and a frozen teacher), timm's
 ``timm/task`` (only the trainable module is wrapped), solo-learn's ``BaseMomentumMethod`` (momentum pairs, tau
@@ -25,7 +26,7 @@ from vlp.objectives import OBJECTIVES, BuildContext, Objective, build_objectives
 
 
 def build_context(model: VLPModel, cfg: Config | None = None, rank: int = 0, world_size: int = 1,
-                  classnames: list[str] | None = None, num_classes: int = 0) -> BuildContext:
+                  classnames: list[str] | None = None, num_classes: int = 0, tokenizer=None) -> BuildContext:
     """What objectives see of the student when they build heads and views."""
     v = model.clip.visual
     size = v.image_size if isinstance(v.image_size, int) else v.image_size[0]
@@ -34,7 +35,7 @@ def build_context(model: VLPModel, cfg: Config | None = None, rank: int = 0, wor
     return BuildContext(cfg=cfg, rank=rank, world_size=world_size, width=model.width, embed_dim=embed_dim,
                         patch=model.patch, grid=tuple(v.grid_size) if model.is_vit else None, is_vit=model.is_vit,
                         image_size=size, mean=tuple(v.image_mean or ()), std=tuple(v.image_std or ()),
-                        classnames=classnames, num_classes=num_classes)
+                        classnames=classnames, num_classes=num_classes, tokenizer=tokenizer)
 
 
 def add_heads(model: VLPModel, objectives: list[Objective], ctx: BuildContext) -> VLPModel:
@@ -72,7 +73,7 @@ class PretrainTask:
         self.num_classes = cfg.model.num_classes or (len(classnames) if classnames else 0)
         active = [name for name, o in cfg.objectives.items() if o.weight > 0]
         self.student = VLPModel(clip, cfg.model, use_text=any(OBJECTIVES[n].needs_text for n in active))
-        self.ctx = build_context(self.student, cfg, rank, world_size, classnames, self.num_classes)
+        self.ctx = build_context(self.student, cfg, rank, world_size, classnames, self.num_classes, self.tokenizer)
         try:
             self.objectives = build_objectives(cfg, self.ctx)
             objs = [o for o, _ in self.objectives.values()]
@@ -107,22 +108,35 @@ class PretrainTask:
         return self._unwrap(self.model)
 
     # ---- one step -----------------------------------------------------------------------------------------
-    def masking_noise(self, batch, step: int, micro: int) -> torch.Tensor | None:
+    def masking_noise(self, batch, step: int, micro: int, text_ratio: float | None = None) -> torch.Tensor | None:
         """Per-step masking noise from a generator seeded by (seed, step, micro-batch, rank): exact on resume."""
         model = self.unwrapped
-        if not model.is_vit or self.cfg.model.mask_ratio == 0:
+        if not model.is_vit or (self.cfg.model.mask_ratio == 0 and not text_ratio):
             return None
         g = torch.Generator().manual_seed(stream_seed(self.cfg.seed, "mask", step, micro, self.rank))
         return torch.rand(batch["image"].shape[0], model.num_patches, generator=g).to(batch["image"].device)
 
+    def text_pass_ratio(self, step: int) -> float | None:
+        """The contrastive rows' masking ratio at this step, where an objective sets one (None: shared pass)."""
+        ratios = {r for obj, _ in self.objectives.values() if (r := obj.text_pass_ratio(step)) is not None}
+        if len(ratios) > 1:
+            raise ValueError(f"objectives ask for different text-pass masking ratios: {sorted(ratios)}")
+        return ratios.pop() if ratios else None
+
     def training_forward(self, batch, step: int, micro: int = 0) -> tuple[torch.Tensor, dict]:
-        outputs = self.model(batch, noise=self.masking_noise(batch, step, micro))
+        text_ratio = self.text_pass_ratio(step)
+        outputs = self.model(batch, noise=self.masking_noise(batch, step, micro, text_ratio), text_ratio=text_ratio)
         if self.teacher is not None:
             with torch.no_grad():
                 for obj, _ in self.objectives.values():
                     if obj.uses_teacher:
                         outputs.update(obj.teacher_forward(self.teacher, batch, step))
         return combine(self.objectives, outputs, batch)
+
+    def on_train_start(self) -> None:
+        """Before the first step of this process (fresh or resumed): objectives may build state from the student."""
+        for obj, _ in self.objectives.values():
+            obj.on_train_start(self.unwrapped)
 
     def after_backward(self, step: int) -> None:
         for obj, _ in self.objectives.values():

@@ -97,6 +97,7 @@ class Trainer:
         self._stop_signal: int | None = None
         if resume:
             self._resume(resume)
+        self.task.on_train_start()
         self.dataset.start_batch = self.step * cfg.train.grad_accum
 
     # ---- checkpoints --------------------------------------------------------------------------------------

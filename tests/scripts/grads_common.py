@@ -1,18 +1,23 @@
-"""A fixed model and a fixed global mixed batch, shared by the single-process and 2-process gradient runs."""
+"""A fixed model and a fixed global mixed batch, shared by the single-process and 2-process gradient runs: CLIP/UniCL
+(gathered features, own 50% masking ratio), MAE (75%), supervised, and teacher pseudo-labels (FlexMatch counters
+all-reduced, fairness on the gathered mean prediction)."""
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch
 
 from vlp.config import config_from_dict
+from vlp.data.batch import Batch
+from vlp.objectives import combine
 from vlp.task import PretrainTask
 
 PER_RANK = {"paired": 3, "labeled": 2, "unlabeled": 1}
 CFG = {
     "data": {"sources": [{"kind": k, "shards": "x.tar"} for k in PER_RANK], "batch": PER_RANK},
     "model": {"name": "vlp-test-vit", "mask_ratio": 0.75},
-    "objectives": {"contrastive": {"weight": 1.0, "labels_as_text": True}, "mae": {"weight": 0.5},
-                   "supervised": {"weight": 0.3}},
+    "objectives": {"contrastive": {"weight": 1.0, "labels_as_text": True, "mask_ratio": 0.5},
+                   "mae": {"weight": 0.5}, "supervised": {"weight": 0.3},
+                   "pseudolabel": {"weight": 0.7, "rampup_steps": 0}},
 }
 
 
@@ -22,7 +27,18 @@ def build(rank=0, world=1):
     task = PretrainTask(cfg, rank, world, classnames=[f"class {i}" for i in range(4)])
     model = task.student
     torch.nn.init.normal_(model.classifier.fc.weight, std=0.1)  # zero-init head would hide its gradient path
-    return model, task.objectives, task.tokenizer
+    task.on_train_start()  # the pseudo-label class bank
+    return task
+
+
+def loss_of(task, model, batch, noise, step=0):
+    """The task's step with explicit masking noise: student pass, teacher outputs, weighted objectives."""
+    outputs = model(batch, noise=noise, text_ratio=task.text_pass_ratio(step))
+    for obj, _ in task.objectives.values():
+        if obj.uses_teacher:
+            with torch.no_grad():
+                outputs.update(obj.teacher_forward(task.teacher, batch, step))
+    return combine(task.objectives, outputs, batch)[0]
 
 
 def global_batch(tok, world=2):
@@ -36,19 +52,19 @@ def global_batch(tok, world=2):
             label = -1 if kind != 1 else (i + r) % 2  # a class shared across ranks: UniCL positives cross ranks
             text = f"a caption {r}-{i}" if kind == 0 else (f"a photo of class {label}" if kind == 1 else "")
             rows.append((kind, label, text))
-    batch = {
-        "image": torch.randn(world * n, 3, 32, 32, generator=g),
-        "text": tok([t for _, _, t in rows]),
-        "has_text": torch.tensor([k in (0, 1) for k, _, _ in rows]),
-        "label": torch.tensor([lab for _, lab, _ in rows]),
-        "kind": torch.tensor([k for k, _, _ in rows]),
-    }
-    batch["text"][~batch["has_text"]] = 0
+    kind = torch.tensor([k for k, _, _ in rows])
+    batch = Batch(image=torch.randn(world * n, 3, 32, 32, generator=g), text=tok([t for _, _, t in rows]),
+                  has_text=torch.tensor([k in (0, 1) for k, _, _ in rows]),
+                  label=torch.tensor([lab for _, lab, _ in rows]), kind=kind,
+                  views={"pseudolabel": torch.randn(1, int((kind == 2).sum()), 3, 32, 32, generator=g)})
+    batch.text[~batch.has_text] = 0
     noise = torch.rand(world * n, 16, generator=g)
     return batch, noise
 
 
 def local_slice(batch, noise, rank, world):
-    n = batch["image"].shape[0] // world
+    n = batch.image.shape[0] // world
     sl = slice(rank * n, (rank + 1) * n)
-    return {k: v[sl] for k, v in batch.items()}, noise[sl]
+    u = batch.views["pseudolabel"].shape[1] // world  # the group's rows, in batch order
+    return Batch(batch.image[sl], batch.text[sl], batch.has_text[sl], batch.label[sl], batch.kind[sl],
+                 {"pseudolabel": batch.views["pseudolabel"][:, rank * u:(rank + 1) * u]}), noise[sl]

@@ -11,6 +11,8 @@ A step's data is a pair ``(Batch, StreamMeta)``. ``Batch`` holds training tensor
       kind      [B]       long   0 paired, 1 labeled, 2 unlabeled (rows are grouped in that order, KINDS)
       views     {group: [V,B_g,3,h,w]}  extra augmented views of the rows of the group's kinds (B_g rows, in
                                  batch order), each group at its own size; cut from the same decode as ``image``
+      hidden_label [B] long  a benchmark's withheld label of unlabeled rows (``hidden.cls``), -1 where absent;
+                                 diagnostics only (pseudo-label accuracy), never read by a loss
     StreamMeta
       bad       [S]  skipped samples so far per source, in this worker (cumulative)
       worker         the DataLoader worker that built the batch
@@ -72,6 +74,7 @@ class Batch:
     label: torch.Tensor
     kind: torch.Tensor
     views: dict[str, torch.Tensor] = field(default_factory=dict)
+    hidden_label: torch.Tensor | None = None
 
     def __getitem__(self, key: str):
         if key not in _FIELDS:
@@ -84,12 +87,14 @@ class Batch:
     def to(self, device, non_blocking: bool = False) -> "Batch":
         move = lambda t: t.to(device, non_blocking=non_blocking)  # noqa: E731
         return Batch(move(self.image), move(self.text), move(self.has_text), move(self.label), move(self.kind),
-                     {k: move(v) for k, v in self.views.items()})
+                     {k: move(v) for k, v in self.views.items()},
+                     None if self.hidden_label is None else move(self.hidden_label))
 
     def pin_memory(self) -> "Batch":
         return Batch(self.image.pin_memory(), self.text.pin_memory(), self.has_text.pin_memory(),
                      self.label.pin_memory(), self.kind.pin_memory(),
-                     {k: v.pin_memory() for k, v in self.views.items()})
+                     {k: v.pin_memory() for k, v in self.views.items()},
+                     None if self.hidden_label is None else self.hidden_label.pin_memory())
 
     def __len__(self) -> int:
         return self.image.shape[0]

@@ -12,7 +12,9 @@ that count are:
 * label (``labeled``): ``cls`` holding a class index or a class name; when class names are known, ``txt`` may
   hold it instead. Reasons: ``"no label"``, ``"label not UTF-8"``, ``"unknown label"`` (neither an integer nor
   a known class name), ``"label out of range"`` (negative, or not below the number of known classes).
-* ``unlabeled``: the image only; other keys are ignored, as they are for the other kinds.
+* ``unlabeled``: the image only; other keys are ignored, as they are for the other kinds, except an optional
+  ``hidden.cls`` (a benchmark's withheld label): it becomes ``Batch.hidden_label``, read only to measure the
+  accuracy of pseudo-labels, never by a loss.
 
 Sidecar files lie beside the shards or one folder up (:func:`find_sidecar`): ``classnames.txt`` (line i names
 class i), ``sizes.json`` (``{"<shard file name>": samples}``), ``class_counts.json`` (``{"i": n}``).
@@ -36,6 +38,7 @@ CAPTION_KEYS = ("txt", "json")
 CLASSNAMES_FILE = "classnames.txt"
 SIZES_FILE = "sizes.json"
 CLASS_COUNTS_FILE = "class_counts.json"
+HIDDEN_LABEL_KEY = "hidden.cls"
 REASONS = ("no image", "no caption", "caption not UTF-8", "bad caption json", "empty caption", "no label",
            "label not UTF-8", "unknown label", "label out of range", "corrupt image")
 
@@ -139,6 +142,9 @@ def parse_sample(sample: Mapping, kind: str, classnames: Sequence[str] | None = 
         record["label"] = parse_label(sample, classnames, class_index)
         if isinstance(record["label"], Rejected):
             return record["label"]
+    elif HIDDEN_LABEL_KEY in sample:  # diagnostics only (pseudo-label accuracy); never a training label
+        hidden = parse_label({"cls": sample[HIDDEN_LABEL_KEY]}, classnames, class_index)
+        record["hidden_label"] = -1 if isinstance(hidden, Rejected) else hidden
     return record
 
 

@@ -124,6 +124,7 @@ class MixedBatches(IterableDataset):
             label=torch.tensor([r[2]["label"] for r in rows], dtype=torch.long),
             kind=torch.tensor([KIND_ID[r[0]] for r in rows], dtype=torch.long),
             views={name: torch.stack([torch.stack(v) for v in per_view]) for name, per_view in views.items()},
+            hidden_label=torch.tensor([r[2].get("hidden_label", -1) for r in rows], dtype=torch.long),
         )
 
     def _decode(self, source: Source, rec: dict, kind: str, worker: int, rows: list, i: int):

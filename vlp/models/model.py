@@ -6,7 +6,9 @@ task's noise; FLIP, Li et al. 2023; MAE, He et al. 2022). The forward returns wh
     pooled [B,W]            pooled pre-projection feature of every row (the masked pass in training)
     tokens [B,1+keep,W]     ViT tokens after the final norm (ViT towers only)
     mask   [B,N]            1 = removed patch (masked pass only); ids_restore [B,N] undoes the shuffle
-    image_features, text_features [T,D]  L2-normalized, rows with text (when a text objective is active)
+    embed [B,D]             L2-normalized contrastive-space embedding of every row from the shared pass
+    image_features, text_features [T,D]  L2-normalized, rows with text (when a text objective is active; the
+                            image side from the text rows' own pass when the contrastive objective masks differently)
     logit_scale, logit_bias
 
 then every head adds its own outputs: ``outputs.update(head.head_forward(model, outputs, batch))``. A head that
@@ -96,19 +98,23 @@ class VLPModel(nn.Module):
         return pooled @ v.proj if v.proj is not None else pooled
 
     # ---- one step ---------------------------------------------------------------------------------------
-    def forward(self, batch, noise: torch.Tensor | None = None) -> dict:
+    def forward(self, batch, noise: torch.Tensor | None = None, text_ratio: float | None = None) -> dict:
         """Everything the objectives read, from one (masked) image pass plus the heads.
 
         ``noise [B, N]`` fixes the masking (lowest values kept); by default it is drawn from torch's RNG.
+        ``text_ratio``: the contrastive rows' own masking ratio (None: they share the pass); when it differs from
+        the shared pass's, those rows get a second pass masked with the same noise (FLIP's ratio for CLIP, 0-50%,
+        beside MAE's 75%; 0 is FLIP's unmasked tuning).
         """
         images = batch["image"]
         out: dict = {}
         ratio = self.cfg.mask_ratio if self.training else 0.0
         if self.is_vit:
             ids_keep = None
-            if ratio > 0:
+            if ratio > 0 or (text_ratio or 0) > 0:
                 if noise is None:
                     noise = torch.rand(images.shape[0], self.num_patches, device=images.device)
+            if ratio > 0:
                 ids_keep, out["mask"], out["ids_restore"] = random_masking(noise, ratio)
             pooled, out["tokens"] = self.encode_visible(images, ids_keep)
         else:
@@ -116,11 +122,15 @@ class VLPModel(nn.Module):
         out["pooled"] = pooled
         if self.use_text:
             has_text = batch["has_text"]
-            if self.cfg.clip_unmasked and ratio > 0:
-                image_embed = self.clip.encode_image(images[has_text])
+            if self.cfg.clip_unmasked and text_ratio is None:
+                text_ratio = 0.0
+            out["embed"] = F.normalize(self.image_features(pooled), dim=-1)
+            if not self.training or not self.is_vit or text_ratio is None or text_ratio == ratio:
+                out["image_features"] = out["embed"][has_text]
             else:
-                image_embed = self.image_features(pooled[has_text])
-            out["image_features"] = F.normalize(image_embed, dim=-1)
+                keep = random_masking(noise[has_text], text_ratio)[0] if text_ratio > 0 else None
+                image_embed = self.image_features(self.encode_visible(images[has_text], keep)[0])
+                out["image_features"] = F.normalize(image_embed, dim=-1)
             out["text_features"] = F.normalize(self.clip.encode_text(batch["text"][has_text]), dim=-1)
             out["logit_scale"] = self.clip.logit_scale.exp()
             if getattr(self.clip, "logit_bias", None) is not None:

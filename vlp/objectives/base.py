@@ -69,6 +69,7 @@ class BuildContext:
     std: tuple = (0.26862954, 0.26130258, 0.27577711)
     classnames: list[str] | None = None  # the labeled sources' class names (one label space)
     num_classes: int = 0
+    tokenizer: Any = None             # the text tower's tokenizer (open_clip's)
 
 
 class Objective(nn.Module):
@@ -113,9 +114,16 @@ class Objective(nn.Module):
     def forward(self, outputs: dict, batch) -> tuple[torch.Tensor, dict]:
         raise NotImplementedError
 
+    def text_pass_ratio(self, step: int) -> float | None:
+        """The masking ratio of the text rows' image pass at this step (None: they share the main pass)."""
+        return None
+
     def teacher_forward(self, teacher, batch, step: int) -> dict:
         """No-grad teacher outputs this objective reads (``outputs['teacher/...']``); called before the student."""
         return {}
+
+    def on_train_start(self, model: nn.Module) -> None:
+        """Called with the unwrapped student before the first step (after a resume restored its buffers)."""
 
     def after_backward(self, model: nn.Module, step: int) -> None:
         pass

@@ -14,6 +14,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from open_clip.loss import ClipLoss, SigLipLoss
+from pydantic import Field
 
 from vlp.objectives.base import Objective, ObjectiveConfig, register
 
@@ -58,12 +59,17 @@ class ContrastiveObjective(Objective):
     class Config(ObjectiveConfig):
         loss: Literal["clip", "siglip"] = "clip"
         labels_as_text: bool = False  # UniCL (Yang et al. 2022): labeled rows carry a class prompt as text
+        # the text rows' own masking ratio (FLIP: 50% ~free, 75% hurts at small scale); None: model.mask_ratio
+        mask_ratio: float | None = Field(None, ge=0.0, lt=1.0)
+        unmasked_tail_steps: int = Field(0, ge=0)  # FLIP's unmasked tuning: the last N steps unmasked
 
     needs = ("image_features", "text_features", "logit_scale")
     needs_text = True
 
-    def __init__(self, loss: str = "clip", labels_as_text: bool = False, rank: int = 0, world_size: int = 1):
+    def __init__(self, loss: str = "clip", labels_as_text: bool = False, rank: int = 0, world_size: int = 1,
+                 mask_ratio: float | None = None, unmasked_tail_steps: int = 0, total_steps: int = 0):
         super().__init__()
+        self.mask_ratio, self.tail_from = mask_ratio, total_steps - unmasked_tail_steps if unmasked_tail_steps else None
         self.labels_as_text = labels_as_text
         self.kind = "siglip" if loss == "siglip" else ("unicl" if labels_as_text else "clip")
         if loss == "siglip" and labels_as_text:
@@ -79,7 +85,8 @@ class ContrastiveObjective(Objective):
 
     @classmethod
     def from_config(cls, o, ctx):
-        return cls(o.loss, o.labels_as_text, ctx.rank, ctx.world_size)
+        steps = ctx.cfg.train.steps if ctx.cfg is not None else 0
+        return cls(o.loss, o.labels_as_text, ctx.rank, ctx.world_size, o.mask_ratio, o.unmasked_tail_steps, steps)
 
     @classmethod
     def check(cls, o, cfg):
@@ -91,7 +98,14 @@ class ContrastiveObjective(Objective):
 
     @classmethod
     def card_settings(cls, o, cfg):
-        return {"weight": o.weight, "loss": o.loss, "labels_as_text": o.labels_as_text}
+        return {"weight": o.weight, "loss": o.loss, "labels_as_text": o.labels_as_text,
+                "mask_ratio": cfg.model.mask_ratio if o.mask_ratio is None else o.mask_ratio,
+                **({"unmasked_tail_steps": o.unmasked_tail_steps} if o.unmasked_tail_steps else {})}
+
+    def text_pass_ratio(self, step: int) -> float | None:
+        if self.tail_from is not None and step >= self.tail_from:
+            return 0.0
+        return self.mask_ratio
 
     def after_optimizer_step(self, model, step):
         with torch.no_grad():

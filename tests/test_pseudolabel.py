@@ -1,0 +1,167 @@
+"""Teacher pseudo-labels (MUST / FixMatch / FlexMatch) and the contrastive branch's own masking ratio."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from vlp.config import config_from_dict
+from vlp.data.batch import Batch
+from vlp.models.mae import random_masking
+from vlp.objectives.pseudolabel import fairness, flexmatch_thresholds, topk_per_class
+from vlp.task import PretrainTask
+
+CLASSES = ["cat", "dog", "ship"]
+
+
+def _task(pseudolabel: dict | None = None, contrastive: dict | None = None, steps: int = 100) -> PretrainTask:
+    cfg = config_from_dict({
+        "data": {"sources": [{"kind": k, "shards": "x.tar"} for k in ("paired", "labeled", "unlabeled")],
+                 "batch": {"paired": 2, "labeled": 2, "unlabeled": 4}},
+        "model": {"name": "vlp-test-vit", "mask_ratio": 0.75},
+        "objectives": {"contrastive": {"labels_as_text": True, **(contrastive or {})},
+                       "pseudolabel": pseudolabel or {}},
+        "train": {"steps": steps},
+    }, check_files=False)
+    torch.manual_seed(0)
+    task = PretrainTask(cfg, classnames=CLASSES)
+    task.on_train_start()
+    return task
+
+
+def _batch(task, seed=0) -> Batch:
+    g = torch.Generator().manual_seed(seed)
+    kind = torch.tensor([0, 0, 1, 1, 2, 2, 2, 2])
+    texts = ["a cat on a mat", "two dogs", "a photo of a ship.", "a photo of a cat.", "", "", "", ""]
+    b = Batch(image=torch.randn(8, 3, 32, 32, generator=g), text=task.tokenizer(texts), has_text=kind < 2,
+              label=torch.tensor([-1, -1, 2, 0, -1, -1, -1, -1]), kind=kind,
+              views={"pseudolabel": torch.randn(1, 4, 3, 32, 32, generator=g)},
+              hidden_label=torch.tensor([-1, -1, -1, -1, 0, 1, 2, 1]))
+    b.text[~b.has_text] = 0
+    return b
+
+
+def test_flexmatch_thresholds_match_a_hand_computed_case():
+    sigma, tau = torch.tensor([4.0, 2.0, 0.0]), 0.9
+    # no warm-up: beta = sigma / max sigma = [1, .5, 0]; M(x) = x / (2 - x) = [1, 1/3, 0]
+    assert torch.allclose(flexmatch_thresholds(sigma, torch.tensor(1.0), tau), torch.tensor([0.9, 0.3, 0.0]))
+    assert torch.allclose(flexmatch_thresholds(sigma, torch.tensor(10.0), tau, warmup=False),
+                          torch.tensor([0.9, 0.3, 0.0]))
+    # warm-up: 10 unused rows dominate: beta = [.4, .2, 0]; M = [.25, 1/9, 0]
+    assert torch.allclose(flexmatch_thresholds(sigma, torch.tensor(10.0), tau), torch.tensor([0.225, 0.1, 0.0]))
+    # before anything is confident every threshold is 0 (FlexMatch admits all rows at the start)
+    assert torch.equal(flexmatch_thresholds(torch.zeros(3), torch.tensor(0.0), tau), torch.zeros(3))
+
+
+def test_flexmatch_selection_and_streaming_counters():
+    task = _task({"tau": 0.6, "count_momentum": 0.5})
+    obj = task.objectives["pseudolabel"][0]
+    obj.sigma.copy_(torch.tensor([2.0, 1.0, 0.0]))
+    obj.unused.fill_(1.0)
+    probs = torch.tensor([[0.9, 0.05, 0.05],   # class 0, conf .9 > T_0 = .6
+                          [0.5, 0.3, 0.2],     # class 0, conf .5 < .6
+                          [0.1, 0.45, 0.45],   # class 1 (first max), T_1 = .6 * (.5 / 1.5) = .2 -> selected
+                          [0.2, 0.1, 0.7]])    # class 2, T_2 = 0 -> selected
+    pred, mask, thr = obj.choose(probs)
+    assert pred.tolist() == [0, 0, 1, 2] and mask.tolist() == [True, False, True, True]
+    assert torch.allclose(thr, torch.tensor([0.6, 0.6, 0.2, 0.0]))
+    # confident (> tau .6): rows 0 (class 0) and 3 (class 2); unconfident: 2. EMA with momentum .5
+    assert torch.allclose(obj.sigma, torch.tensor([1.5, 0.5, 0.5])) and math.isclose(obj.unused.item(), 1.5)
+
+
+def test_topk_per_class_keeps_the_most_confident_rows_of_each_class():
+    conf = torch.tensor([0.9, 0.8, 0.7, 0.6, 0.95])
+    pred = torch.tensor([0, 0, 0, 1, 1])
+    assert topk_per_class(conf, pred, 2).tolist() == [True, True, False, True, True]
+    assert topk_per_class(conf, pred, 1).tolist() == [True, False, False, False, True]
+
+
+def test_fairness_is_kl_of_uniform_to_the_mean_prediction():
+    p = torch.tensor([[0.7, 0.2, 0.1], [0.1, 0.1, 0.8]])
+    mean = p.mean(0)
+    u = torch.full((3,), 1 / 3)
+    assert torch.allclose(fairness(p), (u * (u / mean).log()).sum())
+    assert fairness(torch.full((4, 3), 1 / 3)).abs() < 1e-6
+
+
+def test_loss_is_masked_cross_entropy_to_teacher_labels_plus_fairness_times_the_ramp():
+    task = _task({"select": "threshold", "tau": 0.34, "fairness": 0.5, "rampup_steps": 10})
+    obj = task.objectives["pseudolabel"][0]
+    batch = _batch(task)
+    task.student.train()
+    outputs = task.student(batch)
+    with torch.no_grad():
+        outputs.update(obj.teacher_forward(task.teacher, batch, step=4))
+    probs = outputs["teacher/pseudolabel/probs"]
+    assert not probs.requires_grad
+    loss, metrics = obj(outputs, batch)
+    conf, pred = probs.max(-1)
+    mask = conf > 0.34
+    logits = outputs["logit_scale"] * outputs["embed"][4:] @ obj.bank.T
+    ce = (F.cross_entropy(logits, pred, reduction="none") * mask).sum() / 4
+    expected = 0.5 * (ce + 0.5 * fairness(logits.softmax(-1)))  # ramp (4 + 1) / 10
+    assert torch.allclose(loss, expected, atol=1e-6)
+    assert math.isclose(metrics["selected"].item(), mask.float().mean().item())
+    assert math.isclose(metrics["teacher_acc"].item(), (pred == torch.tensor([0, 1, 2, 1])).float().mean().item())
+
+
+def test_pseudo_labels_come_from_the_teacher_only_and_carry_no_gradient():
+    task = _task({"select": "threshold", "tau": 0.01})
+    obj = task.objectives["pseudolabel"][0]
+    batch = _batch(task)
+    with torch.no_grad():
+        before = obj.teacher_forward(task.teacher, batch, 0)["teacher/pseudolabel/probs"]
+        for p in task.student.clip.visual.parameters():  # the student moves: pseudo-labels do not
+            p.add_(torch.randn_like(p))
+        assert torch.equal(obj.teacher_forward(task.teacher, batch, 0)["teacher/pseudolabel/probs"], before)
+        task.teacher.model.clip.visual.proj.mul_(-1)  # the teacher moves: they do
+        assert not torch.allclose(obj.teacher_forward(task.teacher, batch, 0)["teacher/pseudolabel/probs"], before)
+    task.student.train()
+    loss, _ = task.training_forward(batch, step=50)
+    loss.backward()
+    assert all(p.grad is None for p in task.teacher.parameters())
+    assert obj.bank.grad is None and not obj.bank.requires_grad
+    assert task.student.clip.visual.proj.grad.abs().sum() > 0
+
+
+def test_class_bank_is_the_prompt_ensembled_zero_shot_classifier_and_refreshes():
+    from open_clip import build_zero_shot_classifier
+
+    task = _task({"bank_every": 5})
+    obj = task.objectives["pseudolabel"][0]
+    templates = [lambda c: "a photo of a {c}.".format(c=c)]
+    ref = build_zero_shot_classifier(task.student.clip, tokenizer=task.tokenizer, classnames=CLASSES,
+                                     templates=templates, device="cpu", use_tqdm=False)  # [D, C]
+    assert torch.allclose(obj.bank, ref.T, atol=1e-5)
+    with torch.no_grad():
+        task.student.clip.text_projection.add_(torch.randn_like(task.student.clip.text_projection))
+    bank = obj.bank.clone()
+    obj.after_optimizer_step(task.student, step=3)  # not due
+    assert torch.equal(obj.bank, bank)
+    obj.after_optimizer_step(task.student, step=4)  # every 5th step
+    assert not torch.allclose(obj.bank, bank)
+
+
+def test_contrastive_rows_get_their_own_masking_ratio_and_an_unmasked_tail():
+    task = _task(contrastive={"mask_ratio": 0.25, "unmasked_tail_steps": 10}, steps=100)
+    model = task.student.train()
+    batch = _batch(task)
+    noise = torch.rand(8, model.num_patches, generator=torch.Generator().manual_seed(3))
+    assert task.text_pass_ratio(0) == 0.25 and task.text_pass_ratio(89) == 0.25 and task.text_pass_ratio(90) == 0.0
+    out = model(batch, noise=noise, text_ratio=0.25)
+    keep = random_masking(noise[:4], 0.25)[0]
+    ref = F.normalize(model.image_features(model.encode_visible(batch.image[:4], keep)[0]), dim=-1)
+    assert torch.allclose(out["image_features"], ref, atol=1e-6)
+    assert out["tokens"].shape[1] == 4  # the shared pass keeps 25% of the 16 patches
+    unmasked = model(batch, noise=noise, text_ratio=0.0)["image_features"]
+    assert torch.allclose(unmasked, F.normalize(model.clip.encode_image(batch.image[:4]), dim=-1), atol=1e-5)
+    shared = model(batch, noise=noise, text_ratio=0.75)
+    assert torch.allclose(shared["image_features"], shared["embed"][:4])
+
+
+@pytest.mark.parametrize("bad", [{"source": "classifier"}, {"tau": 1.5}, {"select": "best"}])
+def test_pseudolabel_config_errors_name_the_key(bad):
+    from vlp.config import ConfigError
+
+    with pytest.raises((ConfigError, ValueError), match="objectives.pseudolabel"):
+        _task(bad)

@@ -1,0 +1,214 @@
+"""Pseudo-labels from the momentum teacher, in the label-text space: unlabeled images join the shared embedding.
+
+MUST (Li et al. 2022, "Masked Unsupervised Self-training for Label-free Image Classification"): an EMA teacher
+labels a weak view, the student learns the label on a masked view, with a fairness term; FixMatch (Sohn et al.
+2020): weak -> strong consistency, loss normalized by all unlabeled rows; FlexMatch (Zhang et al. 2021): per-class
+adaptive thresholds ``T_c = M(beta_c) tau``, ``beta_c = sigma_c / max(max_k sigma_k, N_unused)``,
+``M(x) = x / (2 - x)``, so classes the teacher is unsure of are admitted earlier.
+
+- **Teacher** (no grad): a weak, unmasked view of each row (``pseudolabel`` view group) through the EMA image
+  tower, scored against the **class bank** (``source: bank``): the labeled classes' prompt-ensembled text
+  embeddings from the student's current text tower, rebuilt every ``bank_every`` steps as a zero-shot classifier
+  is built, at the student's CLIP temperature; and/or the teacher's classifier head (``classifier``; ``both``
+  averages the two distributions).
+- **Selection**: ``flexmatch`` (streaming: ``sigma`` and ``N_unused`` are EMAs of per-batch counts, all-reduced
+  across ranks), ``topk`` (the ``topk`` most confident rows predicted as each class per batch), or ``threshold``
+  (FixMatch's flat ``tau``); ``topk`` ranks within each rank's rows, the others decide row by row.
+- **Student**: the row's strong view is the shared, masked pass. Its embedding against the class bank at the CLIP
+  temperature is the image-to-text half of UniCL with the class prompts as text, so a selected row is a positive
+  of its class's prompts in the contrastive space (plus the classifier head's CE when the source uses it).
+  Loss ``ramp(step) * (sum_selected CE / rows + fairness * KL(uniform || mean student prediction))`` (MUST's
+  fairness regularizer), ``ramp`` linear over ``rampup_steps``.
+
+Logged: the fraction selected (overall and per class for up to 32 classes), the mean threshold, and where rows
+carry a withheld label (``Batch.hidden_label``, benchmarks only) the accuracy of the teacher and of the selected
+pseudo-labels.
+"""
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_nn
+import torch.nn.functional as F
+from pydantic import Field
+
+from vlp.data.transforms import resolve_templates
+from vlp.data.views import view_transform
+from vlp.objectives.base import Objective, RowsConfig, ViewGroup, register
+
+
+def flexmatch_thresholds(sigma: torch.Tensor, unused: torch.Tensor, tau: float, warmup: bool = True) -> torch.Tensor:
+    """FlexMatch's per-class thresholds ``M(beta_c) * tau``, ``M(x) = x / (2 - x)`` (Zhang et al. 2021, eqs. 6-7)."""
+    denom = torch.maximum(sigma.max(), unused) if warmup else sigma.max()
+    beta = sigma / denom if denom > 0 else torch.zeros_like(sigma)
+    return tau * beta / (2 - beta)
+
+
+def topk_per_class(conf: torch.Tensor, pred: torch.Tensor, k: int) -> torch.Tensor:
+    """Mask of the ``k`` most confident rows among those predicted as each class."""
+    mask = torch.zeros_like(pred, dtype=torch.bool)
+    for c in pred.unique():
+        idx = (pred == c).nonzero().squeeze(1)
+        mask[idx[conf[idx].topk(min(k, idx.numel())).indices]] = True
+    return mask
+
+
+def fairness(probs: torch.Tensor) -> torch.Tensor:
+    """MUST's fairness term: ``KL(uniform || mean prediction) = -mean_c log pbar_c - log C`` (0 when balanced)."""
+    mean = probs.mean(0)
+    return -torch.log(mean.clamp_min(1e-8)).mean() - math.log(probs.shape[1])
+
+
+@register("pseudolabel")
+class PseudoLabelObjective(Objective):
+    class Config(RowsConfig):
+        source: Literal["bank", "classifier", "both"] = "bank"
+        select: Literal["flexmatch", "topk", "threshold"] = "flexmatch"
+        tau: float = Field(0.7, gt=0, lt=1)              # MUST's 0.7; FixMatch/FlexMatch use 0.95
+        flex_warmup: bool = True                         # FlexMatch's threshold warm-up (N_unused term)
+        count_momentum: float = Field(0.99, ge=0, lt=1)  # EMA of the per-class counters (streaming FlexMatch)
+        topk: int = Field(4, gt=0)                       # rows per class per batch (select: topk)
+        fairness: float = Field(0.5, ge=0)
+        rampup_steps: int | None = Field(None, ge=0)     # default: 10% of train.steps
+        bank_every: int = Field(10, gt=0)
+
+    needs_text = True
+    uses_teacher = True
+    needs = ("embed", "logit_scale", "teacher/pseudolabel/probs")
+
+    def __init__(self, classnames: list[str], templates: list[str], tokenizer, kinds=("unlabeled",),
+                 source: str = "bank", select: str = "flexmatch", tau: float = 0.7, flex_warmup: bool = True,
+                 count_momentum: float = 0.99, topk: int = 4, fairness: float = 0.5, rampup_steps: int = 0,
+                 bank_every: int = 10, rank: int = 0, world_size: int = 1):
+        super().__init__()
+        if not classnames:
+            raise ValueError("objectives.pseudolabel: needs the labeled sources' class names (classnames.txt)")
+        self.row_kinds, self.source, self.select, self.tau = tuple(kinds), source, select, tau
+        self.flex_warmup, self.momentum, self.topk, self.fairness_weight = flex_warmup, count_momentum, topk, fairness
+        self.rampup, self.bank_every, self.world_size = rampup_steps, bank_every, world_size
+        self.teacher_heads = ("classifier",) if source != "bank" else ()
+        c = len(classnames)
+        self.n_templates = len(templates)
+        prompts = [t.format(c=name) for name in classnames for t in templates]
+        self.register_buffer("prompt_tokens", tokenizer(prompts), persistent=False)
+        self.register_buffer("bank", torch.zeros(c, 0))  # [C, D] once built (resized on the first refresh)
+        self.register_buffer("bank_scale", torch.tensor(0.0))
+        self.register_buffer("sigma", torch.zeros(c))
+        self.register_buffer("unused", torch.tensor(0.0))
+
+    @classmethod
+    def from_config(cls, o, ctx):
+        steps = ctx.cfg.train.steps if ctx.cfg is not None else 1000
+        templates = resolve_templates(ctx.cfg.data.templates) if ctx.cfg is not None else ["a photo of a {c}."]
+        ramp = o.rampup_steps if o.rampup_steps is not None else steps // 10
+        return cls(ctx.classnames, templates, ctx.tokenizer, o.kinds, o.source, o.select, o.tau, o.flex_warmup,
+                   o.count_momentum, o.topk, o.fairness, ramp, o.bank_every, ctx.rank, ctx.world_size)
+
+    @classmethod
+    def check(cls, o, cfg):
+        super().check(o, cfg)
+        if o.source != "bank" and "supervised" not in cfg.objectives:
+            raise ValueError(f"objectives.pseudolabel.source: {o.source} reads the classifier head; "
+                             f"add objectives.supervised (or use source: bank)")
+
+    def view_groups(self, ctx):
+        weak = view_transform("weak", ctx.image_size, ctx.mean, ctx.std)
+        return [ViewGroup("pseudolabel", self.row_kinds, (weak,), recipe="weak")]
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        if "bank" in state_dict:  # the bank's width is known once built
+            self.bank = torch.empty_like(state_dict["bank"], device=self.bank.device)
+        return super().load_state_dict(state_dict, strict, assign)
+
+    # ---- the class bank -----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def refresh_bank(self, model) -> None:
+        """Prompt-ensembled class embeddings from the student's text tower (as a zero-shot classifier is built)."""
+        clip = model.clip
+        text = F.normalize(clip.encode_text(self.prompt_tokens).float(), dim=-1)
+        bank = F.normalize(text.view(self.sigma.numel(), self.n_templates, -1).mean(1), dim=-1)
+        self.bank = bank
+        self.bank_scale.fill_(float(clip.logit_scale.exp()))
+
+    def on_train_start(self, model):
+        if self.bank.shape[1] == 0:  # a fresh run (a resumed one restored its bank)
+            self.refresh_bank(model)
+
+    def after_optimizer_step(self, model, step):
+        if (step + 1) % self.bank_every == 0:
+            self.refresh_bank(model)
+
+    # ---- teacher --------------------------------------------------------------------------------------------
+    def teacher_forward(self, teacher, batch, step):
+        t = teacher.model
+        pooled = t.encode_pooled(batch.views["pseudolabel"][0])
+        probs = []
+        if self.source != "classifier":
+            if self.bank.shape[1] == 0:  # before the first refresh: no opinion (nothing is selected)
+                probs.append(torch.full((pooled.shape[0], self.sigma.numel()), 1.0 / self.sigma.numel(),
+                                        device=pooled.device))
+            else:
+                emb = F.normalize(t.image_features(pooled).float(), dim=-1)
+                probs.append((self.bank_scale * emb @ self.bank.T).softmax(-1))
+        if self.source != "bank":
+            probs.append(t.classifier(pooled).float().softmax(-1))
+        ramp = min(1.0, (step + 1) / self.rampup) if self.rampup > 0 else 1.0
+        return {"teacher/pseudolabel/probs": sum(probs) / len(probs),
+                "pseudolabel/ramp": torch.tensor(ramp, device=pooled.device)}
+
+    # ---- selection ------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def choose(self, probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(pseudo-label, selected mask, per-row threshold); FlexMatch counters are updated after selecting."""
+        conf, pred = probs.max(-1)
+        if self.select == "topk":
+            return pred, topk_per_class(conf, pred, self.topk), torch.zeros_like(conf)
+        if self.select == "threshold":
+            thr = torch.full_like(conf, self.tau)
+        else:
+            thr = flexmatch_thresholds(self.sigma, self.unused, self.tau, self.flex_warmup)[pred]
+            confident = conf > self.tau
+            counts = torch.cat([torch.bincount(pred[confident], minlength=self.sigma.numel()).float(),
+                                (~confident).sum().float().view(1)])
+            if self.world_size > 1 and dist.is_available() and dist.is_initialized():
+                dist.all_reduce(counts)
+            m = self.momentum
+            self.sigma.mul_(m).add_(counts[:-1], alpha=1 - m)
+            self.unused.mul_(m).add_(counts[-1], alpha=1 - m)
+        return pred, conf > thr, thr
+
+    # ---- student loss ---------------------------------------------------------------------------------------
+    def forward(self, outputs, batch):
+        probs = outputs["teacher/pseudolabel/probs"].float()
+        pred, mask, thr = self.choose(probs)
+        rows = batch.rows_of(self.row_kinds)
+        n = max(1, pred.numel())
+        losses, student_probs = [], []
+        if self.source != "classifier" and self.bank.shape[1] > 0:
+            logits = outputs["logit_scale"].float() * outputs["embed"][rows].float() @ self.bank.T
+            losses.append((F.cross_entropy(logits, pred, reduction="none") * mask).sum() / n)
+            student_probs.append(logits.softmax(-1))
+        if self.source != "bank":
+            logits = outputs["class_logits"][rows].float()
+            losses.append((F.cross_entropy(logits, pred, reduction="none") * mask).sum() / n)
+            student_probs.append(logits.softmax(-1))
+        if not losses:  # no bank yet: a zero that keeps the graph
+            return outputs["embed"].sum() * 0.0, {"selected": mask.float().mean()}
+        student = sum(student_probs) / len(student_probs)
+        if self.world_size > 1 and dist.is_available() and dist.is_initialized():  # the global mean prediction
+            student = torch.cat(dist_nn.all_gather(student))
+        loss = sum(losses) / len(losses) + self.fairness_weight * fairness(student)
+        metrics = {"selected": mask.float().mean(), "threshold": thr.mean(), "confidence": probs.max(-1)[0].mean()}
+        if self.sigma.numel() <= 32:
+            for c in range(self.sigma.numel()):
+                metrics[f"selected/{c}"] = (mask & (pred == c)).float().sum() / n
+        hidden = batch.hidden_label[rows] if batch.hidden_label is not None else None
+        if hidden is not None and (hidden >= 0).any():
+            known = hidden >= 0
+            metrics["teacher_acc"] = (pred == hidden)[known].float().mean()
+            sel = known & mask
+            metrics["selected_acc"] = (pred == hidden)[sel].float().sum() / sel.sum().clamp_min(1)
+        return outputs["pseudolabel/ramp"] * loss, {k: v.detach() for k, v in metrics.items()}
