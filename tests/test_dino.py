@@ -185,3 +185,13 @@ def test_two_process_gradients_and_center_equal_single_process(tmp_path):
     assert all(ddp["grads"][n].abs().sum() == 0 for n in set(ddp["grads"]) - set(single))
     center = task.objectives["dino"][0].center
     assert not torch.allclose(center, start) and torch.allclose(center, ddp["center"], atol=1e-6)
+
+
+def test_loss_is_computed_in_fp32_under_autocast():
+    g = torch.Generator().manual_seed(0)
+    outputs = {"dino/student": torch.randn(4, 5, 16, generator=g).bfloat16(), "teacher/dino/temp": 0.04,
+               "teacher/dino/logits": torch.randn(2, 5, 16, generator=g).bfloat16()}
+    ref, _ = DINOObjective(out_dim=16, n_local=2)(outputs, None)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, _ = DINOObjective(out_dim=16, n_local=2)(outputs, None)
+    assert loss.dtype == torch.float32 and torch.equal(loss, ref)

@@ -175,17 +175,18 @@ class DINOObjective(Objective):
     def forward(self, outputs, batch):
         c = self.cfg
         t, temp = outputs["teacher/dino/logits"].detach().float(), outputs["teacher/dino/temp"]
-        q = F.softmax((t - self.center) / temp, dim=-1)                       # [2, B, K]
-        loss = dino_loss(outputs["dino/student"].float(), q, c.student_temp)
-        with torch.no_grad():
-            mean_q = q.flatten(0, 1).mean(0)
-            metrics = {"teacher_entropy": torch.special.entr(q).sum(-1).mean(),  # -> log K: uniform collapse
-                       "mean_entropy": torch.special.entr(mean_q).sum(),         # -> 0: one-prototype collapse
-                       "teacher_temp": torch.tensor(float(temp))}
-        if c.koleo_weight > 0:
-            koleo = sum(koleo_loss(x) for x in outputs["dino/pooled"].float())
-            loss = loss + c.koleo_weight * koleo
-            metrics["koleo"] = koleo.detach()
+        with torch.autocast(t.device.type, enabled=False):  # in fp32, as DINO's (autocast) softmaxes and products
+            q = F.softmax((t - self.center) / temp, dim=-1)                       # [2, B, K]
+            loss = dino_loss(outputs["dino/student"].float(), q, c.student_temp)
+            with torch.no_grad():
+                mean_q = q.flatten(0, 1).mean(0)
+                metrics = {"teacher_entropy": torch.special.entr(q).sum(-1).mean(),  # -> log K: uniform collapse
+                           "mean_entropy": torch.special.entr(mean_q).sum(),         # -> 0: one-prototype collapse
+                           "teacher_temp": torch.tensor(float(temp))}
+            if c.koleo_weight > 0:
+                koleo = sum(koleo_loss(x) for x in outputs["dino/pooled"].float())
+                loss = loss + c.koleo_weight * koleo
+                metrics["koleo"] = koleo.detach()
         self.update_center(t)  # after the loss, as DINOLoss: this step's loss uses the previous center
         return loss, metrics
 
