@@ -112,3 +112,26 @@ def test_hf_text_tower_from_local_package():
     out = vlp({"image": torch.randn(2, 3, 32, 32), "text": tok(["a cat", "a dog"]),
                "has_text": torch.tensor([True, True]), "label": torch.tensor([-1, -1])})
     assert out["text_features"].shape == (2, 32)
+
+
+def test_other_grid_uses_the_bicubically_interpolated_positional_embedding(clip):
+    """A 16px image (a 2x2 grid where the model has 4x4) through ``encode_visible`` == open_clip's ViT modules run
+    with a positional embedding resampled by hand (DINO's local crops); at the model's grid nothing changes."""
+    from vlp.models.model import interpolate_pos_embed
+
+    model, _ = clip
+    vlp, v = VLPModel(model, ModelConfig()).eval(), model.visual
+    pos = v.positional_embedding
+    patches = pos[1:].reshape(1, 4, 4, -1).permute(0, 3, 1, 2)
+    small = torch.nn.functional.interpolate(patches, size=(2, 2), mode="bicubic", align_corners=False)
+    manual = torch.cat([pos[:1], small.flatten(2).transpose(1, 2)[0]])
+    assert torch.equal(interpolate_pos_embed(pos, (4, 4), (2, 2)), manual)
+    assert torch.allclose(interpolate_pos_embed(pos, (4, 4), (4, 4)), pos, atol=1e-6)  # layout round-trips
+    x = torch.randn(3, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        pooled, tokens = vlp.encode_visible(x, None)
+        e = torch.cat([v.class_embedding.expand(3, 1, -1), v.conv1(x).flatten(2).transpose(1, 2)], 1) + manual
+        ref, _ = v._pool(v.transformer(v.ln_pre(e)))
+        assert tokens.shape == (3, 4, v.conv1.out_channels) and torch.allclose(pooled, ref, atol=1e-6)
+        full = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+        assert torch.equal(vlp.encode_visible(full, None)[0] @ v.proj, v(full))  # the model's grid: unchanged

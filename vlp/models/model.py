@@ -26,6 +26,15 @@ from vlp.config import ModelConfig
 from vlp.models.mae import random_masking
 
 
+def interpolate_pos_embed(pos: torch.Tensor, grid: tuple[int, int], new_grid: tuple[int, int]) -> torch.Tensor:
+    """A ViT's ``[1 + gh*gw, D]`` positional embedding for another patch grid: the patch positions resampled
+    bicubically over the 2D grid, the class-token position kept (DINO's ``interpolate_pos_encoding``; the target
+    size is given exactly, as timm's ``resample_abs_pos_embed``, instead of DINO's scale factor + 0.1)."""
+    patches = pos[1:].reshape(1, *grid, -1).permute(0, 3, 1, 2)
+    patches = F.interpolate(patches, size=new_grid, mode="bicubic", align_corners=False)
+    return torch.cat([pos[:1], patches.permute(0, 2, 3, 1).reshape(-1, pos.shape[-1])])
+
+
 class VLPModel(nn.Module):
     def __init__(self, clip: nn.Module, cfg: ModelConfig, heads: dict[str, nn.Module] | None = None,
                  use_text: bool = True):
@@ -69,12 +78,17 @@ class VLPModel(nn.Module):
         """Run open_clip's ViT on the kept patches. Returns (pooled pre-projection feature, patch tokens).
 
         Same arithmetic as ``VisionTransformer.forward`` (embeds, ln_pre, transformer, pool), with the patch
-        tokens gathered after the positional embedding, as PatchDropout and MAE do.
+        tokens gathered after the positional embedding, as PatchDropout and MAE do. Images whose patch grid is
+        not the model's (DINO's local crops) get the positional embedding interpolated to their grid.
         """
         v = self.clip.visual
         x = v.conv1(images)
+        grid = tuple(x.shape[-2:])
         x = x.reshape(x.shape[0], x.shape[1], -1).permute(0, 2, 1)
-        pos = v.positional_embedding.to(x.dtype)
+        pos = v.positional_embedding
+        if grid != tuple(v.grid_size):
+            pos = interpolate_pos_embed(pos, tuple(v.grid_size), grid)
+        pos = pos.to(x.dtype)
         x = x + pos[1:]
         if ids_keep is not None:
             x = torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
