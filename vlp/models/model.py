@@ -51,6 +51,10 @@ class VLPModel(nn.Module):
         self.head_names: list[str] = []
         for name, head in (heads or {}).items():
             self.add_head(name, head)
+        if not use_text:  # nothing reads the text tower or the projection: frozen, so DDP expects no gradient
+            for name, p in clip.named_parameters():
+                if not name.startswith("visual.") or name == "visual.proj":
+                    p.requires_grad_(False)
         if cfg.lock_image:
             visual.lock(unlocked_groups=0, freeze_bn_stats=True)
         if cfg.text.lock:
