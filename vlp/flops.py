@@ -77,9 +77,9 @@ def count_training_flops(task, batch: Batch, steps: int = 10, start_step: int = 
 
 def forward_split(task, batch: Batch, step: int = 0) -> dict[str, float]:
     """FLOPs of one training forward by part: ``image tower`` (every student pass through it, views included),
-    ``text tower``, ``head <name>`` (the student's
-    modules), ``teacher`` (no-grad teacher forwards), ``losses`` (the objectives' own arithmetic). Forward only:
-    FlopCounterMode attributes backward FLOPs to modules unreliably, so the split of a whole step is not given."""
+    ``text tower``, ``head <name>`` (each head's own modules), ``student other``, ``teacher`` (the no-grad teacher
+    forwards), ``losses`` (the objectives' own arithmetic). Forward only: FlopCounterMode attributes backward FLOPs
+    to modules unreliably, so no split of the whole step is given."""
     task.student.train()
     student, full = FlopCounterMode(display=False), FlopCounterMode(display=False)
     with torch.no_grad():
