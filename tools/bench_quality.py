@@ -39,8 +39,8 @@ few-step warm-up). ``--equal-steps`` adds a table with every run at ``S`` steps 
 Protocol, in this order:
 
 1. Learning-rate sweep (``--lrs``, default 5e-4,1e-3,2e-3) for each run at the first seed, at
-   ``--sweep-fraction`` of its steps (1.0: full length; then the sweep run with the chosen lr *is* the first
-   seed's run and is not trained again). The lr with the best validation kNN top-1 (pooled) is chosen.
+   ``--sweep-fraction`` of its steps (warm-up 10% of those; 1.0: full length, and then the sweep run with the
+   chosen lr *is* the first seed's run and is not trained again). The lr with the best validation kNN top-1 (pooled) is chosen.
    ``--lr RUN=LR,...`` fixes a run's lr and skips its sweep; a single ``--lrs`` value skips all sweeps.
 2. Seeds (``--seeds``, default 0,1,2; the run config's ``seed``: model init, data order, masking): every run at
    its chosen lr and equal-FLOPs steps. The headline table gives mean ± std (sample std over the seeds).
@@ -79,6 +79,7 @@ Usage::
     python tools/bench_quality.py --ablate mixed            # full bench in --budget-minutes (55), table + JSON
     python tools/bench_quality.py --steps 1141 --seeds 0,1,2 --lrs 5e-4,1e-3,2e-3 --ablate mixed
     python tools/bench_quality.py --quick --runs clip,supervised,mixed   # smoke run: small shards, few steps
+    python tools/bench_quality.py --ablate mixed --plan-only  # FLOPs, calibration and the plan, no training
     python tools/bench_quality.py --report-only bench_out/quality/results.json
     python tools/bench_quality.py --prepare-only            # write the shards configs/cifar10-mixed.yaml reads
 """
@@ -730,6 +731,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None, help="results JSON (default: OUT/results.json)")
     p.add_argument("--report-only", metavar="JSON", default=None, help="print the report of a saved results JSON")
     p.add_argument("--prepare-only", action="store_true", help="extract CIFAR-10, write the shards, stop")
+    p.add_argument("--plan-only", action="store_true", help="measure FLOPs (and calibrate), print the plan, stop")
     p.add_argument("--quick", action="store_true",
                    help="smoke run: 6,000 images, batch 64, 10 reference steps, 1 seed, the configs' lr, 2 FLOP steps")
     p.add_argument("--runs", default=None, help=f"comma-separated configs/bench/quality-RUN.yaml (default: all: "
@@ -861,6 +863,8 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print_plan(jobs, reuse, costs, configs)
     print()
+    if args.plan_only:
+        return 0
 
     doc = results_doc(args, argv, info, n_val, runs, seeds, lrs, steps, batch, configs, lr_info, calib)
     doc["plan"] = {"estimated_minutes": round(sum(costs) / 60, 1) if costs else None,
