@@ -209,15 +209,22 @@ def write_split_shards(out: Path, parts: dict[str, list], seed: int, maxcount: i
 
 
 def prepare(cache: Path, shards: Path, n_test: int, limit_per_class: int | None, seed: int) -> dict | None:
-    """Extract CIFAR-10 and write the four shard folders (skipped when already written with these settings)."""
+    """Extract CIFAR-10 and write the four shard folders (skipped when already written with these settings).
+
+    Existing shards are never replaced: shards of the same split written by another version of this tool (a
+    later one adds fields this bench does not read) are used as they are; a different split is an error."""
     params = {"n_test": n_test, "limit_per_class": limit_per_class, "seed": seed, "templates": CAPTION_TEMPLATES,
               "version": 1}
     marker = shards / "split.json"
     if marker.is_file():
         info = json.loads(marker.read_text())
-        if info.get("params") == params:
-            log(f"shards already written in {shards} ({info['counts']})")
+        same = lambda a, b: {k: v for k, v in a.items() if k != "version"} == \
+            {k: v for k, v in b.items() if k != "version"}  # noqa: E731
+        if same(info.get("params", {}), params):
+            log(f"shards already written in {shards} ({info['counts']}, version {info['params'].get('version')})")
             return info
+        raise SystemExit(f"{shards} holds shards of another split ({info.get('params')}); delete that folder "
+                         f"or pass another --cache-dir")
     train_root = ensure_cifar(cache)
     if train_root is None:
         return None
