@@ -147,6 +147,35 @@ def test_loader_specs_braces_and_max_samples(images, tmp_path):
     assert sorted(got) == list(range(9))
 
 
+class _Exploit:
+    """A pickle that runs code when loaded (what a hostile .pyd / .pkl member of a shard holds)."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_eval_loaders_never_unpickle_shard_members(images, tmp_path):
+    """A sample with extra .pyd / .pkl / .pth members: eval reads image and label only, nothing is executed."""
+    import pickle
+
+    marker = tmp_path / "pwned"
+    payload = pickle.dumps(_Exploit(marker))
+    with wds.TarWriter(str(tmp_path / "evil.tar")) as w:
+        for i, im in enumerate(images[:3]):
+            buf = io.BytesIO()
+            im.save(buf, format="PNG")
+            w.write({"__key__": f"{i:04d}", "png": buf.getvalue(), "cls": str(i), "pyd": payload,
+                     "pkl": payload, "pickle": payload, "pth": payload})
+    pre = lambda im: torch.from_numpy(np.asarray(im).copy())  # noqa: E731
+    batches = list(evdata.labeled_loader(str(tmp_path / "evil.tar"), pre, batch_size=8))
+    assert torch.cat([y for _, y in batches]).tolist() == [0, 1, 2]
+    assert torch.equal(batches[0][0][1], torch.from_numpy(np.array(images[1].convert("RGB"))))
+    assert not marker.exists()
+
+
 def test_classnames_and_templates_lookup(tmp_path):
     (tmp_path / "test").mkdir()
     (tmp_path / "classnames.txt").write_text("a\nb c\n")

@@ -16,7 +16,7 @@ import braceexpand
 import torch
 import webdataset as wds
 
-from vlp.data.format import CLASSNAMES_FILE, IMAGE_KEYS, read_lines
+from vlp.data.format import CLASSNAMES_FILE, IMAGE_KEYS, decode_image, read_lines
 
 TEMPLATES_FILE = "zeroshot_classification_templates.txt"
 DATASET_TYPE_FILE = "dataset_type.txt"
@@ -189,9 +189,10 @@ def _loader(spec, preprocess, batch_size, workers, max_samples, target_key, targ
                         empty_check=False)
     if max_samples is not None:
         ds = ds.slice(int(max_samples))
-    ds = (ds.decode("pilrgb", handler=wds.warn_and_continue)
-          .to_tuple(";".join(IMAGE_KEYS), target_key, handler=wds.warn_and_continue)
-          .map_tuple(preprocess, target_fn, handler=wds.warn_and_continue)
+    # raw bytes in, only the image and the target decoded here: webdataset's default decoders would unpickle
+    # .pyd/.pkl members and torch.load .pth ones (code execution from a shard)
+    ds = (ds.to_tuple(";".join(IMAGE_KEYS), target_key, handler=wds.warn_and_continue)
+          .map_tuple(lambda data: preprocess(decode_image(data)), target_fn, handler=wds.warn_and_continue)
           .batched(batch_size, collation_fn=collate, partial=True))
     loader = wds.WebLoader(ds, batch_size=None, shuffle=False, num_workers=workers)
     return _Truncated(loader, max_samples)
