@@ -523,7 +523,7 @@ def equal_flops_steps(steps: int, ref_flops: float, flops: float) -> int:
 
 def plan_jobs(steps: int, runs: list[str], reference: str, configs: dict, sweep: dict[str, list[float]],
               chosen: dict[str, float], seeds: list[int], fraction: float, ablations: list[str],
-              equal_steps: bool) -> list[Job]:
+              equal_steps: bool, one_seed: tuple[str, ...] = ()) -> list[Job]:
     """Every job of the bench in execution order: sweep, seeds, ablations, equal-steps (see the docstring)."""
     ref = configs[reference]["gflops_per_step"]
     eq = {c: equal_flops_steps(steps, ref, v["gflops_per_step"]) for c, v in configs.items()}
@@ -533,7 +533,8 @@ def plan_jobs(steps: int, runs: list[str], reference: str, configs: dict, sweep:
         n = max(1, round(eq[run] * fraction))
         jobs += [Job(f"sweep-{run}-lr{lr:g}", run, s0, lr, n, ["sweep"]) for lr in lrs]
     for run in runs:
-        jobs += [Job(f"{run}-seed{seed}", run, seed, chosen.get(run), eq[run], ["seed"], run) for seed in seeds]
+        jobs += [Job(f"{run}-seed{seed}", run, seed, chosen.get(run), eq[run], ["seed"], run)
+                 for seed in (seeds[:1] if run in one_seed else seeds)]
     for name in ablations:
         run = configs[name]["run"]
         jobs.append(Job(f"{name}-seed{s0}", name, s0, chosen.get(run), eq[name], ["ablation"], run))
@@ -752,6 +753,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", default=None, help="comma-separated run seeds (default: 0,1,2; quick: 0)")
     p.add_argument("--lrs", default=None, help="learning rates swept per run (default: 5e-4,1e-3,2e-3; quick: the "
                                                "configs' lr); one value: no sweep")
+    p.add_argument("--one-seed", default="", help="comma-separated runs trained at the first seed only (references "
+                   "outside the headline comparison)")
     p.add_argument("--lr", default="", help="RUN=LR,...: fixed lr for these runs (no sweep)")
     p.add_argument("--sweep-fraction", type=float, default=1.0, help="sweep runs' length as a fraction of a run's "
                                                                      "steps (default: 1, full length)")
@@ -827,7 +830,8 @@ def main(argv: list[str] | None = None) -> int:
     chosen = {r: v["lr"] for r, v in lr_info.items()}
     ablations = [c for c in configs if configs[c]["change"]]
     make_plan = lambda s: plan_jobs(s, runs, args.reference, configs, sweep, chosen, seeds,  # noqa: E731
-                                    args.sweep_fraction, ablations, args.equal_steps)
+                                    args.sweep_fraction, ablations, args.equal_steps,
+                                    tuple(parse_list(args.one_seed)))
 
     # ---- reference steps: given, quick, or the largest that fits the budget
     runs_dir = out_dir / "runs"
