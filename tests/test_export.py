@@ -89,8 +89,10 @@ def _roundtrip(model, model_cfg, tokenizer, images, out: Path):
 def test_export_roundtrip_open_clip_text(vit, images, tmp_path):
     model, model_cfg, tokenizer = vit
     out = ex.export_model(model, model_cfg, tmp_path / "vit", card=CARD)
-    assert sorted(p.name for p in out.iterdir()) == ["README.md", "open_clip_config.json",
+    assert sorted(p.name for p in out.iterdir()) == [".vlp-export.json", "README.md", "open_clip_config.json",
                                                     "open_clip_model.safetensors"]
+    assert json.loads((out / ".vlp-export.json").read_text())["files"] == [
+        "README.md", "open_clip_config.json", "open_clip_model.safetensors"]
     _no_pickles(out)
     config = json.loads((out / "open_clip_config.json").read_text())
     assert set(config) == {"model_cfg", "preprocess_cfg"}
@@ -144,6 +146,30 @@ def test_export_roundtrip_hf_text(minilm, images, tmp_path):
     (tmp_path / "other" / "notes.txt").write_text("keep")
     with pytest.raises(FileExistsError):
         ex.export_model(model, model_cfg, tmp_path / "other")
+
+
+def test_export_again_removes_only_the_files_the_previous_export_wrote(vit, tmp_path):
+    """A run folder exported into twice keeps its checkpoints, logs and notes (#17: export deleted them)."""
+    model, model_cfg, _ = vit
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step_00000010").mkdir(parents=True)
+    (run / "checkpoints" / "step_00000010" / "model.safetensors").write_bytes(b"weights")
+    (run / "metrics.jsonl").write_text("{}\n")
+    with pytest.raises(FileExistsError):  # a non-empty folder that is not an export: refused
+        ex.export_model(model, model_cfg, run)
+    ex.export_model(model, model_cfg, run, overwrite=True)
+    (run / "notes.txt").write_text("mine")
+    stale = run / "stale.safetensors"  # pretend the previous export wrote it
+    manifest = json.loads((run / ".vlp-export.json").read_text())
+    assert "open_clip_model.safetensors" in manifest["files"] and "metrics.jsonl" not in manifest["files"]
+    stale.write_bytes(b"old")
+    manifest["files"].append("stale.safetensors")
+    (run / ".vlp-export.json").write_text(json.dumps(manifest))
+    ex.export_model(model, model_cfg, run)  # a previous export: replaced without --overwrite
+    assert not stale.exists()
+    assert (run / "checkpoints" / "step_00000010" / "model.safetensors").read_bytes() == b"weights"
+    assert (run / "metrics.jsonl").read_text() == "{}\n" and (run / "notes.txt").read_text() == "mine"
+    assert (run / "open_clip_model.safetensors").is_file()
 
 
 def test_vision_only_export(minilm, vit, images, tmp_path):
@@ -308,6 +334,7 @@ def fake_hub(monkeypatch):
 def test_push_to_hub_fake_endpoint(minilm, images, tmp_path, fake_hub, monkeypatch):
     model, model_cfg, tokenizer = minilm
     out = ex.export_model(model, model_cfg, tmp_path / "export", card=CARD)
+    (out / "notes.txt").write_text("mine, not the export's: never uploaded")
     local_config = (out / "open_clip_config.json").read_text()
     url = ex.push_to_hub(out, "someone/vlp-minilm", private=True, commit_message="first upload",
                          endpoint=fake_hub.url)
@@ -320,7 +347,8 @@ def test_push_to_hub_fake_endpoint(minilm, images, tmp_path, fake_hub, monkeypat
     assert all(auth == "Bearer hf_fake_token_for_tests" for _, auth in posts)  # token from $HF_TOKEN
     (commit,) = fake_hub.commits
     assert commit["repo"] == "someone/vlp-minilm" and commit["header"]["summary"] == "first upload"
-    local = {str(p.relative_to(out)): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    local = {str(p.relative_to(out)): p.read_bytes() for p in out.rglob("*")
+             if p.is_file() and p.name not in ("notes.txt", ".vlp-export.json")}  # what the export wrote
     assert set(commit["files"]) == set(local) and not commit["lfs"]
     assert fake_hub.validated == [local["README.md"].decode()]
     for name, data in local.items():
@@ -543,7 +571,7 @@ def test_card_asks_each_objective_for_its_settings(tmp_path, monkeypatch):
 
     cfg = config_from_dict(_run_config(tmp_path), check_files=False)
     assert ex.card_from_run(cfg)["objectives"] == {
-        "contrastive": {"weight": 1.0, "loss": "clip", "labels_as_text": False},
+        "contrastive": {"weight": 1.0, "loss": "clip", "labels_as_text": False, "mask_ratio": 0.6},
         "mae": {"weight": 0.3, "mask_ratio": 0.6, "norm_pix_loss": True, "decoder": "2 layers x 128"},
         "supervised": {"weight": 0.7, "label_smoothing": 0.0}}
     # the base default: the weight and the objective config's non-default fields

@@ -25,7 +25,7 @@ import torch
 
 from vlp.export.card import render_model_card
 from vlp.export.common import (CONFIG_NAME, PICKLE_SUFFIXES, WEIGHTS_NAME, _clean_model_cfg, _is_hf_text,
-                               _num_params, _prepare_dir, hf_source_name)
+                               _num_params, _prepare_dir, _write_manifest, hf_source_name)
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -106,7 +106,7 @@ def export_model(model: torch.nn.Module, model_cfg: dict, out_dir, card: dict | 
     """
     clip = _unwrap(model)
     cfg = _clean_model_cfg(model_cfg)
-    out = _prepare_dir(out_dir, overwrite)
+    out, foreign = _prepare_dir(out_dir, overwrite)
 
     _save_safetensors(clip.state_dict(), out / WEIGHTS_NAME)
 
@@ -145,6 +145,7 @@ def export_model(model: torch.nn.Module, model_cfg: dict, out_dir, card: dict | 
         card.setdefault("text_model", text_info)
     (out / "README.md").write_text(render_model_card(card, cfg))
     _check_no_pickles(out)
+    _write_manifest(out, foreign)
     return out
 
 

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import copy
 import json
-import shutil
 from pathlib import Path
 
 import torch
@@ -56,21 +55,43 @@ def _is_export_dir(path: Path) -> bool:
         return False
 
 
-def _prepare_dir(out_dir, overwrite: bool) -> Path:
-    """An empty folder to export into. A previous export there is replaced (its files removed, so no stale file
-    survives); any other non-empty folder is refused unless ``overwrite`` (then files are written over)."""
+MANIFEST_NAME = ".vlp-export.json"  # the files an export wrote: the only ones a later export into the folder removes
+
+
+def _files_under(out: Path) -> set[str]:
+    return {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file() or p.is_symlink()}
+
+
+def _prepare_dir(out_dir, overwrite: bool) -> tuple[Path, set[str]]:
+    """A folder to export into, and the files in it that are not this export's (kept, never touched).
+
+    A previous vlp export there is replaced: the files its manifest lists are removed (so no stale weight file
+    survives), and nothing else; notes, other models or a run's checkpoints beside it stay. Any other non-empty
+    folder, or an export without a manifest, is refused unless ``overwrite`` (then files are written over, none
+    removed)."""
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"--out: {out} exists and is not a folder")
     if out.is_dir() and any(out.iterdir()):
-        if _is_export_dir(out):
-            for child in out.iterdir():
-                if child.is_dir() and not child.is_symlink():
-                    shutil.rmtree(child)
-                else:
-                    child.unlink()
+        manifest = out / MANIFEST_NAME
+        if manifest.is_file():
+            for rel in json.loads(manifest.read_text()).get("files", []):
+                path = out / rel
+                if ".." not in Path(rel).parts and (path.is_file() or path.is_symlink()):
+                    path.unlink()
+            manifest.unlink()
+            for d in sorted((p for p in out.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
+                if not any(d.iterdir()):
+                    d.rmdir()
         elif not overwrite:
-            raise FileExistsError(f"--out: {out} is not empty and not a previous export "
+            what = "a vlp export without a manifest" if _is_export_dir(out) else "not a previous export"
+            raise FileExistsError(f"--out: {out} is not empty and {what} "
                                   f"(pass overwrite=True / --overwrite to write into it)")
     out.mkdir(parents=True, exist_ok=True)
-    return out
+    return out, _files_under(out)
+
+
+def _write_manifest(out: Path, foreign: set[str]) -> None:
+    """Record the files this export wrote (everything in the folder but what was there before it)."""
+    mine = sorted(_files_under(out) - foreign - {MANIFEST_NAME})
+    (out / MANIFEST_NAME).write_text(json.dumps({"files": mine}, indent=1) + "\n")

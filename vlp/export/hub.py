@@ -8,7 +8,7 @@ import tempfile
 from pathlib import Path
 
 from vlp.export.clip import _check_no_pickles, relocate_export
-from vlp.export.common import CONFIG_NAME
+from vlp.export.common import CONFIG_NAME, MANIFEST_NAME
 
 DEFAULT_COMMIT_MESSAGE = "Upload vlp export"
 
@@ -56,6 +56,8 @@ def push_to_hub(out_dir, repo_id: str, private: bool = False, token: str | None 
         raise FileNotFoundError(f"{out}: no {CONFIG_NAME}; not an export folder")
     _check_no_pickles(out)
     token = token or os.environ.get("HF_TOKEN") or None
+    manifest = out / MANIFEST_NAME  # push what the export wrote, never files beside it (a run's checkpoints)
+    allow = json.loads(manifest.read_text())["files"] if manifest.is_file() else None
     api = HfApi(endpoint=endpoint, token=token)
     repo_url = api.create_repo(repo_id, private=private, exist_ok=True, token=token, repo_type="model")
     repo_id = getattr(repo_url, "repo_id", None) or repo_id
@@ -65,8 +67,8 @@ def push_to_hub(out_dir, repo_id: str, private: bool = False, token: str | None 
             stage.mkdir()
             _stage_for_hub(out, repo_id, stage)
             info = api.upload_folder(repo_id=repo_id, folder_path=str(stage), commit_message=commit_message,
-                                     token=token, revision=revision, repo_type="model")
+                                     token=token, revision=revision, repo_type="model", allow_patterns=allow)
     else:
         info = api.upload_folder(repo_id=repo_id, folder_path=str(out), commit_message=commit_message,
-                                 token=token, revision=revision, repo_type="model")
+                                 token=token, revision=revision, repo_type="model", allow_patterns=allow)
     return getattr(info, "commit_url", None) or str(info)

@@ -23,7 +23,7 @@ import torch
 from vlp.export.card import render_model_card
 from vlp.export.clip import _check_no_pickles, _save_safetensors, _unwrap, _write_open_clip_config
 from vlp.export.common import (CONFIG_NAME, VISION_ARCHITECTURE, VISION_CONFIG_NAME, VISION_WEIGHTS_NAME,
-                               _clean_model_cfg, _is_hf_text, _num_params, _prepare_dir)
+                               _clean_model_cfg, _is_hf_text, _num_params, _prepare_dir, _write_manifest)
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ def export_vision_tower(model: torch.nn.Module, model_cfg: dict, out_dir, card: 
     clip = _unwrap(model)
     cfg = _clean_model_cfg(model_cfg)
     visual = clip.visual
-    out = _prepare_dir(out_dir, overwrite)
+    out, foreign = _prepare_dir(out_dir, overwrite)
 
     _save_safetensors(visual.state_dict(), out / VISION_WEIGHTS_NAME)
     mean, std = list(visual.image_mean), list(visual.image_std)
@@ -87,6 +87,7 @@ def export_vision_tower(model: torch.nn.Module, model_cfg: dict, out_dir, card: 
     card.setdefault("timm", has_timm)
     (out / "README.md").write_text(render_model_card(card, cfg))
     _check_no_pickles(out)
+    _write_manifest(out, foreign)
     return out
 
 
