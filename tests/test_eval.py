@@ -565,3 +565,28 @@ def test_new_task_is_one_registry_entry(clip, probe_shards):
         del EVAL_TASKS["mean_norm"]
     with pytest.raises(ValueError, match="unknown eval task"):
         normalize_task("feature-norm")
+
+
+def test_knn_on_pooled_backbone_features_for_runs_without_a_text_side(clip, probe_shards):
+    """feature=pooled: the ViT's pooled token before the projection (what SSL-only runs train), normalized."""
+    import torch.nn.functional as F
+
+    model, _, _, preprocess = clip
+    train, val = probe_shards
+    loader = evdata.labeled_loader(val, preprocess, batch_size=8)
+    pooled, labels = extract_features(model, loader, feature="pooled")
+    embed, _ = extract_features(model, evdata.labeled_loader(val, preprocess, batch_size=8))
+    images = torch.cat([x for x, _ in evdata.labeled_loader(val, preprocess, batch_size=8)])
+    from vlp.config import ModelConfig
+    from vlp.models.model import VLPModel
+
+    with torch.no_grad():  # the training pass's own pooled feature (unmasked), and its projection
+        x = VLPModel(model, ModelConfig(mask_ratio=0.0)).eval().encode_pooled(images)
+    assert pooled.shape[1] == model.visual.proj.shape[0] and model.visual.proj is not None
+    torch.testing.assert_close(pooled, F.normalize(x, dim=-1), atol=1e-5, rtol=0)
+    torch.testing.assert_close(embed, F.normalize(x @ model.visual.proj, dim=-1), atol=1e-5, rtol=0)
+    res = run_training_eval(model, None, preprocess, {"knn": {"shards": val, "train_shards": train,
+                                                              "feature": "pooled"}}, device="cpu", batch_size=4)
+    ref = knn_eval(*extract_features(model, evdata.labeled_loader(train, preprocess, 4), feature="pooled"),
+                   pooled, labels, k=20, T=0.07)
+    assert res["knn/top1"] == pytest.approx(ref["top1"])

@@ -149,6 +149,9 @@ class KnnEvalConfig(_Strict):
     train_shards: str | None = None      # labeled shards for the kNN memory (default: a split of ``shards``)
     k: int = Field(20, gt=0)
     max_samples: int | None = None
+    # embed: encode_image; pooled: the ViT's pooled token before the projection; auto: pooled when no objective
+    # trains the text side (the projection stays untrained there), else embed
+    feature: Literal["auto", "embed", "pooled"] = "auto"
 
 
 class EvalConfig(_Strict):

@@ -316,6 +316,9 @@ class Trainer:
         specs = self.cfg.eval.tasks()
         if not specs:
             return {}
+        if "knn" in specs and specs["knn"].feature == "auto":
+            specs["knn"] = specs["knn"].model_copy(
+                update={"feature": "embed" if self.task.student.use_text else "pooled"})
         acc = self.accelerator
         if acc.is_main_process:
             from vlp.eval.tasks import run_training_eval

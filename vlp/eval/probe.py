@@ -9,14 +9,27 @@ from vlp.eval.zeroshot import input_dtype, unwrap
 
 
 @torch.no_grad()
-def extract_features(model, loader, device="cpu"):
-    """Normalized image embeddings and labels of a labeled loader: ``(feats [N, D] float, labels [N] long)``."""
+def extract_features(model, loader, device="cpu", feature: str = "embed"):
+    """Normalized image features and labels of a labeled loader: ``(feats [N, D] float, labels [N] long)``.
+
+    ``feature``: ``embed`` is ``encode_image`` (the contrastive embedding); ``pooled`` is a ViT's pooled token
+    before the projection (the backbone feature: what SSL / supervised-only runs train, as DINO's kNN reads it)."""
+    if feature not in ("embed", "pooled"):
+        raise ValueError(f"feature must be 'embed' or 'pooled', got {feature!r}")
     model = unwrap(model)
+    visual = model.visual
+    proj = getattr(visual, "proj", None)
+    if feature == "pooled" and proj is not None:
+        visual.proj = None
     feats, labels = [], []
-    for images, y in loader:
-        feats.append(
-            model.encode_image(images.to(device=device, dtype=input_dtype(model)), normalize=True).float().cpu())
-        labels.append(torch.as_tensor(y, dtype=torch.long).cpu())
+    try:
+        for images, y in loader:
+            feats.append(
+                model.encode_image(images.to(device=device, dtype=input_dtype(model)), normalize=True).float().cpu())
+            labels.append(torch.as_tensor(y, dtype=torch.long).cpu())
+    finally:
+        if feature == "pooled" and proj is not None:
+            visual.proj = proj
     if not feats:
         raise ValueError("no samples")
     return torch.cat(feats), torch.cat(labels)

@@ -144,25 +144,26 @@ def run_retrieval(model, tokenizer, preprocess, data, *, device, batch_size, wor
 
 
 def probe_features(model, preprocess, data, *, device, batch_size, workers, max_samples, train_data=None,
-                   test_fraction: float = 0.2, seed: int = 0):
+                   test_fraction: float = 0.2, seed: int = 0, feature: str = "embed"):
     """Image features ``(train_feats, train_labels, test_feats, test_labels)``: of ``train_data`` and ``data``,
-    or a ``test_fraction`` split of ``data``."""
+    or a ``test_fraction`` split of ``data``; ``feature`` as :func:`vlp.eval.probe.extract_features`."""
     feats, labels = extract_features(model, labeled_loader(data, preprocess, batch_size, workers, max_samples),
-                                     device)
+                                     device, feature)
     if train_data:
         train_feats, train_labels = extract_features(
-            model, labeled_loader(train_data, preprocess, batch_size, workers, max_samples), device)
+            model, labeled_loader(train_data, preprocess, batch_size, workers, max_samples), device, feature)
         return train_feats, train_labels, feats, labels
     return split_train_test(feats, labels, test_fraction, seed)
 
 
 @register_eval_task("knn", needs_text=False, uses_train_data=True, help="weighted kNN on image features")
 def run_knn(model, tokenizer, preprocess, data, *, device, batch_size, workers, max_samples, train_data=None,
-            test_fraction: float = 0.2, seed: int = 0, k: int = 20, T: float = 0.07, **_) -> dict:
-    """Weighted kNN (``k``, temperature ``T``) top-1/top-5; ``n_train`` train samples."""
+            test_fraction: float = 0.2, seed: int = 0, k: int = 20, T: float = 0.07, feature: str = "embed",
+            **_) -> dict:
+    """Weighted kNN (``k``, temperature ``T``) top-1/top-5 on ``feature`` (embed / pooled); ``n_train``."""
     tr_f, tr_l, te_f, te_l = probe_features(model, preprocess, data, device=device, batch_size=batch_size,
                                             workers=workers, max_samples=max_samples, train_data=train_data,
-                                            test_fraction=test_fraction, seed=seed)
+                                            test_fraction=test_fraction, seed=seed, feature=feature)
     num_classes = int(max(tr_l.max(), te_l.max())) + 1
     metrics = knn_eval(tr_f, tr_l, te_f, te_l, k=k, T=T, num_classes=num_classes)
     metrics["n_train"] = int(tr_f.shape[0])
