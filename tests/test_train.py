@@ -202,3 +202,26 @@ def test_warmup_cosine_schedule():
     assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
     assert f(60) == pytest.approx(0.1 + 0.9 * 0.5)
     assert f(110) == pytest.approx(0.1) and f(500) == pytest.approx(0.1)
+
+
+def test_fresh_run_into_a_used_output_dir_and_two_live_runs_are_refused(demo_data, tmp_path):
+    """#17: a fresh run into a folder with checkpoints would have its own pruned and mixed with the old run's;
+    a second live run into the same folder would interleave checkpoints and metrics."""
+    from vlp.config import ConfigError
+
+    run_dir = tmp_path / "run"
+    cfg = config_from_dict(run_config(demo_data, run_dir, data={"workers": 0}, train={"steps": 2, "save_every": 2}))
+    first = Trainer(cfg)
+    with pytest.raises(ckpt_io.RunDirBusy, match="in use by a running training"):
+        Trainer(cfg)  # while `first` holds the folder
+    first.fit()  # releases it
+    assert [p.name for p in ckpt_io.list_checkpoints(run_dir)] == ["step_00000002"]
+    with pytest.raises(ConfigError, match="holds checkpoints of an earlier run .*--resume auto"):
+        Trainer(cfg)
+    resumed = Trainer(cfg, resume="auto")  # continuing it is fine
+    assert resumed.step == 2
+    resumed.release()
+    proc = subprocess.run([sys.executable, "-m", "vlp.train", "--config",
+                           str(write_config(tmp_path / "c.yaml", run_config(demo_data, run_dir)))],
+                          env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "holds checkpoints of an earlier run" in proc.stderr.splitlines()[-1]

@@ -26,6 +26,37 @@ TEACHER_FILES = ("teacher.safetensors", "ema.safetensors")  # the momentum teach
 WEIGHTS = ("student", "teacher")
 
 
+LOCK_FILE = ".vlp-run.lock"
+
+
+class RunDirBusy(RuntimeError):
+    """Another live process trains into this output_dir."""
+
+
+def lock_run_dir(run_dir: str | os.PathLike):
+    """Hold an exclusive ``flock`` on ``RUN_DIR/.vlp-run.lock`` for the life of the returned file (released by the
+    OS when the process dies, so a killed run never leaves a stale lock). Raises :class:`RunDirBusy` at once if
+    another process holds it: two runs writing one folder would mix checkpoints and metrics."""
+    import fcntl
+
+    path = Path(run_dir) / LOCK_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    f = open(path, "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise RunDirBusy(f"output_dir: {run_dir} is in use by a running training ({holder}); wait for it, "
+                         f"or pick another output_dir") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} on {os.uname().nodename}\n")
+    f.flush()
+    return f
+
+
 def checkpoint_dir(run_dir: str | os.PathLike, step: int) -> Path:
     return Path(run_dir) / "checkpoints" / f"step_{step:08d}"
 

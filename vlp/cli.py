@@ -34,6 +34,13 @@ def _cmd_demo(args) -> int:
     logging.basicConfig(level=logging.WARNING)
     t0 = time.time()
     out = Path(args.output_dir)
+    if not args.resume and (out / "checkpoints").is_dir():  # the demo's own earlier run: start it afresh
+        import shutil
+
+        print(f"demo: replacing the previous demo run in {out} (pass --resume auto to continue it instead)")
+        for name in ("checkpoints", "tb"):
+            shutil.rmtree(out / name, ignore_errors=True)
+        (out / "metrics.jsonl").unlink(missing_ok=True)
     counts = write_demo_shards(out / "data")
     print(f"demo data: {counts} images written to {out / 'data'}")
     overrides = [f"output_dir={out}", *(f"{k}" for k in args.overrides)]

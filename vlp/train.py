@@ -68,6 +68,11 @@ class Trainer:
             cpu=cpu, mixed_precision=cfg.train.precision, log_with="tensorboard", project_dir=str(self.run_dir))
         acc = self.accelerator
         self.rank, self.world = acc.process_index, acc.num_processes
+        self._run_lock = None
+        found = ckpt_io.list_checkpoints(self.run_dir)
+        if found and not resume:  # a fresh run here would be pruned by, and mixed with, the old run's checkpoints
+            raise ConfigError(f"output_dir: {self.run_dir} holds checkpoints of an earlier run (latest "
+                              f"{found[-1].name}); continue it with --resume auto, or pick another output_dir")
         set_seed(cfg.seed + self.rank)
 
         self.sources = build_sources(cfg.data.sources)
@@ -95,6 +100,8 @@ class Trainer:
         self.last_metrics: dict[str, float] = {}
         self.eval_metrics: dict[str, float] = {}
         self._stop_signal: int | None = None
+        if acc.is_main_process:  # one live run per output_dir (taken after the config and model built cleanly)
+            self._run_lock = ckpt_io.lock_run_dir(self.run_dir)
         if resume:
             self._resume(resume)
         self.task.on_train_start()
@@ -308,7 +315,14 @@ class Trainer:
         if bar is not None:
             bar.close()
         acc.end_training()
+        self.release()
         return {"step": self.step, **self.last_metrics, **self.eval_metrics}
+
+    def release(self) -> None:
+        """Give up the output_dir lock (also released when the process exits)."""
+        if self._run_lock is not None:
+            self._run_lock.close()
+            self._run_lock = None
 
     def evaluate(self) -> dict:
         """The configured eval tasks (``eval.zeroshot``, ``eval.knn``...) on the student (main process; others
@@ -378,6 +392,9 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
+    except ckpt_io.RunDirBusy as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 4
     try:
         result = trainer.fit()
     except NonFiniteLoss as err:
