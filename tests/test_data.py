@@ -524,3 +524,16 @@ def test_config_errors_name_the_key(data, tmp_path):
         load_config(path, ["optim.lr=fast"])
     msg = one_line(err)
     assert msg.startswith("optim.lr: ") and msg.endswith("(got 'fast')")
+
+
+def test_label_parsing_rejects_what_int_cannot_read_instead_of_crashing():
+    """#17: "²".isdigit() is true but int("²") raises; such a label is skipped and counted, never fatal."""
+    from vlp.data.format import Rejected, parse_label
+
+    names = ["a", "b", "c"]
+    assert parse_label({"cls": b"2"}, names) == 2 and parse_label({"cls": b" 1 \n"}, names) == 1
+    for raw, reason in ((b"\xc2\xb2", "unknown label"), (b"\xd9\xa3", "unknown label"), (b"-1", "label out of range"),
+                        (b"7", "label out of range"), (b"\xff", "label not UTF-8")):
+        got = parse_label({"cls": raw}, names)
+        assert isinstance(got, Rejected) and got.reason == reason, (raw, got)
+    assert parse_label({"cls": b"c"}, names) == 2

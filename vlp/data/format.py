@@ -27,6 +27,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -113,7 +114,7 @@ def parse_label(sample: Mapping, classnames: Sequence[str] | None = None,
         value = sample[key].decode("utf-8").strip()
     except UnicodeDecodeError as exn:
         return Rejected("label not UTF-8", f"{key}: {exn}")
-    if value.lstrip("-").isdigit():
+    if re.fullmatch(r"-?[0-9]+", value):  # ASCII digits only: "²".isdigit() is true, int("²") raises
         label = int(value)
     elif value in class_index:
         label = class_index[value]
