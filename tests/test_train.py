@@ -147,20 +147,28 @@ def test_consecutive_nonfinite_losses_abort_with_last_good_checkpoint(demo_data,
     assert all(torch.equal(weights[k], live[k]) for k in weights)  # the saved state is the last good one
 
 
-def test_sigterm_saves_a_checkpoint_before_exiting(demo_data, tmp_path):
+@pytest.mark.parametrize("group", [False, True], ids=["main-pid", "process-group"])
+def test_sigterm_saves_a_checkpoint_before_exiting(demo_data, tmp_path, group):
+    """SIGTERM to the trainer, or to its whole process group as clusters, `timeout` and torch's elastic agent send
+    it (the DataLoader worker gets it too): a checkpoint of the step reached, no .tmp left, exit code 143."""
     run_dir = tmp_path / "run"
     cfg = run_config(demo_data, run_dir, train={"steps": 100000, "save_every": 100000, "log_every": 1})
     path = write_config(tmp_path / "c.yaml", cfg)
     proc = subprocess.Popen([sys.executable, "-m", "vlp.train", "--config", str(path)], env=ENV,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     deadline = time.time() + 240
     while time.time() < deadline and not ((run_dir / "metrics.jsonl").exists()
                                           and len((run_dir / "metrics.jsonl").read_text().splitlines()) >= 2):
         time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=120) == 0
+    if group:
+        os.killpg(proc.pid, signal.SIGTERM)
+    else:
+        proc.send_signal(signal.SIGTERM)
+    code = proc.wait(timeout=120)
+    assert code == 128 + signal.SIGTERM, proc.stderr.read().decode()[-3000:]
     info = ckpt_io.read_run_info(run_dir)
     assert 2 <= info["step"] < 100000
+    assert not list((run_dir / "checkpoints").glob("*.tmp*"))
 
 
 def test_config_errors_fail_before_any_work(demo_data, tmp_path):

@@ -50,6 +50,10 @@ def _cmd_demo(args) -> int:
     cfg.eval.zeroshot.shards = cfg.eval.zeroshot.shards.replace("runs/demo", str(out))
     trainer = Trainer(cfg, resume=args.resume)
     result = trainer.fit()
+    if trainer._stop_signal:
+        print(f"demo stopped by signal {trainer._stop_signal} at step {trainer.step} (checkpointed; "
+              f"vlp demo --resume auto continues)")
+        return 128 + int(trainer._stop_signal)
     top1 = result.get("zeroshot/top1")
     print(f"zero-shot top-1 on {counts['test']} held-out digits: {100 * top1:.1f}% (chance 10%)")
     export_dir = out / "export"

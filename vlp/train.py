@@ -227,9 +227,11 @@ class Trainer:
                 pass
 
     def _should_stop(self) -> bool:
-        flag = torch.tensor([1.0 if self._stop_signal else 0.0], device=self.accelerator.device)
+        flag = torch.tensor([float(self._stop_signal or 0)], device=self.accelerator.device)
         if self.world > 1:
-            flag = self.accelerator.reduce(flag, reduction="sum")
+            flag = self.accelerator.reduce(flag, reduction="max")
+        if flag.item() > 0 and not self._stop_signal:  # another rank was signalled: stop alike
+            self._stop_signal = int(flag.item())
         return bool(flag.item() > 0)
 
     def fit(self) -> dict:
@@ -402,6 +404,8 @@ def run(args: argparse.Namespace) -> int:
         return 3
     if trainer.accelerator.is_main_process:
         print(json.dumps({k: round(v, 5) if isinstance(v, float) else v for k, v in result.items()}))
+    if trainer._stop_signal:  # checkpointed, but not finished: `vlp train ... && vlp export ...` must stop here
+        return 128 + int(trainer._stop_signal)
     return 0
 
 

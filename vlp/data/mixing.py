@@ -11,6 +11,7 @@ index), so a run is reproducible and a resumed run can skip the batches it alrea
 from __future__ import annotations
 
 import random
+import signal
 from typing import Callable, Iterator
 
 import torch
@@ -138,7 +139,20 @@ class MixedBatches(IterableDataset):
                 rows[i] = (kind, source, rec)
 
 
+def _absorb_first_stop_signal(signum, frame) -> None:
+    signal.signal(signum, signal.SIG_DFL)  # the next one (the loader's own shutdown, a second kill) is fatal
+
+
+def _worker_init(worker_id: int) -> None:
+    """Clusters, ``timeout``, systemd and torch's elastic agent signal the whole process group: the first SIGTERM /
+    SIGINT reaching a worker is absorbed, so the trainer (which handles it) can checkpoint while its workers still
+    feed it, then shut them down as usual."""
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _absorb_first_stop_signal)
+
+
 def make_loader(dataset: MixedBatches, workers: int) -> DataLoader:
     """One DataLoader over whole batches (``batch_size=None``); workers keep their streams alive."""
     return DataLoader(dataset, batch_size=None, num_workers=workers, persistent_workers=False,
-                      prefetch_factor=4 if workers > 0 else None, pin_memory=torch.cuda.is_available())
+                      prefetch_factor=4 if workers > 0 else None, pin_memory=torch.cuda.is_available(),
+                      worker_init_fn=_worker_init if workers > 0 else None)
