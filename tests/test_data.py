@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from vlp.config import (
     ConfigError,
+    BatchConfig,
     DataConfig,
     SourceConfig,
     check_shards,
@@ -465,6 +466,43 @@ def test_truncated_shard_never_lends_its_partial_sample_to_the_next_shard(tmp_pa
             assert np.asarray(Image.open(io.BytesIO(r["image"]))).mean() == pytest.approx(120 + 20 * i, abs=6)
         assert source.bad.counts["no caption"] == 1 and source.bad.counts["unreadable tar"] >= 1
     assert orders == {("x", "y"), ("y", "x")}  # both shard orders were exercised
+
+
+@pytest.mark.parametrize("broken", ["not-a-tar", "zero-bytes", "empty-tar", "all-rejected"])
+def test_a_source_with_no_usable_sample_is_an_error_not_an_endless_retry(tmp_path, broken):
+    """#17: a resampled stream over shards that can never yield a record raised nothing and spun forever."""
+    shard = tmp_path / "s-000000.tar"
+    if broken == "not-a-tar":
+        shard.write_bytes(b"this is not a tar archive" * 40)
+    elif broken == "zero-bytes":
+        shard.write_bytes(b"")
+    elif broken == "empty-tar":
+        tarfile.open(shard, "w").close()
+    else:  # samples without the caption a paired source needs
+        write_samples(({"__key__": f"k{i}", "jpg": jpeg((20 * i,) * 3, i)} for i in range(3)), tmp_path, prefix="s")
+    source = Source(SourceConfig(name="broken", kind="paired", shards=[str(shard)]))
+    with pytest.raises(RuntimeError, match="source broken: none of its 1 shard"):
+        next(source.records(0, resampled=True, shuffle_buffer=10))
+    good = tmp_path / "good"
+    write_samples(({"__key__": f"k{i}", "jpg": jpeg((20 * i,) * 3, i), "txt": f"c {i}"} for i in range(2)), good,
+                  prefix="g")
+    mixed = Source(SourceConfig(name="half", kind="paired", shards=[str(shard), str(good / "g-000000.tar")]))
+    recs = mixed.records(0, resampled=True, shuffle_buffer=0)
+    assert all(next(recs)["text"].startswith("c ") for _ in range(20))  # one good shard keeps it alive
+
+
+def test_all_images_corrupt_is_an_error_after_a_bounded_number_of_replacements(tmp_path, clip, monkeypatch):
+    from vlp.data import mixing
+
+    monkeypatch.setattr(mixing, "MAX_CORRUPT_IN_A_ROW", 25)
+    write_samples(({"__key__": f"k{i}", "jpg": b"\xff\xd8 not really a jpeg", "txt": f"c {i}"} for i in range(5)),
+                  tmp_path, prefix="bad")
+    cfg = DataConfig(sources=[SourceConfig(name="junk", kind="paired", shards=str(tmp_path / "bad-000000.tar"))],
+                     batch=BatchConfig(paired=2), workers=0)
+    _, tok, _ = clip
+    ds = MixedBatches(cfg, lambda im: torch.zeros(3, 8, 8), tok)
+    with pytest.raises(RuntimeError, match="25 corrupt images in a row .*junk"):
+        next(iter(ds))
 
 
 # ---------------------------------------------------------------------------------------------- config errors

@@ -23,6 +23,9 @@ from vlp.data.sources import Source, build_sources, stream_seed
 from vlp.data.transforms import decode_image
 
 
+MAX_CORRUPT_IN_A_ROW = 1000
+
+
 class MixedBatches(IterableDataset):
     """Infinite stream of mixed batches for one rank."""
 
@@ -129,14 +132,17 @@ class MixedBatches(IterableDataset):
         )
 
     def _decode(self, source: Source, rec: dict, kind: str, worker: int, rows: list, i: int):
-        """Decode a row's image; a corrupt one is counted and replaced by the next record of its kind."""
-        while True:
+        """Decode a row's image; a corrupt one is counted and replaced by the next record of its kind (a source
+        whose images are all corrupt is an error after ``MAX_CORRUPT_IN_A_ROW``, not an endless loop)."""
+        for _ in range(MAX_CORRUPT_IN_A_ROW):
             try:
                 return decode_image(rec["image"])
             except Exception as exn:  # PIL raises many types for bad data
                 source.bad.add("corrupt image", f"{source.name}/{rec['key']}: {exn!r}"[:200])
                 source, rec = self._next(kind)
                 rows[i] = (kind, source, rec)
+        raise RuntimeError(f"{kind} data: {MAX_CORRUPT_IN_A_ROW} corrupt images in a row (last from source "
+                           f"{source.name}); check data.sources (vlp shards verify lists what is wrong)")
 
 
 def _absorb_first_stop_signal(signum, frame) -> None:

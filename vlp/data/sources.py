@@ -67,6 +67,7 @@ class Source:
         self.size = cfg.size if cfg.size is not None else self._size_from_sidecar()
         self.accept = self._balance_acceptance()
         self.bad = BadSamples()
+        self._dry_shards: set[str] = set()  # shards read through without a usable record since the last one
 
     # ---- metadata ---------------------------------------------------------------------------------------
     def _classnames(self) -> list[str] | None:
@@ -122,19 +123,33 @@ class Source:
                 return
 
     def _read(self, shards, rng: random.Random, shuffle_buffer: int) -> Iterator[dict]:
-        # One tar at a time: webdataset drops its end-of-shard marker when a tar breaks off, and would then
-        # merge a truncated shard's last partial sample with the next shard's first one if their keys match.
-        samples = itertools.chain.from_iterable(
-            wds.tariterators.tarfile_samples([{"url": u}], handler=self._tar_error) for u in shards)
+        records = itertools.chain.from_iterable(self._shard_records(u) for u in shards)
         if shuffle_buffer > 1:
-            samples = wds.filters._shuffle(samples, shuffle_buffer, min(100, shuffle_buffer), rng)
-        for sample in samples:
-            record = self.to_record(sample)
-            if record is None:
-                continue
+            records = wds.filters._shuffle(records, shuffle_buffer, min(100, shuffle_buffer), rng)
+        for record in records:
             if self.accept is not None and rng.random() >= self.accept.get(record["label"], 0.0):
                 continue
             yield record
+
+    def _shard_records(self, url: str) -> Iterator[dict]:
+        """Valid records of one tar. One tar at a time: webdataset drops its end-of-shard marker when a tar breaks
+        off, and would then merge a truncated shard's last partial sample with the next shard's first one if their
+        keys match. Once every shard of the source has been read through without a valid record (not a tar, empty,
+        every sample rejected), the source can never yield one: a clear error instead of an endless retry."""
+        found = False
+        for sample in wds.tariterators.tarfile_samples([{"url": url}], handler=self._tar_error):
+            record = self.to_record(sample)
+            if record is not None:
+                found = True
+                self._dry_shards.clear()
+                yield record
+        if not found:
+            self._dry_shards.add(url)
+            if len(self._dry_shards) >= len(set(self.urls)):
+                raise RuntimeError(
+                    f"source {self.name}: none of its {len(set(self.urls))} shard(s) holds a usable sample "
+                    f"(skipped: {dict(self.bad.counts) or 'nothing readable'}); check data.sources "
+                    f"(vlp shards verify SPEC --kind {self.kind} lists what is wrong)")
 
     def _tar_error(self, exn: Exception) -> bool:
         self.bad.add("unreadable tar", repr(exn)[:200])
