@@ -564,6 +564,39 @@ def test_config_errors_name_the_key(data, tmp_path):
     assert msg.startswith("optim.lr: ") and msg.endswith("(got 'fast')")
 
 
+@pytest.mark.parametrize("key, value, expected", [
+    ("data.scale", [1.5, 0.2], "data.scale: needs 0 < min <= max <= 1"),
+    ("optim.betas", [2, 3], "optim.betas: each must be in [0, 1)"),
+    ("data.templates", ["a photo of a cat."], "data.templates: every template needs {c}"),
+    ("data.batch.paired", 1, "objectives.contrastive: 1 row with text per step gives no negatives"),
+    ("model.mask_ratio", 0.0, "objectives.mae: model.mask_ratio is 0"),
+])
+def test_degenerate_settings_fail_as_one_line_naming_the_key(data, key, value, expected):
+    """#17: these were tracebacks or silently accepted (a constant loss, nothing to reconstruct...)."""
+    tree = run_tree(f"{data['root']}/paired_txt/*.tar")
+    tree["objectives"]["mae"] = {"weight": 0.5}
+    node = tree
+    *path, last = key.split(".")
+    for part in path:
+        node = node.setdefault(part, {})
+    node[last] = value
+    with pytest.raises(ConfigError) as err:
+        config_from_dict(tree)
+    assert one_line(err).startswith(expected), one_line(err)
+
+
+def test_unwritable_output_dir_fails_before_any_work(data, tmp_path):
+    """An output_dir that cannot take files (here under a regular file, which stops root too) is a config error."""
+    from vlp.train import _check_writable
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    with pytest.raises(ConfigError, match="output_dir: .* is not writable"):
+        _check_writable(blocker / "run")
+    _check_writable(tmp_path / "fine" / "run")
+    assert (tmp_path / "fine" / "run").is_dir() and not list((tmp_path / "fine" / "run").iterdir())
+
+
 def test_label_parsing_rejects_what_int_cannot_read_instead_of_crashing():
     """#17: "²".isdigit() is true but int("²") raises; such a label is skipped and counted, never fatal."""
     from vlp.data.format import Rejected, parse_label

@@ -71,6 +71,23 @@ class DataConfig(_Strict):
     augment: bool = True
     scale: tuple[float, float] = (0.5, 1.0)  # RandomResizedCrop scale range
 
+    @field_validator("scale")
+    @classmethod
+    def _scale_range(cls, v):
+        if not 0 < v[0] <= v[1] <= 1:
+            raise KeyedError(f"data.scale: needs 0 < min <= max <= 1 (RandomResizedCrop's area fraction), got {list(v)}")
+        return v
+
+    @field_validator("templates")
+    @classmethod
+    def _templates_name_the_class(cls, v):
+        if isinstance(v, list):
+            bad = [t for t in v if "{c}" not in t]
+            if bad or not v:
+                raise KeyedError(f"data.templates: every template needs {{c}} where the class name goes "
+                                 f"(got {bad[0]!r})" if bad else "data.templates: empty list")
+        return v
+
 
 class TextConfig(_Strict):
     lock: bool = False  # LiT: freeze the text tower
@@ -114,6 +131,13 @@ class OptimConfig(_Strict):
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.05, ge=0)
     betas: tuple[float, float] = (0.9, 0.98)
+
+    @field_validator("betas")
+    @classmethod
+    def _betas_in_range(cls, v):
+        if not all(0 <= b < 1 for b in v):
+            raise KeyedError(f"optim.betas: each must be in [0, 1) (AdamW's moment decays), got {list(v)}")
+        return v
     eps: float = Field(1e-6, gt=0)
     warmup_steps: int = Field(100, ge=0)
     min_lr_ratio: float = Field(0.0, ge=0, le=1)

@@ -11,6 +11,7 @@ import argparse
 import json
 import logging
 import math
+import os
 import signal
 import sys
 import time
@@ -57,6 +58,17 @@ class NonFiniteLoss(RuntimeError):
     pass
 
 
+def _check_writable(run_dir: Path) -> None:
+    """output_dir must take files (checked before any work, not at the first checkpoint)."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / f".vlp-write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise ConfigError(f"output_dir: {run_dir} is not writable ({err.strerror or err})") from None
+
+
 class Trainer:
     """One training run. ``Trainer(cfg).fit()``; subclass ``compute_loss`` to change a step."""
 
@@ -69,6 +81,8 @@ class Trainer:
         acc = self.accelerator
         self.rank, self.world = acc.process_index, acc.num_processes
         self._run_lock = None
+        if acc.is_main_process:
+            _check_writable(self.run_dir)
         found = ckpt_io.list_checkpoints(self.run_dir)
         if found and not resume:  # a fresh run here would be pruned by, and mixed with, the old run's checkpoints
             raise ConfigError(f"output_dir: {self.run_dir} holds checkpoints of an earlier run (latest "

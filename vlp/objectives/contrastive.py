@@ -93,6 +93,10 @@ class ContrastiveObjective(Objective):
         b = cfg.data.batch
         if b.paired == 0 and not (o.labels_as_text and b.labeled > 0):
             raise ValueError("objectives.contrastive: needs data.batch.paired > 0 (or labels_as_text with labeled rows)")
+        text_rows = b.paired + (b.labeled if o.labels_as_text else 0)
+        if 0 < text_rows < 2:
+            raise ValueError(f"objectives.contrastive: {text_rows} row with text per step gives no negatives "
+                             f"(a constant loss); give data.batch.paired (+ labeled with labels_as_text) >= 2")
         if o.loss == "siglip" and o.labels_as_text:
             raise ValueError("objectives.contrastive.labels_as_text: implemented for loss: clip only")
 

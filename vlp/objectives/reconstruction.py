@@ -48,6 +48,13 @@ class MAEObjective(Objective):
         return cls(ctx.patch, o.norm_pix_loss, o.decoder_width, o.decoder_depth, o.decoder_heads)
 
     @classmethod
+    def check(cls, o, cfg):
+        super().check(o, cfg)
+        if cfg.model.mask_ratio == 0:
+            raise ValueError("objectives.mae: model.mask_ratio is 0, so nothing is left to reconstruct "
+                             "(MAE uses 0.75; FLIP-style runs 0.5)")
+
+    @classmethod
     def card_settings(cls, o, cfg):
         return {"weight": o.weight, "mask_ratio": cfg.model.mask_ratio, "norm_pix_loss": o.norm_pix_loss,
                 "decoder": f"{o.decoder_depth} layers x {o.decoder_width}"}
