@@ -23,3 +23,15 @@ def test_shipped_config_validates_and_its_model_resolves(path):
     assert model_cfg["vision_cfg"]["image_size"] > 0 and model_cfg["embed_dim"] > 0
     assert sum(cfg.data.batch.model_dump().values()) > 0
     assert any(o.weight > 0 for o in cfg.objectives.values())
+
+
+def test_unknown_model_name_suggests_close_matches():
+    """#16: the hint named the first three open_clip models alphabetically; now the closest names."""
+    import pytest
+
+    from vlp.models.factory import resolve_model_config
+
+    with pytest.raises(ValueError, match=r"model.name: unknown model 'vit-b-61' .*did you mean ViT-B-16"):
+        resolve_model_config("vit-b-61")
+    with pytest.raises(ValueError, match=r"did you mean vlp-tiny-vit"):
+        resolve_model_config("vlp-tiny-vt")

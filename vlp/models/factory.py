@@ -56,9 +56,14 @@ def resolve_model_config(name: str) -> dict:
         if cfg is None:
             cfg = open_clip.get_model_config(name)
         if cfg is None:
-            raise ValueError(
-                f"model.name: unknown model {name!r} (not a JSON file, not in configs/models/, "
-                f"not an open_clip config; open_clip has e.g. {open_clip.list_models()[:3]})")
+            import difflib
+
+            known = {k.lower(): k for k in [*open_clip.list_models(),
+                                            *(p.stem for d in model_config_dirs() for p in d.glob("*.json"))]}
+            close = [known[k] for k in difflib.get_close_matches(name.lower(), list(known), n=3, cutoff=0.5)]
+            hint = f"did you mean {', '.join(close)}?" if close else f"open_clip has {len(known)}, e.g. ViT-B-16"
+            raise ValueError(f"model.name: unknown model {name!r} (not a JSON file, not in configs/models/, "
+                             f"not an open_clip config; {hint})")
     cfg = copy.deepcopy(cfg)
     if "model_cfg" in cfg:  # an export's open_clip_config.json
         cfg = cfg["model_cfg"]
