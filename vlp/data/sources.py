@@ -68,6 +68,7 @@ class Source:
         self.accept = self._balance_acceptance()
         self.bad = BadSamples()
         self._dry_shards: set[str] = set()  # shards read through without a usable record since the last one
+        self._endless = True
 
     # ---- metadata ---------------------------------------------------------------------------------------
     def _classnames(self) -> list[str] | None:
@@ -106,6 +107,7 @@ class Source:
     def records(self, seed: int, rank: int = 0, world: int = 1, worker: int = 0, workers: int = 1,
                 resampled: bool = True, shuffle_buffer: int = 0, epochs: int | None = None) -> Iterator[dict]:
         """Valid records forever (or for ``epochs`` exact epochs when not resampled)."""
+        self._endless = epochs is None  # only an endless stream can spin on shards that never yield
         epoch = 0
         while epochs is None or epoch < epochs:
             rng = random.Random(stream_seed(seed, self.index, epoch, rank, worker))
@@ -143,7 +145,7 @@ class Source:
                 found = True
                 self._dry_shards.clear()
                 yield record
-        if not found:
+        if not found and self._endless:
             self._dry_shards.add(url)
             if len(self._dry_shards) >= len(set(self.urls)):
                 raise RuntimeError(
