@@ -233,3 +233,20 @@ def test_fresh_run_into_a_used_output_dir_and_two_live_runs_are_refused(demo_dat
                            str(write_config(tmp_path / "c.yaml", run_config(demo_data, run_dir)))],
                           env=ENV, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "holds checkpoints of an earlier run" in proc.stderr.splitlines()[-1]
+
+
+def test_resume_falls_back_past_a_corrupt_latest_checkpoint(demo_data, tmp_path, caplog):
+    """#17: a latest checkpoint corrupted after publishing (a truncated weight file) gave a raw traceback."""
+    run_dir = tmp_path / "run"
+    cfg = config_from_dict(run_config(demo_data, run_dir, data={"workers": 0},
+                                      train={"steps": 4, "save_every": 2, "keep_last": 2}))
+    Trainer(cfg).fit()
+    older, latest = ckpt_io.list_checkpoints(run_dir)
+    weights = latest / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    resumed = Trainer(cfg, resume="auto")
+    assert resumed.step == 2 and "falling back" in caplog.text
+    resumed.release()
+    (older / "model.safetensors").write_bytes(b"")
+    with pytest.raises(RuntimeError, match="unreadable .* no older one is left"):
+        Trainer(cfg, resume="auto")

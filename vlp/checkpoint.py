@@ -82,11 +82,26 @@ def find_checkpoint(path: str | os.PathLike) -> Path:
     return found[-1]
 
 
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def publish(tmp: Path, final: Path, keep_last: int) -> None:
-    """Rename a finished ``.tmp`` checkpoint into place, then prune all but the ``keep_last`` newest."""
+    """Rename a finished ``.tmp`` checkpoint into place (its files and folder fsynced first, the parent after, so a
+    power loss never publishes a checkpoint whose data is still in the page cache), then prune all but the
+    ``keep_last`` newest."""
+    for f in tmp.rglob("*"):
+        if f.is_file():
+            _fsync(f)
+    _fsync(tmp)
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
+    _fsync(final.parent)
     for old in list_checkpoints(final.parent.parent)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
     for stale in final.parent.glob("*.tmp"):

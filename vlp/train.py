@@ -127,9 +127,23 @@ class Trainer:
         if resume == "auto" and not ckpt_io.list_checkpoints(target):
             log.info("resume=auto: no checkpoint in %s, starting fresh", target)
             return
-        path = ckpt_io.find_checkpoint(target)
-        self.accelerator.load_state(str(path))
+        if (target / ckpt_io.STATE_FILE).is_file():
+            candidates = [target]
+        else:  # newest first: a checkpoint corrupted after it was published falls back to the previous one
+            candidates = list(reversed(ckpt_io.list_checkpoints(target))) or [ckpt_io.find_checkpoint(target)]
+        for i, path in enumerate(candidates):
+            try:
+                self._load_checkpoint(path)
+                return
+            except Exception as err:  # truncated or corrupt files: safetensors, torch, json raise many types
+                if i == len(candidates) - 1:
+                    raise RuntimeError(f"checkpoint {path} is unreadable ({err!r}) and no older one is left") from err
+                log.warning("checkpoint %s is unreadable (%r); falling back to %s", path, err, candidates[i + 1])
+
+    def _load_checkpoint(self, path: Path) -> None:
         state = json.loads((path / ckpt_io.STATE_FILE).read_text())
+        extra = {f.stem: load_file(str(f)) for f in sorted(path.glob("*.safetensors")) if f.stem in self.task.EXTRA_STATE}
+        self.accelerator.load_state(str(path))
         self.step = state["step"]
         self.samples_seen = state["samples_seen"]
         self.bad_steps_total = state.get("nonfinite_steps", 0)
@@ -138,8 +152,7 @@ class Trainer:
         if state.get("world_size") == self.world and state.get("data_workers") == self.cfg.data.workers:
             taken = state.get("data_taken", {}).get(str(self.rank), {})
             self.dataset.start_taken = {int(k): v for k, v in taken.items()}
-        self.task.load_extra_state({f.stem: load_file(str(f)) for f in sorted(path.glob("*.safetensors"))
-                                    if f.stem in self.task.EXTRA_STATE})
+        self.task.load_extra_state(extra)
         log.info("resumed from %s at step %d", path, self.step)
 
     def save(self) -> Path:
