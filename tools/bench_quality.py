@@ -19,10 +19,12 @@ training; the bench sets shard paths, output_dir, seed, lr, steps and warm-up, a
 =============== ============================================= =====================================
 run             data (rows per step)                          objectives
 =============== ============================================= =====================================
-clip            paired (B)                                    contrastive (CLIP)
+clip            paired (B)                                    contrastive (CLIP), 50% masking
 mae             labeled + paired + unlabeled as images (B)    MAE
-supervised      labeled (B)                                   cross-entropy head
-mixed           paired + labeled + unlabeled (B in total)     CLIP/UniCL (labels as text) + MAE + CE
+supervised      labeled (B)                                   cross-entropy head, 50% masking
+ssl             labeled + paired + unlabeled as images (B)    DINO, 2 global + 2 local crops
+mixed-v1        paired + labeled + unlabeled (B in total)     CLIP/UniCL + MAE + CE, 75% masking
+mixed           paired + labeled + unlabeled (B in total)     UniCL + teacher pseudo-labels + CE, 50%
 =============== ============================================= =====================================
 
 A run trains its text tower iff an active objective reads text (the contrastive one) and the text tower is not
