@@ -1,7 +1,6 @@
 """DINO: the loss and center equal the reference DINOLoss; the teacher gets no gradient; the last-layer freeze;
 multi-crop batching equals each crop alone; KoLeo by hand; DDP over 2 CPU processes equals one process."""
 import math
-import subprocess
 import sys
 from types import SimpleNamespace
 
@@ -12,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from conftest import REPO
-from test_train import ENV, LAUNCH_2
+from test_train import run_two_processes
 from vlp.objectives.base import BuildContext
 from vlp.objectives.dino import DINOObjective, koleo_loss, local_crop_size
 
@@ -167,12 +166,7 @@ def test_two_process_gradients_and_center_equal_single_process(tmp_path):
     batch, and so does the updated center (all-reduced batch mean). Exact because the loss reads the center from
     before this step (updated after it) and is a mean of per-row terms; the KoLeo term (nearest neighbours within a
     rank's rows, as DINOv2) is not, so this runs with ``koleo_weight: 0``."""
-    out = tmp_path / "g.pt"
-    proc = subprocess.run([*LAUNCH_2, str(REPO / "tests" / "scripts" / "ddp_grads_dino.py"), str(out)],
-                          env=ENV, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    ddp = torch.load(out, weights_only=True)
-    assert ddp["world"] == 2
+    ddp = run_two_processes("ddp_grads_dino.py", tmp_path)
     task = build()
     start = task.objectives["dino"][0].center.clone()
     loss, _ = task.training_forward(global_batch(2), STEP)

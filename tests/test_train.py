@@ -43,18 +43,24 @@ def sigkill_after_first_checkpoint(config: Path, run_dir: Path, timeout: float) 
     return ckpt_io.list_checkpoints(run_dir)
 
 
+def run_two_processes(script: str, tmp_path: Path) -> dict:
+    """Launch tests/scripts/SCRIPT under `accelerate launch` with 2 CPU processes; what rank 0 saved."""
+    out = tmp_path / "g.pt"
+    proc = subprocess.run([*LAUNCH_2, str(REPO / "tests" / "scripts" / script), str(out)],
+                          env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ddp = torch.load(out, weights_only=True)
+    assert ddp["world"] == 2
+    return ddp
+
+
 def test_two_process_gradients_equal_single_process(tmp_path):
     """CLIP (gathered features, own masking ratio) + MAE + supervised + teacher pseudo-labels: DDP over 2 CPU
     processes == one process, doubled batch."""
     sys.path.insert(0, str(REPO / "tests" / "scripts"))
     from grads_common import build, global_batch, loss_of
 
-    out = tmp_path / "g.pt"
-    proc = subprocess.run([*LAUNCH_2, str(REPO / "tests" / "scripts" / "ddp_grads.py"), str(out)],
-                          env=ENV, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    ddp = torch.load(out, weights_only=True)
-    assert ddp["world"] == 2
+    ddp = run_two_processes("ddp_grads.py", tmp_path)
     task = build()
     model = task.student
     batch, noise = global_batch(task.tokenizer)

@@ -68,7 +68,6 @@ class Source:
         self.accept = self._balance_acceptance()
         self.bad = BadSamples()
         self._dry_shards: set[str] = set()  # shards read through without a usable record since the last one
-        self._endless = True
 
     # ---- metadata ---------------------------------------------------------------------------------------
     def _classnames(self) -> list[str] | None:
@@ -107,7 +106,6 @@ class Source:
     def records(self, seed: int, rank: int = 0, world: int = 1, worker: int = 0, workers: int = 1,
                 resampled: bool = True, shuffle_buffer: int = 0, epochs: int | None = None) -> Iterator[dict]:
         """Valid records forever (or for ``epochs`` exact epochs when not resampled)."""
-        self._endless = epochs is None  # only an endless stream can spin on shards that never yield
         epoch = 0
         while epochs is None or epoch < epochs:
             rng = random.Random(stream_seed(seed, self.index, epoch, rank, worker))
@@ -119,13 +117,13 @@ class Source:
                     raise RuntimeError(
                         f"source {self.name}: {len(self.urls)} shards cannot be split over {world} ranks x "
                         f"{workers} workers without resampling; set data.resampled: true or write more shards")
-            yield from self._read(shards, rng, shuffle_buffer)
+            yield from self._read(shards, rng, shuffle_buffer, endless=epochs is None)
             epoch += 1
             if resampled:
                 return
 
-    def _read(self, shards, rng: random.Random, shuffle_buffer: int) -> Iterator[dict]:
-        records = itertools.chain.from_iterable(self._shard_records(u) for u in shards)
+    def _read(self, shards, rng: random.Random, shuffle_buffer: int, endless: bool = False) -> Iterator[dict]:
+        records = itertools.chain.from_iterable(self._shard_records(u, endless) for u in shards)
         if shuffle_buffer > 1:
             records = wds.filters._shuffle(records, shuffle_buffer, min(100, shuffle_buffer), rng)
         for record in records:
@@ -133,11 +131,12 @@ class Source:
                 continue
             yield record
 
-    def _shard_records(self, url: str) -> Iterator[dict]:
+    def _shard_records(self, url: str, endless: bool) -> Iterator[dict]:
         """Valid records of one tar. One tar at a time: webdataset drops its end-of-shard marker when a tar breaks
         off, and would then merge a truncated shard's last partial sample with the next shard's first one if their
-        keys match. Once every shard of the source has been read through without a valid record (not a tar, empty,
-        every sample rejected), the source can never yield one: a clear error instead of an endless retry."""
+        keys match. In an ``endless`` stream, once every shard of the source has been read through without a valid
+        record (not a tar, empty, every sample rejected), it can never yield one: a clear error instead of an endless
+        retry (an exact epoch over such shards simply ends)."""
         found = False
         for sample in wds.tariterators.tarfile_samples([{"url": url}], handler=self._tar_error):
             record = self.to_record(sample)
@@ -145,7 +144,7 @@ class Source:
                 found = True
                 self._dry_shards.clear()
                 yield record
-        if not found and self._endless:
+        if not found and endless:
             self._dry_shards.add(url)
             if len(self._dry_shards) >= len(set(self.urls)):
                 raise RuntimeError(
