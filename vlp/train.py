@@ -89,8 +89,8 @@ class Trainer:
                               f"{found[-1].name}); continue it with --resume auto, or pick another output_dir")
         set_seed(cfg.seed + self.rank)
 
-        self.sources = build_sources(cfg.data.sources)
-        self.classnames = next((s.classnames for s in self.sources if s.kind == "labeled" and s.classnames), None)
+        self.sources = build_sources(cfg.data.sources)  # labeled sources share one label space (union by name)
+        self.classnames = next((s.label_names for s in self.sources if s.kind == "labeled" and s.label_names), None)
         self.task = PretrainTask(cfg, self.rank, self.world, self.classnames)
         self.model_cfg, self.tokenizer = self.task.model_cfg, self.task.tokenizer
         clip = self.task.student.clip

@@ -64,6 +64,8 @@ class Source:
             raise ValueError(f"source {self.name}: no shards match {cfg.shards!r}")
         self.classnames = self._classnames()
         self.class_index = {c: i for i, c in enumerate(self.classnames or [])}
+        self.label_names = self.classnames  # the run's label space (see :func:`unify_label_space`)
+        self.to_global: list[int] | None = None  # own class index -> run's class index (None: the same)
         self.size = cfg.size if cfg.size is not None else self._size_from_sidecar()
         self.accept = self._balance_acceptance()
         self.bad = BadSamples()
@@ -95,6 +97,17 @@ class Source:
         w = {c: n ** -power for c, n in counts.items()}
         top = max(w.values())
         return {c: v / top for c, v in w.items()}
+
+    def use_label_space(self, names: list[str]) -> None:
+        """Map this source's class indices, by class name, to those of the run's label space ``names``."""
+        self.label_names = list(names)
+        if not self.classnames:
+            return
+        index = {c: i for i, c in enumerate(names)}
+        mapping = [index[c] for c in self.classnames]
+        self.to_global = None if mapping == list(range(len(mapping))) else mapping
+        if self.to_global is not None and self.accept is not None:
+            self.accept = {mapping[c]: p for c, p in self.accept.items() if c < len(mapping)}
 
     # ---- shard order ------------------------------------------------------------------------------------
     def epoch_shards(self, epoch: int, seed: int, rank: int, world: int, worker: int, workers: int) -> list[str]:
@@ -165,11 +178,48 @@ class Source:
             where = f"{self.name}/{key}"
             self.bad.add(parsed.reason, f"{where}: {parsed.detail}" if parsed.detail else where)
             return None
+        if self.to_global is not None:
+            for k in ("label", "hidden_label"):
+                if parsed.get(k, -1) >= 0:
+                    parsed[k] = self.to_global[parsed[k]]
         return {"key": f"{sample.get('__url__', '')}/{key}", **parsed}
 
 
 def build_sources(cfgs: list[SourceConfig]) -> list[Source]:
-    return [Source(c, i) for i, c in enumerate(cfgs)]
+    sources = [Source(c, i) for i, c in enumerate(cfgs)]
+    unify_label_space(sources)
+    return sources
+
+
+def unify_label_space(sources: list[Source]) -> list[str] | None:
+    """ONE label space for the run: the union of the labeled sources' class names (the first source's order, then
+    each new name appended, in source order). Every source with class names then maps its own indices, by name, to
+    the run's: ``vlp shards folder`` (sorted folder names) and ``vlp shards hf`` (ClassLabel order) shards of the
+    same classes train one head. Sources without class names keep their integer labels (a warning when other
+    labeled sources have names: indices cannot be matched by name). Returns the run's class names (or None)."""
+    labeled = [s for s in sources if s.kind == "labeled"]
+    named = [s for s in labeled if s.classnames]
+    if not named:
+        return None
+    names: list[str] = []
+    seen: set[str] = set()
+    for s in named:
+        for c in s.classnames:
+            if c not in seen:
+                seen.add(c)
+                names.append(c)
+    unnamed = [s.name for s in labeled if not s.classnames]
+    if unnamed:
+        log.warning("labeled source(s) %s have no class names: their integer labels are used as indices into the "
+                    "run's %d classes without matching by name", unnamed, len(names))
+    for s in sources:
+        if s.classnames and any(c not in seen for c in s.classnames):  # an unlabeled source's hidden labels
+            continue
+        s.use_label_space(names)
+    if len(named) > 1 and any(s.classnames != names for s in named):
+        log.info("labeled sources %s: one label space of %d classes (union by class name; first source's order)",
+                 [s.name for s in named], len(names))
+    return names
 
 
 def expected_steps_per_epoch(sources: list[Source], per_kind: dict[str, int]) -> float | None:
