@@ -83,3 +83,100 @@ def test_two_labeled_sources_share_one_label_space_by_class_name(two_label_order
         assert {"dog", "ant", "cat"} <= seen
     finally:
         trainer.release()
+
+
+@pytest.fixture(scope="module")
+def open_clip_checkpoint(tmp_path_factory):
+    """A CLIP whose weights differ from any seed-0 init, as an export folder, a .safetensors and an open_clip_train
+    .pt (``{"state_dict": {"module.*": ...}}``)."""
+    from safetensors.torch import save_file
+
+    from vlp.export import export_model
+    from vlp.models.factory import create_clip
+
+    root = tmp_path_factory.mktemp("pretrained")
+    torch.manual_seed(1234)
+    clip, model_cfg, _ = create_clip("vlp-test-vit")
+    with torch.no_grad():
+        clip.logit_scale.fill_(2.0)
+    export_model(clip, model_cfg, root / "export")
+    state = {k: v.detach().clone().contiguous() for k, v in clip.state_dict().items()}
+    save_file(state, str(root / "w.safetensors"))
+    torch.save({"epoch": 3, "state_dict": {f"module.{k}": v for k, v in state.items()}}, root / "epoch_3.pt")
+    return root, state
+
+
+def test_fine_tune_from_a_local_open_clip_checkpoint(open_clip_checkpoint, demo_data, tmp_path, caplog):
+    """model.pretrained = a `vlp export` folder (model.name from its open_clip_config.json): the first step's image
+    and text embeddings are the checkpoint's; no "initialized randomly" line; the log names the model."""
+    import logging
+
+    import open_clip
+
+    from vlp.train import Trainer
+
+    root, _ = open_clip_checkpoint
+    tree = run_config(demo_data, tmp_path / "run", data={"workers": 0},
+                      train={"steps": 1, "save_every": 1, "log_every": 1, "progress": False})
+    tree["model"] = {"pretrained": str(root / "export"), "mask_ratio": 0.0}  # no name: the folder's config
+    tree["objectives"] = {"contrastive": {"weight": 1.0}}
+    cfg = config_from_dict(tree)
+    assert cfg.model.name == str(root / "export" / "open_clip_config.json")
+    seen = {}
+
+    class Capture(Trainer):
+        def compute_loss(self, batch, micro):
+            if self.step == 0:
+                clip = self.task.unwrapped.clip
+                with torch.no_grad():
+                    seen["images"], seen["text"] = batch["image"].clone(), batch["text"].clone()
+                    seen["img"], seen["txt"] = clip.encode_image(batch["image"]), clip.encode_text(batch["text"])
+            return super().compute_loss(batch, micro)
+
+    with caplog.at_level(logging.INFO):
+        Capture(cfg).fit()
+    ref, _, _ = open_clip.create_model_and_transforms(f"local-dir:{root / 'export'}")
+    ref.eval()
+    with torch.no_grad():
+        assert torch.allclose(seen["img"], ref.encode_image(seen["images"]), atol=1e-5)
+        assert torch.allclose(seen["txt"], ref.encode_text(seen["text"]), atol=1e-5)
+    assert "initialized randomly" not in caplog.text
+    assert "Loaded built-in vlp-" not in caplog.text  # open_clip's INFO lines name the hashed config
+    assert f"weights from model.pretrained {root / 'export'}" in caplog.text
+
+
+@pytest.mark.parametrize("fmt", ["w.safetensors", "epoch_3.pt"])
+def test_pretrained_weight_files(open_clip_checkpoint, fmt):
+    from vlp.task import PretrainTask
+
+    root, state = open_clip_checkpoint
+    tree = {"data": {"sources": [{"kind": "paired", "shards": "x.tar"}], "batch": {"paired": 2}},
+            "model": {"name": "vlp-test-vit", "pretrained": str(root / fmt)}, "objectives": {"contrastive": 1.0}}
+    task = PretrainTask(config_from_dict(tree, check_files=False))
+    got = task.student.clip.state_dict()
+    assert all(torch.equal(got[k], v) for k, v in state.items())
+
+
+def test_pretrained_errors_and_lock_image(open_clip_checkpoint, tmp_path, caplog):
+    import logging
+
+    from vlp.config import ConfigError
+    from vlp.task import PretrainTask
+
+    root, _ = open_clip_checkpoint
+    base = {"data": {"sources": [{"kind": "paired", "shards": "x.tar"}], "batch": {"paired": 2}},
+            "objectives": {"contrastive": 1.0}}
+    with pytest.raises(ConfigError, match="model.pretrained: 'nope' is not a file, not a folder, not a known tag"):
+        PretrainTask(config_from_dict({**base, "model": {"name": "vlp-test-vit", "pretrained": "nope"}},
+                                      check_files=False))
+    with pytest.raises(ConfigError, match="model.pretrained: .* does not fit model.name 'vlp-tiny-vit'"):
+        PretrainTask(config_from_dict({**base, "model": {"name": "vlp-tiny-vit",
+                                                         "pretrained": str(root / "w.safetensors")}},
+                                      check_files=False))
+    with caplog.at_level(logging.WARNING):
+        task = PretrainTask(config_from_dict({**base, "model": {"name": "vlp-test-vit", "lock_image": True,
+                                                                "lock_image_unlocked_groups": 2}}, check_files=False))
+    assert "freezing a randomly initialized image tower" in caplog.text
+    trainable = {n for n, p in task.student.clip.visual.named_parameters() if p.requires_grad}
+    assert trainable and {"proj", "ln_post.weight"} <= trainable
+    assert "conv1.weight" not in trainable
