@@ -180,3 +180,43 @@ def test_pretrained_errors_and_lock_image(open_clip_checkpoint, tmp_path, caplog
     trainable = {n for n, p in task.student.clip.visual.named_parameters() if p.requires_grad}
     assert trainable and {"proj", "ln_post.weight"} <= trainable
     assert "conv1.weight" not in trainable
+
+
+@pytest.mark.filterwarnings("ignore:Detected call of")
+def test_accum_freq_gradients_equal_one_big_batch(demo_data, tmp_path):
+    """train.accum_freq=4 at 32 rows per micro-batch (UniCL contrastive over cached features + MAE + supervised,
+    averaged per micro-batch): the trainer's step accumulates the gradients of one batch of 128."""
+    from vlp.data.batch import Batch
+    from vlp.objectives import combine
+    from vlp.train import Trainer
+
+    tree = run_config(demo_data, tmp_path / "run", data={"workers": 0, "batch": {"paired": 24, "labeled": 8}},
+                      optim={"grad_clip": None, "warmup_steps": 2},
+                      train={"steps": 1, "accum_freq": 4, "progress": False})
+    tree["data"]["sources"] = tree["data"]["sources"][:2]
+    trainer = Trainer(config_from_dict(tree))
+    try:
+        task, model = trainer.task, trainer.task.student
+        torch.nn.init.normal_(model.classifier.fc.weight, std=0.1)  # a zero-init head hides its gradient path
+        it = iter(trainer.dataset)
+        batches = [next(it)[0] for _ in range(4)]
+        merged = Batch(*(torch.cat([getattr(b, f) for b in batches]) for f in
+                         ("image", "text", "has_text", "label", "kind")))
+        assert merged.image.shape[0] == 128
+        noise = torch.cat([task.masking_noise(b, 0, j) for j, b in enumerate(batches)])
+        combine(task.objectives, model(merged, noise=noise), merged)[0].backward()
+        single = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        model.zero_grad(set_to_none=True)
+
+        captured = {}
+
+        def capture_step(*a, **k):
+            captured.update({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+        trainer.optimizer.step = capture_step
+        assert trainer.train_step(batches) is not None
+        assert set(captured) == set(single)
+        flat = lambda g: torch.cat([g[n].flatten() for n in sorted(g)])  # noqa: E731
+        assert flat(single).abs().max() > 1e-3
+        assert torch.allclose(flat(captured), flat(single), atol=1e-5, rtol=0)
+    finally:
+        trainer.release()

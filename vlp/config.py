@@ -159,7 +159,11 @@ class OptimConfig(_Strict):
 
 class TrainConfig(_Strict):
     steps: int = Field(1000, gt=0)
+    # plain accumulation: every micro-batch's losses on its own rows, averaged (the contrastive loss sees
+    # data.batch rows); accum_freq: open_clip_train's --accum-freq (the contrastive loss of every micro-batch is
+    # over all accum_freq micro-batches' features, cached by a no-grad pass: the gradients of one big batch)
     grad_accum: int = Field(1, ge=1)
+    accum_freq: int = Field(1, ge=1)
     precision: Literal["no", "fp16", "bf16"] = "no"
     log_every: int = Field(10, gt=0)
     save_every: int = Field(500, gt=0)
@@ -168,6 +172,18 @@ class TrainConfig(_Strict):
     max_bad_steps: int = Field(5, ge=1)  # consecutive non-finite losses before aborting
     cpu: bool = False  # force CPU even where an accelerator is present
     progress: bool = True
+
+    @model_validator(mode="after")
+    def _one_accumulation(self):
+        if self.grad_accum > 1 and self.accum_freq > 1:
+            raise KeyedError("train.accum_freq: choose train.grad_accum or train.accum_freq, not both "
+                             "(accum_freq is grad_accum with the contrastive loss over the whole accumulated batch)")
+        return self
+
+    @property
+    def micro_batches(self) -> int:
+        """data.batch-sized micro-batches per optimizer step."""
+        return self.grad_accum * self.accum_freq
 
 
 class ZeroShotEvalConfig(_Strict):

@@ -105,6 +105,7 @@ class PretrainTask:
         heads = tuple(h for o in objs for h in o.teacher_heads)
         self.teacher = MomentumTeacher(self.student, tcfg, cfg.train.steps, heads) if tcfg else None
         self.model: torch.nn.Module = self.student  # the wrapped student after prepare()
+        self._cache: tuple[int, list[dict]] | None = None  # (step, per-micro-batch features) under accum_freq
         self._unwrap = lambda m: m
 
     # ---- distributed --------------------------------------------------------------------------------------
@@ -139,6 +140,7 @@ class PretrainTask:
         return ratios.pop() if ratios else None
 
     def training_forward(self, batch, step: int, micro: int = 0) -> tuple[torch.Tensor, dict]:
+        """One micro-batch's loss (with grad) and metrics. The trainer backpropagates ``loss / micro-batches``."""
         text_ratio = self.text_pass_ratio(step)
         outputs = self.model(batch, noise=self.masking_noise(batch, step, micro, text_ratio), text_ratio=text_ratio)
         if self.teacher is not None:
@@ -146,7 +148,53 @@ class PretrainTask:
                 for obj, _ in self.objectives.values():
                     if obj.uses_teacher:
                         outputs.update(obj.teacher_forward(self.teacher, batch, step))
+        if self._cache is not None and self._cache[0] == step:
+            return self._combine_accumulated(outputs, batch, micro)
         return combine(self.objectives, outputs, batch)
+
+    # ---- train.accum_freq (open_clip_train's --accum-freq) ---------------------------------------------------
+    def cache_features(self, batches: list, step: int) -> None:
+        """The first pass of open_clip_train's ``accum_freq``: every micro-batch's accumulated outputs (what the
+        objectives' ``accumulates`` name) without grad. The same masking noise (seeded by step and micro-batch)
+        makes :meth:`training_forward`'s grad pass of micro-batch j recompute exactly its cached features."""
+        keys = {k for o, _ in self.objectives.values() for k in o.accumulates}
+        text_ratio = self.text_pass_ratio(step)
+        cache = []
+        with torch.no_grad():
+            for micro, batch in enumerate(batches):
+                out = self.model(batch, noise=self.masking_noise(batch, step, micro, text_ratio), text_ratio=text_ratio)
+                cache.append({k: out[k].detach() for k in keys if k in out} |
+                             {k: batch[k] for k in ("label", "has_text", "kind")})
+        self._cache = (step, cache)
+
+    def _combine_accumulated(self, outputs: dict, batch, micro: int) -> tuple[torch.Tensor, dict]:
+        """The step's loss share of micro-batch ``micro`` under ``accum_freq``, scaled so that the trainer's mean
+        over the n micro-batches is the step's loss: an accumulating objective (contrastive) sees the whole
+        accumulated batch (its grad flows through this micro-batch's rows only; summed over j, as open_clip_train,
+        hence the factor n); every other objective sees its micro-batch (mean losses: the mean over equal
+        micro-batches is exact). Metrics are the losses themselves."""
+        cache = self._cache[1]
+        n = len(cache)
+        total, metrics = 0.0, {}
+        for name, (obj, weight) in self.objectives.items():
+            if obj.accumulates:
+                # every other output it reads (logit_scale, logit_bias) is shared by all n micro-batch losses:
+                # its gradient counts 1/n per micro-batch (open_clip_train's counts it accum_freq times)
+                out = {k: v.detach() + (v - v.detach()) / n if torch.is_tensor(v) and v.requires_grad else v
+                       for k, v in outputs.items()}
+                for k in obj.accumulates:
+                    if k in outputs:
+                        out[k] = torch.cat([c[k] for c in cache[:micro]] + [outputs[k]] + [c[k] for c in cache[micro + 1:]])
+                rows = {k: torch.cat([c[k] for c in cache]) for k in ("label", "has_text", "kind")}
+                loss, m = obj(out, rows)
+                total = total + n * weight * loss
+            else:
+                loss, m = obj(outputs, batch)
+                total = total + weight * loss
+            metrics[f"loss/{name}"] = loss.detach()
+            metrics.update({f"{name}/{k}": v for k, v in m.items()})
+        metrics["loss/total"] = sum(w * metrics[f"loss/{name}"] for name, (_, w) in self.objectives.items())
+        return total, metrics
 
     def on_train_start(self) -> None:
         """Before the first step of this process (fresh or resumed): objectives may build state from the student."""

@@ -119,7 +119,7 @@ class Trainer:
         if resume:
             self._resume(resume)
         self.task.on_train_start()
-        self.dataset.start_batch = self.step * cfg.train.grad_accum
+        self.dataset.start_batch = self.step * cfg.train.micro_batches
 
     # ---- checkpoints --------------------------------------------------------------------------------------
     def _resume(self, resume: str) -> None:
@@ -206,9 +206,13 @@ class Trainer:
         return bool(flag.item() == 1.0)
 
     def train_step(self, batches: list) -> dict | None:
-        """One optimizer step over ``grad_accum`` micro-batches. Returns metrics, or None if skipped."""
+        """One optimizer step over ``grad_accum`` (or ``accum_freq``) micro-batches. Returns metrics, or None if
+        skipped. Each micro-batch's loss is divided by their number: the task's losses average to the step's loss."""
         acc, n = self.accelerator, len(batches)
         metrics_sum: dict[str, float] = {}
+        if self.cfg.train.accum_freq > 1:  # open_clip_train's first pass: every micro-batch's features, no grad
+            with acc.autocast():
+                self.task.cache_features(batches, self.step)
         for micro, batch in enumerate(batches):
             sync = micro == n - 1
             ctx = acc.no_sync(self.model) if not sync and self.world > 1 else _nullcontext()
@@ -270,7 +274,7 @@ class Trainer:
         acc.init_trackers("tb", config=_flat_hparams(cfg))
         self._install_signal_handlers()
         loader = iter(make_loader(self.dataset, cfg.data.workers))
-        per_step = {k: getattr(cfg.data.batch, k) * tc.grad_accum * self.world for k in KINDS}
+        per_step = {k: getattr(cfg.data.batch, k) * tc.micro_batches * self.world for k in KINDS}
         bar = None
         if acc.is_main_process and tc.progress:
             from tqdm.auto import tqdm
@@ -280,7 +284,7 @@ class Trainer:
         while self.step < tc.steps:
             t0 = time.perf_counter()
             batches = []
-            for _ in range(tc.grad_accum):
+            for _ in range(tc.micro_batches):
                 batch, meta = next(loader)
                 self._track_stream(meta)
                 batches.append(batch.to(acc.device, non_blocking=True))

@@ -292,11 +292,12 @@ def card_from_run(cfg, info: dict | None = None, license: str | None = None, rep
     training = {"steps": cfg.train.steps}
     if info.get("step") is not None and int(info["step"]) != cfg.train.steps:
         training["step"] = int(info["step"])
-    training.update({"lr": cfg.optim.lr, "batch_per_process": cfg.data.batch.total, "grad_accum": cfg.train.grad_accum})
+    training.update({"lr": cfg.optim.lr, "batch_per_process": cfg.data.batch.total, "grad_accum": cfg.train.grad_accum,
+                     **({"accum_freq": cfg.train.accum_freq} if cfg.train.accum_freq > 1 else {})})
     world = info.get("world_size")
     if world:
         training["world_size"] = int(world)
-        training["global_batch_size"] = cfg.data.batch.total * int(world) * cfg.train.grad_accum
+        training["global_batch_size"] = cfg.data.batch.total * int(world) * cfg.train.micro_batches
     training.update({"precision": "fp32" if cfg.train.precision == "no" else cfg.train.precision,
                      "weight_decay": cfg.optim.weight_decay,
                      "warmup_steps": cfg.optim.warmup_steps,

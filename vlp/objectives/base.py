@@ -81,6 +81,10 @@ class Objective(nn.Module):
     uses_teacher: ClassVar[bool] = False
     teacher_heads: ClassVar[tuple[str, ...]] = ()
     needs: ClassVar[tuple[str, ...]] = ()        # model outputs read (documentation and checks)
+    # outputs it reads over the whole accumulated batch under train.accum_freq (open_clip_train's --accum-freq):
+    # those of the other micro-batches come from a no-grad pass; it then also reads the accumulated rows'
+    # batch["label"], batch["has_text"], batch["kind"]. Empty: its loss is per micro-batch, averaged.
+    accumulates: ClassVar[tuple[str, ...]] = ()
 
     @classmethod
     def from_config(cls, o: ObjectiveConfig, ctx: BuildContext) -> "Objective":

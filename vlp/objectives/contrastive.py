@@ -64,6 +64,7 @@ class ContrastiveObjective(Objective):
         unmasked_tail_steps: int = Field(0, ge=0)  # FLIP's unmasked tuning: the last N steps unmasked
 
     needs = ("image_features", "text_features", "logit_scale")
+    accumulates = ("image_features", "text_features")
     needs_text = True
 
     def __init__(self, loss: str = "clip", labels_as_text: bool = False, rank: int = 0, world_size: int = 1,
