@@ -220,3 +220,24 @@ def test_accum_freq_gradients_equal_one_big_batch(demo_data, tmp_path):
         assert torch.allclose(flat(captured), flat(single), atol=1e-5, rtol=0)
     finally:
         trainer.release()
+
+
+def test_overrides_in_any_position_and_a_longer_resumed_run_says_its_schedule_is_rebuilt(demo_data, tmp_path, caplog):
+    import logging
+
+    from vlp import checkpoint as ckpt_io
+    from vlp.cli import main
+
+    run_dir = tmp_path / "run"
+    tree = run_config(demo_data, run_dir, data={"workers": 0, "batch": {"paired": 4}},
+                      train={"steps": 2, "save_every": 2, "progress": False})
+    tree["data"]["sources"] = tree["data"]["sources"][1:2]
+    tree["objectives"] = {"contrastive": 1.0}
+    path = write_config(tmp_path / "c.yaml", tree)
+    assert main(["train", "--config", str(path)]) == 0
+    with caplog.at_level(logging.WARNING):
+        assert main(["train", "--config", str(path), "train.save_every=1", "--resume", "auto", "train.steps=3"]) == 0
+    assert ckpt_io.read_run_info(run_dir)["step"] == 3
+    assert "train.steps 2 -> 3 on resume: the warmup + cosine lr schedule" in caplog.text
+    with pytest.raises(SystemExit):
+        main(["train", "--config", str(path), "--resume", "auto", "--bogus"])

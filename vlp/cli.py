@@ -110,7 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    args = build_parser().parse_args(argv)
+    from vlp.train import parse_args
+
+    args = parse_args(build_parser(), argv)
     from vlp.config import ConfigError
 
     try:

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import torch
+import yaml
 from accelerate import Accelerator
 from accelerate.utils import gather_object, set_seed
 from safetensors.torch import load_file, save_file
@@ -154,6 +155,22 @@ class Trainer:
             self.dataset.start_taken = {int(k): v for k, v in taken.items()}
         self.task.load_extra_state(extra)
         log.info("resumed from %s at step %d", path, self.step)
+        self._log_schedule_change(path)
+
+    def _log_schedule_change(self, path: Path) -> None:
+        """A resumed run with another train.steps: the step-indexed schedules (warmup + cosine lr, teacher tau,
+        unmasked tail) follow the new total, as open_clip_train rebuilds its cosine for a new --epochs; say so."""
+        try:
+            before = yaml.safe_load((path / ckpt_io.CONFIG_FILE).read_text())["train"]["steps"]
+        except Exception:  # an older or hand-made checkpoint: nothing to compare
+            return
+        now, o = self.cfg.train.steps, self.cfg.optim
+        if before != now:
+            old_lr = o.lr * warmup_cosine(o.warmup_steps, before, o.min_lr_ratio)(self.step)
+            log.warning("train.steps %d -> %d on resume: the warmup + cosine lr schedule (and the teacher's tau) is "
+                        "rebuilt for %d steps, as open_clip_train does for a new --epochs; at step %d the lr is %.3g "
+                        "(it was %.3g on the old schedule)", before, now, now, self.step,
+                        self.scheduler.get_last_lr()[0], old_lr)
 
     def save(self) -> Path:
         """Write a checkpoint for the current step atomically; every rank must call it."""
@@ -440,8 +457,20 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
+    """Like ``parse_args``, with ``key=value`` overrides anywhere (``--config X --resume auto train.steps=80``,
+    or before and after an option)."""
+    args, extra = parser.parse_known_args(argv)
+    bad = [e for e in extra if e.startswith("-") or "=" not in e]
+    if bad or (extra and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(bad or extra)}")
+    if extra:
+        args.overrides = [*(args.overrides or []), *extra]
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    return run(build_parser().parse_args(argv))
+    return run(parse_args(build_parser(), argv))
 
 
 if __name__ == "__main__":
