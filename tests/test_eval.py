@@ -212,6 +212,30 @@ def test_zeroshot_known_accuracy_with_image_classifier(clip, images, tmp_path):
     logits = feats.numpy() @ feats.numpy().T
     assert res["top1"] == pytest.approx(np_topk_acc(logits, np.array(labels), 1))
     assert res["top5"] == pytest.approx(np_topk_acc(logits, np.array(labels), 5))
+    # clip_benchmark's mean per-class recall over the classes present: 0..2 half right, 3..7 right, 11 wrong
+    assert res["mean_per_class_recall"] == pytest.approx((3 * 0.5 + 5 * 1.0 + 0.0) / 9)
+
+
+def test_eval_task_auto_and_fail_fast_on_shards_without_what_the_task_reads(clip, images, tmp_path, capsys):
+    """#16: --task retrieval on label-only shards failed late (NaN after the whole pass); `auto` (the default)
+    decides from the shards: captions -> retrieval, labels -> zeroshot."""
+    from vlp.cli import main
+    from vlp.eval.tasks import get_eval_task
+
+    model, model_cfg, tokenizer, preprocess = clip
+    write_shard(tmp_path / "lab" / "0.tar", [(im, {"cls": i % 2}) for i, im in enumerate(images)])
+    (tmp_path / "lab" / "classnames.txt").write_text("a\nb\n")
+    write_shard(tmp_path / "cap" / "0.tar", [(im, {"txt": f"photo {i}"}) for i, im in enumerate(images)])
+    assert get_eval_task("auto", str(tmp_path / "cap")).name == "retrieval"
+    assert get_eval_task("auto", str(tmp_path / "lab")).name == "zeroshot"
+    with pytest.raises(ValueError, match=r"eval --task retrieval: reads txt .* has only \['cls', 'png'\]; "
+                                         r"these shards suit --task zeroshot"):
+        evaluate(model, tokenizer, preprocess, "retrieval", str(tmp_path / "lab"))
+    export = write_export(model, model_cfg, str(tmp_path / "export"))
+    rc = main(["eval", "--model", export, "--task", "retrieval", "--data", str(tmp_path / "lab"), "--device", "cpu"])
+    assert rc == 2 and "eval --task retrieval: reads txt" in capsys.readouterr().err
+    rc = main(["eval", "--model", export, "--data", str(tmp_path / "cap"), "--device", "cpu"])
+    assert rc == 0 and "image_retrieval_recall@1" in capsys.readouterr().out
 
 
 def test_zeroshot_shards_match_direct_open_clip(clip, zs_dataset):
@@ -515,6 +539,7 @@ def test_run_training_eval_knn_and_zeroshot(clip, zs_dataset, probe_shards):
     te_f, te_l = extract_features(model, evdata.labeled_loader(val, preprocess, 4))
     knn = knn_eval(tr_f, tr_l, te_f, te_l, k=3)
     assert metrics == {"zeroshot/top1": zs["top1"], "zeroshot/top5": zs["top5"], "zeroshot/n": N_IMAGES,
+                       "zeroshot/mean_per_class_recall": zs["mean_per_class_recall"],
                        "knn/top1": knn["top1"], "knn/top5": knn["top5"], "knn/n": 4, "knn/n_train": 8}
     assert metrics["zeroshot/top1"] == pytest.approx(0.5)
 

@@ -130,9 +130,10 @@ def register_cli(subparsers) -> None:
 
     names = ", ".join(EVAL_TASKS)
     e = subparsers.add_parser("eval", parents=[common], help=f"evaluate: {names}")
-    e.add_argument("--task", default="zeroshot", type=_task_arg, choices=[*EVAL_TASKS, "auto"], metavar="TASK",
+    e.add_argument("--task", default="auto", type=_task_arg, choices=[*EVAL_TASKS, "auto"], metavar="TASK",
                    help="; ".join(f"{t.name}: {t.help}" if t.help else t.name for t in EVAL_TASKS.values())
-                   + "; auto: by dataset_type.txt (aliases accepted, e.g. linear-probe)")
+                   + "; auto (default): from the shards, dataset_type.txt else the first sample: labels -> zeroshot, "
+                        "captions -> retrieval (aliases accepted, e.g. linear-probe)")
     e.add_argument("--data", required=True, help="shards: folder, tar, brace pattern; several joined by ::")
     e.add_argument("--train-data", default=None,
                    help="train shards for " + ", ".join(t.name for t in EVAL_TASKS.values() if t.uses_train_data))

@@ -122,6 +122,35 @@ def template_fns(templates: Sequence[str | Callable]) -> list[Callable[[str], st
     return [make(t) for t in templates]
 
 
+def first_sample_keys(spec) -> set[str] | None:
+    """The extensions of the first sample of the first local shard (``{"jpg", "cls"}``), read from the tar's
+    first members; None when the first shard is remote or unreadable."""
+    import tarfile
+
+    try:
+        url = expand_urls(spec)[0]
+    except FileNotFoundError:
+        return None
+    if "://" in url or url.startswith("pipe:") or not os.path.isfile(url):
+        return None
+    keys, first = set(), None
+    try:
+        with tarfile.open(url) as tar:
+            for member in tar:
+                if not member.isfile() or "." not in os.path.basename(member.name):
+                    continue
+                stem, ext = os.path.basename(member.name).split(".", 1)
+                key = os.path.join(os.path.dirname(member.name), stem)
+                if first is None:
+                    first = key
+                elif key != first:
+                    break
+                keys.add(ext.lower())
+    except (OSError, tarfile.TarError):
+        return None
+    return keys or None
+
+
 def find_dataset_type(spec) -> str | None:
     """The content of ``dataset_type.txt`` near the shards (e.g. ``retrieval``), if any."""
     path = find_metadata_file(spec, DATASET_TYPE_FILE)

@@ -21,7 +21,7 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-from vlp.eval.data import (find_classnames, find_dataset_type, find_templates, labeled_loader,
+from vlp.eval.data import (find_classnames, find_dataset_type, find_templates, first_sample_keys, labeled_loader,
                            retrieval_loader)
 from vlp.eval.probe import extract_features, knn_eval, linear_probe, split_train_test
 from vlp.eval.retrieval import retrieval_eval
@@ -65,16 +65,36 @@ def register_eval_task(name: str, *, needs_text: bool = True, shards: str = "lab
 
 
 def get_eval_task(task: str | None, data=None) -> EvalTask:
-    """The task named ``task`` (a name or alias, any case). ``None``/``auto``: ``retrieval`` when ``data``'s
-    ``dataset_type.txt`` says so, else ``zeroshot``."""
+    """The task named ``task`` (a name or alias, any case). ``None``/``auto``: from the shards, as clip_benchmark's
+    dataset_type: ``dataset_type.txt`` when there is one, else the first sample: labels (``cls``) -> ``zeroshot``,
+    captions only (``txt`` / ``json``) -> ``retrieval``."""
     if task is None or task == "auto":
         kind = find_dataset_type(data) if data is not None else None
+        if kind is None and data is not None:
+            keys = first_sample_keys(data) or set()
+            kind = "retrieval" if "cls" not in keys and keys & {"txt", "json"} else None
         task = "retrieval" if kind and "retrieval" in kind else "zeroshot"
     key = str(task).lower()
     for t in EVAL_TASKS.values():
         if key == t.name.lower() or key in t.aliases:
             return t
     raise ValueError(f"unknown eval task {task!r}; known: {', '.join(EVAL_TASKS)} (or auto)")
+
+
+SHARD_KEYS = {"labeled": ("cls",), "captions": ("txt",)}
+
+
+def check_shards_fit(entry: EvalTask, data) -> None:
+    """Fail at once, naming what is missing, when the first sample of ``data`` lacks what ``entry`` reads
+    (retrieval on shards without captions would otherwise run every batch and report NaN)."""
+    keys = first_sample_keys(data)
+    need = SHARD_KEYS.get(entry.shards, ())
+    if keys is None or not need or any(k in keys for k in need):
+        return
+    other = "zeroshot" if "cls" in keys else "retrieval" if "txt" in keys else None
+    hint = f"; these shards suit --task {other} (or --task auto)" if other and other != entry.name else ""
+    raise ValueError(f"eval --task {entry.name}: reads {' or '.join(need)} ({entry.shards}) from each sample, but "
+                     f"the first sample of {data} has only {sorted(keys)}{hint}")
 
 
 def _model_device(model) -> torch.device:
@@ -100,6 +120,9 @@ def evaluate(model, tokenizer, preprocess, task: str, data, *, classnames=None, 
     eval mode and its training mode restored afterwards.
     """
     entry = get_eval_task(task, data)
+    check_shards_fit(entry, data)
+    if entry.uses_train_data and train_data is not None:
+        check_shards_fit(entry, train_data)
     device = torch.device(device) if device is not None else _model_device(model)
     module = unwrap(model)
     was_training = module.training
@@ -118,7 +141,7 @@ def evaluate(model, tokenizer, preprocess, task: str, data, *, classnames=None, 
 
 
 @register_eval_task("zeroshot", aliases=("zero-shot", "zero_shot", "zeroshot_classification", "classification"),
-                    help="zero-shot classification: top1, top5")
+                    help="zero-shot classification: top1, top5, mean_per_class_recall")
 def run_zeroshot(model, tokenizer, preprocess, data, *, device, batch_size, workers, max_samples, classnames=None,
                  templates=None, classifier=None, **_) -> dict:
     """Top-1/top-5 of a given classifier, else one built from class names and templates."""

@@ -60,23 +60,33 @@ def _topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> dict
 def zeroshot_eval(model, classifier: torch.Tensor, loader, device="cpu") -> dict:
     """Top-1 / top-5 accuracy of argmax over ``normalize(image_features) @ classifier``.
 
-    ``loader`` yields ``(images, labels)``. Returns ``{"top1", "top5", "n"}`` (top-5 is top-min(5, classes)).
+    ``loader`` yields ``(images, labels)``. Returns ``{"top1", "top5", "mean_per_class_recall", "n"}`` (top-5 is
+    top-min(5, classes); the mean per-class recall is over the classes present, as clip_benchmark's).
     """
     model = unwrap(model)
     classifier = classifier.to(device=device, dtype=torch.float32)
     correct = {1: 0, 5: 0}
     n = 0
+    num_classes = classifier.shape[1]
+    per_class = torch.zeros(2, num_classes, dtype=torch.long)  # [hits, samples] of each true class
     for images, labels in loader:
         images = images.to(device=device, dtype=input_dtype(model))
         labels = labels.to(device)
         feats = model.encode_image(images, normalize=True).float()
-        c = _topk_correct(feats @ classifier, labels)
+        logits = feats @ classifier
+        c = _topk_correct(logits, labels)
         correct[1] += c[1]
         correct[5] += c[5]
         n += len(labels)
+        valid = (labels >= 0) & (labels < num_classes)
+        hit = (logits.argmax(dim=-1) == labels) & valid
+        per_class[0] += torch.bincount(labels[hit].cpu(), minlength=num_classes)
+        per_class[1] += torch.bincount(labels[valid].cpu(), minlength=num_classes)
     if n == 0:
         raise ValueError("zero-shot evaluation: the data yielded no samples (check the shard spec)")
-    return {"top1": correct[1] / n, "top5": correct[5] / n, "n": n}
+    present = per_class[1] > 0  # clip_benchmark: balanced accuracy over the classes the data holds
+    recall = (per_class[0][present].double() / per_class[1][present].double()).mean().item()
+    return {"top1": correct[1] / n, "top5": correct[5] / n, "mean_per_class_recall": recall, "n": n}
 
 
 def input_dtype(model) -> torch.dtype:
