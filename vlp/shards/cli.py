@@ -25,7 +25,8 @@ def _print_written(result: dict) -> None:
 
 def _cmd_folder(args: argparse.Namespace) -> int:
     result = write_image_folder(
-        args.root, args.out, kind=args.kind, prefix=args.prefix, maxcount=args.maxcount, shuffle_seed=args.seed
+        args.root, args.out, kind=args.kind, prefix=args.prefix, maxcount=args.maxcount, shuffle_seed=args.seed,
+        image_size=args.image_size, resize_mode=args.resize_mode,
     )
     _print_written(result)
     return 0
@@ -41,6 +42,8 @@ def _cmd_captions(args: argparse.Namespace) -> int:
         prefix=args.prefix,
         maxcount=args.maxcount,
         shuffle_seed=args.seed,
+        image_size=args.image_size,
+        resize_mode=args.resize_mode,
     )
     _print_written(result)
     return 0
@@ -57,13 +60,15 @@ def _cmd_hf(args: argparse.Namespace) -> int:
         prefix=args.prefix,
         maxcount=args.maxcount,
         shuffle_seed=args.seed,
+        image_size=args.image_size,
+        resize_mode=args.resize_mode,
     )
     _print_written(result)
     return 0
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
-    info = inspect_shards(args.spec, n_preview=args.preview)
+    info = inspect_shards(args.spec, n_preview=args.preview)  # FileNotFoundError (-> exit 2) for missing shards
     if args.json:
         print(json.dumps(info, indent=1))
         return 0 if info["num_shards"] else 1
@@ -78,7 +83,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         print(f"  {item['shard']} {item['key']} [{','.join(item['keys'])}]{extra}")
     for shard, error in info["errors"]:
         print(f"error: {shard}: {error}")
-    return 0 if info["num_shards"] else 1
+    return 0 if info["num_shards"] and not info["errors"] else 1
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
@@ -99,6 +104,11 @@ def _add_write_options(p: argparse.ArgumentParser, seed_default: int | None) -> 
     p.add_argument("--maxcount", type=int, default=1000, help="samples per shard (default: 1000)")
     p.add_argument("--seed", type=int, default=seed_default,
                    help=f"shuffle seed before writing (default: {seed_default}; -1 keeps order)")
+    p.add_argument("--image-size", type=int, default=None, help="resize images (with --resize-mode) to this size")
+    p.add_argument("--resize-mode", choices=("no", "border", "keep_ratio", "center_crop"), default=None,
+                   help="img2dataset's modes: keep_ratio (smaller side = size), center_crop (then the centre "
+                        "square), border (larger side = size, white padding to a square), no (default; "
+                        "with --image-size alone: keep_ratio)")
 
 
 def _seed(value: int | None) -> int | None:
@@ -116,6 +126,8 @@ def register_cli(subparsers: Any) -> argparse.ArgumentParser:
         def run(args: argparse.Namespace) -> int:
             if hasattr(args, "seed"):
                 args.seed = _seed(args.seed)
+            if getattr(args, "resize_mode", "") is None:
+                args.resize_mode = "keep_ratio" if args.image_size else "no"
             try:
                 return fn(args)
             except (ValueError, KeyError, TypeError, OSError) as exn:

@@ -108,6 +108,10 @@ def _shard_name(shard: str) -> str:
 def inspect_shards(spec: str, n_preview: int = 3) -> dict:
     """Summary of a shard spec: shards, samples, extension counts, sizes.json total, classes, first samples."""
     shards = expand_spec(spec)
+    missing = [s for s in shards if "://" not in s and not s.startswith("pipe:") and not os.path.exists(s)]
+    if not shards or missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise FileNotFoundError(f"no such shard {missing[0]!r}{more}" if missing else f"no shards match {spec!r}")
     keys: Counter = Counter()
     per_shard: dict[str, int] = {}
     errors: list[tuple[str, str]] = []

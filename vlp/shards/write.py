@@ -5,11 +5,17 @@ A dataset is a folder of ``PREFIX-000000.tar, PREFIX-000001.tar, ...`` plus, bes
 * ``sizes.json``: ``{"PREFIX-000000.tar": 1000, ...}`` (open_clip_train's format);
 * labeled data only: ``classnames.txt`` (line i = class i) and ``class_counts.json`` (``{"0": n0, ...}``).
 
-Samples: ``__key__`` (zero-padded running index), the image as JPEG bytes under ``jpg`` and
+Samples: ``__key__`` (zero-padded running index), the image as JPEG bytes under ``jpg`` (JPEG input keeps its
+bytes unless resized; transparent images are composited on white, as a viewer shows them, not with the alpha channel
+dropped, which turns transparent pixels to whatever colour they hold, often black) and
 
 * labeled: ``cls`` (class index as ASCII text);
 * paired: ``txt`` (UTF-8 caption) and ``json`` (``{"caption", "key", "status": "success", "url"}``);
 * unlabeled: nothing else.
+
+Resizing (``image_size`` + ``resize_mode``, img2dataset's modes): ``no`` keeps the size; ``keep_ratio`` scales the
+smaller side to ``image_size``; ``center_crop`` does that then crops the centre square; ``border`` scales the larger
+side to ``image_size`` and pads the rest with white to a square.
 """
 from __future__ import annotations
 
@@ -29,6 +35,7 @@ log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = tuple(f".{k}" for k in IMAGE_KEYS)  # image files the folder writers pick up
 JPEG_QUALITY = 95
+RESIZE_MODES = ("no", "border", "keep_ratio", "center_crop")  # img2dataset's resize_mode
 KEY_WIDTH = 9  # img2dataset's key width
 
 # --------------------------------------------------------------------------------------------- images
@@ -38,8 +45,47 @@ def _is_jpeg(data: bytes) -> bool:
     return data[:3] == b"\xff\xd8\xff"
 
 
-def image_to_jpeg_bytes(image: Any) -> bytes:
-    """Image (path, bytes or PIL image) -> JPEG bytes; JPEG input keeps its original bytes."""
+def check_resize(image_size: int | None, resize_mode: str) -> tuple[int, str] | None:
+    """``(image_size, resize_mode)`` for the writers, None for no resizing; a clear error for bad values."""
+    if resize_mode not in RESIZE_MODES:
+        raise ValueError(f"resize_mode must be one of {RESIZE_MODES}, got {resize_mode!r}")
+    if resize_mode == "no":
+        return None
+    if not image_size or image_size <= 0:
+        raise ValueError(f"resize_mode {resize_mode!r} needs a positive image_size (--image-size)")
+    return int(image_size), resize_mode
+
+
+def resize_image(im: Any, size: int, mode: str) -> Any:
+    """img2dataset's resize modes on a PIL image (bicubic; see the module docstring)."""
+    from PIL import Image
+
+    if mode == "no":
+        return im
+    w, h = im.size
+    if mode in ("keep_ratio", "center_crop"):
+        scale = size / min(w, h)
+    elif mode == "border":
+        scale = size / max(w, h)
+    else:
+        raise ValueError(f"resize_mode must be one of {RESIZE_MODES}, got {mode!r}")
+    nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
+    if (nw, nh) != (w, h):
+        im = im.resize((nw, nh), Image.BICUBIC)
+    if mode == "center_crop":
+        left, top = (nw - size) // 2, (nh - size) // 2
+        im = im.crop((left, top, left + size, top + size))
+    elif mode == "border":
+        im = _flatten(im)
+        canvas = Image.new("RGB", (size, size), (255, 255, 255))
+        canvas.paste(im, ((size - nw) // 2, (size - nh) // 2))
+        im = canvas
+    return im
+
+
+def image_to_jpeg_bytes(image: Any, resize: tuple[int, str] | None = None) -> bytes:
+    """Image (path, bytes or PIL image) -> JPEG bytes; JPEG input keeps its original bytes unless ``resize``
+    (``(image_size, resize_mode)``) changes it."""
     from PIL import Image
 
     if isinstance(image, (str, os.PathLike)):
@@ -47,25 +93,29 @@ def image_to_jpeg_bytes(image: Any) -> bytes:
     if isinstance(image, (bytes, bytearray, memoryview)):
         data = bytes(image)
         with Image.open(io.BytesIO(data)) as im:  # header parse: rejects non-images cheaply
-            if im.format == "JPEG" and _is_jpeg(data):
+            if im.format == "JPEG" and _is_jpeg(data) and resize is None:
                 return data
             im.load()
-            return _pil_to_jpeg(im)
+            return _pil_to_jpeg(resize_image(im, *resize) if resize else im)
     if isinstance(image, Image.Image):
-        return _pil_to_jpeg(image)
+        return _pil_to_jpeg(resize_image(image, *resize) if resize else image)
     raise TypeError(f"cannot convert {type(image).__name__} to an image")
 
 
-def _pil_to_jpeg(im: Any) -> bytes:
+def _flatten(im: Any) -> Any:
+    """RGB; an alpha channel (RGBA, LA, PA, palette transparency) is composited on white."""
     from PIL import Image
 
-    if im.mode in ("RGBA", "LA") or (im.mode == "P" and "transparency" in im.info):
+    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (im.mode == "P" and "transparency" in im.info):
         im = im.convert("RGBA")
         background = Image.new("RGB", im.size, (255, 255, 255))
         background.paste(im, mask=im.getchannel("A"))
-        im = background
-    elif im.mode != "RGB":
-        im = im.convert("RGB")
+        return background
+    return im if im.mode == "RGB" else im.convert("RGB")
+
+
+def _pil_to_jpeg(im: Any) -> bytes:
+    im = _flatten(im)
     buf = io.BytesIO()
     im.save(buf, format="JPEG", quality=JPEG_QUALITY)
     return buf.getvalue()
@@ -164,10 +214,11 @@ def _check_kind(kind: str, allowed: Iterable[str] = KINDS) -> None:
 
 
 def _make_sample(
-    index: int, image: Any, kind: str, label: int | None = None, caption: str | None = None, url: str = ""
+    index: int, image: Any, kind: str, label: int | None = None, caption: str | None = None, url: str = "",
+    resize: tuple[int, str] | None = None,
 ) -> dict:
     key = _key(index)
-    sample: dict[str, Any] = {"__key__": key, "jpg": image_to_jpeg_bytes(image)}
+    sample: dict[str, Any] = {"__key__": key, "jpg": image_to_jpeg_bytes(image, resize)}
     if kind == "labeled":
         sample["cls"] = str(int(label)).encode("ascii")
     elif kind == "paired":
@@ -180,8 +231,9 @@ def _make_sample(
 class _Collector:
     """Turns (image, label, caption, source) records into samples; records skips and class counts."""
 
-    def __init__(self, kind: str):
+    def __init__(self, kind: str, resize: tuple[int, str] | None = None):
         self.kind = kind
+        self.resize = resize
         self.index = 0
         self.skipped: list[tuple[str, str]] = []
         self.class_counts: Counter = Counter()
@@ -189,7 +241,7 @@ class _Collector:
     def samples(self, records: Iterable[tuple[Any, int | None, str | None, str]]) -> Iterator[dict]:
         for image, label, caption, source in records:
             try:
-                sample = _make_sample(self.index, image, self.kind, label, caption, source)
+                sample = _make_sample(self.index, image, self.kind, label, caption, source, self.resize)
             except Exception as exn:  # unreadable / undecodable image
                 self.skipped.append((source, f"{type(exn).__name__}: {exn}"))
                 continue
@@ -249,6 +301,8 @@ def write_image_folder(
     prefix: str = "shard",
     maxcount: int = 1000,
     shuffle_seed: int | None = 0,
+    image_size: int | None = None,
+    resize_mode: str = "no",
 ) -> dict:
     """ImageFolder ``root/<class>/<file>`` -> labeled (cls + classnames.txt + class_counts.json) or unlabeled shards.
 
@@ -270,7 +324,7 @@ def write_image_folder(
         raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {root}")
     if shuffle_seed is not None:
         random.Random(shuffle_seed).shuffle(items)
-    collector = _Collector(kind)
+    collector = _Collector(kind, check_resize(image_size, resize_mode))
     records = ((path, label, None, str(path)) for path, label in items)
     shards = write_samples(collector.samples(records), out, prefix=prefix, maxcount=maxcount)
     return collector.result(out, shards, classnames)
@@ -309,6 +363,8 @@ def write_captions(
     prefix: str = "shard",
     maxcount: int = 1000,
     shuffle_seed: int | None = None,
+    image_size: int | None = None,
+    resize_mode: str = "no",
 ) -> dict:
     """Table of (image path, caption) -> paired shards (txt + json), img2dataset layout.
 
@@ -325,7 +381,7 @@ def write_captions(
         base = Path.cwd()
     if shuffle_seed is not None:
         df = df.sample(frac=1.0, random_state=shuffle_seed)
-    collector = _Collector("paired")
+    collector = _Collector("paired", check_resize(image_size, resize_mode))
 
     def records() -> Iterator[tuple[Any, None, str, str]]:
         for image, caption in zip(df[image_col].tolist(), df[caption_col].tolist()):
@@ -393,6 +449,8 @@ def write_hf_dataset(
     prefix: str = "shard",
     maxcount: int = 1000,
     shuffle_seed: int | None = 0,
+    image_size: int | None = None,
+    resize_mode: str = "no",
 ) -> dict:
     """A ``datasets.Dataset`` (or a ``load_from_disk`` path) -> labeled (``label_col``), paired (``caption_col``)
     or unlabeled shards.
@@ -431,7 +489,7 @@ def write_hf_dataset(
             label_map = {name: i for i, name in enumerate(classnames)}
     if shuffle_seed is not None:
         ds = ds.shuffle(seed=shuffle_seed)
-    collector = _Collector(kind)
+    collector = _Collector(kind, check_resize(image_size, resize_mode))
     name = getattr(ds.info, "dataset_name", None) or "dataset"
 
     def records() -> Iterator[tuple[Any, int | None, str | None, str]]:
