@@ -241,3 +241,19 @@ def test_overrides_in_any_position_and_a_longer_resumed_run_says_its_schedule_is
     assert "train.steps 2 -> 3 on resume: the warmup + cosine lr schedule" in caplog.text
     with pytest.raises(SystemExit):
         main(["train", "--config", str(path), "--resume", "auto", "--bogus"])
+
+
+def test_config_error_lines_without_pydantic_noise():
+    from vlp.config import ConfigError
+
+    base = {"data": {"sources": [{"kind": "paired", "shards": "x.tar"}], "batch": {"paired": 0}},
+            "objectives": {"contrastive": 1.0}}
+    cases = [(base, "data.batch: every kind is 0"),
+             ({**base, "data": {**base["data"], "batch": {"paired": 2, "labeled": 3}}},
+              "data.batch.labeled: 3 samples asked but no source of kind 'labeled'"),
+             ({**base, "data": {**base["data"], "batch": {"paired": 2}}, "objectives": {"contrastive": 0}},
+              "objectives: at least one objective needs a weight > 0")]
+    for tree, expected in cases:
+        with pytest.raises(ConfigError) as err:
+            config_from_dict(tree, check_files=False)
+        assert str(err.value) == expected

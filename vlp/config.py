@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -353,13 +354,17 @@ def _format_error(err: ValidationError, prefix: str = "") -> str:
     for part in e["loc"]:
         loc += f"[{part}]" if isinstance(part, int) else (f".{part}" if loc else str(part))
     msg = e["msg"]
+    if e["type"] in ("value_error", "assertion_error"):  # our own message, without pydantic's "Value error, "
+        msg = str(cause) if cause is not None else msg.split(", ", 1)[-1]
+        if not loc and re.match(r"^[A-Za-z_][\w.\[\]]*: ", msg):  # a model-level check that names its key
+            return msg
     if e["type"] == "extra_forbidden":
         msg = "unknown key"
     elif e["type"] == "missing":
         msg = "required key missing"
     got = e.get("input")
     suffix = f" (got {got!r})" if e["type"] not in ("missing", "extra_forbidden") and not isinstance(got, (dict, list)) else ""
-    return f"{loc or '<root>'}: {msg}{suffix}"
+    return f"{loc or 'config'}: {msg}{suffix}"
 
 
 def config_from_dict(tree: dict, base_dir: str | os.PathLike = ".", check_files: bool = True) -> Config:
