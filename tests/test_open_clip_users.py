@@ -234,11 +234,17 @@ def test_overrides_in_any_position_and_a_longer_resumed_run_says_its_schedule_is
     tree["data"]["sources"] = tree["data"]["sources"][1:2]
     tree["objectives"] = {"contrastive": 1.0}
     path = write_config(tmp_path / "c.yaml", tree)
-    assert main(["train", "--config", str(path)]) == 0
-    with caplog.at_level(logging.WARNING):
+    with caplog.at_level(logging.INFO):
+        assert main(["train", "--config", str(path)]) == 0
         assert main(["train", "--config", str(path), "train.save_every=1", "--resume", "auto", "train.steps=3"]) == 0
     assert ckpt_io.read_run_info(run_dir)["step"] == 3
     assert "train.steps 2 -> 3 on resume: the warmup + cosine lr schedule" in caplog.text
+    # #16 item 6: train.progress=false logs a plain line per log_every; no accelerate / open_clip INFO lines
+    lines = [r.getMessage() for r in caplog.records if r.name == "vlp.train" and r.getMessage().startswith("step ")]
+    assert lines[0].startswith("step 1/2 loss/contrastive ") and " lr " in lines[0] and " samples/s " in lines[0]
+    assert any(m.startswith("step 3/3 ") for m in lines)
+    assert not [r for r in caplog.records if r.name.startswith("accelerate") and r.levelno < logging.WARNING]
+    assert "Loaded built-in" not in caplog.text and "initialized randomly" not in caplog.text
     with pytest.raises(SystemExit):
         main(["train", "--config", str(path), "--resume", "auto", "--bogus"])
 
@@ -257,3 +263,11 @@ def test_config_error_lines_without_pydantic_noise():
         with pytest.raises(ConfigError) as err:
             config_from_dict(tree, check_files=False)
         assert str(err.value) == expected
+
+
+def test_progress_bar_shows_every_loss():
+    from vlp.train import bar_postfix
+
+    m = {"loss/total": 1.5, "loss/contrastive": 1.0, "loss/mae": 0.25, "lr": 3e-4, "samples_per_s": 812.4,
+         "grad_norm": 2.0}
+    assert bar_postfix(m) == {"total": "1.500", "contrastive": "1.000", "mae": "0.250", "lr": "0.0003", "sps": "812"}

@@ -172,7 +172,7 @@ class TrainConfig(_Strict):
     eval_every: int | None = Field(None, gt=0)
     max_bad_steps: int = Field(5, ge=1)  # consecutive non-finite losses before aborting
     cpu: bool = False  # force CPU even where an accelerator is present
-    progress: bool = True
+    progress: bool = True  # a tqdm bar on a terminal; false (or not a terminal): a log line every log_every
 
     @model_validator(mode="after")
     def _one_accumulation(self):

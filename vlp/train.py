@@ -293,7 +293,9 @@ class Trainer:
         loader = iter(make_loader(self.dataset, cfg.data.workers))
         per_step = {k: getattr(cfg.data.batch, k) * tc.micro_batches * self.world for k in KINDS}
         bar = None
-        if acc.is_main_process and tc.progress:
+        # a bar only on a terminal (a log file gets no carriage returns); otherwise a plain line every log_every
+        plain = acc.is_main_process and not (tc.progress and sys.stderr.isatty())
+        if acc.is_main_process and not plain:
             from tqdm.auto import tqdm
             bar = tqdm(total=tc.steps, initial=self.step, desc="train", dynamic_ncols=True)
         consecutive_bad, window_t, window_wait, window_steps = 0, 0.0, 0.0, 0
@@ -345,13 +347,14 @@ class Trainer:
                 if acc.is_main_process:
                     with metrics_path.open("a") as f:
                         f.write(json.dumps({"step": self.step, **metrics}) + "\n")
+                    if plain:
+                        log.info("step %d/%d %s", self.step, tc.steps, log_line(metrics))
                 window_t = window_wait = 0.0
                 window_steps = 0
             if bar is not None:
                 bar.update(1)
                 if self.last_metrics:
-                    bar.set_postfix(loss=f"{self.last_metrics['loss/total']:.3f}",
-                                    sps=f"{self.last_metrics['samples_per_s']:.0f}", refresh=False)
+                    bar.set_postfix(bar_postfix(self.last_metrics), refresh=False)
             if tc.eval_every and self.step % tc.eval_every == 0 and self.step < tc.steps:
                 self.evaluate()
             stop = self._should_stop()
@@ -403,6 +406,24 @@ class Trainer:
         return self.eval_metrics
 
 
+def log_line(metrics: dict) -> str:
+    """``loss/total 1.234 loss/contrastive 0.9 ... lr 3e-4 samples/s 812``: the plain progress line."""
+    losses = " ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k.startswith("loss/"))
+    return f"{losses} lr {metrics['lr']:.3g} samples/s {metrics['samples_per_s']:.0f}"
+
+
+def bar_postfix(metrics: dict) -> dict:
+    """The progress bar's fields: every loss (``total``, ``contrastive``, ...), lr, samples/s."""
+    out = {k.split("/", 1)[1]: f"{v:.3f}" for k, v in metrics.items() if k.startswith("loss/")}
+    return {**out, "lr": f"{metrics['lr']:.2g}", "sps": f"{metrics['samples_per_s']:.0f}"}
+
+
+def quiet_library_logs() -> None:
+    """accelerate's INFO lines on every checkpoint ("Saving current state to ...", "Model weights saved in ...")
+    and open_clip's (filtered where vlp builds models) are noise in a training log; their warnings stay."""
+    logging.getLogger("accelerate").setLevel(logging.WARNING)
+
+
 class _nullcontext:
     def __enter__(self):
         return self
@@ -436,6 +457,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
 
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    quiet_library_logs()
     try:
         cfg = load_config(args.config, args.overrides)
         trainer = Trainer(cfg, resume=args.resume)
