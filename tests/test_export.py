@@ -5,6 +5,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 import argparse  # noqa: E402
 import base64  # noqa: E402
 import json  # noqa: E402
+import logging  # noqa: E402
 import shutil  # noqa: E402
 import threading  # noqa: E402
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer  # noqa: E402
@@ -176,22 +177,34 @@ def test_vision_only_export(minilm, vit, images, tmp_path):
     for i, (model, model_cfg, _) in enumerate((vit, minilm)):
         out = ex.export_vision_tower(model, model_cfg, tmp_path / f"vis{i}", card=CARD)
         _no_pickles(out)
-        config = json.loads((out / "config.json").read_text())
+        import timm
+        from timm.models._hub import load_model_config_from_path
+
+        # #16: timm's hub config at the root (hf-hub:/local-dir: load it), vlp's description inside it
+        root_config = json.loads((out / "config.json").read_text())
+        assert root_config["architecture"] == ex.TIMM_ARCHITECTURE and "pretrained_cfg" in root_config
+        config = root_config["open_clip_vision"]
         assert config["architecture"] == "open_clip_vision"
         assert config["vision_cfg"] == model_cfg["vision_cfg"] and config["embed_dim"] == model_cfg["embed_dim"]
         assert config["mean"] == list(model.visual.image_mean) and config["std"] == list(model.visual.image_std)
-        assert set(load_file(str(out / "model.safetensors"))) == set(model.visual.state_dict())
+        assert set(load_file(str(out / "open_clip_vision.safetensors"))) == set(model.visual.state_dict())
+        assert not (out / "timm").exists()
+        assert {oct(p.stat().st_mode & 0o777) for p in out.iterdir() if p.is_file()} == {"0o644"}
         with torch.no_grad():
             want = model.encode_image(images)
             visual = ex.load_vision_tower(out)
             torch.testing.assert_close(visual(images), want, atol=1e-5, rtol=0)
             # open_clip itself: the image tower from the export's weights (text tower untrained)
             oc = open_clip.create_model(f"local-dir:{out}", load_weights=False,
-                                        pretrained_image_path=str(out / "model.safetensors")).eval()
+                                        pretrained_image_path=str(out / "open_clip_vision.safetensors")).eval()
             torch.testing.assert_close(oc.encode_image(images), want, atol=1e-5, rtol=0)
             # timm: a converted state dict in a timm ViT gives the same embeddings
             tm = ex.load_timm_vision_tower(out)
             assert type(tm).__name__ == "VisionTransformer"
+            torch.testing.assert_close(timm.create_model(f"local-dir:{out}", pretrained=True).eval()(images), want,
+                                       atol=1e-5, rtol=0)
+            pretrained_cfg, model_name, model_args = load_model_config_from_path(out)  # what hf-hub: reads too
+            assert model_name == ex.TIMM_ARCHITECTURE and model_args["embed_dim"] == model.visual.conv1.out_channels
             torch.testing.assert_close(tm(images), want, atol=1e-5, rtol=0)
             torch.testing.assert_close(tm.forward_head(tm.forward_features(images)), want, atol=1e-5, rtol=0)
         readme = (out / "README.md").read_text()
@@ -380,7 +393,7 @@ def test_push_to_hub_fake_endpoint(minilm, images, tmp_path, fake_hub, monkeypat
         torch.testing.assert_close(hub_model.encode_image(images), model.encode_image(images), atol=1e-5, rtol=0)
 
 
-def test_cli_export_from_checkpoint_and_push(vit, images, tmp_path, fake_hub):
+def test_cli_export_from_checkpoint_and_push(vit, images, tmp_path, fake_hub, caplog):
     """vlp export --checkpoint RUN_DIR --out DIR --push REPO against a checkpoint in vlp.checkpoint's layout."""
     model, model_cfg, _ = vit
     run = tmp_path / "run"
@@ -431,7 +444,9 @@ def test_cli_export_from_checkpoint_and_push(vit, images, tmp_path, fake_hub):
 
     vis_out = tmp_path / "vision"
     args = parser.parse_args(["export", "--checkpoint", str(ckpt), "--out", str(vis_out), "--vision-only"])
-    assert args.func(args) == 0
+    with caplog.at_level(logging.INFO):
+        assert args.func(args) == 0
+    assert "the supervised head (classifier, 3 classes) is not exported" in caplog.text
     with torch.no_grad():
         torch.testing.assert_close(ex.load_vision_tower(vis_out)(images), model.encode_image(images),
                                    atol=1e-5, rtol=0)

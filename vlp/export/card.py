@@ -231,10 +231,13 @@ def _load_section(card: dict, cfg: dict, vision_only: bool) -> str:
                   "", "# with open_clip alone (a CLIP whose text tower is untrained, image tower loaded):",
                   "import open_clip",
                   "model = open_clip.create_model(f\"local-dir:{path}\", load_weights=False,",
-                  "                               pretrained_image_path=f\"{path}/model.safetensors\")"]
+                  "                               pretrained_image_path=f\"{path}/"
+                  + ("open_clip_vision" if card.get("timm") else "model") + ".safetensors\")"]
         if card.get("timm"):
-            lines += ["", "# as a timm backbone:", "import timm",
-                      "backbone = timm.create_model(f\"local-dir:{path}/timm\", pretrained=True)"]
+            hub = f"hf-hub:{repo_id}" if repo_id else None
+            lines += ["", "# as a timm backbone (head: the CLIP projection):", "import timm",
+                      (f"backbone = timm.create_model({_yaml_str(hub)}, pretrained=True)" if hub else
+                       "backbone = timm.create_model(f\"local-dir:{path}\", pretrained=True)")]
         lines += ["```", ""]
         return "\n".join(lines)
     lines.append("import open_clip")

@@ -40,6 +40,12 @@ def export_checkpoint(checkpoint, out_dir, *, repo_id: str | None = None, push: 
     card["training"]["exported weights"] = "student" if weights == "student" else (
         f"momentum teacher ({teacher_file(ckpt).name}: EMA of the student; evaluation metrics are the student's)")
     if vision_only:
+        from vlp.checkpoint import model_state_dict
+
+        head = model_state_dict(ckpt).get("classifier.fc.weight", model_state_dict(ckpt).get("classifier.weight"))
+        if head is not None:
+            log.info("vision export: the supervised head (classifier, %d classes) is not exported; the exported "
+                     "tower's head is the CLIP projection (%d outputs)", head.shape[0], model_cfg["embed_dim"])
         out = export_vision_tower(model, model_cfg, out_dir, card=card, timm_format=timm_format, overwrite=overwrite)
     else:
         out = export_model(model, model_cfg, out_dir, card=card, overwrite=overwrite)
@@ -71,6 +77,7 @@ def register_cli(subparsers) -> None:
 
 
 def export_cli(args) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         out = export_checkpoint(args.checkpoint, args.out, repo_id=args.push, vision_only=args.vision_only,
                                 license=args.license, weights=args.weights,

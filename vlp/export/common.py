@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -50,7 +51,8 @@ def _is_export_dir(path: Path) -> bool:
     if (path / CONFIG_NAME).is_file():
         return True
     try:
-        return json.loads((path / VISION_CONFIG_NAME).read_text()).get("architecture") == VISION_ARCHITECTURE
+        config = json.loads((path / VISION_CONFIG_NAME).read_text())
+        return config.get("architecture") == VISION_ARCHITECTURE or VISION_ARCHITECTURE in config
     except (OSError, ValueError, AttributeError):
         return False
 
@@ -94,4 +96,9 @@ def _prepare_dir(out_dir, overwrite: bool) -> tuple[Path, set[str]]:
 def _write_manifest(out: Path, foreign: set[str]) -> None:
     """Record the files this export wrote (everything in the folder but what was there before it)."""
     mine = sorted(_files_under(out) - foreign - {MANIFEST_NAME})
+    mask = os.umask(0)
+    os.umask(mask)
+    for rel in mine:  # safetensors writes its files 0600: every file of an export is readable alike (0644)
+        if (out / rel).is_file() and not (out / rel).is_symlink():
+            os.chmod(out / rel, 0o666 & ~mask)
     (out / MANIFEST_NAME).write_text(json.dumps({"files": mine}, indent=1) + "\n")

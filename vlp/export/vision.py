@@ -1,12 +1,18 @@
-"""The image tower alone, as open_clip and as timm weights::
+"""The image tower alone, as timm and as open_clip weights. For a standard ViT tower (the default)::
 
-    model.safetensors             ``model.visual.state_dict()``
-    config.json                   {"architecture": "open_clip_vision", "embed_dim", "vision_cfg", "mean", "std", ...}
+    config.json                   timm's hub config (architecture, model_args, pretrained_cfg), so
+                                  ``timm.create_model("hf-hub:ORG/NAME", pretrained=True)`` (or ``local-dir:DIR``)
+                                  loads it; plus vlp's ``"open_clip_vision": {"embed_dim", "vision_cfg", "mean",
+                                  "std", "weights", ...}``
+    model.safetensors             the timm ``VisionTransformer``'s weights (head = open_clip's projection)
+    open_clip_vision.safetensors  ``model.visual.state_dict()`` (open_clip)
     open_clip_config.json         for open_clip (load with ``load_weights=False, pretrained_image_path=...``)
-    timm/config.json, timm/model.safetensors
-                                  the same weights as a timm ``VisionTransformer`` (``timm.create_model(
-                                  "local-dir:DIR/timm", pretrained=True)``), for standard ViT towers
     README.md
+
+Towers with no timm counterpart (or ``timm_format=False``): ``config.json`` is vlp's description
+(``{"architecture": "open_clip_vision", ...}``) and ``model.safetensors`` the open_clip tower's weights. Older exports
+kept the timm copy in ``timm/``; both loaders still read them. The supervised head of a run (``classifier``) is not
+part of the tower: the timm model's head is the CLIP projection (``num_classes`` = embed_dim).
 
 ``load_vision_tower(dir)`` rebuilds the open_clip tower and loads it strict; ``load_timm_vision_tower(dir)`` the
 timm one.
@@ -27,7 +33,8 @@ from vlp.export.common import (CONFIG_NAME, VISION_ARCHITECTURE, VISION_CONFIG_N
 
 log = logging.getLogger(__name__)
 
-TIMM_SUBDIR = "timm"
+TIMM_SUBDIR = "timm"  # where older exports kept the timm copy
+OPEN_CLIP_VISION_WEIGHTS = "open_clip_vision.safetensors"  # the open_clip tower's weights beside timm's
 TIMM_ARCHITECTURE = "vit_base_patch16_clip_224"  # a CLIP-style timm ViT (pre-norm, LayerNorm eps 1e-5); dims overridden
 
 # a stand-in text tower for vision-only exports of a model whose text tower is a Hugging Face model: open_clip
@@ -44,7 +51,6 @@ def export_vision_tower(model: torch.nn.Module, model_cfg: dict, out_dir, card: 
     visual = clip.visual
     out, foreign = _prepare_dir(out_dir, overwrite)
 
-    _save_safetensors(visual.state_dict(), out / VISION_WEIGHTS_NAME)
     mean, std = list(visual.image_mean), list(visual.image_std)
     preprocess = dict(getattr(visual, "preprocess_cfg", {}) or {})
     vision_config = {
@@ -61,8 +67,6 @@ def export_vision_tower(model: torch.nn.Module, model_cfg: dict, out_dir, card: 
         "resize_mode": preprocess.get("resize_mode", "shortest"),
         "weights": VISION_WEIGHTS_NAME,
     }
-    (out / VISION_CONFIG_NAME).write_text(json.dumps(vision_config, indent=2))
-
     oc_cfg = copy.deepcopy(cfg)
     if _is_hf_text(oc_cfg):
         oc_cfg["text_cfg"] = dict(_VISION_ONLY_TEXT_CFG)
@@ -77,8 +81,15 @@ def export_vision_tower(model: torch.nn.Module, model_cfg: dict, out_dir, card: 
                 raise
             log.info("vision export: no timm copy (%s)", err)
         else:
-            _write_timm(visual, cfg, mean, std, out / TIMM_SUBDIR)
             has_timm = True
+    if has_timm:  # timm's files at the root (hf-hub: / local-dir: load them), the open_clip tower beside them
+        _write_timm(visual, cfg, mean, std, out)
+        vision_config["weights"] = OPEN_CLIP_VISION_WEIGHTS
+        timm_cfg = json.loads((out / VISION_CONFIG_NAME).read_text())
+        (out / VISION_CONFIG_NAME).write_text(json.dumps({**timm_cfg, VISION_ARCHITECTURE: vision_config}, indent=2))
+    else:
+        (out / VISION_CONFIG_NAME).write_text(json.dumps(vision_config, indent=2))
+    _save_safetensors(visual.state_dict(), out / vision_config["weights"])
 
     card = dict(card or {})
     card.setdefault("variant", "vision")
@@ -101,6 +112,7 @@ def load_vision_tower(path, device: str | torch.device = "cpu") -> torch.nn.Modu
 
     path = Path(path)
     config = json.loads((path / VISION_CONFIG_NAME).read_text())
+    config = config.get(VISION_ARCHITECTURE, config)  # beside timm's config, or the whole file
     if config.get("architecture") != VISION_ARCHITECTURE:
         raise ValueError(f"{path / VISION_CONFIG_NAME}: architecture {config.get('architecture')!r}, "
                          f"expected {VISION_ARCHITECTURE!r} (a vlp vision-only export)")
@@ -199,10 +211,15 @@ def _write_timm(visual, model_cfg: dict, mean, std, out: Path) -> None:
 
 
 def load_timm_vision_tower(path, device: str | torch.device = "cpu") -> torch.nn.Module:
-    """The timm copy of a vision-only export (``DIR/timm``, or that folder itself), pretrained weights, eval mode."""
+    """The timm model of a vision-only export (its root; ``DIR/timm`` in older exports), pretrained weights, eval
+    mode: ``timm.create_model("local-dir:DIR", pretrained=True)``."""
     import timm
 
     path = Path(path)
-    if (path / TIMM_SUBDIR / "config.json").is_file():
+    try:
+        at_root = "pretrained_cfg" in json.loads((path / VISION_CONFIG_NAME).read_text())
+    except (OSError, ValueError):
+        at_root = False
+    if not at_root and (path / TIMM_SUBDIR / "config.json").is_file():  # an older export
         path = path / TIMM_SUBDIR
     return timm.create_model(f"local-dir:{path}", pretrained=True).to(device).eval()
