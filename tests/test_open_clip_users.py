@@ -271,3 +271,21 @@ def test_progress_bar_shows_every_loss():
     m = {"loss/total": 1.5, "loss/contrastive": 1.0, "loss/mae": 0.25, "lr": 3e-4, "samples_per_s": 812.4,
          "grad_norm": 2.0}
     assert bar_postfix(m) == {"total": "1.500", "contrastive": "1.000", "mae": "0.250", "lr": "0.0003", "sps": "812"}
+
+
+def test_plot_has_lr_panel_linear_losses_and_a_visible_single_eval(tmp_path):
+    import matplotlib.pyplot as plt
+
+    from vlp.plot import plot_figure, plot_run, read_metrics
+
+    recs = [{"step": s, "loss/total": 3.0 - 0.1 * s, "loss/dino": -0.5 + 0.01 * s, "lr": 1e-3 * s / 10}
+            for s in range(1, 11)] + [{"step": 10, "zeroshot/top1": 0.4, "zeroshot/top5": 0.9, "zeroshot/n": 100}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    fig = plot_figure(read_metrics(tmp_path), "run")
+    loss_ax, lr_ax, eval_ax = fig.axes
+    assert loss_ax.get_yscale() == "linear" and loss_ax.get_ylim()[0] < 0  # a negative loss plots
+    assert lr_ax.get_ylabel() == "learning rate" and len(lr_ax.lines[0].get_xdata()) == 10
+    assert {ln.get_label() for ln in eval_ax.lines} == {"zeroshot/top1", "zeroshot/top5"}
+    assert all(ln.get_marker() == "o" and len(ln.get_xdata()) == 1 for ln in eval_ax.lines)
+    plt.close(fig)
+    assert plot_run(tmp_path).is_file()
