@@ -289,3 +289,49 @@ def test_plot_has_lr_panel_linear_losses_and_a_visible_single_eval(tmp_path):
     assert all(ln.get_marker() == "o" and len(ln.get_xdata()) == 1 for ln in eval_ax.lines)
     plt.close(fig)
     assert plot_run(tmp_path).is_file()
+
+
+def test_knobs_epochs_compile_grad_checkpointing_wandb(demo_data, tmp_path):
+    """#16 item 7: train.epochs + train.num_samples instead of steps; model.grad_checkpointing (same gradients);
+    train.compile (the student's forward compiled in place, names unchanged); log.wandb needs wandb."""
+    import importlib.util
+
+    from vlp.config import ConfigError
+    from vlp.task import PretrainTask
+    from vlp.train import Trainer
+
+    tree = run_config(demo_data, tmp_path / "run", data={"workers": 0},
+                      train={"epochs": 2, "num_samples": 100, "progress": False, "compile": True})
+    del tree["train"]["steps"]
+    trainer = Trainer(config_from_dict(tree))
+    try:
+        assert trainer.cfg.train.steps == 13  # ceil(2 x 100 / 16)
+        assert trainer.cfg.train.epochs is None
+        assert trainer.task.student._compiled_call_impl is not None
+        assert all(not n.startswith("_orig_mod") for n in trainer.task.student.state_dict())
+    finally:
+        trainer.release()
+    with pytest.raises(ConfigError, match="train.epochs: needs train.num_samples"):
+        config_from_dict({**tree, "train": {"epochs": 1}}, check_files=False)
+    with pytest.raises(ConfigError, match="not both"):
+        config_from_dict({**tree, "train": {"epochs": 1, "num_samples": 5, "steps": 3}}, check_files=False)
+    if importlib.util.find_spec("wandb") is None:
+        with pytest.raises(ConfigError, match="log.wandb: the wandb package is not installed"):
+            config_from_dict({**tree, "log": {"wandb": True}}, check_files=False)
+
+    base = {"data": {"sources": [{"kind": "paired", "shards": "x.tar"}], "batch": {"paired": 4}},
+            "model": {"name": "vlp-test-vit", "mask_ratio": 0.5}, "objectives": {"contrastive": 1.0}}
+    grads = []
+    for ckpt in (False, True):
+        torch.manual_seed(0)
+        task = PretrainTask(config_from_dict({**base, "model": {**base["model"], "grad_checkpointing": ckpt}},
+                                             check_files=False))
+        assert task.student.clip.visual.transformer.grad_checkpointing is ckpt
+        g = torch.Generator().manual_seed(0)
+        from vlp.data.batch import Batch
+        batch = Batch(torch.randn(4, 3, 32, 32, generator=g), task.tokenizer(["a", "b", "c", "d"]),
+                      torch.ones(4, dtype=torch.bool), torch.full((4,), -1), torch.zeros(4, dtype=torch.long))
+        task.student.train()
+        task.training_forward(batch, 0)[0].backward()
+        grads.append(torch.cat([p.grad.flatten() for p in task.student.parameters() if p.grad is not None]))
+    assert torch.allclose(grads[0], grads[1], atol=1e-6)

@@ -8,6 +8,7 @@ Every mistake is reported before any work starts, as one line naming the key or 
 from __future__ import annotations
 
 import glob
+import math
 import os
 import re
 from pathlib import Path
@@ -160,6 +161,11 @@ class OptimConfig(_Strict):
 
 class TrainConfig(_Strict):
     steps: int = Field(1000, gt=0)
+    # open_clip_train's --epochs / --train-num-samples instead of steps: steps = ceil(epochs * num_samples /
+    # global batch), resolved when the run starts (the world size is known then) and logged
+    epochs: float | None = Field(None, gt=0)
+    num_samples: int | None = Field(None, gt=0)  # samples per epoch, every kind counted
+    compile: bool = False  # torch.compile the student's forward (open_clip_train --torchcompile)
     # plain accumulation: every micro-batch's losses on its own rows, averaged (the contrastive loss sees
     # data.batch rows); accum_freq: open_clip_train's --accum-freq (the contrastive loss of every micro-batch is
     # over all accum_freq micro-batches' features, cached by a no-grad pass: the gradients of one big batch)
@@ -175,6 +181,26 @@ class TrainConfig(_Strict):
     progress: bool = True  # a tqdm bar on a terminal; false (or not a terminal): a log line every log_every
 
     @model_validator(mode="after")
+    def _epochs_or_steps(self):
+        if self.epochs is not None:
+            if self.num_samples is None:
+                raise KeyedError("train.epochs: needs train.num_samples (samples per epoch, as open_clip_train's "
+                                 "--train-num-samples)")
+            if "steps" in self.model_fields_set:
+                raise KeyedError("train.epochs: give train.steps or train.epochs (+ train.num_samples), not both")
+        return self
+
+    def resolve_steps(self, samples_per_step: int) -> int | None:
+        """Set ``steps`` from ``epochs`` x ``num_samples`` (then ``epochs`` is cleared: the saved config says the
+        steps); returns the steps, or None when ``steps`` was given."""
+        if self.epochs is None:
+            return None
+        steps = max(1, math.ceil(self.epochs * self.num_samples / samples_per_step))
+        self.epochs = None  # first: validate_assignment re-runs the checks
+        self.steps = steps
+        return steps
+
+    @model_validator(mode="after")
     def _one_accumulation(self):
         if self.grad_accum > 1 and self.accum_freq > 1:
             raise KeyedError("train.accum_freq: choose train.grad_accum or train.accum_freq, not both "
@@ -185,6 +211,23 @@ class TrainConfig(_Strict):
     def micro_batches(self) -> int:
         """data.batch-sized micro-batches per optimizer step."""
         return self.grad_accum * self.accum_freq
+
+
+class LogConfig(_Strict):
+    """Where metrics go besides metrics.jsonl and TensorBoard (``output_dir/tb``)."""
+
+    wandb: bool = False  # open_clip_train --report-to wandb (needs the wandb package)
+    wandb_project: str = "vlp"
+    name: str | None = None  # the run's name in wandb (default: output_dir's folder name)
+
+    @model_validator(mode="after")
+    def _wandb_installed(self):
+        import importlib.util
+
+        if self.wandb and importlib.util.find_spec("wandb") is None:
+            raise KeyedError("log.wandb: the wandb package is not installed (pip install wandb), "
+                             "or set log.wandb: false")
+        return self
 
 
 class ZeroShotEvalConfig(_Strict):
@@ -227,6 +270,7 @@ class Config(_Strict):
     optim: OptimConfig = OptimConfig()
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
+    log: LogConfig = LogConfig()
 
     @field_validator("objectives", mode="before")
     @classmethod

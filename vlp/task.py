@@ -112,6 +112,8 @@ class PretrainTask:
     def prepare(self, accelerator, optimizer, scheduler):
         """Wrap only the trainable student (DDP/FSDP, mixed precision); teacher and objectives just move."""
         self.model, optimizer, scheduler = accelerator.prepare(self.student, optimizer, scheduler)
+        if self.cfg.train.compile:  # in place (nn.Module.compile): parameter names and checkpoints unchanged
+            self.student.compile()
         self._unwrap = accelerator.unwrap_model
         for obj, _ in self.objectives.values():
             obj.to(accelerator.device)

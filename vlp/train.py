@@ -55,6 +55,17 @@ def warmup_cosine(warmup: int, total: int, min_ratio: float = 0.0):
     return f
 
 
+def trackers(cfg: Config) -> list:
+    """TensorBoard always (``output_dir/tb``); wandb with ``log.wandb`` (project ``log.wandb_project``)."""
+    out: list = ["tensorboard"]
+    if cfg.log.wandb:
+        from accelerate.tracking import WandBTracker
+
+        out.append(WandBTracker(cfg.log.wandb_project, name=cfg.log.name or Path(cfg.output_dir).name,
+                                dir=str(cfg.output_dir)))
+    return out
+
+
 class NonFiniteLoss(RuntimeError):
     pass
 
@@ -78,9 +89,13 @@ class Trainer:
         self.run_dir = Path(cfg.output_dir)
         cpu = cfg.train.cpu or not torch.cuda.is_available()
         self.accelerator = accelerator or Accelerator(
-            cpu=cpu, mixed_precision=cfg.train.precision, log_with="tensorboard", project_dir=str(self.run_dir))
+            cpu=cpu, mixed_precision=cfg.train.precision, log_with=trackers(cfg), project_dir=str(self.run_dir))
         acc = self.accelerator
         self.rank, self.world = acc.process_index, acc.num_processes
+        epochs, global_batch = cfg.train.epochs, cfg.data.batch.total * cfg.train.micro_batches * self.world
+        if (steps := cfg.train.resolve_steps(global_batch)):
+            log.info("train.steps = %d: ceil(%g epochs x %d samples / global batch %d)", steps, epochs,
+                     cfg.train.num_samples, global_batch)
         self._run_lock = None
         if acc.is_main_process:
             _check_writable(self.run_dir)
