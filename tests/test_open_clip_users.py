@@ -335,3 +335,16 @@ def test_knobs_epochs_compile_grad_checkpointing_wandb(demo_data, tmp_path):
         task.training_forward(batch, 0)[0].backward()
         grads.append(torch.cat([p.grad.flatten() for p in task.student.parameters() if p.grad is not None]))
     assert torch.allclose(grads[0], grads[1], atol=1e-6)
+
+
+def test_config_reference_is_generated_and_current(capsys):
+    """docs/config.md is `vlp config --schema`; the README maps open_clip_train's flags."""
+    from vlp.cli import main
+
+    assert main(["config", "--schema"]) == 0
+    out = capsys.readouterr().out
+    assert "| `train.accum_freq` |" in out and "| `model.pretrained` |" in out and "| `objectives.mae.decoder_width` |" in out
+    assert (REPO / "docs" / "config.md").read_text() == out, "regenerate: vlp config --schema > docs/config.md"
+    readme = (REPO / "README.md").read_text()
+    for flag in ("--model", "--pretrained", "--accum-freq", "--local-loss", "--coca", "--torchcompile", "--siglip"):
+        assert f"`{flag}" in readme, flag

@@ -1,4 +1,4 @@
-"""The ``vlp`` command: train, demo, shards, eval, zeroshot, export, plot."""
+"""The ``vlp`` command: train, demo, config, shards, eval, zeroshot, export, plot."""
 from __future__ import annotations
 
 import argparse
@@ -73,6 +73,26 @@ def _cmd_plot(args) -> int:
     return 0
 
 
+def _cmd_config(args) -> int:
+    """``vlp config --schema`` (the key reference, Markdown; ``--json``: JSON Schema) or ``vlp config FILE
+    [key=value ...]`` (the validated config, every default filled in)."""
+    import json
+    import yaml
+
+    if args.schema or args.json:
+        from vlp.schema import config_reference, json_schema
+
+        print(json.dumps(json_schema(), indent=1) if args.json else config_reference(), end="")
+        return 0
+    if not args.config:
+        raise ValueError("vlp config: give a config file to check, or --schema")
+    from vlp.config import load_config
+
+    cfg = load_config(args.config, args.overrides, check_files=not args.no_files)
+    print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), end="")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vlp", description="Vision-language pretraining on mixed data.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -93,6 +113,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir")
     p.add_argument("--out", default=None, help="PNG path (default RUN_DIR/losses.png)")
     p.set_defaults(func=_cmd_plot)
+
+    p = sub.add_parser("config", help="the run-config key reference (--schema), or check a config file")
+    p.add_argument("config", nargs="?", help="a YAML run config to validate and print with every default")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=100")
+    p.add_argument("--schema", action="store_true", help="print every key, its type, default and meaning (Markdown)")
+    p.add_argument("--json", action="store_true", help="print the JSON Schema of the run config")
+    p.add_argument("--no-files", action="store_true", help="do not check that the shards exist")
+    p.set_defaults(func=_cmd_config)
 
     from vlp.shards import register_cli as shards_cli
     from vlp.eval.cli import register_cli as eval_cli
