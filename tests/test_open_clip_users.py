@@ -348,3 +348,37 @@ def test_config_reference_is_generated_and_current(capsys):
     readme = (REPO / "README.md").read_text()
     for flag in ("--model", "--pretrained", "--accum-freq", "--local-loss", "--coca", "--torchcompile", "--siglip"):
         assert f"`{flag}" in readme, flag
+
+
+def test_inspect_missing_path_fails_and_writers_resize_like_img2dataset(tmp_path, capsys):
+    """#16: `vlp shards inspect /no/such/path` printed a summary and exited 0; --image-size / --resize-mode are
+    img2dataset's modes; transparent pixels come out white."""
+    import io as _io
+
+    import webdataset as _wds
+    from PIL import Image as _Image
+
+    from vlp.cli import main
+    from vlp.shards.write import resize_image
+
+    assert main(["shards", "inspect", str(tmp_path / "no" / "such")]) == 2
+    assert "no such shard" in capsys.readouterr().err
+    im = _Image.new("RGB", (40, 20), (10, 20, 30))
+    assert resize_image(im, 10, "keep_ratio").size == (20, 10)
+    assert resize_image(im, 10, "center_crop").size == (10, 10)
+    bordered = resize_image(im, 10, "border")
+    assert bordered.size == (10, 10) and bordered.getpixel((5, 0)) == (255, 255, 255)
+    assert resize_image(im, 10, "no").size == (40, 20)
+    root = tmp_path / "folder" / "a"
+    root.mkdir(parents=True)
+    clear = _Image.new("RGBA", (30, 60), (0, 0, 0, 0))
+    clear.paste((0, 0, 255, 255), (0, 0, 30, 10))
+    clear.save(root / "x.png")
+    assert main(["shards", "folder", str(tmp_path / "folder"), str(tmp_path / "out"), "--image-size", "16",
+                 "--resize-mode", "center_crop"]) == 0
+    sample = next(iter(_wds.WebDataset(str(tmp_path / "out" / "shard-000000.tar"), shardshuffle=False)))
+    with _Image.open(_io.BytesIO(sample["jpg"])) as out:
+        assert out.size == (16, 16)
+        r, g, b = out.convert("RGB").getpixel((8, 8))
+        assert min(r, g, b) > 240  # the transparent centre: white, not black
+    assert main(["shards", "folder", str(tmp_path / "folder"), str(tmp_path / "o2"), "--resize-mode", "border"]) == 2

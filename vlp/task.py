@@ -72,6 +72,10 @@ class PretrainTask:
     def __init__(self, cfg: Config, rank: int = 0, world_size: int = 1, classnames: list[str] | None = None):
         self.cfg = cfg
         self.rank, self.world_size = rank, world_size
+        epochs, global_batch = cfg.train.epochs, cfg.data.batch.total * cfg.train.micro_batches * world_size
+        if (steps := cfg.train.resolve_steps(global_batch)):  # train.epochs: the world size is known now
+            log.info("train.steps = %d: ceil(%g epochs x %d samples / global batch %d)", steps, epochs,
+                     cfg.train.num_samples, global_batch)
         m = cfg.model
         try:
             clip, self.model_cfg, self.tokenizer = create_clip(m.name, pretrained=m.pretrained)

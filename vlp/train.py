@@ -55,17 +55,6 @@ def warmup_cosine(warmup: int, total: int, min_ratio: float = 0.0):
     return f
 
 
-def trackers(cfg: Config) -> list:
-    """TensorBoard always (``output_dir/tb``); wandb with ``log.wandb`` (project ``log.wandb_project``)."""
-    out: list = ["tensorboard"]
-    if cfg.log.wandb:
-        from accelerate.tracking import WandBTracker
-
-        out.append(WandBTracker(cfg.log.wandb_project, name=cfg.log.name or Path(cfg.output_dir).name,
-                                dir=str(cfg.output_dir)))
-    return out
-
-
 class NonFiniteLoss(RuntimeError):
     pass
 
@@ -92,10 +81,6 @@ class Trainer:
             cpu=cpu, mixed_precision=cfg.train.precision, log_with=trackers(cfg), project_dir=str(self.run_dir))
         acc = self.accelerator
         self.rank, self.world = acc.process_index, acc.num_processes
-        epochs, global_batch = cfg.train.epochs, cfg.data.batch.total * cfg.train.micro_batches * self.world
-        if (steps := cfg.train.resolve_steps(global_batch)):
-            log.info("train.steps = %d: ceil(%g epochs x %d samples / global batch %d)", steps, epochs,
-                     cfg.train.num_samples, global_batch)
         self._run_lock = None
         if acc.is_main_process:
             _check_writable(self.run_dir)
@@ -105,8 +90,8 @@ class Trainer:
                               f"{found[-1].name}); continue it with --resume auto, or pick another output_dir")
         set_seed(cfg.seed + self.rank)
 
-        self.sources = build_sources(cfg.data.sources)  # labeled sources share one label space (union by name)
-        self.classnames = next((s.label_names for s in self.sources if s.kind == "labeled" and s.label_names), None)
+        self.sources = build_sources(cfg.data.sources)
+        self.classnames = next((s.classnames for s in self.sources if s.kind == "labeled" and s.classnames), None)
         self.task = PretrainTask(cfg, self.rank, self.world, self.classnames)
         self.model_cfg, self.tokenizer = self.task.model_cfg, self.task.tokenizer
         clip = self.task.student.clip
@@ -445,6 +430,17 @@ class _nullcontext:
 
     def __exit__(self, *a):
         return False
+
+
+def trackers(cfg: Config) -> list:
+    """TensorBoard always (``output_dir/tb``); wandb with ``log.wandb`` (project ``log.wandb_project``)."""
+    out: list = ["tensorboard"]
+    if cfg.log.wandb:
+        from accelerate.tracking import WandBTracker
+
+        out.append(WandBTracker(cfg.log.wandb_project, name=cfg.log.name or Path(cfg.output_dir).name,
+                                dir=str(cfg.output_dir)))
+    return out
 
 
 def _flat_hparams(cfg: Config) -> dict:

@@ -116,7 +116,7 @@ class MixedBatches(IterableDataset):
                         views[g.name][v].append(t(image))
             text = rows[i][2]["text"]
             if kind == "labeled" and self.labels_as_text:
-                text = rng.choice(self.templates).format(c=source.label_names[rows[i][2]["label"]])
+                text = rng.choice(self.templates).format(c=source.classnames[rows[i][2]["label"]])
             has_text.append(text is not None)
             texts.append(text or "")
         tokens = self.tokenizer(texts)

@@ -62,9 +62,10 @@ class Source:
         self.urls = [u for spec in cfg.shard_specs() for u in expand_shards(spec)]
         if not self.urls:
             raise ValueError(f"source {self.name}: no shards match {cfg.shards!r}")
-        self.classnames = self._classnames()
-        self.class_index = {c: i for i, c in enumerate(self.classnames or [])}
-        self.label_names = self.classnames  # the run's label space (see :func:`unify_label_space`)
+        # the shards' own class names (what their labels index); ``classnames`` becomes the run's label space
+        # (:func:`unify_label_space`), which the records' labels index
+        self.own_classnames = self.classnames = self._classnames()
+        self.class_index = {c: i for i, c in enumerate(self.own_classnames or [])}
         self.to_global: list[int] | None = None  # own class index -> run's class index (None: the same)
         self.size = cfg.size if cfg.size is not None else self._size_from_sidecar()
         self.accept = self._balance_acceptance()
@@ -100,11 +101,11 @@ class Source:
 
     def use_label_space(self, names: list[str]) -> None:
         """Map this source's class indices, by class name, to those of the run's label space ``names``."""
-        self.label_names = list(names)
-        if not self.classnames:
+        if not self.own_classnames:
             return
+        self.classnames = list(names)
         index = {c: i for i, c in enumerate(names)}
-        mapping = [index[c] for c in self.classnames]
+        mapping = [index[c] for c in self.own_classnames]
         self.to_global = None if mapping == list(range(len(mapping))) else mapping
         if self.to_global is not None and self.accept is not None:
             self.accept = {mapping[c]: p for c, p in self.accept.items() if c < len(mapping)}
@@ -173,7 +174,7 @@ class Source:
     def to_record(self, sample: dict) -> dict | None:
         """The sample as a record, or None (counted in :attr:`bad`) when :func:`parse_sample` rejects it."""
         key = sample.get("__key__", "?")
-        parsed = parse_sample(sample, self.kind, self.classnames, self.class_index)
+        parsed = parse_sample(sample, self.kind, self.own_classnames, self.class_index)
         if isinstance(parsed, Rejected):
             where = f"{self.name}/{key}"
             self.bad.add(parsed.reason, f"{where}: {parsed.detail}" if parsed.detail else where)
@@ -198,25 +199,25 @@ def unify_label_space(sources: list[Source]) -> list[str] | None:
     same classes train one head. Sources without class names keep their integer labels (a warning when other
     labeled sources have names: indices cannot be matched by name). Returns the run's class names (or None)."""
     labeled = [s for s in sources if s.kind == "labeled"]
-    named = [s for s in labeled if s.classnames]
+    named = [s for s in labeled if s.own_classnames]
     if not named:
         return None
     names: list[str] = []
     seen: set[str] = set()
     for s in named:
-        for c in s.classnames:
+        for c in s.own_classnames:
             if c not in seen:
                 seen.add(c)
                 names.append(c)
-    unnamed = [s.name for s in labeled if not s.classnames]
+    unnamed = [s.name for s in labeled if not s.own_classnames]
     if unnamed:
         log.warning("labeled source(s) %s have no class names: their integer labels are used as indices into the "
                     "run's %d classes without matching by name", unnamed, len(names))
     for s in sources:
-        if s.classnames and any(c not in seen for c in s.classnames):  # an unlabeled source's hidden labels
+        if s.own_classnames and any(c not in seen for c in s.own_classnames):  # an unlabeled source's hidden labels
             continue
         s.use_label_space(names)
-    if len(named) > 1 and any(s.classnames != names for s in named):
+    if len(named) > 1 and any(s.own_classnames != names for s in named):
         log.info("labeled sources %s: one label space of %d classes (union by class name; first source's order)",
                  [s.name for s in named], len(names))
     return names
