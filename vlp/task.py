@@ -72,10 +72,6 @@ class PretrainTask:
     def __init__(self, cfg: Config, rank: int = 0, world_size: int = 1, classnames: list[str] | None = None):
         self.cfg = cfg
         self.rank, self.world_size = rank, world_size
-        epochs, global_batch = cfg.train.epochs, cfg.data.batch.total * cfg.train.micro_batches * world_size
-        if (steps := cfg.train.resolve_steps(global_batch)):  # train.epochs: the world size is known now
-            log.info("train.steps = %d: ceil(%g epochs x %d samples / global batch %d)", steps, epochs,
-                     cfg.train.num_samples, global_batch)
         m = cfg.model
         try:
             clip, self.model_cfg, self.tokenizer = create_clip(m.name, pretrained=m.pretrained)
@@ -90,6 +86,10 @@ class PretrainTask:
             clip.set_grad_checkpointing(True)
         self.classnames = classnames
         self.num_classes = cfg.model.num_classes or (len(classnames) if classnames else 0)
+        epochs, global_batch = cfg.train.epochs, cfg.data.batch.total * cfg.train.micro_batches * world_size
+        if (steps := cfg.train.resolve_steps(global_batch)):  # train.epochs: the world size is known now
+            log.info("train.steps = %d: ceil(%g epochs x %d samples / global batch %d)", steps, epochs,
+                     cfg.train.num_samples, global_batch)
         active = [name for name, o in cfg.objectives.items() if o.weight > 0]
         self.student = VLPModel(clip, cfg.model, use_text=any(OBJECTIVES[n].needs_text for n in active))
         self.ctx = build_context(self.student, cfg, rank, world_size, classnames, self.num_classes, self.tokenizer)

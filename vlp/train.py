@@ -70,6 +70,17 @@ def _check_writable(run_dir: Path) -> None:
         raise ConfigError(f"output_dir: {run_dir} is not writable ({err.strerror or err})") from None
 
 
+def trackers(cfg: Config) -> list:
+    """TensorBoard always (``output_dir/tb``); wandb with ``log.wandb`` (project ``log.wandb_project``)."""
+    out: list = ["tensorboard"]
+    if cfg.log.wandb:
+        from accelerate.tracking import WandBTracker
+
+        out.append(WandBTracker(cfg.log.wandb_project, name=cfg.log.name or Path(cfg.output_dir).name,
+                                dir=str(cfg.output_dir)))
+    return out
+
+
 class Trainer:
     """One training run. ``Trainer(cfg).fit()``; subclass ``compute_loss`` to change a step."""
 
@@ -430,17 +441,6 @@ class _nullcontext:
 
     def __exit__(self, *a):
         return False
-
-
-def trackers(cfg: Config) -> list:
-    """TensorBoard always (``output_dir/tb``); wandb with ``log.wandb`` (project ``log.wandb_project``)."""
-    out: list = ["tensorboard"]
-    if cfg.log.wandb:
-        from accelerate.tracking import WandBTracker
-
-        out.append(WandBTracker(cfg.log.wandb_project, name=cfg.log.name or Path(cfg.output_dir).name,
-                                dir=str(cfg.output_dir)))
-    return out
 
 
 def _flat_hparams(cfg: Config) -> dict:
