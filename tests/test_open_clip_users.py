@@ -382,3 +382,10 @@ def test_inspect_missing_path_fails_and_writers_resize_like_img2dataset(tmp_path
         r, g, b = out.convert("RGB").getpixel((8, 8))
         assert min(r, g, b) > 240  # the transparent centre: white, not black
     assert main(["shards", "folder", str(tmp_path / "folder"), str(tmp_path / "o2"), "--resize-mode", "border"]) == 2
+    # training and eval decode a transparent PNG in a shard (img2dataset keeps PNGs) on white too
+    from vlp.data.format import decode_image
+
+    buf = _io.BytesIO()
+    clear.save(buf, format="PNG")
+    assert decode_image(buf.getvalue()).getpixel((15, 40)) == (255, 255, 255)
+    assert decode_image(buf.getvalue()).getpixel((15, 5)) == (0, 0, 255)

@@ -157,11 +157,18 @@ def infer_kind(sample: Mapping) -> str:
 
 
 def decode_image(data: bytes):
-    """Decode image bytes fully to an RGB PIL image (raises on corrupt or truncated data)."""
+    """Decode image bytes fully to an RGB PIL image (raises on corrupt or truncated data). Transparency (RGBA, LA,
+    PA, palette transparency) is composited on white, as the shard writers do, not dropped (``convert("RGB")``
+    alone turns transparent pixels into whatever colour they store, often black)."""
     from PIL import Image
 
     with Image.open(io.BytesIO(data)) as img:
         img.load()
+        if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (img.mode == "P" and "transparency" in img.info):
+            rgba = img.convert("RGBA")
+            out = Image.new("RGB", rgba.size, (255, 255, 255))
+            out.paste(rgba, mask=rgba.getchannel("A"))
+            return out
         return img.convert("RGB")
 
 
