@@ -153,6 +153,14 @@ def test_consecutive_nonfinite_losses_abort_with_last_good_checkpoint(demo_data,
     assert all(torch.equal(weights[k], live[k]) for k in weights)  # the saved state is the last good one
 
 
+def _wait_for_logged_steps(run_dir: Path, n: int, proc, timeout: float = 240) -> None:
+    deadline = time.time() + timeout
+    path = run_dir / "metrics.jsonl"
+    while time.time() < deadline and proc.poll() is None and not (
+            path.exists() and len(path.read_text().splitlines()) >= n):
+        time.sleep(0.05)
+
+
 @pytest.mark.parametrize("group", [False, True], ids=["main-pid", "process-group"])
 def test_sigterm_saves_a_checkpoint_before_exiting(demo_data, tmp_path, group):
     """SIGTERM to the trainer, or to its whole process group as clusters, `timeout` and torch's elastic agent send
@@ -162,10 +170,7 @@ def test_sigterm_saves_a_checkpoint_before_exiting(demo_data, tmp_path, group):
     path = write_config(tmp_path / "c.yaml", cfg)
     proc = subprocess.Popen([sys.executable, "-m", "vlp.train", "--config", str(path)], env=ENV,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
-    deadline = time.time() + 240
-    while time.time() < deadline and not ((run_dir / "metrics.jsonl").exists()
-                                          and len((run_dir / "metrics.jsonl").read_text().splitlines()) >= 2):
-        time.sleep(0.05)
+    _wait_for_logged_steps(run_dir, 2, proc)
     if group:
         os.killpg(proc.pid, signal.SIGTERM)
     else:
@@ -175,6 +180,44 @@ def test_sigterm_saves_a_checkpoint_before_exiting(demo_data, tmp_path, group):
     info = ckpt_io.read_run_info(run_dir)
     assert 2 <= info["step"] < 100000
     assert not list((run_dir / "checkpoints").glob("*.tmp*"))
+
+
+@pytest.mark.parametrize("processes", [1, 2], ids=["one-process", "accelerate-2-processes"])
+def test_sigterm_to_the_group_then_resume_gives_the_uninterrupted_losses(demo_data, tmp_path, processes):
+    """#17 item 5, as a cluster delivers it: SIGTERM to the whole process group (launcher, every rank, both
+    DataLoader workers of each rank) mid-interval; the checkpoint of the step reached is written, the exit status
+    is non-zero, and `--resume auto` continues with the losses of an uninterrupted run."""
+    steps = 10
+    launch = [sys.executable] if processes == 1 else [*LAUNCH_2]
+    keys = ("loss/total", "loss/contrastive", "loss/mae", "loss/supervised")
+
+    def config(name):
+        cfg = run_config(demo_data, tmp_path / name, data={"workers": 2},
+                         train={"steps": steps, "save_every": 1000, "log_every": 1})
+        return write_config(tmp_path / f"{name}.yaml", cfg)
+
+    subprocess.run([*launch, "-m", "vlp.train", "--config", str(config("ref"))], env=ENV, check=True,
+                   capture_output=True, timeout=300)
+    reference = _metrics(tmp_path / "ref")
+    run_dir, path = tmp_path / "run", config("run")
+    proc = subprocess.Popen([*launch, "-m", "vlp.train", "--config", str(path)], env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    _wait_for_logged_steps(run_dir, 3, proc)
+    os.killpg(proc.pid, signal.SIGTERM)
+    code = proc.wait(timeout=120)
+    err = proc.stderr.read().decode()[-3000:]
+    assert code != 0, err
+    saved = ckpt_io.list_checkpoints(run_dir)
+    assert saved and not list((run_dir / "checkpoints").glob("*.tmp*")), err
+    stopped_at = ckpt_io.read_run_info(run_dir)["step"]
+    assert 3 <= stopped_at < steps, err
+    subprocess.run([*launch, "-m", "vlp.train", "--config", str(path), "--resume", "auto"], env=ENV, check=True,
+                   capture_output=True, timeout=300)
+    resumed = _metrics(run_dir)
+    assert ckpt_io.read_run_info(run_dir)["step"] == steps
+    for step in range(1, steps + 1):
+        for key in keys:
+            assert resumed[step][key] == pytest.approx(reference[step][key], rel=1e-5, abs=1e-6), (step, key)
 
 
 def test_config_errors_fail_before_any_work(demo_data, tmp_path):
