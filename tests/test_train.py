@@ -87,6 +87,34 @@ def test_two_process_training_run(demo_data, tmp_path):
     assert all(math.isfinite(r["loss/contrastive"]) for r in steps.values())
 
 
+def test_two_process_run_reports_bad_samples_of_every_rank(demo_data, tmp_path):
+    """#17 item 6: in DDP `bad_samples/*` (logged and checkpointed) counted rank 0's workers only."""
+    import tarfile
+    import webdataset as wds
+
+    good = [m for m in tarfile.open(next((demo_data / "unlabeled").glob("*.tar"))).getmembers()
+            if m.name.endswith(".jpg")][:20]
+    with tarfile.open(next((demo_data / "unlabeled").glob("*.tar"))) as tar:
+        images = [tar.extractfile(m).read() for m in good]
+    (tmp_path / "junk").mkdir()
+    with wds.TarWriter(str(tmp_path / "junk" / "junk-000000.tar")) as sink:
+        for i, img in enumerate(images):
+            sink.write({"__key__": f"good{i:03d}", "jpg": img})
+            sink.write({"__key__": f"bad{i:03d}", "jpg": b"not a jpeg"})
+    cfg = run_config(demo_data, tmp_path / "run", train={"steps": 3, "save_every": 3})
+    cfg["data"]["sources"][2] = {"name": "junk", "kind": "unlabeled", "shards": str(tmp_path / "junk" / "*.tar")}
+    out = tmp_path / "bad.json"
+    proc = subprocess.run([*LAUNCH_2, str(REPO / "tests" / "scripts" / "ddp_bad_samples.py"),
+                           str(write_config(tmp_path / "c.yaml", cfg)), str(out)],
+                          env=ENV, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    reports = [json.loads(Path(f"{out}.{rank}").read_text()) for rank in (0, 1)]
+    per_rank = [r["local"].get("junk", 0) for r in reports]
+    assert all(n > 0 for n in per_rank), reports
+    saved = ckpt_io.read_run_info(tmp_path / "run")["bad_samples"]["junk"]
+    assert reports[0]["logged"] == sum(per_rank) == saved, (reports, saved)
+
+
 def test_killed_run_resumes_to_identical_losses(demo_data, tmp_path):
     """SIGKILL after a checkpoint, `--resume auto`: same steps, same losses as an uninterrupted run."""
     steps, save_every = 12, 4

@@ -165,6 +165,7 @@ class Trainer:
         # every rank's exact stream positions (records consumed per stream and kind, replacements included)
         mine = [getattr(self, "_data_taken", {})]
         taken = gather_object(mine) if self.world > 1 else mine
+        bad = self.bad_samples()
         if acc.is_main_process:
             self.data_taken = {str(r): {str(k): v for k, v in t.items()} for r, t in enumerate(taken)}
             dump_config(self.cfg, tmp / ckpt_io.CONFIG_FILE)
@@ -172,7 +173,7 @@ class Trainer:
                 if tensors:
                     save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()},
                               str(tmp / f"{stem}.safetensors"))
-            ckpt_io.write_state(tmp, self.state_dict())
+            ckpt_io.write_state(tmp, {**self.state_dict(), "bad_samples": bad})
             ckpt_io.publish(tmp, final, self.cfg.train.keep_last)
         acc.wait_for_everyone()
         return final
@@ -182,7 +183,6 @@ class Trainer:
             "step": self.step,
             "samples_seen": self.samples_seen,
             "nonfinite_steps": self.bad_steps_total,
-            "bad_samples": self.bad_samples(),
             "metrics": self.last_metrics,
             "eval": self.eval_metrics,
             "model_cfg": self.model_cfg,
@@ -231,9 +231,14 @@ class Trainer:
 
     # ---- the loop -------------------------------------------------------------------------------------------
     def bad_samples(self) -> dict[str, int]:
-        base = getattr(self, "_bad_base", {})  # counts of the run before it was resumed
+        """Samples skipped as unreadable per source, summed over every rank's workers (a collective: every rank
+        calls it at the same step) and over the run before it was resumed."""
+        base = getattr(self, "_bad_base", {})
         now = getattr(self, "_bad", {})
-        return {s.name: int(base.get(s.name, 0)) + int(now.get(s.name, 0)) for s in self.sources}
+        local = torch.tensor([float(now.get(s.name, 0)) for s in self.sources], device=self.accelerator.device)
+        if self.world > 1:
+            local = self.accelerator.reduce(local, reduction="sum")
+        return {s.name: int(base.get(s.name, 0)) + int(n) for s, n in zip(self.sources, local.tolist())}
 
     def _track_stream(self, meta) -> None:
         """Per-worker cumulative counts travel with each batch's StreamMeta; keep the latest per worker and sum."""
