@@ -255,6 +255,7 @@ def test_config_errors_fail_before_any_work(demo_data, tmp_path):
         (["optim.lr=fast"], "optim.lr"),
         (["optim.learning_rate=0.1"], "optim.learning_rate: unknown key"),
         ([f"data.sources.0.shards={tmp_path}/missing-{{000..002}}.tar"], "missing-000.tar"),
+        (["model.num_classes=4"], "model.num_classes: 4 is fewer than the 10 classes"),  # was an error mid-run
     ]
     for overrides, expected in cases:
         proc = subprocess.run([sys.executable, "-m", "vlp.train", "--config", str(path), *overrides], env=ENV,
