@@ -81,6 +81,12 @@ class Trainer:
         acc = self.accelerator
         self.rank, self.world = acc.process_index, acc.num_processes
         self._run_lock = None
+        self.sources = build_sources(cfg.data.sources)
+        self.classnames = next((s.classnames for s in self.sources if s.kind == "labeled" and s.classnames), None)
+        if cfg.model.num_classes and self.classnames and cfg.model.num_classes < len(self.classnames):
+            raise ConfigError(f"model.num_classes: {cfg.model.num_classes} is fewer than the {len(self.classnames)} "
+                              f"classes of the labeled data ({', '.join(self.classnames[:5])}...); leave it unset "
+                              f"to size the head from the class names")
         if acc.is_main_process:
             _check_writable(self.run_dir)
         found = ckpt_io.list_checkpoints(self.run_dir)
@@ -89,12 +95,6 @@ class Trainer:
                               f"{found[-1].name}); continue it with --resume auto, or pick another output_dir")
         set_seed(cfg.seed + self.rank)
 
-        self.sources = build_sources(cfg.data.sources)
-        self.classnames = next((s.classnames for s in self.sources if s.kind == "labeled" and s.classnames), None)
-        if cfg.model.num_classes and self.classnames and cfg.model.num_classes < len(self.classnames):
-            raise ConfigError(f"model.num_classes: {cfg.model.num_classes} is fewer than the {len(self.classnames)} "
-                              f"classes of the labeled data ({', '.join(self.classnames[:5])}...); leave it unset "
-                              f"to size the head from the class names")
         self.task = PretrainTask(cfg, self.rank, self.world, self.classnames)
         self.model_cfg, self.tokenizer = self.task.model_cfg, self.task.tokenizer
         clip = self.task.student.clip
