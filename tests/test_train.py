@@ -328,3 +328,24 @@ def test_resume_falls_back_past_a_corrupt_latest_checkpoint(demo_data, tmp_path,
     (older / "model.safetensors").write_bytes(b"")
     with pytest.raises(RuntimeError, match="unreadable .* no older one is left"):
         Trainer(cfg, resume="auto")
+
+
+def test_resume_with_changed_settings_says_what_changed(demo_data, tmp_path, caplog):
+    """#17 item 6: resuming after changing the batch, the workers or the mask ratio was accepted silently (and the
+    changed worker count turned exact data resume off without a word)."""
+    run_dir = tmp_path / "run"
+    raw = run_config(demo_data, run_dir, data={"workers": 0}, train={"steps": 2, "save_every": 2})
+    Trainer(config_from_dict(raw)).fit()
+    same = Trainer(config_from_dict({**raw, "train": {**raw["train"], "steps": 4}}), resume="auto")
+    same.release()
+    assert "changed settings" not in caplog.text  # a longer run is the same run
+    changed = run_config(demo_data, run_dir, data={"workers": 1, "batch": {"paired": 6, "labeled": 4,
+                                                                         "unlabeled": 4}},
+                         model={"name": "vlp-test-vit", "mask_ratio": 0.5}, train={"steps": 4, "save_every": 2})
+    Trainer(config_from_dict(changed), resume="auto").release()
+    warning = next(r.message for r in caplog.records if "changed settings" in r.message)
+    for text in ("data.batch.paired: 8 -> 6", "data.workers: 0 -> 1", "model.mask_ratio: 0.75 -> 0.5",
+                 "data streams restart"):
+        assert text in warning, warning
+    record = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()][-1]
+    assert record["resume_changes"]["data.workers"] == [0, 1] and record["exact_data_resume"] is False

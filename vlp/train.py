@@ -153,11 +153,35 @@ class Trainer:
         self.bad_steps_total = state.get("nonfinite_steps", 0)
         self.eval_metrics = state.get("eval", {})
         self._bad_base = state.get("bad_samples", {})
-        if state.get("world_size") == self.world and state.get("data_workers") == self.cfg.data.workers:
+        exact = state.get("world_size") == self.world and state.get("data_workers") == self.cfg.data.workers
+        if exact:
             taken = state.get("data_taken", {}).get(str(self.rank), {})
             self.dataset.start_taken = {int(k): v for k, v in taken.items()}
+        self._report_changes(path, state, exact)
         self.task.load_extra_state(extra)
         log.info("resumed from %s at step %d", path, self.step)
+
+    def _report_changes(self, path: Path, state: dict, exact: bool) -> None:
+        """Say which settings differ from the checkpoint's run (a resumed run is only the same run when none do, and
+        a changed world size or worker count restarts the data streams): one warning, and a metrics.jsonl record."""
+        try:
+            before = _flat_hparams(ckpt_io.read_run_config(path))
+        except Exception:  # an old checkpoint without a readable config: nothing to compare
+            return
+        now = _flat_hparams(self.cfg)
+        changed = {k: [before.get(k), now.get(k)] for k in sorted(set(before) | set(now))
+                   if before.get(k) != now.get(k) and not k.startswith(RESUME_FREE)}
+        if state.get("world_size") not in (None, self.world):
+            changed["world_size"] = [state["world_size"], self.world]
+        if not changed:
+            return
+        lines = ", ".join(f"{k}: {a} -> {b}" for k, (a, b) in changed.items())
+        log.warning("resuming %s with changed settings: %s%s", path, lines,
+                    "" if exact else "; the data streams restart (exact resume needs the same world size and "
+                                     "data.workers)")
+        if self.accelerator.is_main_process:
+            with (self.run_dir / "metrics.jsonl").open("a") as f:
+                f.write(json.dumps({"step": self.step, "resume_changes": changed, "exact_data_resume": exact}) + "\n")
 
     def save(self) -> Path:
         """Write a checkpoint for the current step atomically; every rank must call it."""
@@ -397,6 +421,11 @@ class _nullcontext:
 
     def __exit__(self, *a):
         return False
+
+
+# settings a resumed run may change without changing what it trains (how long, how often it logs, saves, evaluates)
+RESUME_FREE = ("output_dir", "train.steps", "train.log_every", "train.save_every", "train.keep_last",
+               "train.eval_every", "train.progress", "eval.")
 
 
 def _flat_hparams(cfg: Config) -> dict:
