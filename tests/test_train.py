@@ -349,3 +349,26 @@ def test_resume_with_changed_settings_says_what_changed(demo_data, tmp_path, cap
         assert text in warning, warning
     record = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()][-1]
     assert record["resume_changes"]["data.workers"] == [0, 1] and record["exact_data_resume"] is False
+
+
+def test_checkpoint_write_failure_leaves_no_partial_checkpoint_and_says_so(demo_data, tmp_path):
+    """#17 item 7: a full disk gave torch's `unexpected pos` traceback and left a .tmp checkpoint that kept the disk
+    full. A file-size limit (RLIMIT_FSIZE, SIGXFSZ ignored: writes fail with EFBIG as they fail with ENOSPC on a
+    full disk) makes the checkpoint write fail the same way, without filling this machine's disk."""
+    import resource
+
+    run_dir = tmp_path / "run"
+    # workers 0: the limit would also stop DataLoader workers from sharing batches (their /dev/shm files)
+    path = write_config(tmp_path / "c.yaml", run_config(demo_data, run_dir, data={"workers": 0},
+                                                        train={"steps": 4, "save_every": 2}))
+
+    def limit_file_size():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, 64 * 1024))
+
+    proc = subprocess.run([sys.executable, "-m", "vlp.train", "--config", str(path)], env=ENV, capture_output=True,
+                          text=True, timeout=300, preexec_fn=limit_file_size)
+    last = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 5, proc.stderr[-3000:]
+    assert last.startswith("error: could not write checkpoint step_00000002") and "partial checkpoint is removed" in last
+    assert not list((run_dir / "checkpoints").glob("*")), "a partial checkpoint was left behind"

@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import signal
 import sys
 import time
@@ -52,6 +53,19 @@ def warmup_cosine(warmup: int, total: int, min_ratio: float = 0.0):
         progress = min(1.0, (step - warmup) / max(1, total - warmup))
         return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
     return f
+
+
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (its partial folder is removed; earlier checkpoints are untouched)."""
+
+    def __init__(self, tmp: Path, err: Exception):
+        try:
+            free = f"{shutil.disk_usage(tmp.parent).free / 2**20:.0f} MiB free"
+        except OSError:
+            free = "free space unknown"
+        super().__init__(f"could not write checkpoint {tmp.name.removesuffix('.tmp')} in {tmp.parent} "
+                         f"({type(err).__name__}: {str(err).strip()[:200]}; {free}); the partial checkpoint is "
+                         f"removed and earlier checkpoints are intact: free space, then --resume auto")
 
 
 class NonFiniteLoss(RuntimeError):
@@ -189,20 +203,24 @@ class Trainer:
         final = ckpt_io.checkpoint_dir(self.run_dir, self.step)
         tmp = final.with_name(final.name + ".tmp")
         acc.wait_for_everyone()
-        acc.save_state(str(tmp))
         # every rank's exact stream positions (records consumed per stream and kind, replacements included)
         mine = [getattr(self, "_data_taken", {})]
         taken = gather_object(mine) if self.world > 1 else mine
         bad = self.bad_samples()
-        if acc.is_main_process:
-            self.data_taken = {str(r): {str(k): v for k, v in t.items()} for r, t in enumerate(taken)}
-            dump_config(self.cfg, tmp / ckpt_io.CONFIG_FILE)
-            for stem, tensors in self.task.extra_state().items():
-                if tensors:
-                    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()},
-                              str(tmp / f"{stem}.safetensors"))
-            ckpt_io.write_state(tmp, {**self.state_dict(), "bad_samples": bad})
-            ckpt_io.publish(tmp, final, self.cfg.train.keep_last)
+        try:
+            acc.save_state(str(tmp))
+            if acc.is_main_process:
+                self.data_taken = {str(r): {str(k): v for k, v in t.items()} for r, t in enumerate(taken)}
+                dump_config(self.cfg, tmp / ckpt_io.CONFIG_FILE)
+                for stem, tensors in self.task.extra_state().items():
+                    if tensors:
+                        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()},
+                                  str(tmp / f"{stem}.safetensors"))
+                ckpt_io.write_state(tmp, {**self.state_dict(), "bad_samples": bad})
+                ckpt_io.publish(tmp, final, self.cfg.train.keep_last)
+        except Exception as err:  # disk full, quota, file size limit: torch, safetensors and json raise many types
+            shutil.rmtree(tmp, ignore_errors=True)  # a half-written checkpoint would keep the disk full
+            raise CheckpointWriteError(tmp, err) from err
         acc.wait_for_everyone()
         return final
 
@@ -467,6 +485,9 @@ def run(args: argparse.Namespace) -> int:
     except NonFiniteLoss as err:
         print(f"error: {err}", file=sys.stderr)
         return 3
+    except CheckpointWriteError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 5
     if trainer.accelerator.is_main_process:
         print(json.dumps({k: round(v, 5) if isinstance(v, float) else v for k, v in result.items()}))
     if trainer._stop_signal:  # checkpointed, but not finished: `vlp train ... && vlp export ...` must stop here
