@@ -96,17 +96,10 @@ class TextConfig(_Strict):
 
 class ModelConfig(_Strict):
     name: str = "vlp-tiny-vit"  # open_clip config name, configs/models/<name>.json, or a path to a JSON file
-    # open_clip weights to start from (open_clip_train's --pretrained): a folder (a `vlp export`, or any folder
-    # holding open_clip_config.json + open_clip_model.safetensors; model.name then defaults to its config), a
-    # .safetensors / .pt / .bin file (torch.load(weights_only=True)), or an open_clip pretrained tag for model.name
-    # (e.g. laion2b_s34b_b88k: downloads). Loaded with open_clip.load_checkpoint (strict).
-    pretrained: str | None = None
     mask_ratio: float = Field(0.75, ge=0.0, lt=1.0)
     clip_unmasked: bool = False  # run a separate unmasked image pass for the contrastive loss
     text: TextConfig = TextConfig()
-    lock_image: bool = False  # LiT / open_clip_train --lock-image: freeze the image tower
-    lock_image_unlocked_groups: int = Field(0, ge=0)  # --lock-image-unlocked-groups: leave the last N groups trainable
-    grad_checkpointing: bool = False  # open_clip_train --grad-checkpointing (activation checkpointing in the towers)
+    lock_image: bool = False
     num_classes: int | None = None  # classifier head; default: number of labeled classnames
 
     @model_validator(mode="before")
@@ -114,10 +107,6 @@ class ModelConfig(_Strict):
     def _moved_keys(cls, data):
         if isinstance(data, dict) and "mae" in data:
             raise KeyedError("model.mae: moved to objectives.mae (e.g. objectives.mae.decoder_width)")
-        if isinstance(data, dict) and data.get("pretrained") and not data.get("name"):
-            export_cfg = Path(str(data["pretrained"])) / "open_clip_config.json"
-            if export_cfg.is_file():  # an open_clip folder names its own architecture
-                data = {**data, "name": str(export_cfg)}
         return data
 
 

@@ -14,8 +14,6 @@ schedule). Masking noise is seeded by (seed, step, micro-batch, rank), so a resu
 """
 from __future__ import annotations
 
-import logging
-
 import torch
 
 from vlp.config import Config, ConfigError, TeacherConfig
@@ -25,8 +23,6 @@ from vlp.models.factory import create_clip
 from vlp.models.model import VLPModel
 from vlp.models.teacher import MomentumTeacher
 from vlp.objectives import OBJECTIVES, BuildContext, Objective, build_objectives, combine
-
-log = logging.getLogger("vlp.task")
 
 
 def build_context(model: VLPModel, cfg: Config | None = None, rank: int = 0, world_size: int = 1,
@@ -72,18 +68,7 @@ class PretrainTask:
     def __init__(self, cfg: Config, rank: int = 0, world_size: int = 1, classnames: list[str] | None = None):
         self.cfg = cfg
         self.rank, self.world_size = rank, world_size
-        m = cfg.model
-        try:
-            clip, self.model_cfg, self.tokenizer = create_clip(m.name, pretrained=m.pretrained)
-        except ValueError as err:
-            raise ConfigError(str(err)) from None
-        n_params = sum(p.numel() for p in clip.parameters())
-        log.info("model %s (%.1fM parameters): %s", m.name, n_params / 1e6,
-                 f"weights from model.pretrained {m.pretrained}" if m.pretrained else "randomly initialized")
-        if m.lock_image and not m.pretrained:
-            log.warning("model.lock_image: freezing a randomly initialized image tower (model.pretrained is not set)")
-        if m.grad_checkpointing:
-            clip.set_grad_checkpointing(True)
+        clip, self.model_cfg, self.tokenizer = create_clip(cfg.model.name)
         self.classnames = classnames
         self.num_classes = cfg.model.num_classes or (len(classnames) if classnames else 0)
         active = [name for name, o in cfg.objectives.items() if o.weight > 0]

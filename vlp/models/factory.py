@@ -8,12 +8,10 @@ then from the vlp source tree); an open_clip built-in config name. ``hf_model_na
 from __future__ import annotations
 
 import atexit
-import contextlib
 import copy
 import hashlib
 import importlib
 import json
-import logging
 import os
 import shutil
 import tempfile
@@ -24,35 +22,6 @@ import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 EXPORT_CONFIG = "open_clip_config.json"
-# open_clip's weight file names in a folder, preferred first (open_clip's own order for local-dir: / hf-hub:)
-WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.safetensors", "open_clip_pytorch_model.bin",
-                "open_clip_pytorch_model.pth", "model.safetensors", "pytorch_model.bin", "pytorch_model.pth",
-                "model.pth")
-
-log = logging.getLogger("vlp.model")
-
-
-class _OpenClipLogFilter(logging.Filter):
-    """open_clip logs through the root logger (``logging.info``): drop its INFO lines (every rank prints them,
-    naming vlp's hashed config names) and its "No pretrained weights loaded ... initialized randomly" warning (vlp
-    loads ``model.pretrained`` itself and logs its own line); keep its other warnings and errors."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if f"{os.sep}open_clip{os.sep}" not in record.pathname:
-            return True
-        if record.levelno < logging.WARNING:
-            return False
-        return "No pretrained weights loaded" not in record.getMessage()
-
-
-@contextlib.contextmanager
-def quiet_open_clip():
-    root, f = logging.getLogger(), _OpenClipLogFilter()
-    root.addFilter(f)
-    try:
-        yield
-    finally:
-        root.removeFilter(f)
 
 
 def model_config_dirs() -> list[Path]:
@@ -105,47 +74,15 @@ def resolve_model_config(name: str) -> dict:
     return cfg
 
 
-def create_clip(name_or_cfg: str | dict, pretrained_text: bool = True, pretrained: str | None = None):
+def create_clip(name_or_cfg: str | dict, pretrained_text: bool = True):
     """Build an open_clip model. Returns ``(model, model_cfg, tokenizer)``.
 
     ``pretrained_text`` loads the HF text tower's weights from its local folder (``hf_model_pretrained``).
-    ``pretrained``: open_clip weights to load (:func:`pretrained_checkpoint`).
     """
     model_cfg = resolve_model_config(name_or_cfg) if isinstance(name_or_cfg, str) else copy.deepcopy(name_or_cfg)
     model_cfg.get("text_cfg", {}).pop("hf_model_pretrained", None)
-    with quiet_open_clip():
-        model = open_clip.create_model(_register(model_cfg), pretrained=None, pretrained_text=pretrained_text)
-        if pretrained:
-            path = pretrained_checkpoint(pretrained, name_or_cfg if isinstance(name_or_cfg, str) else None)
-            try:
-                open_clip.load_checkpoint(model, path, strict=True, weights_only=True)
-            except (RuntimeError, AssertionError, KeyError) as err:  # missing / unexpected keys, shapes
-                first = (str(err) or type(err).__name__).strip().splitlines()
-                raise ValueError(f"model.pretrained: {path} does not fit model.name {name_or_cfg!r}: "
-                                 f"{' '.join(first[:3])[:400]}") from None
+    model = open_clip.create_model(_register(model_cfg), pretrained=None, pretrained_text=pretrained_text)
     return model, model_cfg, tokenizer_for(model_cfg)
-
-
-def pretrained_checkpoint(spec: str, model_name: str | None = None) -> str:
-    """The weight file ``model.pretrained`` names: a file itself; in a folder, open_clip's weight file
-    (:data:`WEIGHT_FILES`); else an open_clip pretrained tag of ``model_name`` (downloaded by open_clip)."""
-    path = Path(spec).expanduser()
-    if path.is_file():
-        return str(path)
-    if path.is_dir():
-        for name in WEIGHT_FILES:
-            if (path / name).is_file():
-                return str(path / name)
-        raise ValueError(f"model.pretrained: no open_clip weights in {path} (looked for {', '.join(WEIGHT_FILES[:3])}, ...)")
-    tag_cfg = open_clip.get_pretrained_cfg(model_name, spec) if model_name else {}
-    if tag_cfg:
-        from open_clip.pretrained import download_pretrained
-
-        return download_pretrained(tag_cfg)
-    tags = open_clip.list_pretrained_tags_by_model(model_name) if model_name else []
-    hint = f"open_clip tags for {model_name}: {', '.join(tags)}" if tags else \
-        f"and {model_name!r} has no open_clip pretrained tags"
-    raise ValueError(f"model.pretrained: {spec!r} is not a file, not a folder, not a known tag ({hint})")
 
 
 _CONFIG_DIR: Path | None = None
@@ -209,8 +146,7 @@ def load_clip(path: str | os.PathLike, device: str | torch.device = "cpu"):
     """
     path = Path(path)
     if (path / EXPORT_CONFIG).is_file():
-        with quiet_open_clip():
-            model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{path}", device=device)
+        model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{path}", device=device)
         tokenizer = open_clip.get_tokenizer(f"local-dir:{path}")
         model_cfg = json.loads((path / EXPORT_CONFIG).read_text())["model_cfg"]
         model.eval()

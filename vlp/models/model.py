@@ -56,7 +56,7 @@ class VLPModel(nn.Module):
                 if not name.startswith("visual.") or name == "visual.proj":
                     p.requires_grad_(False)
         if cfg.lock_image:
-            visual.lock(unlocked_groups=cfg.lock_image_unlocked_groups, freeze_bn_stats=True)
+            visual.lock(unlocked_groups=0, freeze_bn_stats=True)
         if cfg.text.lock:
             clip.lock_text_tower(unlocked_layers=cfg.text.lock_unlocked_layers, freeze_layer_norm=True)
 
