@@ -154,6 +154,8 @@ def test_export_again_removes_only_the_files_the_previous_export_wrote(vit, tmp_
     run = tmp_path / "run"
     (run / "checkpoints" / "step_00000010").mkdir(parents=True)
     (run / "checkpoints" / "step_00000010" / "model.safetensors").write_bytes(b"weights")
+    # accelerate's optimizer / RNG state are pickles: beside the export, not in it, so they refuse nothing
+    (run / "checkpoints" / "step_00000010" / "optimizer.bin").write_bytes(b"pickle")
     (run / "metrics.jsonl").write_text("{}\n")
     with pytest.raises(FileExistsError):  # a non-empty folder that is not an export: refused
         ex.export_model(model, model_cfg, run)
