@@ -372,3 +372,18 @@ def test_checkpoint_write_failure_leaves_no_partial_checkpoint_and_says_so(demo_
     assert proc.returncode == 5, proc.stderr[-3000:]
     assert last.startswith("error: could not write checkpoint step_00000002") and "partial checkpoint is removed" in last
     assert not list((run_dir / "checkpoints").glob("*")), "a partial checkpoint was left behind"
+
+
+def test_a_source_with_no_readable_shard_ends_the_run_with_one_line(demo_data, tmp_path):
+    """#17 item 4 end to end: the error raised in the DataLoader worker ended the step, but the process then hung
+    at exit (multiprocessing's exit handler sends the worker one SIGTERM, which workers absorb, then joins it)."""
+    bad = tmp_path / "unreadable"
+    bad.mkdir()
+    (bad / "a-000000.tar").write_bytes(b"this is not a tar archive" * 40)
+    (bad / "a-000001.tar").write_bytes(b"")
+    cfg = run_config(demo_data, tmp_path / "run", data={"workers": 1})
+    cfg["data"]["sources"][1] = {"name": "brokenpairs", "kind": "paired", "shards": str(bad / "*.tar")}
+    proc = subprocess.run([sys.executable, "-m", "vlp.train", "--config", str(write_config(tmp_path / "c.yaml", cfg))],
+                          env=ENV, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 6, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: source brokenpairs: none of its 2 shard(s)")

@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 from vlp import checkpoint as ckpt_io
 from vlp.config import KINDS, Config, ConfigError, dump_config, load_config
 from vlp.data.mixing import MixedBatches, make_loader
-from vlp.data.sources import build_sources
+from vlp.data.sources import NoUsableData, build_sources
 from vlp.data.transforms import eval_transform, resolve_templates, train_transform
 from vlp.task import PretrainTask
 
@@ -321,77 +321,83 @@ class Trainer:
         acc.init_trackers("tb", config=_flat_hparams(cfg))
         self._install_signal_handlers()
         loader = iter(make_loader(self.dataset, cfg.data.workers))
-        per_step = {k: getattr(cfg.data.batch, k) * tc.grad_accum * self.world for k in KINDS}
-        bar = None
-        if acc.is_main_process and tc.progress:
-            from tqdm.auto import tqdm
-            bar = tqdm(total=tc.steps, initial=self.step, desc="train", dynamic_ncols=True)
-        consecutive_bad, window_t, window_wait, window_steps = 0, 0.0, 0.0, 0
-        metrics_path = self.run_dir / "metrics.jsonl"
-        while self.step < tc.steps:
-            t0 = time.perf_counter()
-            batches = []
-            for _ in range(tc.grad_accum):
-                batch, meta = next(loader)
-                self._track_stream(meta)
-                batches.append(batch.to(acc.device, non_blocking=True))
-            t_data = time.perf_counter() - t0
-            self.model.train()
-            metrics = self.train_step(batches)
-            if metrics is None:
-                consecutive_bad += 1
-                self.bad_steps_total += 1
-                log.warning("step %d: non-finite loss, step skipped (%d in a row, %d total)",
-                            self.step, consecutive_bad, self.bad_steps_total)
-                acc.log({"train/nonfinite_steps": self.bad_steps_total}, step=self.step)
-                if consecutive_bad >= tc.max_bad_steps:
-                    self.save()
-                    raise NonFiniteLoss(
-                        f"{consecutive_bad} consecutive steps had a non-finite loss at step {self.step}; "
-                        f"the last good state is saved in {ckpt_io.find_checkpoint(self.run_dir)}. "
-                        f"Lower optim.lr, enable optim.grad_clip, or check the data.")
-                # the batches are consumed, as in a normal step, so data positions stay aligned on resume
-            else:
-                consecutive_bad = 0
-            self.step += 1
-            for k in KINDS:
-                self.samples_seen[k] += per_step[k]
-            dt = time.perf_counter() - t0
-            window_t += dt
-            window_wait += t_data
-            window_steps += 1
-            if metrics is not None and (self.step % tc.log_every == 0 or self.step == tc.steps):
-                rate = window_steps * sum(per_step.values()) / window_t
-                metrics.update({
-                    "lr": self.scheduler.get_last_lr()[0],
-                    "samples_per_s": rate,
-                    "data_wait_frac": window_wait / window_t,
-                    "nonfinite_steps": self.bad_steps_total,
-                    **{f"samples_per_s/{k}": window_steps * per_step[k] / window_t for k in KINDS if per_step[k]},
-                    **{f"bad_samples/{name}": n for name, n in self.bad_samples().items()},
-                })
-                self.last_metrics = metrics
-                acc.log({f"train/{k}": v for k, v in metrics.items()}, step=self.step)
-                if acc.is_main_process:
-                    with metrics_path.open("a") as f:
-                        f.write(json.dumps({"step": self.step, **metrics}) + "\n")
-                window_t = window_wait = 0.0
-                window_steps = 0
-            if bar is not None:
-                bar.update(1)
-                if self.last_metrics:
-                    bar.set_postfix(loss=f"{self.last_metrics['loss/total']:.3f}",
-                                    sps=f"{self.last_metrics['samples_per_s']:.0f}", refresh=False)
-            if tc.eval_every and self.step % tc.eval_every == 0 and self.step < tc.steps:
-                self.evaluate()
-            stop = self._should_stop()
-            if stop or self.step % tc.save_every == 0 or self.step == tc.steps:
-                if self.step == tc.steps and cfg.eval.tasks():
+        try:  # on any exit (an error from a worker included) the workers are shut down here: they absorb the
+            # first SIGTERM, which is all multiprocessing's exit handler would send them before joining forever
+            per_step = {k: getattr(cfg.data.batch, k) * tc.grad_accum * self.world for k in KINDS}
+            bar = None
+            if acc.is_main_process and tc.progress:
+                from tqdm.auto import tqdm
+                bar = tqdm(total=tc.steps, initial=self.step, desc="train", dynamic_ncols=True)
+            consecutive_bad, window_t, window_wait, window_steps = 0, 0.0, 0.0, 0
+            metrics_path = self.run_dir / "metrics.jsonl"
+            while self.step < tc.steps:
+                t0 = time.perf_counter()
+                batches = []
+                for _ in range(tc.grad_accum):
+                    batch, meta = next(loader)
+                    self._track_stream(meta)
+                    batches.append(batch.to(acc.device, non_blocking=True))
+                t_data = time.perf_counter() - t0
+                self.model.train()
+                metrics = self.train_step(batches)
+                if metrics is None:
+                    consecutive_bad += 1
+                    self.bad_steps_total += 1
+                    log.warning("step %d: non-finite loss, step skipped (%d in a row, %d total)",
+                                self.step, consecutive_bad, self.bad_steps_total)
+                    acc.log({"train/nonfinite_steps": self.bad_steps_total}, step=self.step)
+                    if consecutive_bad >= tc.max_bad_steps:
+                        self.save()
+                        raise NonFiniteLoss(
+                            f"{consecutive_bad} consecutive steps had a non-finite loss at step {self.step}; "
+                            f"the last good state is saved in {ckpt_io.find_checkpoint(self.run_dir)}. "
+                            f"Lower optim.lr, enable optim.grad_clip, or check the data.")
+                    # the batches are consumed, as in a normal step, so data positions stay aligned on resume
+                else:
+                    consecutive_bad = 0
+                self.step += 1
+                for k in KINDS:
+                    self.samples_seen[k] += per_step[k]
+                dt = time.perf_counter() - t0
+                window_t += dt
+                window_wait += t_data
+                window_steps += 1
+                if metrics is not None and (self.step % tc.log_every == 0 or self.step == tc.steps):
+                    rate = window_steps * sum(per_step.values()) / window_t
+                    metrics.update({
+                        "lr": self.scheduler.get_last_lr()[0],
+                        "samples_per_s": rate,
+                        "data_wait_frac": window_wait / window_t,
+                        "nonfinite_steps": self.bad_steps_total,
+                        **{f"samples_per_s/{k}": window_steps * per_step[k] / window_t for k in KINDS if per_step[k]},
+                        **{f"bad_samples/{name}": n for name, n in self.bad_samples().items()},
+                    })
+                    self.last_metrics = metrics
+                    acc.log({f"train/{k}": v for k, v in metrics.items()}, step=self.step)
+                    if acc.is_main_process:
+                        with metrics_path.open("a") as f:
+                            f.write(json.dumps({"step": self.step, **metrics}) + "\n")
+                    window_t = window_wait = 0.0
+                    window_steps = 0
+                if bar is not None:
+                    bar.update(1)
+                    if self.last_metrics:
+                        bar.set_postfix(loss=f"{self.last_metrics['loss/total']:.3f}",
+                                        sps=f"{self.last_metrics['samples_per_s']:.0f}", refresh=False)
+                if tc.eval_every and self.step % tc.eval_every == 0 and self.step < tc.steps:
                     self.evaluate()
-                self.save()
-            if stop:
-                log.warning("signal %s: checkpoint saved at step %d, exiting", self._stop_signal, self.step)
-                break
+                stop = self._should_stop()
+                if stop or self.step % tc.save_every == 0 or self.step == tc.steps:
+                    if self.step == tc.steps and cfg.eval.tasks():
+                        self.evaluate()
+                    self.save()
+                if stop:
+                    log.warning("signal %s: checkpoint saved at step %d, exiting", self._stop_signal, self.step)
+                    break
+        finally:
+            shutdown = getattr(loader, "_shutdown_workers", None)
+            if shutdown is not None:
+                shutdown()
         if bar is not None:
             bar.close()
         acc.end_training()
@@ -488,6 +494,10 @@ def run(args: argparse.Namespace) -> int:
     except CheckpointWriteError as err:
         print(f"error: {err}", file=sys.stderr)
         return 5
+    except NoUsableData as err:  # raised in a DataLoader worker: torch re-raises it with the worker's traceback
+        line = str(err).strip().splitlines()[-1]
+        print(f"error: {line.split(': ', 1)[1] if line.startswith('vlp.') else line}", file=sys.stderr)
+        return 6
     if trainer.accelerator.is_main_process:
         print(json.dumps({k: round(v, 5) if isinstance(v, float) else v for k, v in result.items()}))
     if trainer._stop_signal:  # checkpointed, but not finished: `vlp train ... && vlp export ...` must stop here
