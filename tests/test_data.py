@@ -532,6 +532,10 @@ def test_missing_shards_fail_at_config_validation(data, tmp_path):
     with pytest.raises(ConfigError) as err:
         check_shards("eval.zeroshot.shards", f"{good}::{tmp_path}/gone.tar")
     assert one_line(err) == f"eval.zeroshot.shards: no such shard '{tmp_path}/gone.tar'"
+    # #17 item 7: a '::' part whose glob matches nothing was dropped silently (half the data gone by a typo)
+    with pytest.raises(ConfigError) as err:
+        config_from_dict(run_tree(f"{good}::{tmp_path}/typo/*.tar"))
+    assert one_line(err).startswith(f"data.sources[0].shards: no file matches '{tmp_path}/typo/*.tar' (one of")
 
 
 def test_config_errors_name_the_key(data, tmp_path):

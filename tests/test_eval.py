@@ -312,6 +312,34 @@ def test_cli_eval_and_zeroshot_on_export(clip, images, zs_dataset, tmp_path):
     assert res[0][0][1] == pytest.approx(float(probs[0].max()), rel=1e-5)
 
 
+def test_bad_inputs_to_eval_and_predict_fail_loudly_and_lose_nothing(clip, images, zs_dataset, tmp_path, capsys):
+    """#17: eval with fewer class names than the data's labels printed a wrong accuracy with exit 0; one
+    unreadable image aborted `zeroshot predict` for every image of the call."""
+    model, model_cfg, tokenizer, preprocess = clip
+    root, direct, logits, _ = zs_dataset
+    export = write_export(model, model_cfg, str(tmp_path / "export"))
+    few = tmp_path / "few.txt"
+    few.write_text("cat\ndog\n")
+    from vlp.cli import main as vlp_main
+
+    rc = vlp_main(["eval", "--model", export, "--task", "zeroshot", "--data", str(root), "--classnames", str(few),
+                   "--device", "cpu"])
+    assert rc == 2 and "the classifier has 2 classes" in capsys.readouterr().err
+
+    clf_path = tmp_path / "clf.safetensors"
+    save_classifier(clf_path, direct, CLASSNAMES, TEMPLATES)
+    good = tmp_path / "good.png"
+    images[0].save(good)
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"\xff\xd8\xff not a jpeg")
+    paths = [str(broken), str(good), str(tmp_path / "missing.png")]
+    rc, out = run_cli(["zeroshot", "predict", "--model", export, "--classifier", str(clf_path), "--topk", "1",
+                       "--device", "cpu", *paths])
+    assert rc == 1 and "2 of 3 images could not be read" in capsys.readouterr().err
+    assert out.count("unreadable image") == 2
+    assert CLASSNAMES[int(logits[0].argmax())] in out.split(str(good))[1].splitlines()[1]
+
+
 # ---------------------------------------------------------------------------------------------- retrieval
 
 

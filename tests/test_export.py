@@ -155,6 +155,8 @@ def test_export_again_removes_only_the_files_the_previous_export_wrote(vit, tmp_
     run = tmp_path / "run"
     (run / "checkpoints" / "step_00000010").mkdir(parents=True)
     (run / "checkpoints" / "step_00000010" / "model.safetensors").write_bytes(b"weights")
+    # accelerate's optimizer / RNG state are pickles: beside the export, not in it, so they refuse nothing
+    (run / "checkpoints" / "step_00000010" / "optimizer.bin").write_bytes(b"pickle")
     (run / "metrics.jsonl").write_text("{}\n")
     with pytest.raises(FileExistsError):  # a non-empty folder that is not an export: refused
         ex.export_model(model, model_cfg, run)
@@ -602,3 +604,21 @@ def test_card_asks_each_objective_for_its_settings(tmp_path, monkeypatch):
     objectives = ex.card_from_run(cfg)["objectives"]
     assert objectives["supervised"] == {"weight": 0.7, "note": "from the class"}
     assert objectives["contrastive"] == {"weight": 1.0}
+
+
+def test_card_never_carries_the_credentials_of_a_shard_spec(tmp_path, vit):
+    """#17 item 6: `pipe:curl -H 'Authorization: Bearer ...'` specs were copied into the card `--push` uploads."""
+    from vlp.config import config_from_dict
+
+    secrets = ["hf_SeCrEt123", "s3cret", "sigVALUE", "AKIAEXAMPLE", "tokVALUE"]
+    specs = ["pipe:curl -s -L -H 'Authorization: Bearer hf_SeCrEt123' https://hf.co/d/{00000..00002}.tar",
+             "pipe:curl -s -u alice:s3cret https://host.example/a-{000..009}.tar",
+             "https://acct.blob.core.windows.net/c/a-{0..3}.tar?sv=2020&sig=sigVALUE",
+             "https://b.s3.amazonaws.com/a.tar?X-Amz-Credential=AKIAEXAMPLE&X-Amz-Signature=x",
+             "pipe:env HF_TOKEN=tokVALUE curl https://x.example/a.tar"]
+    raw = _run_config(tmp_path)
+    raw["data"]["sources"] += [{"name": f"s{i}", "kind": "paired", "shards": spec} for i, spec in enumerate(specs)]
+    card = ex.render_model_card(ex.card_from_run(config_from_dict(raw, check_files=False)), vit[1])
+    assert not [s for s in secrets if s in card], card
+    for kept in ("https://hf.co/d/{00000..00002}.tar", "host.example/a-{000..009}.tar", "acct.blob.core.windows.net"):
+        assert kept in card

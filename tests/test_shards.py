@@ -333,7 +333,8 @@ def test_verify_reports_bad_samples_and_truncated_tar(tmp_path):
     assert not result["clean"]
     bad = {key: reason for _, key, reason in result["bad_samples"]}
     assert set(bad) == {"003", "006", "008"}
-    assert "undecodable image" in bad["003"] and "cls" in bad["006"] and "UTF-8" in bad["008"]
+    # judged as the labeled dataset it is (as training reads it): 008 has no cls, and its txt is no class name
+    assert "undecodable image" in bad["003"] and "cls" in bad["006"] and bad["008"].startswith("no label")
     assert all(Path(shard).name == ("shard-000000.tar" if key == "003" else "shard-000001.tar")
                for shard, key, _ in result["bad_samples"])
 
@@ -505,3 +506,16 @@ def test_verify_counts_bad_samples_by_trainings_reasons(tmp_path, capsys):
     assert _cli(["shards", "verify", str(tmp_path / "labeled"), "--kind", "labeled"]) == 1
     text = capsys.readouterr().out
     assert "bad: 6" in text and "label out of range=2" in text and "cls 'purple'" in text
+
+
+def test_verify_without_kind_judges_the_dataset_as_training_reads_it(tmp_path):
+    """#17 item 7: without --kind, a captioned dataset's sample with no caption was guessed 'unlabeled' and
+    passed, while training (a paired source) skips it."""
+    jpg = S.image_to_jpeg_bytes(_gradient((90, 90, 90)))
+    extras = [{"txt": "a caption"}, {}, {"txt": "  "}, {"json": json.dumps({"caption": "from img2dataset"})}]
+    S.write_samples([{"__key__": f"p{i}", "jpg": jpg, **e} for i, e in enumerate(extras)], tmp_path / "p")
+    result = S.verify_shards(str(tmp_path / "p"))
+    records, source = _train_read(str(tmp_path / "p"), "paired")
+    assert (result["kind"], result["kind_guessed"]) == ("paired", True)
+    assert result["reasons"] == dict(source.bad.counts) == {"no caption": 1, "empty caption": 1}
+    assert result["ok"] == len(records) == 2

@@ -87,6 +87,34 @@ def test_two_process_training_run(demo_data, tmp_path):
     assert all(math.isfinite(r["loss/contrastive"]) for r in steps.values())
 
 
+def test_two_process_run_reports_bad_samples_of_every_rank(demo_data, tmp_path):
+    """#17 item 6: in DDP `bad_samples/*` (logged and checkpointed) counted rank 0's workers only."""
+    import tarfile
+    import webdataset as wds
+
+    good = [m for m in tarfile.open(next((demo_data / "unlabeled").glob("*.tar"))).getmembers()
+            if m.name.endswith(".jpg")][:20]
+    with tarfile.open(next((demo_data / "unlabeled").glob("*.tar"))) as tar:
+        images = [tar.extractfile(m).read() for m in good]
+    (tmp_path / "junk").mkdir()
+    with wds.TarWriter(str(tmp_path / "junk" / "junk-000000.tar")) as sink:
+        for i, img in enumerate(images):
+            sink.write({"__key__": f"good{i:03d}", "jpg": img})
+            sink.write({"__key__": f"bad{i:03d}", "jpg": b"not a jpeg"})
+    cfg = run_config(demo_data, tmp_path / "run", train={"steps": 3, "save_every": 3})
+    cfg["data"]["sources"][2] = {"name": "junk", "kind": "unlabeled", "shards": str(tmp_path / "junk" / "*.tar")}
+    out = tmp_path / "bad.json"
+    proc = subprocess.run([*LAUNCH_2, str(REPO / "tests" / "scripts" / "ddp_bad_samples.py"),
+                           str(write_config(tmp_path / "c.yaml", cfg)), str(out)],
+                          env=ENV, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    reports = [json.loads(Path(f"{out}.{rank}").read_text()) for rank in (0, 1)]
+    per_rank = [r["local"].get("junk", 0) for r in reports]
+    assert all(n > 0 for n in per_rank), reports
+    saved = ckpt_io.read_run_info(tmp_path / "run")["bad_samples"]["junk"]
+    assert reports[0]["logged"] == sum(per_rank) == saved, (reports, saved)
+
+
 def test_killed_run_resumes_to_identical_losses(demo_data, tmp_path):
     """SIGKILL after a checkpoint, `--resume auto`: same steps, same losses as an uninterrupted run."""
     steps, save_every = 12, 4
@@ -153,6 +181,14 @@ def test_consecutive_nonfinite_losses_abort_with_last_good_checkpoint(demo_data,
     assert all(torch.equal(weights[k], live[k]) for k in weights)  # the saved state is the last good one
 
 
+def _wait_for_logged_steps(run_dir: Path, n: int, proc, timeout: float = 240) -> None:
+    deadline = time.time() + timeout
+    path = run_dir / "metrics.jsonl"
+    while time.time() < deadline and proc.poll() is None and not (
+            path.exists() and len(path.read_text().splitlines()) >= n):
+        time.sleep(0.05)
+
+
 @pytest.mark.parametrize("group", [False, True], ids=["main-pid", "process-group"])
 def test_sigterm_saves_a_checkpoint_before_exiting(demo_data, tmp_path, group):
     """SIGTERM to the trainer, or to its whole process group as clusters, `timeout` and torch's elastic agent send
@@ -162,10 +198,7 @@ def test_sigterm_saves_a_checkpoint_before_exiting(demo_data, tmp_path, group):
     path = write_config(tmp_path / "c.yaml", cfg)
     proc = subprocess.Popen([sys.executable, "-m", "vlp.train", "--config", str(path)], env=ENV,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
-    deadline = time.time() + 240
-    while time.time() < deadline and not ((run_dir / "metrics.jsonl").exists()
-                                          and len((run_dir / "metrics.jsonl").read_text().splitlines()) >= 2):
-        time.sleep(0.05)
+    _wait_for_logged_steps(run_dir, 2, proc)
     if group:
         os.killpg(proc.pid, signal.SIGTERM)
     else:
@@ -177,6 +210,44 @@ def test_sigterm_saves_a_checkpoint_before_exiting(demo_data, tmp_path, group):
     assert not list((run_dir / "checkpoints").glob("*.tmp*"))
 
 
+@pytest.mark.parametrize("processes", [1, 2], ids=["one-process", "accelerate-2-processes"])
+def test_sigterm_to_the_group_then_resume_gives_the_uninterrupted_losses(demo_data, tmp_path, processes):
+    """#17 item 5, as a cluster delivers it: SIGTERM to the whole process group (launcher, every rank, both
+    DataLoader workers of each rank) mid-interval; the checkpoint of the step reached is written, the exit status
+    is non-zero, and `--resume auto` continues with the losses of an uninterrupted run."""
+    steps = 10
+    launch = [sys.executable] if processes == 1 else [*LAUNCH_2]
+    keys = ("loss/total", "loss/contrastive", "loss/mae", "loss/supervised")
+
+    def config(name):
+        cfg = run_config(demo_data, tmp_path / name, data={"workers": 2},
+                         train={"steps": steps, "save_every": 1000, "log_every": 1})
+        return write_config(tmp_path / f"{name}.yaml", cfg)
+
+    subprocess.run([*launch, "-m", "vlp.train", "--config", str(config("ref"))], env=ENV, check=True,
+                   capture_output=True, timeout=300)
+    reference = _metrics(tmp_path / "ref")
+    run_dir, path = tmp_path / "run", config("run")
+    proc = subprocess.Popen([*launch, "-m", "vlp.train", "--config", str(path)], env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    _wait_for_logged_steps(run_dir, 3, proc)
+    os.killpg(proc.pid, signal.SIGTERM)
+    code = proc.wait(timeout=120)
+    err = proc.stderr.read().decode()[-3000:]
+    assert code != 0, err
+    saved = ckpt_io.list_checkpoints(run_dir)
+    assert saved and not list((run_dir / "checkpoints").glob("*.tmp*")), err
+    stopped_at = ckpt_io.read_run_info(run_dir)["step"]
+    assert 3 <= stopped_at < steps, err
+    subprocess.run([*launch, "-m", "vlp.train", "--config", str(path), "--resume", "auto"], env=ENV, check=True,
+                   capture_output=True, timeout=300)
+    resumed = _metrics(run_dir)
+    assert ckpt_io.read_run_info(run_dir)["step"] == steps
+    for step in range(1, steps + 1):
+        for key in keys:
+            assert resumed[step][key] == pytest.approx(reference[step][key], rel=1e-5, abs=1e-6), (step, key)
+
+
 def test_config_errors_fail_before_any_work(demo_data, tmp_path):
     cfg = run_config(demo_data, tmp_path / "run")
     path = write_config(tmp_path / "c.yaml", cfg)
@@ -184,6 +255,7 @@ def test_config_errors_fail_before_any_work(demo_data, tmp_path):
         (["optim.lr=fast"], "optim.lr"),
         (["optim.learning_rate=0.1"], "optim.learning_rate: unknown key"),
         ([f"data.sources.0.shards={tmp_path}/missing-{{000..002}}.tar"], "missing-000.tar"),
+        (["model.num_classes=4"], "model.num_classes: 4 is fewer than the 10 classes"),  # was an error mid-run
     ]
     for overrides, expected in cases:
         proc = subprocess.run([sys.executable, "-m", "vlp.train", "--config", str(path), *overrides], env=ENV,
@@ -256,3 +328,62 @@ def test_resume_falls_back_past_a_corrupt_latest_checkpoint(demo_data, tmp_path,
     (older / "model.safetensors").write_bytes(b"")
     with pytest.raises(RuntimeError, match="unreadable .* no older one is left"):
         Trainer(cfg, resume="auto")
+
+
+def test_resume_with_changed_settings_says_what_changed(demo_data, tmp_path, caplog):
+    """#17 item 6: resuming after changing the batch, the workers or the mask ratio was accepted silently (and the
+    changed worker count turned exact data resume off without a word)."""
+    run_dir = tmp_path / "run"
+    raw = run_config(demo_data, run_dir, data={"workers": 0}, train={"steps": 2, "save_every": 2})
+    Trainer(config_from_dict(raw)).fit()
+    same = Trainer(config_from_dict({**raw, "train": {**raw["train"], "steps": 4}}), resume="auto")
+    same.release()
+    assert "changed settings" not in caplog.text  # a longer run is the same run
+    changed = run_config(demo_data, run_dir, data={"workers": 1, "batch": {"paired": 6, "labeled": 4,
+                                                                         "unlabeled": 4}},
+                         model={"name": "vlp-test-vit", "mask_ratio": 0.5}, train={"steps": 4, "save_every": 2})
+    Trainer(config_from_dict(changed), resume="auto").release()
+    warning = next(r.message for r in caplog.records if "changed settings" in r.message)
+    for text in ("data.batch.paired: 8 -> 6", "data.workers: 0 -> 1", "model.mask_ratio: 0.75 -> 0.5",
+                 "data streams restart"):
+        assert text in warning, warning
+    record = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()][-1]
+    assert record["resume_changes"]["data.workers"] == [0, 1] and record["exact_data_resume"] is False
+
+
+def test_checkpoint_write_failure_leaves_no_partial_checkpoint_and_says_so(demo_data, tmp_path):
+    """#17 item 7: a full disk gave torch's `unexpected pos` traceback and left a .tmp checkpoint that kept the disk
+    full. A file-size limit (RLIMIT_FSIZE, SIGXFSZ ignored: writes fail with EFBIG as they fail with ENOSPC on a
+    full disk) makes the checkpoint write fail the same way, without filling this machine's disk."""
+    import resource
+
+    run_dir = tmp_path / "run"
+    # workers 0: the limit would also stop DataLoader workers from sharing batches (their /dev/shm files)
+    path = write_config(tmp_path / "c.yaml", run_config(demo_data, run_dir, data={"workers": 0},
+                                                        train={"steps": 4, "save_every": 2}))
+
+    def limit_file_size():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, 64 * 1024))
+
+    proc = subprocess.run([sys.executable, "-m", "vlp.train", "--config", str(path)], env=ENV, capture_output=True,
+                          text=True, timeout=300, preexec_fn=limit_file_size)
+    last = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 5, proc.stderr[-3000:]
+    assert last.startswith("error: could not write checkpoint step_00000002") and "partial checkpoint is removed" in last
+    assert not list((run_dir / "checkpoints").glob("*")), "a partial checkpoint was left behind"
+
+
+def test_a_source_with_no_readable_shard_ends_the_run_with_one_line(demo_data, tmp_path):
+    """#17 item 4 end to end: the error raised in the DataLoader worker ended the step, but the process then hung
+    at exit (multiprocessing's exit handler sends the worker one SIGTERM, which workers absorb, then joins it)."""
+    bad = tmp_path / "unreadable"
+    bad.mkdir()
+    (bad / "a-000000.tar").write_bytes(b"this is not a tar archive" * 40)
+    (bad / "a-000001.tar").write_bytes(b"")
+    cfg = run_config(demo_data, tmp_path / "run", data={"workers": 1})
+    cfg["data"]["sources"][1] = {"name": "brokenpairs", "kind": "paired", "shards": str(bad / "*.tar")}
+    proc = subprocess.run([sys.executable, "-m", "vlp.train", "--config", str(write_config(tmp_path / "c.yaml", cfg))],
+                          env=ENV, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 6, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: source brokenpairs: none of its 2 shard(s)")

@@ -350,9 +350,16 @@ def _is_local(url: str) -> bool:
 def check_shards(key: str, spec: str | list[str]) -> list[str]:
     """Expand a shard spec and fail, naming the key and the path, when a local shard does not exist."""
     specs = [spec] if isinstance(spec, str) else list(spec)
-    urls = [u for s in specs for u in expand_shards(s)]
-    if not urls:
+    parts = [p.strip() for s in specs for p in str(s).split("::") if p.strip()]
+    if not parts:
         raise ConfigError(f"{key}: no file matches {spec!r}")
+    urls = []
+    for part in parts:  # each `::` part must match: a typo in one would silently drop that dataset
+        found = expand_shards(part)
+        if not found:
+            where = f" (one of the '::' parts of {spec!r})" if len(parts) > 1 else ""
+            raise ConfigError(f"{key}: no file matches {part!r}{where}")
+        urls.extend(found)
     missing = [u for u in urls if _is_local(u) and not os.path.exists(u)]
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""

@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import signal
 import sys
 import time
@@ -26,7 +27,7 @@ from safetensors.torch import load_file, save_file
 from vlp import checkpoint as ckpt_io
 from vlp.config import KINDS, Config, ConfigError, dump_config, load_config
 from vlp.data.mixing import MixedBatches, make_loader
-from vlp.data.sources import build_sources
+from vlp.data.sources import NoUsableData, build_sources
 from vlp.data.transforms import eval_transform, resolve_templates, train_transform
 from vlp.task import PretrainTask
 
@@ -53,6 +54,19 @@ def warmup_cosine(warmup: int, total: int, min_ratio: float = 0.0):
         progress = min(1.0, (step - warmup) / max(1, total - warmup))
         return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
     return f
+
+
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (its partial folder is removed; earlier checkpoints are untouched)."""
+
+    def __init__(self, tmp: Path, err: Exception):
+        try:
+            free = f"{shutil.disk_usage(tmp.parent).free / 2**20:.0f} MiB free"
+        except OSError:
+            free = "free space unknown"
+        super().__init__(f"could not write checkpoint {tmp.name.removesuffix('.tmp')} in {tmp.parent} "
+                         f"({type(err).__name__}: {str(err).strip()[:200]}; {free}); the partial checkpoint is "
+                         f"removed and earlier checkpoints are intact: free space, then --resume auto")
 
 
 class NonFiniteLoss(RuntimeError):
@@ -93,6 +107,12 @@ class Trainer:
         acc = self.accelerator
         self.rank, self.world = acc.process_index, acc.num_processes
         self._run_lock = None
+        self.sources = build_sources(cfg.data.sources)
+        self.classnames = next((s.classnames for s in self.sources if s.kind == "labeled" and s.classnames), None)
+        if cfg.model.num_classes and self.classnames and cfg.model.num_classes < len(self.classnames):
+            raise ConfigError(f"model.num_classes: {cfg.model.num_classes} is fewer than the {len(self.classnames)} "
+                              f"classes of the labeled data ({', '.join(self.classnames[:5])}...); leave it unset "
+                              f"to size the head from the class names")
         if acc.is_main_process:
             _check_writable(self.run_dir)
         found = ckpt_io.list_checkpoints(self.run_dir)
@@ -101,8 +121,6 @@ class Trainer:
                               f"{found[-1].name}); continue it with --resume auto, or pick another output_dir")
         set_seed(cfg.seed + self.rank)
 
-        self.sources = build_sources(cfg.data.sources)
-        self.classnames = next((s.classnames for s in self.sources if s.kind == "labeled" and s.classnames), None)
         self.task = PretrainTask(cfg, self.rank, self.world, self.classnames)
         self.model_cfg, self.tokenizer = self.task.model_cfg, self.task.tokenizer
         clip = self.task.student.clip
@@ -161,9 +179,11 @@ class Trainer:
         self.bad_steps_total = state.get("nonfinite_steps", 0)
         self.eval_metrics = state.get("eval", {})
         self._bad_base = state.get("bad_samples", {})
-        if state.get("world_size") == self.world and state.get("data_workers") == self.cfg.data.workers:
+        exact = state.get("world_size") == self.world and state.get("data_workers") == self.cfg.data.workers
+        if exact:
             taken = state.get("data_taken", {}).get(str(self.rank), {})
             self.dataset.start_taken = {int(k): v for k, v in taken.items()}
+        self._report_changes(path, state, exact)
         self.task.load_extra_state(extra)
         log.info("resumed from %s at step %d", path, self.step)
         self._log_schedule_change(path)
@@ -183,25 +203,52 @@ class Trainer:
                         "(it was %.3g on the old schedule)", before, now, now, self.step,
                         self.scheduler.get_last_lr()[0], old_lr)
 
+    def _report_changes(self, path: Path, state: dict, exact: bool) -> None:
+        """Say which settings differ from the checkpoint's run (a resumed run is only the same run when none do, and
+        a changed world size or worker count restarts the data streams): one warning, and a metrics.jsonl record."""
+        try:
+            before = _flat_hparams(ckpt_io.read_run_config(path))
+        except Exception:  # an old checkpoint without a readable config: nothing to compare
+            return
+        now = _flat_hparams(self.cfg)
+        changed = {k: [before.get(k), now.get(k)] for k in sorted(set(before) | set(now))
+                   if before.get(k) != now.get(k) and not k.startswith(RESUME_FREE)}
+        if state.get("world_size") not in (None, self.world):
+            changed["world_size"] = [state["world_size"], self.world]
+        if not changed:
+            return
+        lines = ", ".join(f"{k}: {a} -> {b}" for k, (a, b) in changed.items())
+        log.warning("resuming %s with changed settings: %s%s", path, lines,
+                    "" if exact else "; the data streams restart (exact resume needs the same world size and "
+                                     "data.workers)")
+        if self.accelerator.is_main_process:
+            with (self.run_dir / "metrics.jsonl").open("a") as f:
+                f.write(json.dumps({"step": self.step, "resume_changes": changed, "exact_data_resume": exact}) + "\n")
+
     def save(self) -> Path:
         """Write a checkpoint for the current step atomically; every rank must call it."""
         acc = self.accelerator
         final = ckpt_io.checkpoint_dir(self.run_dir, self.step)
         tmp = final.with_name(final.name + ".tmp")
         acc.wait_for_everyone()
-        acc.save_state(str(tmp))
         # every rank's exact stream positions (records consumed per stream and kind, replacements included)
         mine = [getattr(self, "_data_taken", {})]
         taken = gather_object(mine) if self.world > 1 else mine
-        if acc.is_main_process:
-            self.data_taken = {str(r): {str(k): v for k, v in t.items()} for r, t in enumerate(taken)}
-            dump_config(self.cfg, tmp / ckpt_io.CONFIG_FILE)
-            for stem, tensors in self.task.extra_state().items():
-                if tensors:
-                    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()},
-                              str(tmp / f"{stem}.safetensors"))
-            ckpt_io.write_state(tmp, self.state_dict())
-            ckpt_io.publish(tmp, final, self.cfg.train.keep_last)
+        bad = self.bad_samples()
+        try:
+            acc.save_state(str(tmp))
+            if acc.is_main_process:
+                self.data_taken = {str(r): {str(k): v for k, v in t.items()} for r, t in enumerate(taken)}
+                dump_config(self.cfg, tmp / ckpt_io.CONFIG_FILE)
+                for stem, tensors in self.task.extra_state().items():
+                    if tensors:
+                        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()},
+                                  str(tmp / f"{stem}.safetensors"))
+                ckpt_io.write_state(tmp, {**self.state_dict(), "bad_samples": bad})
+                ckpt_io.publish(tmp, final, self.cfg.train.keep_last)
+        except Exception as err:  # disk full, quota, file size limit: torch, safetensors and json raise many types
+            shutil.rmtree(tmp, ignore_errors=True)  # a half-written checkpoint would keep the disk full
+            raise CheckpointWriteError(tmp, err) from err
         acc.wait_for_everyone()
         return final
 
@@ -210,7 +257,6 @@ class Trainer:
             "step": self.step,
             "samples_seen": self.samples_seen,
             "nonfinite_steps": self.bad_steps_total,
-            "bad_samples": self.bad_samples(),
             "metrics": self.last_metrics,
             "eval": self.eval_metrics,
             "model_cfg": self.model_cfg,
@@ -263,9 +309,14 @@ class Trainer:
 
     # ---- the loop -------------------------------------------------------------------------------------------
     def bad_samples(self) -> dict[str, int]:
-        base = getattr(self, "_bad_base", {})  # counts of the run before it was resumed
+        """Samples skipped as unreadable per source, summed over every rank's workers (a collective: every rank
+        calls it at the same step) and over the run before it was resumed."""
+        base = getattr(self, "_bad_base", {})
         now = getattr(self, "_bad", {})
-        return {s.name: int(base.get(s.name, 0)) + int(now.get(s.name, 0)) for s in self.sources}
+        local = torch.tensor([float(now.get(s.name, 0)) for s in self.sources], device=self.accelerator.device)
+        if self.world > 1:
+            local = self.accelerator.reduce(local, reduction="sum")
+        return {s.name: int(base.get(s.name, 0)) + int(n) for s, n in zip(self.sources, local.tolist())}
 
     def _track_stream(self, meta) -> None:
         """Per-worker cumulative counts travel with each batch's StreamMeta; keep the latest per worker and sum."""
@@ -302,80 +353,86 @@ class Trainer:
         acc.init_trackers("tb", config=_flat_hparams(cfg))
         self._install_signal_handlers()
         loader = iter(make_loader(self.dataset, cfg.data.workers))
-        per_step = {k: getattr(cfg.data.batch, k) * tc.micro_batches * self.world for k in KINDS}
-        bar = None
-        # a bar only on a terminal (a log file gets no carriage returns); otherwise a plain line every log_every
-        plain = acc.is_main_process and not (tc.progress and sys.stderr.isatty())
-        if acc.is_main_process and not plain:
-            from tqdm.auto import tqdm
-            bar = tqdm(total=tc.steps, initial=self.step, desc="train", dynamic_ncols=True)
-        consecutive_bad, window_t, window_wait, window_steps = 0, 0.0, 0.0, 0
-        metrics_path = self.run_dir / "metrics.jsonl"
-        while self.step < tc.steps:
-            t0 = time.perf_counter()
-            batches = []
-            for _ in range(tc.micro_batches):
-                batch, meta = next(loader)
-                self._track_stream(meta)
-                batches.append(batch.to(acc.device, non_blocking=True))
-            t_data = time.perf_counter() - t0
-            self.model.train()
-            metrics = self.train_step(batches)
-            if metrics is None:
-                consecutive_bad += 1
-                self.bad_steps_total += 1
-                log.warning("step %d: non-finite loss, step skipped (%d in a row, %d total)",
-                            self.step, consecutive_bad, self.bad_steps_total)
-                acc.log({"train/nonfinite_steps": self.bad_steps_total}, step=self.step)
-                if consecutive_bad >= tc.max_bad_steps:
-                    self.save()
-                    raise NonFiniteLoss(
-                        f"{consecutive_bad} consecutive steps had a non-finite loss at step {self.step}; "
-                        f"the last good state is saved in {ckpt_io.find_checkpoint(self.run_dir)}. "
-                        f"Lower optim.lr, enable optim.grad_clip, or check the data.")
-                # the batches are consumed, as in a normal step, so data positions stay aligned on resume
-            else:
-                consecutive_bad = 0
-            self.step += 1
-            for k in KINDS:
-                self.samples_seen[k] += per_step[k]
-            dt = time.perf_counter() - t0
-            window_t += dt
-            window_wait += t_data
-            window_steps += 1
-            if metrics is not None and (self.step % tc.log_every == 0 or self.step == tc.steps):
-                rate = window_steps * sum(per_step.values()) / window_t
-                metrics.update({
-                    "lr": self.scheduler.get_last_lr()[0],
-                    "samples_per_s": rate,
-                    "data_wait_frac": window_wait / window_t,
-                    "nonfinite_steps": self.bad_steps_total,
-                    **{f"samples_per_s/{k}": window_steps * per_step[k] / window_t for k in KINDS if per_step[k]},
-                    **{f"bad_samples/{name}": n for name, n in self.bad_samples().items()},
-                })
-                self.last_metrics = metrics
-                acc.log({f"train/{k}": v for k, v in metrics.items()}, step=self.step)
-                if acc.is_main_process:
-                    with metrics_path.open("a") as f:
-                        f.write(json.dumps({"step": self.step, **metrics}) + "\n")
-                    if plain:
-                        log.info("step %d/%d %s", self.step, tc.steps, log_line(metrics))
-                window_t = window_wait = 0.0
-                window_steps = 0
-            if bar is not None:
-                bar.update(1)
-                if self.last_metrics:
-                    bar.set_postfix(bar_postfix(self.last_metrics), refresh=False)
-            if tc.eval_every and self.step % tc.eval_every == 0 and self.step < tc.steps:
-                self.evaluate()
-            stop = self._should_stop()
-            if stop or self.step % tc.save_every == 0 or self.step == tc.steps:
-                if self.step == tc.steps and cfg.eval.tasks():
+        try:  # on any exit (an error from a worker included) the workers are shut down here: they absorb the
+            # first SIGTERM, which is all multiprocessing's exit handler would send them before joining forever
+            per_step = {k: getattr(cfg.data.batch, k) * tc.micro_batches * self.world for k in KINDS}
+            bar = None
+            # a bar only on a terminal (a log file gets no carriage returns); otherwise a plain line every log_every
+            plain = acc.is_main_process and not (tc.progress and sys.stderr.isatty())
+            if acc.is_main_process and not plain:
+                from tqdm.auto import tqdm
+                bar = tqdm(total=tc.steps, initial=self.step, desc="train", dynamic_ncols=True)
+            consecutive_bad, window_t, window_wait, window_steps = 0, 0.0, 0.0, 0
+            metrics_path = self.run_dir / "metrics.jsonl"
+            while self.step < tc.steps:
+                t0 = time.perf_counter()
+                batches = []
+                for _ in range(tc.micro_batches):
+                    batch, meta = next(loader)
+                    self._track_stream(meta)
+                    batches.append(batch.to(acc.device, non_blocking=True))
+                t_data = time.perf_counter() - t0
+                self.model.train()
+                metrics = self.train_step(batches)
+                if metrics is None:
+                    consecutive_bad += 1
+                    self.bad_steps_total += 1
+                    log.warning("step %d: non-finite loss, step skipped (%d in a row, %d total)",
+                                self.step, consecutive_bad, self.bad_steps_total)
+                    acc.log({"train/nonfinite_steps": self.bad_steps_total}, step=self.step)
+                    if consecutive_bad >= tc.max_bad_steps:
+                        self.save()
+                        raise NonFiniteLoss(
+                            f"{consecutive_bad} consecutive steps had a non-finite loss at step {self.step}; "
+                            f"the last good state is saved in {ckpt_io.find_checkpoint(self.run_dir)}. "
+                            f"Lower optim.lr, enable optim.grad_clip, or check the data.")
+                    # the batches are consumed, as in a normal step, so data positions stay aligned on resume
+                else:
+                    consecutive_bad = 0
+                self.step += 1
+                for k in KINDS:
+                    self.samples_seen[k] += per_step[k]
+                dt = time.perf_counter() - t0
+                window_t += dt
+                window_wait += t_data
+                window_steps += 1
+                if metrics is not None and (self.step % tc.log_every == 0 or self.step == tc.steps):
+                    rate = window_steps * sum(per_step.values()) / window_t
+                    metrics.update({
+                        "lr": self.scheduler.get_last_lr()[0],
+                        "samples_per_s": rate,
+                        "data_wait_frac": window_wait / window_t,
+                        "nonfinite_steps": self.bad_steps_total,
+                        **{f"samples_per_s/{k}": window_steps * per_step[k] / window_t for k in KINDS if per_step[k]},
+                        **{f"bad_samples/{name}": n for name, n in self.bad_samples().items()},
+                    })
+                    self.last_metrics = metrics
+                    acc.log({f"train/{k}": v for k, v in metrics.items()}, step=self.step)
+                    if acc.is_main_process:
+                        with metrics_path.open("a") as f:
+                            f.write(json.dumps({"step": self.step, **metrics}) + "\n")
+                        if plain:
+                            log.info("step %d/%d %s", self.step, tc.steps, log_line(metrics))
+                    window_t = window_wait = 0.0
+                    window_steps = 0
+                if bar is not None:
+                    bar.update(1)
+                    if self.last_metrics:
+                        bar.set_postfix(bar_postfix(self.last_metrics), refresh=False)
+                if tc.eval_every and self.step % tc.eval_every == 0 and self.step < tc.steps:
                     self.evaluate()
-                self.save()
-            if stop:
-                log.warning("signal %s: checkpoint saved at step %d, exiting", self._stop_signal, self.step)
-                break
+                stop = self._should_stop()
+                if stop or self.step % tc.save_every == 0 or self.step == tc.steps:
+                    if self.step == tc.steps and cfg.eval.tasks():
+                        self.evaluate()
+                    self.save()
+                if stop:
+                    log.warning("signal %s: checkpoint saved at step %d, exiting", self._stop_signal, self.step)
+                    break
+        finally:
+            shutdown = getattr(loader, "_shutdown_workers", None)
+            if shutdown is not None:
+                shutdown()
         if bar is not None:
             bar.close()
         acc.end_training()
@@ -443,6 +500,11 @@ class _nullcontext:
         return False
 
 
+# settings a resumed run may change without changing what it trains (how long, how often it logs, saves, evaluates)
+RESUME_FREE = ("output_dir", "train.steps", "train.log_every", "train.save_every", "train.keep_last",
+               "train.eval_every", "train.progress", "eval.")
+
+
 def _flat_hparams(cfg: Config) -> dict:
     out = {}
 
@@ -483,6 +545,13 @@ def run(args: argparse.Namespace) -> int:
     except NonFiniteLoss as err:
         print(f"error: {err}", file=sys.stderr)
         return 3
+    except CheckpointWriteError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 5
+    except NoUsableData as err:  # raised in a DataLoader worker: torch re-raises it with the worker's traceback
+        line = str(err).strip().splitlines()[-1]
+        print(f"error: {line.split(': ', 1)[1] if line.startswith('vlp.') else line}", file=sys.stderr)
+        return 6
     if trainer.accelerator.is_main_process:
         print(json.dumps({k: round(v, 5) if isinstance(v, float) else v for k, v in result.items()}))
     if trainer._stop_signal:  # checkpointed, but not finished: `vlp train ... && vlp export ...` must stop here

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from vlp.config import KINDS, DataConfig
 from vlp.data.batch import KIND_ID, Batch, StreamMeta, ViewGroup, merge_view_groups
-from vlp.data.sources import Source, build_sources, stream_seed
+from vlp.data.sources import NoUsableData, Source, build_sources, stream_seed
 from vlp.data.transforms import decode_image
 
 
@@ -141,7 +141,7 @@ class MixedBatches(IterableDataset):
                 source.bad.add("corrupt image", f"{source.name}/{rec['key']}: {exn!r}"[:200])
                 source, rec = self._next(kind)
                 rows[i] = (kind, source, rec)
-        raise RuntimeError(f"{kind} data: {MAX_CORRUPT_IN_A_ROW} corrupt images in a row (last from source "
+        raise NoUsableData(f"{kind} data: {MAX_CORRUPT_IN_A_ROW} corrupt images in a row (last from source "
                            f"{source.name}); check data.sources (vlp shards verify lists what is wrong)")
 
 

@@ -35,6 +35,10 @@ def stream_seed(*parts) -> int:
     return h >> 1
 
 
+class NoUsableData(RuntimeError):
+    """A source (or a kind's sources) can yield no usable sample: training stops with this one-line reason."""
+
+
 @dataclass
 class BadSamples:
     """Counts of skipped samples by reason (corrupt image, truncated tar, missing caption, ...)."""
@@ -161,7 +165,7 @@ class Source:
         if not found and endless:
             self._dry_shards.add(url)
             if len(self._dry_shards) >= len(set(self.urls)):
-                raise RuntimeError(
+                raise NoUsableData(
                     f"source {self.name}: none of its {len(set(self.urls))} shard(s) holds a usable sample "
                     f"(skipped: {dict(self.bad.counts) or 'nothing readable'}); check data.sources "
                     f"(vlp shards verify SPEC --kind {self.kind} lists what is wrong)")

@@ -81,14 +81,20 @@ def cmd_zeroshot_predict(args) -> int:
     device = args.device or _default_device()
     model, _, _, preprocess = load_clip(args.model, device=device)
     weights, classnames, _ = load_classifier(args.classifier)
+    errors: dict[str, str] = {}
     results = predict(model, preprocess, weights, classnames, args.images, k=args.topk, device=device,
-                      logit_scale=args.logit_scale)
+                      logit_scale=args.logit_scale, errors=errors)
     for path, top in zip(args.images, results):
         print(path)
+        if top is None:
+            print(f"  unreadable image: {errors[str(path)]}")
+            continue
         width = max(len(name) for name, _ in top)
         for name, p in top:
             print(f"  {name.ljust(width)}  {p:.4f}")
-    return 0
+    if errors:
+        print(f"error: {len(errors)} of {len(results)} images could not be read", file=sys.stderr)
+    return 1 if errors else 0
 
 
 def _task_arg(value: str) -> str:

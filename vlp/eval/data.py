@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import braceexpand
 import torch
@@ -236,11 +236,3 @@ def retrieval_loader(spec, preprocess, batch_size: int = 64, workers: int = 0, m
     """Batches ``(images [B,3,H,W], [[caption, ...] per image])`` from retrieval shards (``txt``)."""
     return _loader(spec, preprocess, batch_size, workers, max_samples, "txt", _decode_captions,
                    _collate_captions)
-
-
-def iter_images(paths: Iterable[str | os.PathLike], preprocess) -> Iterator[torch.Tensor]:
-    from PIL import Image
-
-    for p in paths:
-        with Image.open(p) as im:
-            yield preprocess(im.convert("RGB"))

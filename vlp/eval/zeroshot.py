@@ -9,7 +9,7 @@ import open_clip
 import torch
 import torch.nn.functional as F
 
-from vlp.eval.data import iter_images, template_fns
+from vlp.eval.data import template_fns
 from vlp.models.factory import unwrap
 
 
@@ -72,6 +72,10 @@ def zeroshot_eval(model, classifier: torch.Tensor, loader, device="cpu") -> dict
     for images, labels in loader:
         images = images.to(device=device, dtype=input_dtype(model))
         labels = labels.to(device)
+        if len(labels) and (labels.min() < 0 or labels.max() >= classifier.shape[1]):
+            bad = labels[(labels < 0) | (labels >= classifier.shape[1])][0].item()
+            raise ValueError(f"zero-shot evaluation: a sample has label {bad} but the classifier has "
+                             f"{classifier.shape[1]} classes; give the data's full class list (--classnames)")
         feats = model.encode_image(images, normalize=True).float()
         logits = feats @ classifier
         c = _topk_correct(logits, labels)
@@ -106,21 +110,34 @@ def logit_scale_of(model, default: float = 100.0) -> float:
 
 @torch.no_grad()
 def predict(model, preprocess, classifier: torch.Tensor, classnames: Sequence[str], image_paths, k: int = 5,
-            device="cpu", logit_scale: float | None = None, batch_size: int = 32) -> list[list[tuple[str, float]]]:
+            device="cpu", logit_scale: float | None = None, batch_size: int = 32,
+            errors: dict | None = None) -> list[list[tuple[str, float]] | None]:
     """For each image file, the top-``k`` ``(classname, probability)`` pairs, probabilities being
-    ``softmax(logit_scale * cosine logits)`` (``logit_scale`` defaults to the model's, else 100)."""
+    ``softmax(logit_scale * cosine logits)`` (``logit_scale`` defaults to the model's, else 100).
+
+    A file that cannot be read as an image gets ``None`` (its error in ``errors[path]`` when given); the others are
+    still classified."""
+    from PIL import Image
+
     model = unwrap(model)
     scale = logit_scale_of(model) if logit_scale is None else float(logit_scale)
     classifier = classifier.to(device=device, dtype=torch.float32)
     k = min(k, classifier.shape[1])
-    paths = list(image_paths)
-    results: list[list[tuple[str, float]]] = []
-    images = list(iter_images(paths, preprocess))
-    for i in range(0, len(images), batch_size):
-        batch = torch.stack(images[i:i + batch_size]).to(device=device, dtype=input_dtype(model))
+    paths = [str(p) for p in image_paths]
+    results: list[list[tuple[str, float]] | None] = [None] * len(paths)
+    readable: list[tuple[int, torch.Tensor]] = []
+    for i, path in enumerate(paths):
+        try:
+            with Image.open(path) as im:
+                readable.append((i, preprocess(im.convert("RGB"))))
+        except Exception as exn:  # missing file, not an image, truncated: PIL and the OS raise many types
+            if errors is not None:
+                errors[path] = f"{type(exn).__name__}: {exn}"
+    for start in range(0, len(readable), batch_size):
+        chunk = readable[start:start + batch_size]
+        batch = torch.stack([img for _, img in chunk]).to(device=device, dtype=input_dtype(model))
         feats = model.encode_image(batch, normalize=True).float()
-        probs = F.softmax(scale * (feats @ classifier), dim=-1)
-        top = probs.topk(k, dim=-1)
-        for vals, idxs in zip(top.values.tolist(), top.indices.tolist()):
-            results.append([(classnames[j], v) for j, v in zip(idxs, vals)])
+        top = F.softmax(scale * (feats @ classifier), dim=-1).topk(k, dim=-1)
+        for (i, _), vals, idxs in zip(chunk, top.values.tolist(), top.indices.tolist()):
+            results[i] = [(classnames[j], v) for j, v in zip(idxs, vals)]
     return results

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -51,10 +52,33 @@ def _card_data(card: dict) -> tuple[list[dict], dict, dict]:
     return sources, batch, seen
 
 
+_SECRET = "***"
+_SECRET_PARAMS = r"(?:sig|signature|token|access_token|auth|key|apikey|api_key|password|passwd|secret|" \
+                 r"x-amz-[a-z-]+|x-goog-[a-z-]+|se|sp|sv|st)"
+_REDACTIONS = [
+    # curl/wget headers and credentials: -H 'Authorization: Bearer ...', --header=..., -u user:pass, --password
+    (re.compile(r"""((?:-H|--header)[ =]?\s*)(['"]?)([^'"\s:]+:)[^'"]*\2""", re.I), rf"\1\2\3 {_SECRET}\2"),
+    (re.compile(r"""((?:-u|--user|--password|--http-password|--oauth2-bearer)[ =]\s*)(['"]?)[^'"\s]+\2""", re.I),
+     rf"\1\2{_SECRET}\2"),
+    (re.compile(r"(Bearer|Basic|token)\s+[A-Za-z0-9._~+/=-]+", re.I), rf"\1 {_SECRET}"),
+    (re.compile(r"(\w+://)[^/\s@'\"]+@"), rf"\1{_SECRET}@"),  # https://user:pass@host
+    (re.compile(rf"([?&]{_SECRET_PARAMS}=)[^&\s'\"]*", re.I), rf"\1{_SECRET}"),  # presigned URLs, SAS tokens
+    (re.compile(r"\b([A-Z][A-Z0-9_]*(?:TOKEN|SECRET|PASSWORD|KEY)[A-Z0-9_]*=)\S+"), rf"\1{_SECRET}"),  # env assignments
+]
+
+
+def redact_shard_spec(spec: str) -> str:
+    """A shard spec with the credentials a ``pipe:curl ...`` or presigned URL may carry replaced by ``***`` (the
+    model card is uploaded by ``--push``; the spec's paths, hosts and brace ranges stay)."""
+    for pattern, repl in _REDACTIONS:
+        spec = pattern.sub(repl, spec)
+    return spec
+
+
 def _shards(spec) -> str:
     if isinstance(spec, (list, tuple)):
         spec = " :: ".join(str(s) for s in spec)
-    return f"`{spec}`" if spec else ""
+    return f"`{redact_shard_spec(spec)}`" if spec else ""
 
 
 def render_model_card(card: dict | None, model_cfg: dict) -> str:

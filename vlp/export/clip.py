@@ -59,8 +59,10 @@ def _save_safetensors(state_dict: dict[str, torch.Tensor], path: Path) -> None:
     safetensors.torch.save_file(_tensors_for_safetensors(state_dict), str(path), metadata={"format": "pt"})
 
 
-def _check_no_pickles(folder: Path) -> None:
-    bad = [str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and p.suffix in PICKLE_SUFFIXES]
+def _check_no_pickles(folder: Path, foreign: set[str] = frozenset()) -> None:
+    """Refuse an export holding a pickle; ``foreign`` files (there before the export, never uploaded) are not ours."""
+    bad = [rel for p in folder.rglob("*") if p.is_file() and p.suffix in PICKLE_SUFFIXES
+           and (rel := p.relative_to(folder).as_posix()) not in foreign]
     if bad:
         raise ValueError(f"{folder}: pickle files in the export ({', '.join(sorted(bad))}); only safetensors allowed")
 
@@ -144,7 +146,7 @@ def export_model(model: torch.nn.Module, model_cfg: dict, out_dir, card: dict | 
     if text_info:
         card.setdefault("text_model", text_info)
     (out / "README.md").write_text(render_model_card(card, cfg))
-    _check_no_pickles(out)
+    _check_no_pickles(out, foreign)
     _write_manifest(out, foreign)
     return out
 

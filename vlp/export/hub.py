@@ -8,7 +8,7 @@ import tempfile
 from pathlib import Path
 
 from vlp.export.clip import _check_no_pickles, relocate_export
-from vlp.export.common import CONFIG_NAME, MANIFEST_NAME
+from vlp.export.common import CONFIG_NAME, MANIFEST_NAME, _files_under
 
 DEFAULT_COMMIT_MESSAGE = "Upload vlp export"
 
@@ -54,10 +54,10 @@ def push_to_hub(out_dir, repo_id: str, private: bool = False, token: str | None 
     out = Path(out_dir)
     if not (out / CONFIG_NAME).is_file():
         raise FileNotFoundError(f"{out}: no {CONFIG_NAME}; not an export folder")
-    _check_no_pickles(out)
     token = token or os.environ.get("HF_TOKEN") or None
     manifest = out / MANIFEST_NAME  # push what the export wrote, never files beside it (a run's checkpoints)
     allow = json.loads(manifest.read_text())["files"] if manifest.is_file() else None
+    _check_no_pickles(out, _files_under(out) - set(allow) if allow is not None else frozenset())
     api = HfApi(endpoint=endpoint, token=token)
     repo_url = api.create_repo(repo_id, private=private, exist_ok=True, token=token, repo_type="model")
     repo_id = getattr(repo_url, "repo_id", None) or repo_id

@@ -97,7 +97,7 @@ def export_vision_tower(model: torch.nn.Module, model_cfg: dict, out_dir, card: 
     card.setdefault("parameters", {"image": _num_params(visual)})
     card.setdefault("timm", has_timm)
     (out / "README.md").write_text(render_model_card(card, cfg))
-    _check_no_pickles(out)
+    _check_no_pickles(out, foreign)
     _write_manifest(out, foreign)
     return out
 

@@ -90,7 +90,8 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     result = verify_shards(args.spec, kind=args.kind, classnames=args.classnames)
     print(
         f"shards: {result['num_shards']}  samples: {result['total']}  ok: {result['ok']}  "
-        f"bad: {result['bad']}  shard errors: {result['shard_errors']}"
+        f"bad: {result['bad']}  shard errors: {result['shard_errors']}  "
+        f"kind: {result['kind']}{' (guessed; set --kind)' if result['kind_guessed'] else ''}"
     )
     if result["reasons"]:
         print("bad by reason: " + ", ".join(f"{r}={n}" for r, n in result["reasons"].items()))
@@ -171,7 +172,7 @@ def register_cli(subparsers: Any) -> argparse.ArgumentParser:
     p = sub.add_parser("verify", help="judge every sample as training would; exit 1 if any is bad or a shard is damaged")
     p.add_argument("spec")
     p.add_argument("--kind", choices=KINDS, default=None,
-                   help="judge as a training source of this kind (default: guess per sample from its keys)")
+                   help="judge as a training source of this kind (default: guessed for the dataset from its first samples)")
     p.add_argument("--classnames", default=None,
                    help="class names file (default: classnames.txt beside the shards or one folder up)")
     p.set_defaults(func=wrap(_cmd_verify))

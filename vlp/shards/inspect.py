@@ -164,12 +164,28 @@ def check_sample(sample: dict, kind: str | None = None, classnames: Sequence[str
     return None if rejected is None else str(rejected)
 
 
+def guess_kind(shards: Sequence[str], n: int = 200) -> str:
+    """The kind of a dataset from its first ``n`` samples: labeled if any has ``cls``, else paired if any has a
+    caption key, else unlabeled (:func:`vlp.data.format.infer_kind`, taken over the dataset, not per sample)."""
+    kinds = set()
+    for shard in shards:
+        for sample in iter_shard(shard, []):
+            kinds.add(infer_kind(sample))
+            n -= 1
+            if n <= 0 or "labeled" in kinds:
+                break
+        if n <= 0 or "labeled" in kinds:
+            break
+    return next((k for k in ("labeled", "paired") if k in kinds), "unlabeled")
+
+
 def verify_shards(spec: str, kind: str | None = None,
                   classnames: Sequence[str] | str | os.PathLike | None = None) -> dict:
     """Read and judge every sample of every shard; truncated/unreadable shards are reported, never raised.
 
-    Samples are judged as a training source of ``kind`` would judge them (None: guessed per sample from its
-    keys, see :func:`vlp.data.format.infer_kind`), with ``classnames`` (a list or a file; default
+    Samples are judged as a training source of ``kind`` would judge them (None: one kind guessed for the whole
+    dataset from its first samples' keys, see :func:`guess_kind`, so a captioned dataset's sample without a caption
+    is a bad ``paired`` sample, as training counts it, not a good ``unlabeled`` one), with ``classnames`` (a list or a file; default
     ``classnames.txt`` beside the shards or one folder up, as training finds it).
 
     Returns ``total`` (samples read), ``ok``, ``bad`` (samples training would skip), ``reasons`` (bad samples
@@ -181,6 +197,8 @@ def verify_shards(spec: str, kind: str | None = None,
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     shards = expand_spec(spec)
     names = load_classnames(shards, classnames)
+    guessed = kind is None
+    kind = kind or guess_kind(shards)
     class_index = {c: i for i, c in enumerate(names or [])}
     total = ok = 0
     shard_errors = 0
@@ -212,6 +230,7 @@ def verify_shards(spec: str, kind: str | None = None,
     return {
         "spec": spec,
         "kind": kind,
+        "kind_guessed": guessed,
         "num_shards": len(shards),
         "num_classes": len(names) if names is not None else None,
         "total": total,
