@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import gather_object, set_seed
+from accelerate.utils import DistributedType, gather_object, set_seed
 from safetensors.torch import load_file, save_file
 
 from vlp import checkpoint as ckpt_io
@@ -162,12 +162,16 @@ class Trainer:
         tmp = final.with_name(final.name + ".tmp")
         acc.wait_for_everyone()
         acc.save_state(str(tmp))
+        full = self.full_state_dict()  # collective under FSDP: every rank takes part
         # every rank's exact stream positions (records consumed per stream and kind, replacements included)
         mine = [getattr(self, "_data_taken", {})]
         taken = gather_object(mine) if self.world > 1 else mine
         if acc.is_main_process:
             self.data_taken = {str(r): {str(k): v for k, v in t.items()} for r, t in enumerate(taken)}
             dump_config(self.cfg, tmp / ckpt_io.CONFIG_FILE)
+            if full is not None:  # FSDP: accelerate wrote pytorch_model_fsdp*; the gathered weights beside it
+                save_file({k: v.detach().cpu().contiguous() for k, v in full.items()},
+                          str(tmp / ckpt_io.MODEL_WEIGHTS[0]))
             for stem, tensors in self.task.extra_state().items():
                 if tensors:
                     save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()},
@@ -176,6 +180,18 @@ class Trainer:
             ckpt_io.publish(tmp, final, self.cfg.train.keep_last)
         acc.wait_for_everyone()
         return final
+
+    @property
+    def fsdp(self) -> bool:
+        return self.accelerator.distributed_type == DistributedType.FSDP
+
+    def full_state_dict(self) -> dict | None:
+        """Under FSDP: the student's whole state dict gathered to rank 0 (CPU, clean key names; ``{}`` on other
+        ranks); every rank must call it. None otherwise (accelerate's ``model.safetensors`` is already whole)."""
+        if not self.fsdp:
+            return None
+        state = self.accelerator.get_state_dict(self.model)
+        return {ckpt_io.clean_key(k): v for k, v in state.items()} if self.accelerator.is_main_process else {}
 
     def state_dict(self) -> dict:
         return {
@@ -363,10 +379,18 @@ class Trainer:
             specs["knn"] = specs["knn"].model_copy(
                 update={"feature": "embed" if self.task.student.use_text else "pooled"})
         acc = self.accelerator
+        full = self.full_state_dict()  # FSDP: rank 0 evaluates a whole copy (every rank helps gather it)
         if acc.is_main_process:
             from vlp.eval.tasks import run_training_eval
 
-            clip = acc.unwrap_model(self.model).clip
+            if full is not None:
+                from vlp.models.factory import create_clip
+
+                clip = create_clip(self.cfg.model.name, pretrained_text=False)[0]
+                clip.load_state_dict(ckpt_io._clip_part(full), strict=True)
+                clip.to(acc.device)
+            else:
+                clip = acc.unwrap_model(self.model).clip
             was_training = clip.training
             clip.eval()
             self.eval_metrics = run_training_eval(
