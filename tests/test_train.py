@@ -76,6 +76,43 @@ def test_two_process_gradients_equal_single_process(tmp_path):
     assert torch.allclose(single, ddp["grads"], atol=1e-5, rtol=0)
 
 
+def test_fsdp_two_processes_teacher_and_checkpoints_equal_single_process(tmp_path):
+    """torch FSDP1 over 2 CPU processes (the fsdp.yaml wrapping; tests/scripts/fsdp_step.py): after one SGD step
+    the momentum teacher (updated against the sharded student), the gathered full state dict and the sharded DCP
+    checkpoint read back in one process (vlp.checkpoint) all equal one process at the doubled batch."""
+    sys.path.insert(0, str(REPO / "tests" / "scripts"))
+    from grads_common import build, global_batch, loss_of
+
+    from vlp.checkpoint import read_weights
+
+    proc = subprocess.run([*LAUNCH_2, str(REPO / "tests" / "scripts" / "fsdp_step.py"), str(tmp_path)],
+                          env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = torch.load(tmp_path / "out.pt", weights_only=True)
+    task = build()
+    model = task.student
+    n_params = sum(p.numel() for p in model.parameters())
+    assert got["world"] == 2 and got["sharded"] < n_params  # rank 0 held a shard, not the model
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    batch, noise = global_batch(task.tokenizer)
+    loss_of(task, model, batch, noise).backward()
+    opt.step()
+    task.after_optimizer_step(0)
+    want, teacher = model.state_dict(), task.teacher.state_dict_tracked()
+    assert set(got["teacher"]) == set(teacher) and "clip.visual.proj" in teacher
+    for k in teacher:
+        torch.testing.assert_close(got["teacher"][k], teacher[k], atol=2e-6, rtol=0)
+    sharded = read_weights(tmp_path / "pytorch_model_fsdp_0")
+    for state in (got["full"], sharded):
+        assert set(state) == set(want)
+        for k in want:
+            assert state[k].shape == want[k].shape, k  # logit_scale back to 0-dim
+            torch.testing.assert_close(state[k], want[k], atol=2e-6, rtol=0)
+    before = build()  # the step moved both the student and the teacher
+    assert not torch.equal(want["clip.visual.proj"], before.student.state_dict()["clip.visual.proj"])
+    assert not torch.equal(teacher["clip.visual.proj"], before.teacher.state_dict_tracked()["clip.visual.proj"])
+
+
 def _free_port() -> int:
     import socket
 

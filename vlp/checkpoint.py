@@ -138,6 +138,23 @@ MODEL_WEIGHTS = (
 _WRAPPER_PARTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
 
 
+# 0-dim parameters (open_clip's logit scale and bias) are trained as shape [1] under FSDP, which cannot shard a
+# scalar (vlp.task.fsdp_ready); state dicts read or gathered are given their open_clip shape back
+SCALAR_PARAMS = ("logit_scale", "logit_bias")
+
+
+def clean_state(state: dict) -> dict:
+    """A state dict with wrapper parts dropped from its keys (:func:`clean_key`) and FSDP's [1]-shaped scalar
+    parameters (``SCALAR_PARAMS``) back to 0-dim."""
+    out = {}
+    for key, value in state.items():
+        key = clean_key(key)
+        if key.rsplit(".", 1)[-1] in SCALAR_PARAMS and value.shape == (1,):
+            value = value.reshape(())
+        out[key] = value
+    return out
+
+
 def clean_key(name: str) -> str:
     """A parameter name without the wrappers' parts (``_fsdp_wrapped_module.``, ``_orig_mod.``, ``module.``)."""
     for part in _WRAPPER_PARTS:
@@ -173,8 +190,8 @@ def read_dcp_folder(folder: str | os.PathLike) -> dict:
 
 
 def read_weights(path: str | os.PathLike) -> dict:
-    """A state dict from a safetensors file, a torch file (``weights_only=True``) or a DCP folder; keys cleaned of
-    wrapper prefixes (:func:`clean_key`)."""
+    """A state dict from a safetensors file, a torch file (``weights_only=True``) or a DCP folder, cleaned
+    (:func:`clean_state`: wrapper parts of keys, FSDP's [1]-shaped scalars)."""
     import torch
 
     path = Path(path)
@@ -184,7 +201,7 @@ def read_weights(path: str | os.PathLike) -> dict:
         state = load_file(str(path))
     else:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    return {clean_key(k): v for k, v in state.items()}
+    return clean_state(state)
 
 
 def model_state_dict(ckpt: str | os.PathLike) -> dict:

@@ -64,6 +64,17 @@ def teacher_config(cfg: Config, objectives) -> TeacherConfig | None:
     return None
 
 
+def fsdp_ready(model: torch.nn.Module) -> torch.nn.Module:
+    """Make ``model`` wrappable by FSDP1, which refuses 0-dim parameters: each one (open_clip's ``logit_scale``,
+    ``logit_bias``) becomes shape [1], which broadcasts the same in every use. Call it before the optimizer is built;
+    checkpoints give them their open_clip shape back (``vlp.checkpoint.clean_state``)."""
+    for module in model.modules():
+        for name, p in list(module._parameters.items()):
+            if p is not None and p.ndim == 0:
+                module._parameters[name] = torch.nn.Parameter(p.detach().reshape(1), requires_grad=p.requires_grad)
+    return model
+
+
 def full_params(model: torch.nn.Module):
     """A context in which an FSDP1-wrapped ``model``'s parameters are whole (``summon_full_params``, read-only;
     every rank must enter it); a no-op for any other model (FSDP2 parameters are gathered by their reader)."""

@@ -101,6 +101,10 @@ class Trainer:
             view_groups=self.task.view_groups)
         self.eval_preprocess = eval_transform(clip)
 
+        if self.fsdp:
+            from vlp.task import fsdp_ready
+
+            fsdp_ready(self.task.student)  # before the optimizer takes the parameters
         o = cfg.optim
         optimizer = torch.optim.AdamW(param_groups(self.task.student, o.weight_decay), lr=o.lr, betas=o.betas,
                                       eps=o.eps, fused=o.fused or None)
@@ -191,7 +195,7 @@ class Trainer:
         if not self.fsdp:
             return None
         state = self.accelerator.get_state_dict(self.model)
-        return {ckpt_io.clean_key(k): v for k, v in state.items()} if self.accelerator.is_main_process else {}
+        return ckpt_io.clean_state(state) if self.accelerator.is_main_process else {}
 
     def state_dict(self) -> dict:
         return {

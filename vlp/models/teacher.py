@@ -60,7 +60,8 @@ class MomentumTeacher(nn.Module):
 
         tau = self.tau(step)
         live = {clean_key(n): p for n, p in student.named_parameters()}
-        src = [_full(live[n]).detach().to(dst.device, dst.dtype) for n, dst in zip(self.tracked, self._params)]
+        src = [_full(live[n]).detach().to(dst.device, dst.dtype).reshape(dst.shape)  # FSDP: scalars as [1]
+               for n, dst in zip(self.tracked, self._params)]
         torch._foreach_lerp_(self._params, src, 1.0 - tau)
         return tau
 
