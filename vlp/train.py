@@ -4,6 +4,10 @@ Accelerate owns devices, DDP, mixed precision and state saving; :class:`vlp.task
 (student, objectives, momentum teacher, masking). The trainer holds the loop: the mixed-data stream, AdamW with
 decay only on weight matrices, warmup + cosine, accumulation, clipping, atomic keep-last-K checkpoints with exact
 resume, non-finite-loss guards, signal-safe exits and logging. It has no objective-specific line.
+
+Under FSDP (``configs/accelerate/fsdp.yaml``) the student's 0-dim parameters become [1] before the optimizer
+(``vlp.task.fsdp_ready``), each checkpoint adds the gathered full weights as ``model.safetensors`` beside
+accelerate's sharded state, and in-training evaluation runs on a gathered copy on rank 0.
 """
 from __future__ import annotations
 
