@@ -402,7 +402,7 @@ def launch(tree: dict, run_dir: Path, time_limit: float | None = None) -> dict:
                 cut = True
             time.sleep(0.5)
     wall = time.time() - t0
-    if proc.returncode != 0:
+    if proc.returncode != 0 and not (cut and proc.returncode == 128 + signal.SIGTERM):  # vlp.train: 128 + signal
         tail = (run_dir / "train.log").read_text()[-3000:]
         raise SystemExit(f"run {run_dir.name} failed (exit {proc.returncode}); log tail:\n{tail}")
     from vlp.checkpoint import read_run_info

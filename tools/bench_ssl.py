@@ -181,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
             limit = None
             if args.max_minutes:
                 left = args.max_minutes * 60 - (time.time() - t_start)
-                limit = max(60.0, left / len([x for x in methods[i:] if x != "random"]) - 45)  # 45 s: evaluation
+                limit = max(60.0, left / len([x for x in methods[i:] if x != "random"]) - 30)  # 30 s: evaluation
             log(f"{m}: {steps} steps" + (f" (at most {limit:.0f} s)" if limit else ""))
             res = bq.launch(tree, out_dir / "runs" / m, limit)
             entry.update(steps=steps, steps_done=res["steps_done"], cut_short=res["cut_short"], wall_s=res["wall_s"],
