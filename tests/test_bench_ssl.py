@@ -33,8 +33,9 @@ def test_table_ranks_the_evaluated_runs_by_knn():
         return {"eval": {"test": {"knn_top1/pooled": knn, "linear_top1/pooled": linear}}, **kw}
     doc = {"reference": "simclr", "runs": {
         "random": run(0.2, 0.3, steps_done=0),
-        "simclr": run(0.4, 0.45, steps_done=20, gflops_per_step=50.0, wall_s=100),
-        "dino": run(0.3, 0.35, steps_done=10, gflops_per_step=100.0, wall_s=90, cut_short=True)}}
+        "simclr": run(0.4, 0.45, steps=20, steps_done=20, gflops_per_step=50.0, wall_s=100),
+        "dino": run(0.3, 0.35, steps=12, steps_done=10, gflops_per_step=100.0, wall_s=90, cut_short=True),
+        "swav": run(0.25, 0.3, steps=8, steps_done=8, gflops_per_step=70.0, wall_s=90, cut_short=True)}}
     lines = bench_ssl.table(doc).splitlines()
-    assert [line.split("|")[1].strip() for line in lines[2:]] == ["simclr (reference)", "dino", "random"]
-    assert "| 40.0 | 45.0 |" in lines[2] and "10 (cut short)" in lines[3] and "| 1.0 |" in lines[2]
+    assert [line.split("|")[1].strip() for line in lines[2:]] == ["simclr (reference)", "dino", "swav", "random"]
+    assert "| 40.0 | 45.0 |" in lines[2] and "10 of 12 (cut short)" in lines[3] and "| 8 |" in lines[4] and "| 1.0 |" in lines[2]

@@ -99,7 +99,7 @@ def table(doc: dict) -> str:
             continue
         t = r["eval"]["test"]
         gf = r.get("gflops_per_step")
-        cut = " (cut short)" if r.get("cut_short") else ""
+        cut = f" of {r['steps']} (cut short)" if r.get("steps_done", 0) < r.get("steps", 0) else ""
         cfg = f"`configs/{METHODS[m][0]}`" if METHODS[m][0] else "-"
         lines.append(f"| {m}{' (reference)' if m == ref else ''} | {cfg} | {f'{gf:.1f}' if gf is not None else '-'} | "
                      f"{r.get('steps_done', 0)}{cut} | {gf * r['steps_done'] / 1e3 if gf else 0:.1f} | "
