@@ -4,6 +4,7 @@ method one `task.training_forward` on this rank's half of the batch and a backwa
 student gradients to the path given as argv[1] (one launch for the three)."""
 import copy
 import os
+import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch
@@ -11,6 +12,9 @@ import torch
 from vlp.config import config_from_dict
 from vlp.data.batch import Batch
 from vlp.task import PretrainTask
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from grads_common import grads, views_slice  # noqa: E402,F401  (grads: used by the tests)
 
 PER_RANK, STEP = 3, 0
 METHODS = {
@@ -50,17 +54,6 @@ def global_batch(world=2) -> Batch:
                  views=views)
 
 
-def local_slice(batch: Batch, rank: int, world: int) -> Batch:
-    n = len(batch) // world
-    sl = slice(rank * n, (rank + 1) * n)
-    return Batch(batch.image[sl], batch.text[sl], batch.has_text[sl], batch.label[sl], batch.kind[sl],
-                 {k: v[:, sl] for k, v in batch.views.items()})
-
-
-def grads(model) -> dict[str, torch.Tensor]:
-    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
-
 if __name__ == "__main__":
     import sys
 
@@ -72,7 +65,7 @@ if __name__ == "__main__":
     for method in METHODS:
         task = build(method, rank, world)
         task.model, task._unwrap = acc.prepare(task.student), acc.unwrap_model
-        loss, _ = task.training_forward(local_slice(global_batch(world), rank, world), STEP)
+        loss, _ = task.training_forward(views_slice(global_batch(world), rank, world), STEP)
         acc.backward(loss)
         out[method] = grads(task.student)
         acc.wait_for_everyone()
