@@ -275,6 +275,42 @@ def small_config(data, **kw) -> DataConfig:
     return data_config([s[0], s[2], s[4]], batch={"paired": 2, "labeled": 2, "unlabeled": 2}, shuffle_buffer=8, **kw)
 
 
+def test_each_record_is_decoded_once_for_the_shared_image_and_every_view_group(data, clip, monkeypatch):
+    """Two view groups over overlapping kinds (2 views + 1 view): one decode per row per batch, and the shared
+    transform and every view transform of a row receive that very decoded image."""
+    from vlp.data import mixing
+    from vlp.data.batch import ViewGroup
+
+    decoded, seen = [], defaultdict(list)
+    real_decode = mixing.decode_image
+
+    def counting_decode(data_bytes):
+        image = real_decode(data_bytes)
+        decoded.append(id(image))
+        return image
+
+    def tap(name, transform):
+        def f(image):
+            seen[name].append(id(image))
+            return transform(image)
+        return f
+
+    monkeypatch.setattr(mixing, "decode_image", counting_decode)
+    _, tokenizer, transform = clip
+    groups = [ViewGroup("two", ("unlabeled",), (tap("two.0", transform), tap("two.1", transform))),
+              ViewGroup("one", ("labeled", "unlabeled"), (tap("one.0", transform),))]
+    cfg = data_config(all_sources(data), batch={"paired": 3, "labeled": 2, "unlabeled": 4}, shuffle_buffer=8)
+    ds = MixedBatches(cfg, tap("shared", transform), tokenizer, seed=SEED, view_groups=groups)
+    it = iter(ds)
+    for _ in range(3):
+        batch, _ = next(it)
+    assert len(decoded) == 3 * 9 == len(seen["shared"]) and seen["shared"] == decoded
+    assert batch.views["two"].shape[:2] == (2, 4) and batch.views["one"].shape[:2] == (1, 6)
+    rows = [decoded[b * 9:(b + 1) * 9] for b in range(3)]  # per batch: paired 0-2, labeled 3-4, unlabeled 5-8
+    assert seen["two.0"] == seen["two.1"] == [i for r in rows for i in r[5:]]
+    assert seen["one.0"] == [i for r in rows for i in r[3:]]
+
+
 def test_same_seed_same_batches_different_seed_different(data, clip):
     cfg = small_config(data)
     a = take(cfg, clip, 4, workers=2, seed=7)

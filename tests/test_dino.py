@@ -100,6 +100,23 @@ def test_loss_and_center_equal_the_reference_dinoloss_through_the_temperature_wa
     assert "center" in obj.state_dict()  # saved with every checkpoint
 
 
+
+@pytest.mark.parametrize("n_local", [0, 3])
+def test_loss_and_center_equal_lightly_dinoloss(n_local):
+    """The optional second reference: lightly's DINOLoss (same centering, sharpening and cross-view pairs)."""
+    lightly_loss = pytest.importorskip("lightly.loss")
+    K, B, V = 16, 5, 2 + n_local
+    ref = lightly_loss.DINOLoss(output_dim=K, warmup_teacher_temp=0.04, teacher_temp=0.04,
+                                warmup_teacher_temp_epochs=0, student_temp=0.1, center_momentum=0.9)
+    obj = DINOObjective(out_dim=K, n_local=n_local, student_temp=0.1, center_momentum=0.9)
+    g = torch.Generator().manual_seed(4)
+    for step in range(3):
+        s, t = 3 * torch.randn(V, B, K, generator=g), 3 * torch.randn(2, B, K, generator=g)
+        expected = ref(list(t), list(s), teacher_temp=0.04)
+        loss, _ = obj({"dino/student": s, "teacher/dino/logits": t, "teacher/dino/temp": 0.04}, None)
+        assert torch.allclose(loss, expected, atol=1e-5), step
+        assert torch.allclose(obj.center, ref.center.reshape(1, K), atol=1e-6), step
+
 def test_teacher_outputs_carry_no_grad_and_the_last_layer_freezes_for_the_first_steps():
     task = build(freeze_last_layer_steps=2, norm_last_layer=False)
     obj, student, batch = task.objectives["dino"][0], task.student.train(), global_batch(1)

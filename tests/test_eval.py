@@ -6,6 +6,7 @@ import argparse  # noqa: E402
 import copy  # noqa: E402
 import io  # noqa: E402
 import json  # noqa: E402
+import tarfile  # noqa: E402
 from contextlib import redirect_stderr, redirect_stdout  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -405,6 +406,12 @@ def test_retrieval_shards_end_to_end(clip, images, tmp_path):
     assert res["image_retrieval_recall@5"] == pytest.approx(ir)
     assert res["text_retrieval_recall@5"] == pytest.approx(tr)
     assert res["n_images"] == N_IMAGES and res["n_texts"] == len(flat)
+    # #17 item 7: an empty shard printed NaN recalls with exit 0
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    tarfile.open(empty / "0.tar", "w").close()
+    with pytest.raises(ValueError, match="yielded 0 images and 0 captions"):
+        evaluate(model, tokenizer, preprocess, "retrieval", str(empty), batch_size=5)
 
 
 # ---------------------------------------------------------------------------------------------- probes

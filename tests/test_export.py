@@ -622,3 +622,59 @@ def test_card_never_carries_the_credentials_of_a_shard_spec(tmp_path, vit):
     assert not [s for s in secrets if s in card], card
     for kept in ("https://hf.co/d/{00000..00002}.tar", "host.example/a-{000..009}.tar", "acct.blob.core.windows.net"):
         assert kept in card
+
+
+# ------------------------------------------------------------------------------------- FSDP checkpoints
+
+def test_export_from_fsdp_sharded_checkpoint(images, tmp_path):
+    """A checkpoint whose model is only an FSDP SHARDED_STATE_DICT folder (what accelerate's ``save_fsdp_model``
+    writes: ``pytorch_model_fsdp_0/``, a torch.distributed.checkpoint of ``{"model": state}``), here saved by
+    ``torch.distributed.checkpoint.save`` in one process: `vlp export` reads it, and open_clip loads the export with
+    weights and outputs equal to the unsharded model's. FULL_STATE_DICT (``pytorch_model_fsdp.bin``) and
+    ``accelerate merge-weights`` output read back alike."""
+    import subprocess
+    import sys
+
+    import torch.distributed.checkpoint as dcp
+
+    from vlp.checkpoint import MODEL_WEIGHTS, model_state_dict, model_weights_path
+
+    ckpt = tmp_path / "run" / "checkpoints" / "step_00000040"
+    model = _training_checkpoint(ckpt, seed=6)
+    (ckpt / "model.safetensors").unlink()  # an FSDP run's accelerate state has no model.safetensors
+    want = model.state_dict()
+    dcp.save({"model": {k: v.clone() for k, v in want.items()}}, checkpoint_id=str(ckpt / "pytorch_model_fsdp_0"),
+             no_dist=True)
+    assert model_weights_path(ckpt).name == "pytorch_model_fsdp_0" and (ckpt / "pytorch_model_fsdp_0/.metadata").is_file()
+
+    def same(state):
+        return set(state) == set(want) and all(torch.equal(state[k], want[k]) for k in want)
+
+    assert same(model_state_dict(ckpt))
+    args = _export_parser().parse_args(["export", "--checkpoint", str(tmp_path / "run"), "--out", str(tmp_path / "x")])
+    assert args.func(args) == 0
+    _no_pickles(tmp_path / "x")
+    loaded = open_clip.create_model_and_transforms(f"local-dir:{tmp_path / 'x'}")[0].eval()
+    clip_want = {k[len("clip."):]: v for k, v in want.items() if k.startswith("clip.")}
+    got = loaded.state_dict()
+    assert set(got) == set(clip_want) and all(torch.equal(got[k], clip_want[k]) for k in clip_want)
+    _, _, tokenizer = create_clip("vlp-test-vit")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.encode_image(images), model.clip.encode_image(images), atol=0, rtol=0)
+        tokens = tokenizer(TEXTS)
+        torch.testing.assert_close(loaded.encode_text(tokens), model.clip.encode_text(tokens), atol=0, rtol=0)
+
+    # `accelerate merge-weights` (the real CLI) of the DCP folder into the checkpoint: model.safetensors, read first
+    proc = subprocess.run([sys.executable, "-m", "accelerate.commands.accelerate_cli", "merge-weights",
+                           str(ckpt / "pytorch_model_fsdp_0"), str(ckpt)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert model_weights_path(ckpt).name == MODEL_WEIGHTS[0] and same(model_state_dict(ckpt))
+    # FULL_STATE_DICT: a torch.save'd state dict, loaded with weights_only=True, FSDP1 wrapper parts in names
+    shutil.rmtree(ckpt / "pytorch_model_fsdp_0")
+    (ckpt / "model.safetensors").unlink()
+    torch.save({k.replace("clip.visual.", "clip._fsdp_wrapped_module.visual."): v for k, v in want.items()},
+               ckpt / "pytorch_model_fsdp.bin")
+    assert model_weights_path(ckpt).name == "pytorch_model_fsdp.bin" and same(model_state_dict(ckpt))
+    (ckpt / "pytorch_model_fsdp.bin").unlink()
+    with pytest.raises(FileNotFoundError, match="no model weights"):
+        model_state_dict(ckpt)

@@ -8,7 +8,7 @@ import torch
 
 from vlp.config import ModelConfig
 from vlp.models.factory import create_clip, resolve_model_config
-from vlp.models.model import VLPModel  # noqa: F401
+from vlp.models.model import VLPModel
 from conftest import student
 
 
@@ -135,3 +135,31 @@ def test_other_grid_uses_the_bicubically_interpolated_positional_embedding(clip)
         assert tokens.shape == (3, 4, v.conv1.out_channels) and torch.allclose(pooled, ref, atol=1e-6)
         full = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
         assert torch.equal(vlp.encode_visible(full, None)[0] @ v.proj, v(full))  # the model's grid: unchanged
+
+
+def test_teacher_update_reads_wrapped_students_by_their_original_names():
+    """The EMA against a student whose blocks sit in torch's (real) activation-checkpoint wrapper, as FSDP's
+    ``_fsdp_wrapped_module.`` parts do, equals the EMA against the plain student."""
+    import copy
+
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    from vlp.config import TeacherConfig
+    from vlp.models.teacher import MomentumTeacher
+
+    clip, _, _ = create_clip("vlp-test-vit")
+    plain = VLPModel(clip, ModelConfig(name="vlp-test-vit"))
+    teachers = [MomentumTeacher(plain, TeacherConfig(tau=0.9, schedule="constant"), 10) for _ in range(2)]
+    with torch.no_grad():
+        for p in plain.parameters():
+            p.add_(0.1)
+    wrapped = copy.deepcopy(plain)
+    blocks = wrapped.clip.visual.transformer.resblocks
+    for i in range(len(blocks)):
+        blocks[i] = checkpoint_wrapper(blocks[i])
+    assert any("_checkpoint_wrapped_module." in n for n, _ in wrapped.named_parameters())
+    teachers[0].update(plain, 0)
+    teachers[1].update(wrapped, 0)
+    a, b = (t.state_dict_tracked() for t in teachers)
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a["clip.visual.proj"], plain.clip.visual.proj)

@@ -54,21 +54,106 @@ def run_two_processes(script: str, tmp_path: Path) -> dict:
     return ddp
 
 
-def test_two_process_gradients_equal_single_process(tmp_path):
-    """CLIP (gathered features, own masking ratio) + MAE + supervised + teacher pseudo-labels: DDP over 2 CPU
-    processes == one process, doubled batch."""
+def _single_process_grads() -> torch.Tensor:
+    """tests/scripts/ddp_grads.py's step in this process, on the whole (doubled) global batch."""
     sys.path.insert(0, str(REPO / "tests" / "scripts"))
     from grads_common import build, global_batch, loss_of
 
-    ddp = run_two_processes("ddp_grads.py", tmp_path)
     task = build()
     model = task.student
     batch, noise = global_batch(task.tokenizer)
     loss_of(task, model, batch, noise).backward()
-    single = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+    return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+
+
+def test_two_process_gradients_equal_single_process(tmp_path):
+    """CLIP (gathered features, own masking ratio) + MAE + supervised + teacher pseudo-labels: DDP over 2 CPU
+    processes == one process, doubled batch."""
+    ddp = run_two_processes("ddp_grads.py", tmp_path)
+    single = _single_process_grads()
     assert single.shape == ddp["grads"].shape
     assert single.abs().max() > 1e-3
     assert torch.allclose(single, ddp["grads"], atol=1e-5, rtol=0)
+
+
+def test_fsdp_two_processes_teacher_and_checkpoints_equal_single_process(tmp_path):
+    """torch FSDP1 over 2 CPU processes (the fsdp.yaml wrapping; tests/scripts/fsdp_step.py): after one SGD step
+    the momentum teacher (updated against the sharded student), the gathered full state dict and the sharded DCP
+    checkpoint read back in one process (vlp.checkpoint) all equal one process at the doubled batch."""
+    sys.path.insert(0, str(REPO / "tests" / "scripts"))
+    from grads_common import build, global_batch, loss_of
+
+    from vlp.checkpoint import read_weights
+
+    proc = subprocess.run([*LAUNCH_2, str(REPO / "tests" / "scripts" / "fsdp_step.py"), str(tmp_path)],
+                          env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = torch.load(tmp_path / "out.pt", weights_only=True)
+    task = build()
+    model = task.student
+    n_params = sum(p.numel() for p in model.parameters())
+    assert got["world"] == 2 and got["sharded"] < n_params  # rank 0 held a shard, not the model
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    batch, noise = global_batch(task.tokenizer)
+    loss_of(task, model, batch, noise).backward()
+    opt.step()
+    task.after_optimizer_step(0)
+    want, teacher = model.state_dict(), task.teacher.state_dict_tracked()
+    assert set(got["teacher"]) == set(teacher) and "clip.visual.proj" in teacher
+    for k in teacher:
+        torch.testing.assert_close(got["teacher"][k], teacher[k], atol=2e-6, rtol=0)
+    sharded = read_weights(tmp_path / "pytorch_model_fsdp_0")
+    for state in (got["full"], sharded):
+        assert set(state) == set(want)
+        for k in want:
+            assert state[k].shape == want[k].shape, k  # logit_scale back to 0-dim
+            torch.testing.assert_close(state[k], want[k], atol=2e-6, rtol=0)
+    before = build()  # the step moved both the student and the teacher
+    assert not torch.equal(want["clip.visual.proj"], before.student.state_dict()["clip.visual.proj"])
+    assert not torch.equal(teacher["clip.visual.proj"], before.teacher.state_dict_tracked()["clip.visual.proj"])
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_node_loopback_gradients_and_shard_split(demo_data, tmp_path):
+    """Two "nodes" of one process each on this machine (`accelerate launch --multi_gpu --num_machines 2
+    --machine_rank {0,1} --main_process_ip 127.0.0.1`, gloo on CPU, started concurrently): the gradients equal one
+    process at the doubled batch, and the ranks (one per node) read disjoint shards covering one exact epoch."""
+    from vlp.config import SourceConfig
+    from vlp.data.sources import Source
+
+    out, port = tmp_path / "g.pt", _free_port()
+    shards = str(demo_data / "unlabeled" / "*.tar")
+    procs = [subprocess.Popen([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "2",
+                               "--num_processes", "2", "--machine_rank", str(node), "--main_process_ip", "127.0.0.1",
+                               "--main_process_port", str(port), "--mixed_precision", "no", "--dynamo_backend", "no",
+                               str(REPO / "tests" / "scripts" / "ddp_grads.py"), str(out), shards],
+                              env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for node in (0, 1)]
+    try:
+        logs = [p.communicate(timeout=240)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert all(p.returncode == 0 for p in procs), "\n".join(log[-2000:] for log in logs)
+    ddp = torch.load(out, weights_only=True)
+    assert ddp["world"] == 2
+    # one process per node: global ranks 0 and 1, each local rank 0 on its own "machine"
+    assert [(r["rank"], r["local_rank"]) for r in ddp["ranks"]] == [(0, 0), (1, 0)]
+    single = _single_process_grads()
+    assert single.abs().max() > 1e-3 and torch.allclose(single, ddp["grads"], atol=1e-5, rtol=0)
+    first, second = (set(r["keys"]) for r in ddp["ranks"])
+    assert first and second and not first & second
+    epoch = [r["key"] for r in Source(SourceConfig(kind="unlabeled", shards=shards)).records(0, resampled=False,
+                                                                                               epochs=1)]
+    assert first | second == set(epoch) and len(first) + len(second) == len(epoch)
 
 
 def test_two_process_training_run(demo_data, tmp_path):

@@ -402,7 +402,7 @@ def launch(tree: dict, run_dir: Path, time_limit: float | None = None) -> dict:
                 cut = True
             time.sleep(0.5)
     wall = time.time() - t0
-    if proc.returncode != 0:
+    if proc.returncode != 0 and not (cut and proc.returncode == 128 + signal.SIGTERM):  # vlp.train: 128 + signal
         tail = (run_dir / "train.log").read_text()[-3000:]
         raise SystemExit(f"run {run_dir.name} failed (exit {proc.returncode}); log tail:\n{tail}")
     from vlp.checkpoint import read_run_info
@@ -463,16 +463,26 @@ def standardize(train, test):
 def evaluate_run(run_dir: Path, shards: Path, val: Path | None = None, batch_size: int = 256) -> dict:
     """``{"test": {...}, "val": {...}}``: probes fit on the labeled split; see the module docstring."""
     import torch
-    from threadpoolctl import threadpool_limits
 
-    from vlp.eval.data import labeled_loader
-    from vlp.eval.probe import knn_eval, linear_probe
-    from vlp.eval.zeroshot import build_classifier
     from vlp.models.factory import load_clip
 
     t0 = time.time()
     torch.manual_seed(0)
     clip, _, tokenizer, preprocess = load_clip(run_dir)
+    out = evaluate_clip(clip, tokenizer, preprocess, shards, val, batch_size)
+    out["eval_s"] = round(time.time() - t0, 1)
+    return out
+
+
+def evaluate_clip(clip, tokenizer, preprocess, shards: Path, val: Path | None = None, batch_size: int = 256) -> dict:
+    """:func:`evaluate_run` on a CLIP model in memory (``tools/bench_ssl.py``'s random-init row)."""
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    from vlp.eval.data import labeled_loader
+    from vlp.eval.probe import knn_eval, linear_probe
+    from vlp.eval.zeroshot import build_classifier
+
     feats = {split: extract(clip, labeled_loader(str(folder), preprocess, batch_size, 1))
              for split, folder in (("train", shards / "labeled"), ("test", shards / "test"), ("val", val)) if folder}
     tr_pooled, tr_embed, tr_y = feats["train"]
@@ -495,7 +505,6 @@ def evaluate_run(run_dir: Path, shards: Path, val: Path | None = None, batch_siz
             if split == "test" or name == "templates":
                 res[f"zeroshot_top1/{name}"] = float(((te_embed @ weights).argmax(dim=1) == te_y).float().mean())
         out[split] = res
-    out["eval_s"] = round(time.time() - t0, 1)
     return out
 
 

@@ -237,17 +237,21 @@ def vlp_windows(metrics_path: Path, batch: int) -> list[tuple[int, int, float, f
     return windows
 
 
-def run_openclip(shards: Path, run_dir: Path, wds_dir: Path, args) -> dict:
+def run_openclip(shards: Path, run_dir: Path, wds_dir: Path, args, model_json: Path = MODEL_JSON,
+                 precision: str = "fp32", workers: int = 1, extra: tuple[str, ...] = ()) -> dict:
+    """open_clip_train on the paired shards; ``model_json`` is registered with open_clip and trained by its stem
+    name (tools/bench_gpu.py passes other models, ``amp_bf16``, more workers and e.g. ``--grad-checkpointing``)."""
     shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.mkdir(parents=True)
     urls = sorted((shards / "paired").glob("*.tar"))
     spec = str(shards / "paired" / f"cifar10-{{000000..{len(urls) - 1:06d}}}.tar")
-    cmd = [sys.executable, "-c", OPENCLIP_WRAPPER, str(MODEL_JSON),
+    cmd = [sys.executable, "-c", OPENCLIP_WRAPPER, str(model_json),
            "--dataset-type", "webdataset", "--train-data", spec, "--dataset-resampled",
-           "--train-num-samples", str(args.steps * args.batch_size), "--model", MODEL, "--precision", "fp32",
-           "--batch-size", str(args.batch_size), "--workers", "1", "--epochs", "1", "--lr", "1e-3",
+           "--train-num-samples", str(args.steps * args.batch_size), "--model", Path(model_json).stem,
+           "--precision", precision, "--batch-size", str(args.batch_size), "--workers", str(workers),
+           "--epochs", "1", "--lr", "1e-3",
            "--warmup", "10", "--wd", "0.2", "--report-to", "", "--log-every-n-steps", "1",
-           "--save-frequency", "0", "--seed", "0", "--logs", str(run_dir), "--name", "run"]
+           "--save-frequency", "0", "--seed", "0", "--logs", str(run_dir), "--name", "run", *extra]
     env = dict(os.environ, PYTHONPATH=_pythonpath(wds_dir), PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1")
     res = run_subprocess(cmd, run_dir / "stdout.log", env, REPO)
     log_file = run_dir / "run" / "out.log"

@@ -4,6 +4,11 @@ A checkpoint is ``RUN_DIR/checkpoints/step_000100/``: accelerate's ``save_state`
 optimizer, scheduler, RNG states; all loaded with ``weights_only=True``), plus ``config.yaml`` (the resolved run
 config) and ``vlp_state.json`` (step, samples seen, bad-sample counts, last metrics). It is written under a
 ``.tmp`` name and renamed when complete, so a crash mid-save never leaves a half checkpoint as the latest.
+
+Under FSDP accelerate writes the model as ``pytorch_model_fsdp.bin`` (FULL_STATE_DICT) or as a
+torch.distributed.checkpoint folder ``pytorch_model_fsdp_0/`` (SHARDED_STATE_DICT); the trainer then also writes the
+gathered full weights as ``model.safetensors``. :func:`model_state_dict` reads whichever a folder has (see
+``MODEL_WEIGHTS``), so export, eval and ``load_clip`` work on all of them.
 """
 from __future__ import annotations
 
@@ -121,9 +126,88 @@ def read_run_config(ckpt: str | os.PathLike) -> Config:
     return config_from_dict(tree, check_files=False)
 
 
+# where a checkpoint folder's model weights may be, in the order they are tried
+MODEL_WEIGHTS = (
+    "model.safetensors",       # accelerate's save_state (DDP / one process); vlp's gathered copy under FSDP;
+                               # `accelerate merge-weights CKPT/pytorch_model_fsdp_0 CKPT`
+    "pytorch_model.bin",       # `accelerate merge-weights --unsafe_serialization`
+    "pytorch_model_fsdp.bin",  # FSDP FULL_STATE_DICT
+    "pytorch_model_fsdp_0",    # FSDP SHARDED_STATE_DICT: a torch.distributed.checkpoint (DCP) folder
+)
+# wrapper prefixes that may appear in saved key names (FSDP1, activation checkpointing, torch.compile, DDP)
+_WRAPPER_PARTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
+
+
+# 0-dim parameters (open_clip's logit scale and bias) are trained as shape [1] under FSDP, which cannot shard a
+# scalar (vlp.task.fsdp_ready); state dicts read or gathered are given their open_clip shape back
+SCALAR_PARAMS = ("logit_scale", "logit_bias")
+
+
+def clean_state(state: dict) -> dict:
+    """A state dict with wrapper parts dropped from its keys (:func:`clean_key`) and FSDP's [1]-shaped scalar
+    parameters (``SCALAR_PARAMS``) back to 0-dim."""
+    out = {}
+    for key, value in state.items():
+        key = clean_key(key)
+        if key.rsplit(".", 1)[-1] in SCALAR_PARAMS and value.shape == (1,):
+            value = value.reshape(())
+        out[key] = value
+    return out
+
+
+def clean_key(name: str) -> str:
+    """A parameter name without the wrappers' parts (``_fsdp_wrapped_module.``, ``_orig_mod.``, ``module.``)."""
+    for part in _WRAPPER_PARTS:
+        name = name.replace(part, "")
+    return name[len("module."):] if name.startswith("module.") else name
+
+
+def model_weights_path(ckpt: str | os.PathLike) -> Path:
+    """The file or DCP folder holding a checkpoint's model weights (the first of ``MODEL_WEIGHTS`` present)."""
+    ckpt = find_checkpoint(ckpt)
+    for name in MODEL_WEIGHTS:
+        path = ckpt / name
+        if path.is_file() or (path.is_dir() and (path / ".metadata").is_file()):
+            return path
+    raise FileNotFoundError(f"{ckpt}: no model weights (looked for {', '.join(MODEL_WEIGHTS)})")
+
+
+def read_dcp_folder(folder: str | os.PathLike) -> dict:
+    """A torch.distributed.checkpoint folder as one plain state dict, read in this process (no process group):
+    ``dcp_to_torch_save`` into a temporary file, loaded back with ``weights_only=True``. Accelerate saves the model
+    under one top-level key (``{"model": state}``), which is dropped."""
+    import tempfile
+
+    import torch
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    with tempfile.TemporaryDirectory(prefix="vlp-dcp-") as tmp:
+        dcp_to_torch_save(str(folder), os.path.join(tmp, "state.pt"))
+        state = torch.load(os.path.join(tmp, "state.pt"), map_location="cpu", weights_only=True)
+    if len(state) == 1 and isinstance(next(iter(state.values())), dict):
+        state = next(iter(state.values()))
+    return state
+
+
+def read_weights(path: str | os.PathLike) -> dict:
+    """A state dict from a safetensors file, a torch file (``weights_only=True``) or a DCP folder, cleaned
+    (:func:`clean_state`: wrapper parts of keys, FSDP's [1]-shaped scalars)."""
+    import torch
+
+    path = Path(path)
+    if path.is_dir():
+        state = read_dcp_folder(path)
+    elif path.suffix == ".safetensors":
+        state = load_file(str(path))
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    return clean_state(state)
+
+
 def model_state_dict(ckpt: str | os.PathLike) -> dict:
-    """The training model's weights (``clip.*``, ``mae_decoder.*``, ``classifier.*``) from safetensors."""
-    return load_file(str(find_checkpoint(ckpt) / "model.safetensors"))
+    """The training model's weights (``clip.*``, ``mae_decoder.*``, ``classifier.*``) from whichever of
+    ``MODEL_WEIGHTS`` the checkpoint holds (safetensors, a ``weights_only`` torch file, or an FSDP DCP folder)."""
+    return read_weights(model_weights_path(ckpt))
 
 
 def teacher_file(ckpt: str | os.PathLike) -> Path | None:
@@ -143,18 +227,18 @@ def clip_state_dict(ckpt: str | os.PathLike, weights: str = "student", ema: bool
     if weights not in WEIGHTS:
         raise ValueError(f"weights={weights!r}: one of {', '.join(WEIGHTS)}")
     ckpt = find_checkpoint(ckpt)
-    state = _clip_part(load_file(str(ckpt / "model.safetensors")))
+    state = _clip_part(model_state_dict(ckpt))
     if weights == "teacher":
         source = teacher_file(ckpt)
         if source is None:
             raise FileNotFoundError(f"{ckpt}: no momentum teacher to load (neither {' nor '.join(TEACHER_FILES)}); "
                                     f"use the student weights")
-        teacher = _clip_part(load_file(str(source)))
+        teacher = _clip_part(read_weights(source))
         if not teacher:
             raise ValueError(f"{source}: no clip.* weights")
         unknown = sorted(set(teacher) - set(state))
         if unknown:
-            raise ValueError(f"{source}: {len(unknown)} keys not in the student's model.safetensors "
+            raise ValueError(f"{source}: {len(unknown)} keys not in the student's weights "
                              f"(clip.{unknown[0]}, ...)")
         state.update(teacher)
     return state

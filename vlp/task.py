@@ -14,6 +14,7 @@ schedule). Masking noise is seeded by (seed, step, micro-batch, rank), so a resu
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import torch
@@ -64,6 +65,27 @@ def teacher_config(cfg: Config, objectives) -> TeacherConfig | None:
     if any(o.uses_teacher for o in objectives):
         return TeacherConfig()
     return None
+
+
+def fsdp_ready(model: torch.nn.Module) -> torch.nn.Module:
+    """Make ``model`` wrappable by FSDP1, which refuses 0-dim parameters: each one (open_clip's ``logit_scale``,
+    ``logit_bias``) becomes shape [1], which broadcasts the same in every use. Call it before the optimizer is built;
+    checkpoints give them their open_clip shape back (``vlp.checkpoint.clean_state``)."""
+    for module in model.modules():
+        for name, p in list(module._parameters.items()):
+            if p is not None and p.ndim == 0:
+                module._parameters[name] = torch.nn.Parameter(p.detach().reshape(1), requires_grad=p.requires_grad)
+    return model
+
+
+def full_params(model: torch.nn.Module):
+    """A context in which an FSDP1-wrapped ``model``'s parameters are whole (``summon_full_params``, read-only;
+    every rank must enter it); a no-op for any other model (FSDP2 parameters are gathered by their reader)."""
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    if isinstance(model, FSDP):
+        return FSDP.summon_full_params(model, writeback=False, recurse=True)
+    return contextlib.nullcontext()
 
 
 class PretrainTask:
@@ -216,7 +238,8 @@ class PretrainTask:
         for obj, _ in self.objectives.values():
             obj.after_optimizer_step(model, step)
         if self.teacher is not None:
-            return {"teacher/tau": self.teacher.update(model, step)}
+            with full_params(self.model):  # under FSDP1: every rank gathers the student for the EMA
+                return {"teacher/tau": self.teacher.update(model, step)}
         return {}
 
     # ---- state --------------------------------------------------------------------------------------------

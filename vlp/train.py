@@ -4,6 +4,10 @@ Accelerate owns devices, DDP, mixed precision and state saving; :class:`vlp.task
 (student, objectives, momentum teacher, masking). The trainer holds the loop: the mixed-data stream, AdamW with
 decay only on weight matrices, warmup + cosine, accumulation, clipping, atomic keep-last-K checkpoints with exact
 resume, non-finite-loss guards, signal-safe exits and logging. It has no objective-specific line.
+
+Under FSDP (``configs/accelerate/fsdp.yaml``) the student's 0-dim parameters become [1] before the optimizer
+(``vlp.task.fsdp_ready``), each checkpoint adds the gathered full weights as ``model.safetensors`` beside
+accelerate's sharded state, and in-training evaluation runs on a gathered copy on rank 0.
 """
 from __future__ import annotations
 
@@ -21,7 +25,7 @@ from pathlib import Path
 import torch
 import yaml
 from accelerate import Accelerator
-from accelerate.utils import gather_object, set_seed
+from accelerate.utils import DistributedType, gather_object, set_seed
 from safetensors.torch import load_file, save_file
 
 from vlp import checkpoint as ckpt_io
@@ -131,6 +135,10 @@ class Trainer:
             view_groups=self.task.view_groups)
         self.eval_preprocess = eval_transform(clip)
 
+        if self.fsdp:
+            from vlp.task import fsdp_ready
+
+            fsdp_ready(self.task.student)  # before the optimizer takes the parameters
         o = cfg.optim
         optimizer = torch.optim.AdamW(param_groups(self.task.student, o.weight_decay), lr=o.lr, betas=o.betas,
                                       eps=o.eps, fused=o.fused or None)
@@ -237,9 +245,13 @@ class Trainer:
         bad = self.bad_samples()
         try:
             acc.save_state(str(tmp))
+            full = self.full_state_dict()  # collective under FSDP: every rank takes part
             if acc.is_main_process:
                 self.data_taken = {str(r): {str(k): v for k, v in t.items()} for r, t in enumerate(taken)}
                 dump_config(self.cfg, tmp / ckpt_io.CONFIG_FILE)
+                if full is not None:  # FSDP: accelerate wrote pytorch_model_fsdp*; the gathered weights beside it
+                    save_file({k: v.detach().cpu().contiguous() for k, v in full.items()},
+                              str(tmp / ckpt_io.MODEL_WEIGHTS[0]))
                 for stem, tensors in self.task.extra_state().items():
                     if tensors:
                         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()},
@@ -251,6 +263,18 @@ class Trainer:
             raise CheckpointWriteError(tmp, err) from err
         acc.wait_for_everyone()
         return final
+
+    @property
+    def fsdp(self) -> bool:
+        return self.accelerator.distributed_type == DistributedType.FSDP
+
+    def full_state_dict(self) -> dict | None:
+        """Under FSDP: the student's whole state dict gathered to rank 0 (CPU, clean key names; ``{}`` on other
+        ranks); every rank must call it. None otherwise (accelerate's ``model.safetensors`` is already whole)."""
+        if not self.fsdp:
+            return None
+        state = self.accelerator.get_state_dict(self.model)
+        return ckpt_io.clean_state(state) if self.accelerator.is_main_process else {}
 
     def state_dict(self) -> dict:
         return {
@@ -455,10 +479,18 @@ class Trainer:
             specs["knn"] = specs["knn"].model_copy(
                 update={"feature": "embed" if self.task.student.use_text else "pooled"})
         acc = self.accelerator
+        full = self.full_state_dict()  # FSDP: rank 0 evaluates a whole copy (every rank helps gather it)
         if acc.is_main_process:
             from vlp.eval.tasks import run_training_eval
 
-            clip = acc.unwrap_model(self.model).clip
+            if full is not None:
+                from vlp.models.factory import create_clip
+
+                clip = create_clip(self.cfg.model.name, pretrained_text=False)[0]
+                clip.load_state_dict(ckpt_io._clip_part(full), strict=True)
+                clip.to(acc.device)
+            else:
+                clip = acc.unwrap_model(self.model).clip
             was_training = clip.training
             clip.eval()
             self.eval_metrics = run_training_eval(

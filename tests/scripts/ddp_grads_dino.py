@@ -4,6 +4,7 @@ rank's half of the batch (the center all-reduced after the loss); rank 0 writes 
 updated center to the path given as argv[1]."""
 import copy
 import os
+import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch
@@ -11,6 +12,9 @@ import torch
 from vlp.config import config_from_dict
 from vlp.data.batch import Batch
 from vlp.task import PretrainTask
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from grads_common import grads, views_slice  # noqa: E402,F401  (grads: used by the tests)
 
 PER_RANK, STEP = 3, 1  # STEP inside the teacher-temperature warm-up
 CFG = {
@@ -45,17 +49,6 @@ def global_batch(world=2) -> Batch:
                         "dino_local": torch.randn(2, n, 3, 16, 16, generator=g)})
 
 
-def local_slice(batch: Batch, rank: int, world: int) -> Batch:
-    n = len(batch) // world
-    sl = slice(rank * n, (rank + 1) * n)
-    return Batch(batch.image[sl], batch.text[sl], batch.has_text[sl], batch.label[sl], batch.kind[sl],
-                 {k: v[:, sl] for k, v in batch.views.items()})
-
-
-def grads(model) -> dict[str, torch.Tensor]:
-    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
-
 if __name__ == "__main__":
     import sys
 
@@ -66,7 +59,7 @@ if __name__ == "__main__":
     rank, world = acc.process_index, acc.num_processes
     task = build(rank, world)
     task.model, task._unwrap = acc.prepare(task.student), acc.unwrap_model
-    loss, _ = task.training_forward(local_slice(global_batch(world), rank, world), STEP)
+    loss, _ = task.training_forward(views_slice(global_batch(world), rank, world), STEP)
     acc.backward(loss)
     if rank == 0:
         torch.save({"grads": grads(task.student), "center": task.objectives["dino"][0].center, "world": world},

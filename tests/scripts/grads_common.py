@@ -68,3 +68,15 @@ def local_slice(batch, noise, rank, world):
     u = batch.views["pseudolabel"].shape[1] // world  # the group's rows, in batch order
     return Batch(batch.image[sl], batch.text[sl], batch.has_text[sl], batch.label[sl], batch.kind[sl],
                  {"pseudolabel": batch.views["pseudolabel"][:, rank * u:(rank + 1) * u]}), noise[sl]
+
+
+def views_slice(batch: Batch, rank: int, world: int) -> Batch:
+    """This rank's rows of a global batch of view-only objectives (no masking noise)."""
+    n = len(batch) // world
+    sl = slice(rank * n, (rank + 1) * n)
+    return Batch(batch.image[sl], batch.text[sl], batch.has_text[sl], batch.label[sl], batch.kind[sl],
+                 {k: v[:, sl] for k, v in batch.views.items()})
+
+
+def grads(model) -> dict[str, torch.Tensor]:
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}

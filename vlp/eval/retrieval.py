@@ -77,6 +77,9 @@ def retrieval_recall(image_feats: torch.Tensor, text_feats: torch.Tensor, text_t
 @torch.no_grad()
 def retrieval_eval(model, tokenizer, loader, device="cpu", ks: Sequence[int] = (1, 5, 10)) -> dict:
     image_feats, text_feats, text_to_image = extract_retrieval_features(model, tokenizer, loader, device)
+    if not len(image_feats) or not len(text_feats):  # recall over nothing is NaN, printed as a result
+        raise ValueError(f"retrieval evaluation: the data yielded {len(image_feats)} images and {len(text_feats)} "
+                         f"captions; it needs image-caption pairs (.txt / .json captions; check the shard spec)")
     metrics = retrieval_recall(image_feats, text_feats, text_to_image, ks)
     metrics["n_images"] = int(image_feats.shape[0])
     metrics["n_texts"] = int(text_feats.shape[0])

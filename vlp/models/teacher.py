@@ -7,6 +7,12 @@ After each optimizer step ``teacher = tau * teacher + (1 - tau) * student`` over
 Scope ``image`` tracks the image tower (with its projection) and the heads objectives name; ``all`` tracks every
 parameter (a plain EMA of the model, what ``optim.ema_decay`` asks for). ``state_dict_tracked`` is what a checkpoint
 saves (``teacher.safetensors``, student key names) and what ``vlp export --weights teacher`` ships.
+
+Under FSDP the teacher stays a full, unsharded copy on every rank (built before the student is wrapped), and
+:meth:`update` reads the student's *full* parameters: the caller gathers them (``PretrainTask.after_optimizer_step``
+runs it inside FSDP1's ``summon_full_params``), FSDP2 DTensor parameters are gathered here (``full_tensor``), and
+wrapper parts of parameter names (``_fsdp_wrapped_module.``...) are ignored. Every rank then applies the same
+update, so the copies stay identical and rank 0's is what a checkpoint saves.
 """
 from __future__ import annotations
 
@@ -50,9 +56,12 @@ class MomentumTeacher(nn.Module):
     @torch.no_grad()
     def update(self, student: nn.Module, step: int) -> float:
         """EMA step towards the (unwrapped) student; returns the tau used."""
+        from vlp.checkpoint import clean_key
+
         tau = self.tau(step)
-        live = dict(student.named_parameters())
-        src = [live[n].detach() for n in self.tracked]
+        live = {clean_key(n): p for n, p in student.named_parameters()}
+        src = [_full(live[n]).detach().to(dst.device, dst.dtype).reshape(dst.shape)  # FSDP: scalars as [1]
+               for n, dst in zip(self.tracked, self._params)]
         torch._foreach_lerp_(self._params, src, 1.0 - tau)
         return tau
 
@@ -70,3 +79,8 @@ class MomentumTeacher(nn.Module):
             raise KeyError(f"teacher state lacks {len(missing)} tracked tensors, e.g. {missing[0]!r}")
         for n, p in zip(self.tracked, self._params):
             p.copy_(state[n])
+
+
+def _full(p: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a parameter: an FSDP2 (DTensor) shard is all-gathered; any other tensor as is."""
+    return p.full_tensor() if hasattr(p, "full_tensor") else p

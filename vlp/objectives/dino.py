@@ -83,14 +83,15 @@ class DINOHead(Head):
                 "dino/pooled": pooled[0].unflatten(0, (2, rows))}                           # global features
 
 
-def local_crop_size(c, ctx) -> int:
-    """``local_size``, by default half the image size rounded to a multiple of the patch."""
+def local_crop_size(c, ctx, name: str = "dino") -> int:
+    """``local_size``, by default half the image size rounded to a multiple of the patch (``objectives.<name>``'s
+    multi-crop; SwAV's too)."""
     if not ctx.is_vit:
-        raise ValueError("objectives.dino.n_local: local crops need a ViT image tower (positional-embedding "
+        raise ValueError(f"objectives.{name}.n_local: local crops need a ViT image tower (positional-embedding "
                          "interpolation); set n_local: 0")
     size = c.local_size or max(ctx.patch, round(ctx.image_size / 2 / ctx.patch) * ctx.patch)
     if size % ctx.patch:
-        raise ValueError(f"objectives.dino.local_size: {size} is not a multiple of the patch size {ctx.patch}")
+        raise ValueError(f"objectives.{name}.local_size: {size} is not a multiple of the patch size {ctx.patch}")
     return size
 
 

@@ -1,0 +1,41 @@
+"""tools/bench_ssl.py without training: every method's run config validates with the bench's shards and batch,
+the self-supervised ones read only the unlabeled split, and the report table ranks the evaluated runs."""
+import sys
+from pathlib import Path
+
+from conftest import REPO
+from vlp.config import config_from_dict
+
+sys.path.insert(0, str(REPO / "tools"))
+import bench_ssl  # noqa: E402
+
+
+def test_every_method_config_validates_with_the_bench_shards_and_batch(tmp_path):
+    assert {"simclr", "mocov3", "byol", "dino", "swav", "rotation", "jigsaw", "mae", "supervised",
+            "random"} <= set(bench_ssl.METHODS)
+    for method, (config, paper) in bench_ssl.METHODS.items():
+        assert paper
+        if config is None:
+            continue
+        tree = bench_ssl.run_tree(method, tmp_path / "shards", 32)
+        cfg = config_from_dict(tree, check_files=False)
+        assert sum(cfg.data.batch.model_dump().values()) == 32 and cfg.eval.knn is None
+        assert all(str(s).startswith(str(tmp_path / "shards")) for src in cfg.data.sources
+                   for s in (src.shards if isinstance(src.shards, list) else [src.shards]))
+        if config.startswith("ssl/"):
+            assert [s.kind for s in cfg.data.sources] == ["unlabeled"]
+            assert Path(cfg.data.sources[0].shards).parent.name == "unlabeled"
+            assert method in {n for n, o in cfg.objectives.items() if o.weight > 0}
+
+
+def test_table_ranks_the_evaluated_runs_by_knn():
+    def run(knn, linear, **kw):
+        return {"eval": {"test": {"knn_top1/pooled": knn, "linear_top1/pooled": linear}}, **kw}
+    doc = {"reference": "simclr", "runs": {
+        "random": run(0.2, 0.3, steps_done=0),
+        "simclr": run(0.4, 0.45, steps=20, steps_done=20, gflops_per_step=50.0, wall_s=100),
+        "dino": run(0.3, 0.35, steps=12, steps_done=10, gflops_per_step=100.0, wall_s=90, cut_short=True),
+        "swav": run(0.25, 0.3, steps=8, steps_done=8, gflops_per_step=70.0, wall_s=90, cut_short=True)}}
+    lines = bench_ssl.table(doc).splitlines()
+    assert [line.split("|")[1].strip() for line in lines[2:]] == ["simclr (reference)", "dino", "swav", "random"]
+    assert "| 40.0 | 45.0 |" in lines[2] and "10 of 12 (cut short)" in lines[3] and "| 8 |" in lines[4] and "| 1.0 |" in lines[2]

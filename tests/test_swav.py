@@ -1,0 +1,101 @@
+"""SwAV: Sinkhorn-Knopp and the swapped-prediction loss against the official code and lightly's SwaVLoss on fixed
+tensors; the prototypes stay unit-length and freeze for the first steps."""
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import REPO
+from vlp.objectives.swav import SwAVObjective, distributed_sinkhorn, swav_loss
+
+sys.path.insert(0, str(REPO / "tests" / "scripts"))
+from ddp_grads_ssl import build, global_batch  # noqa: E402
+
+
+# distributed_sinkhorn and the loss loop of main_swav.py, facebookresearch/swav (Copyright (c) Facebook, Inc. and its
+# affiliates; CC-BY-NC 4.0), in one process (all_reduce is the identity, world_size 1), no queue.
+@torch.no_grad()
+def official_sinkhorn(out, epsilon=0.05, sinkhorn_iterations=3, world_size=1):
+    Q = torch.exp(out / epsilon).t()  # Q is K-by-B for consistency with notations from our paper
+    B = Q.shape[1] * world_size  # number of samples to assign
+    K = Q.shape[0]  # how many prototypes
+    sum_Q = torch.sum(Q)
+    Q /= sum_Q
+    for it in range(sinkhorn_iterations):
+        sum_of_rows = torch.sum(Q, dim=1, keepdim=True)
+        Q /= sum_of_rows
+        Q /= K
+        Q /= torch.sum(Q, dim=0, keepdim=True)
+        Q /= B
+    Q *= B  # the colomns must sum to 1 so that Q is an assignment
+    return Q.t()
+
+
+def official_loss(output, bs, nmb_crops, crops_for_assign=(0, 1), temperature=0.1):
+    loss = 0
+    for i, crop_id in enumerate(crops_for_assign):
+        with torch.no_grad():
+            out = output[bs * crop_id: bs * (crop_id + 1)].detach()
+            q = official_sinkhorn(out)[-bs:]
+        subloss = 0
+        for v in [v for v in range(sum(nmb_crops)) if v != crop_id]:
+            x = output[bs * v: bs * (v + 1)] / temperature
+            subloss -= torch.mean(torch.sum(q * F.log_softmax(x, dim=1), dim=1))
+        loss += subloss / (sum(nmb_crops) - 1)
+    return loss / len(crops_for_assign)
+
+
+def scores(V, B=8, K=12, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    z = F.normalize(torch.randn(V, B, 6, generator=g), dim=-1)
+    protos = F.normalize(torch.randn(K, 6, generator=g), dim=-1)
+    return z @ protos.T  # cosines, as the head's
+
+
+def test_sinkhorn_equals_the_official_code_and_balances_the_prototypes():
+    s = scores(1)[0]
+    q = distributed_sinkhorn(s, 0.05, 3)
+    assert torch.allclose(q, official_sinkhorn(s.clone()), atol=1e-6)
+    assert torch.allclose(q.sum(1), torch.ones(8), atol=1e-5)  # a code per sample
+    assert q.sum(0).std() < q.sum(0).mean() * 0.5  # prototype masses pulled towards B/K (3 iterations, not exact)
+
+
+@pytest.mark.parametrize("n_local", [0, 4])
+def test_loss_equals_the_official_loop(n_local):
+    s = scores(2 + n_local)
+    expected = official_loss(s.flatten(0, 1), 8, [2, n_local] if n_local else [2])
+    assert torch.allclose(swav_loss(s, 0.1), expected, atol=1e-5)
+    loss, metrics = SwAVObjective(n_local=n_local)({"swav/scores": s}, None)
+    assert torch.allclose(loss, expected, atol=1e-5) and set(metrics) == {"mean_entropy"}
+
+
+@pytest.mark.parametrize("n_local", [0, 3])
+def test_loss_equals_lightly_swavloss(n_local):
+    lightly_loss = pytest.importorskip("lightly.loss")
+    s = scores(2 + n_local, seed=3)
+    ref = lightly_loss.SwaVLoss(temperature=0.1, sinkhorn_iterations=3, sinkhorn_epsilon=0.05)(list(s[:2]), list(s[2:]))
+    assert torch.allclose(swav_loss(s, 0.1, 0.05, 3), ref, atol=1e-5)
+    from lightly.loss.swav_loss import sinkhorn
+    assert torch.allclose(distributed_sinkhorn(s[0]), sinkhorn(s[0], iterations=3, epsilon=0.05), atol=1e-6)
+
+
+def test_prototypes_are_unit_length_after_each_step_and_frozen_for_the_first_steps():
+    task = build("swav")
+    obj, student, batch = task.objectives["swav"][0], task.student.train(), global_batch(1)
+    obj.cfg.freeze_prototypes_steps = 2
+    protos = student.swav_head.prototypes.weight
+    assert torch.allclose(protos.norm(dim=1), torch.ones(len(protos)), atol=1e-6)  # on_train_start
+    opt = torch.optim.SGD(student.parameters(), lr=1.0)
+    for step, frozen in ((0, True), (1, True), (2, False)):
+        opt.zero_grad(set_to_none=True)
+        before = protos.detach().clone()
+        loss, _ = task.training_forward(batch, step)
+        loss.backward()
+        assert protos.grad is not None and protos.grad.abs().sum() > 0
+        task.after_backward(step)
+        assert (protos.grad is None) == frozen
+        opt.step()
+        task.after_optimizer_step(step)
+        assert torch.allclose(protos, before, atol=1e-6) == frozen, step  # re-normalising moves by rounding only
+        assert torch.allclose(protos.norm(dim=1), torch.ones(len(protos)), atol=1e-6)

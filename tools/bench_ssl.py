@@ -1,0 +1,203 @@
+#!/usr/bin/env python
+"""The self-supervised methods on CIFAR-10 at equal training FLOPs: kNN and linear-probe top-1 of the frozen
+backbone on the held-out test split (vlp).
+
+Data: ``tools/bench_quality.py``'s preparation (its functions, imported): ``../shared/data/cifar10-train.tar.gz``
+split into WebDataset shards under ``bench_out/quality/shards/{labeled,paired,unlabeled,test}`` (a fixed, class-
+stratified 5,000 test images; of the rest 10% labeled, 20% image-text, 70% unlabeled; ``split.json``). Skipped with a
+message when the tarball is absent. Each method trains on the unlabeled split (31,500 images) with its config
+``configs/ssl/<method>.yaml``; two reference rows: ``mae`` (``configs/bench/quality-mae.yaml``: MAE on every
+training image) and ``supervised`` (``configs/bench/quality-supervised.yaml``: cross-entropy on the 4,500 labeled
+images); and ``random``, the untrained model (seed 0), evaluated the same way.
+
+Equal FLOPs (as bench_quality): the training FLOPs per step of each run config are counted by
+``vlp.flops.training_flops_per_step`` (student pass, heads, teacher forwards, backward, hooks, on a synthetic batch of
+the run's composition and views); the reference method (``--reference``, default simclr) trains ``--budget`` steps
+and every other one ``round(budget * flops(reference) / flops(method))``. Every run: vlp-tiny-vit, batch
+``--batch-size`` (default 128), the config's lr and recipe, warm-up 10% of its steps (at least 30, at most half),
+seed 0; one ``python -m vlp.train`` subprocess each, stopped (SIGTERM, checkpointed, marked cut short) past its
+share of ``--max-minutes``.
+
+Evaluation (bench_quality's ``evaluate_run``, on ``pooled``, the ViT's pooled token before the CLIP projection):
+kNN top-1 (k=20, T=0.07) and linear-probe top-1 (logistic regression on standardized features), both fit on the 10%
+labeled split (4,500 images) and measured on the 5,000 test images.
+
+Output: one markdown table on stdout; ``bench_out/ssl/results.json`` (``--out``), written after every run.
+
+Usage::
+
+    python tools/bench_ssl.py --budget 150                  # every method, 150 SimCLR steps' worth of FLOPs each
+    python tools/bench_ssl.py --methods simclr,swav --budget 50
+    python tools/bench_ssl.py --quick                       # smoke run: 6,000 images, batch 32, 6 steps
+    python tools/bench_ssl.py --report-only bench_out/ssl/results.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_quality as bq  # noqa: E402
+
+REPO = bq.REPO
+# method -> (config under configs/, paper); "random" has no config: the untrained model
+METHODS = {
+    "random": (None, "untrained (seed 0)"),
+    "simclr": ("ssl/simclr.yaml", "Chen et al. 2020, SimCLR"),
+    "mocov3": ("ssl/mocov3.yaml", "Chen, Xie & He 2021, MoCo v3"),
+    "byol": ("ssl/byol.yaml", "Grill et al. 2020, BYOL"),
+    "dino": ("ssl/dino.yaml", "Caron et al. 2021, DINO"),
+    "swav": ("ssl/swav.yaml", "Caron et al. 2020, SwAV"),
+    "rotation": ("ssl/rotation.yaml", "Gidaris et al. 2018, RotNet"),
+    "jigsaw": ("ssl/jigsaw.yaml", "Noroozi & Favaro 2016, Jigsaw"),
+    "mae": ("bench/quality-mae.yaml", "He et al. 2022, MAE (every training image)"),
+    "supervised": ("bench/quality-supervised.yaml", "cross-entropy on the labeled split"),
+}
+KEYS = ("knn_top1/pooled", "linear_top1/pooled")
+
+
+def log(msg: str) -> None:
+    print(f"[bench_ssl {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def run_tree(method: str, shards: Path, batch: int) -> dict:
+    """The method's config with this bench's shards and batch, no in-run evaluation, one final checkpoint."""
+    import yaml
+
+    tree = yaml.safe_load((REPO / "configs" / METHODS[method][0]).read_text())
+    tree = bq.adapt_tree(tree, shards, batch, None, None)
+    tree.pop("eval", None)  # evaluated once, after training, by this bench
+    tree["train"].update({"save_every": 10 ** 6, "keep_last": 1, "progress": False})
+    tree["train"].pop("eval_every", None)
+    return tree
+
+
+def evaluate_random(model: str, shards: Path, seed: int) -> dict:
+    import torch
+
+    from vlp.models.factory import create_clip, image_transforms
+
+    torch.manual_seed(seed)
+    clip, _, tokenizer = create_clip(model, pretrained_text=False)
+    clip.eval()
+    t0 = time.time()
+    out = bq.evaluate_clip(clip, tokenizer, image_transforms(clip)[1], shards)
+    out["eval_s"] = round(time.time() - t0, 1)
+    return out
+
+
+def table(doc: dict) -> str:
+    ref = doc["reference"]
+    lines = ["| method | config | GFLOP/step | steps | total TFLOP | kNN top-1 | linear top-1 | train s |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    rows = sorted(doc["runs"].items(), key=lambda kv: -kv[1]["eval"]["test"][KEYS[0]] if "eval" in kv[1] else 1)
+    for m, r in rows:
+        if "eval" not in r:
+            continue
+        t = r["eval"]["test"]
+        gf = r.get("gflops_per_step")
+        cut = f" of {r['steps']} (cut short)" if r.get("steps_done", 0) < r.get("steps", 0) else ""
+        cfg = f"`configs/{METHODS[m][0]}`" if METHODS[m][0] else "-"
+        lines.append(f"| {m}{' (reference)' if m == ref else ''} | {cfg} | {f'{gf:.1f}' if gf is not None else '-'} | "
+                     f"{r.get('steps_done', 0)}{cut} | {gf * r['steps_done'] / 1e3 if gf else 0:.1f} | "
+                     f"{100 * t[KEYS[0]]:.1f} | {100 * t[KEYS[1]]:.1f} | {r.get('wall_s', 0):.0f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--budget", type=int, default=150, help="steps of the reference method (default 150)")
+    p.add_argument("--reference", default="simclr", help="method whose FLOPs x --budget every run spends")
+    p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, of {','.join(METHODS)}")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--flop-steps", type=int, default=2, help="steps averaged by the FLOP counter")
+    p.add_argument("--flop-batch", type=int, default=16,
+                   help="rows of the batch the FLOPs are counted on, scaled to --batch-size (FLOPs are linear in "
+                        "the rows but for the losses' tiny B x B logits); default 16")
+    p.add_argument("--split", choices=("full", "small"), default="full",
+                   help="full: bench_quality's split (5,000 test, 4,500 labeled for the probes, 31,500 unlabeled); "
+                        "small: its --quick split (1,000 test, 540 labeled, 3,780 unlabeled), evaluation ~9x cheaper")
+    p.add_argument("--max-minutes", type=float, default=None,
+                   help="wall-clock cap of the whole bench: each run is stopped past its share of what is left")
+    p.add_argument("--quick", action="store_true", help="smoke run: the small split, batch 32, 6 reference steps")
+    p.add_argument("--cache-dir", default=str(REPO / "bench_out"))
+    p.add_argument("--out", default=None, help="results JSON (default: CACHE/ssl[-quick]/results.json)")
+    p.add_argument("--report-only", metavar="JSON", default=None, help="print the table of a saved results JSON")
+    args = p.parse_args(argv)
+    if args.report_only:
+        print(table(json.loads(Path(args.report_only).read_text())))
+        return 0
+    t_start = time.time()
+    methods = bq.parse_list(args.methods)
+    unknown = [m for m in methods + [args.reference] if m not in METHODS]
+    if unknown or args.reference == "random":
+        raise SystemExit(f"unknown method(s) {unknown or ['random (as reference)']}; known: {', '.join(METHODS)}")
+    if args.quick:
+        args.budget, args.batch_size, args.flop_steps, args.split = min(args.budget, 6), 32, 1, "small"
+    small = args.split == "small"
+
+    cache = Path(args.cache_dir).resolve()
+    shards = cache / ("quality-quick" if small else "quality") / "shards"
+    info = bq.prepare(cache / "cache", shards, n_test=1000 if small else 5000,
+                      limit_per_class=600 if small else None, seed=0)
+    if info is None:
+        print(f"bench_ssl: {bq.DATA_TARBALL} not found; skipping (nothing to benchmark).")
+        return 0
+    out_dir = cache / ("ssl-quick" if args.quick else "ssl")
+    out_path = Path(args.out) if args.out else out_dir / "results.json"
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+
+    trained = [m for m in methods if m != "random"]
+    trees = {m: run_tree(m, shards, args.batch_size) for m in set(trained) | {args.reference}}
+    configs: dict = {m: {} for m in trees}
+    bq.measure_flops(configs, {m: bq.adapt_tree(t, shards, args.flop_batch, None, None) for m, t in trees.items()},
+                     args.flop_steps)
+    for c in configs.values():
+        c["gflops_per_step"] = round(c["gflops_per_step"] * args.batch_size / args.flop_batch, 2)
+    ref_flops = configs[args.reference]["gflops_per_step"]
+    doc = {"benchmark": "ssl", "argv": sys.argv[1:] if argv is None else argv, "quick": args.quick,
+           "reference": args.reference, "budget_steps": args.budget, "batch_size": args.batch_size,
+           "seed": args.seed, "split": args.split, "counts": info["counts"], "flop_batch": args.flop_batch, "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+           "probe": {"train": "the 10% labeled split", "test": "held-out test split", "feature": "pooled",
+                     "knn": {"k": 20, "T": 0.07}, "linear": "logistic regression, standardized"},
+           "runs": {}}
+    plan = {m: bq.equal_flops_steps(args.budget, ref_flops, configs[m]["gflops_per_step"]) for m in trained}
+    log("plan: " + ", ".join(f"{m} {plan[m]} steps ({configs[m]['gflops_per_step']:.1f} GFLOP/step)" for m in trained))
+
+    for i, m in enumerate(methods):
+        entry: dict = {"config": METHODS[m][0], "paper": METHODS[m][1]}
+        if m == "random":
+            entry.update(steps_done=0, eval=evaluate_random(trees[args.reference]["model"]["name"], shards,
+                                                            args.seed))
+        else:
+            steps = plan[m]
+            tree = bq.job_tree(trees[m], out_dir / "runs" / m, steps, trees[m]["optim"]["lr"], args.seed,
+                               log_every=max(1, steps // 10))
+            limit = None
+            if args.max_minutes:
+                left = args.max_minutes * 60 - (time.time() - t_start)
+                limit = max(60.0, left / len([x for x in methods[i:] if x != "random"]) - 30)  # 30 s: evaluation
+            log(f"{m}: {steps} steps" + (f" (at most {limit:.0f} s)" if limit else ""))
+            res = bq.launch(tree, out_dir / "runs" / m, limit)
+            entry.update(steps=steps, steps_done=res["steps_done"], cut_short=res["cut_short"], wall_s=res["wall_s"],
+                         gflops_per_step=configs[m]["gflops_per_step"], lr=tree["optim"]["lr"],
+                         warmup=tree["optim"]["warmup_steps"],
+                         final_losses={k: v for k, v in res["last"].items() if k.startswith("loss/")})
+            entry["eval"] = bq.evaluate_run(out_dir / "runs" / m, shards)
+        t = entry["eval"]["test"]
+        log(f"{m}: kNN {100 * t[KEYS[0]]:.1f}, linear {100 * t[KEYS[1]]:.1f} (eval {entry['eval']['eval_s']} s)")
+        doc["runs"][m] = entry
+        doc["total_minutes"] = round((time.time() - t_start) / 60, 1)
+        out_path.write_text(json.dumps(doc, indent=1) + "\n")
+    print(table(doc))
+    log(f"results: {out_path} ({doc['total_minutes']} min)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

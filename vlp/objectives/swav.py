@@ -1,0 +1,141 @@
+"""SwAV (Caron et al. 2020, "Unsupervised Learning of Visual Features by Contrasting Cluster Assignments"):
+swapped prediction of online cluster codes. Each crop's projection (L2-normalised) is scored against ``n_prototypes``
+prototypes (a bias-free linear layer whose rows are re-normalised to unit length before every step, as the
+reference); the codes of each of the 2 global crops are computed with 3 Sinkhorn-Knopp iterations over the *global*
+batch (``distributed_sinkhorn``: the sums all-reduced across ranks) and predicted from every other crop, global and
+local (multi-crop, DINO's view machinery: local crops at half the image size through the interpolated positional
+embedding): ``-sum_k q log softmax(s / T)``, averaged as the reference ``main_swav.py``. The prototypes' gradient
+is dropped for the first ``freeze_prototypes_steps`` steps. No queue (the reference adds one for small batches).
+The projector uses LayerNorm instead of BatchNorm (as BYOL here), so a row's loss does not depend on its rank.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from pydantic import Field
+from torch import nn
+
+from vlp.data.views import view_transform
+from vlp.models.heads import Head
+from vlp.objectives.base import Objective, RowsConfig, ViewGroup, register
+from vlp.objectives.byol import mlp
+from vlp.objectives.dino import local_crop_size
+from vlp.objectives.gather import rank_and_world
+
+
+@torch.no_grad()
+def distributed_sinkhorn(out: torch.Tensor, epsilon: float = 0.05, iterations: int = 3) -> torch.Tensor:
+    """Codes ``[B, K]`` for scores ``out [B, K]`` (this rank's rows): the reference's ``distributed_sinkhorn``,
+    equal prototype mass over the global batch; every sum is all-reduced across ranks."""
+    world = rank_and_world()[1]
+
+    def all_reduce(t):
+        if world > 1:
+            dist.all_reduce(t)
+        return t
+    Q = torch.exp(out.float() / epsilon).t()  # K x B
+    B, K = Q.shape[1] * world, Q.shape[0]
+    Q /= all_reduce(torch.sum(Q))
+    for _ in range(iterations):
+        Q /= all_reduce(torch.sum(Q, dim=1, keepdim=True))  # each prototype: total mass 1/K
+        Q /= K
+        Q /= torch.sum(Q, dim=0, keepdim=True)              # each sample: mass 1/B
+        Q /= B
+    Q *= B  # the columns sum to 1: a code per sample
+    return Q.t()
+
+
+def swav_loss(scores: torch.Tensor, temperature: float, epsilon: float = 0.05, iterations: int = 3) -> torch.Tensor:
+    """``scores [V, B, K]`` (views 0, 1 the global crops): for each global crop ``i`` its Sinkhorn codes are the
+    target of every other view ``v``; the sub-losses averaged over the ``V - 1`` predicting views, then over ``i``."""
+    V = scores.shape[0]
+    loss = scores.new_zeros(())
+    for i in range(2):
+        q = distributed_sinkhorn(scores[i].detach(), epsilon, iterations)
+        sub = sum(-(q * F.log_softmax(scores[v] / temperature, dim=-1)).sum(-1).mean() for v in range(V) if v != i)
+        loss = loss + sub / (V - 1)
+    return loss / 2
+
+
+class SwAVHead(Head):
+    def __init__(self, width: int, hidden: int, dim: int, n_prototypes: int, n_local: int = 0):
+        super().__init__()
+        self.projector = mlp(width, hidden, dim)
+        self.prototypes = nn.Linear(dim, n_prototypes, bias=False)
+        self.n_local = n_local
+
+    @torch.no_grad()
+    def normalize_prototypes(self) -> None:
+        """Unit-length prototype rows (the reference does this before every forward)."""
+        self.prototypes.weight.copy_(F.normalize(self.prototypes.weight, dim=1))
+
+    def head_forward(self, model, outputs, batch) -> dict:
+        crops = [batch.views["swav_global"]] + ([batch.views["swav_local"]] if self.n_local else [])
+        pooled = torch.cat([model.encode_pooled(c.flatten(0, 1)) for c in crops])  # one pass per resolution
+        z = F.normalize(self.projector(pooled), dim=-1)
+        return {"swav/scores": self.prototypes(z).unflatten(0, (-1, crops[0].shape[1]))}  # [2 + n_local, B, K]
+
+
+@register("swav")
+class SwAVObjective(Objective):
+    class Config(RowsConfig):
+        n_prototypes: int = Field(512, gt=0)    # 3000 in the paper (ImageNet)
+        hidden_dim: int = Field(1024, gt=0)
+        proj_dim: int = Field(128, gt=0)
+        temperature: float = Field(0.1, gt=0)
+        epsilon: float = Field(0.05, gt=0)
+        sinkhorn_iterations: int = Field(3, ge=1)
+        n_local: int = Field(4, ge=0)
+        global_scale: tuple[float, float] = (0.14, 1.0)
+        local_scale: tuple[float, float] = (0.05, 0.14)
+        local_size: int | None = Field(None, gt=0)       # default: half the image size, a multiple of the patch
+        freeze_prototypes_steps: int = Field(0, ge=0)
+
+    needs = ("swav/scores",)
+
+    def __init__(self, **settings):
+        super().__init__()
+        self.cfg = self.Config(**settings)
+
+    @classmethod
+    def from_config(cls, o, ctx):
+        settings = o.model_dump(exclude={"weight"})
+        if o.n_local:
+            settings["local_size"] = local_crop_size(o, ctx, "swav")
+        return cls(**settings)
+
+    def heads(self, ctx):
+        c = self.cfg
+        return {"swav_head": SwAVHead(ctx.width, c.hidden_dim, c.proj_dim, c.n_prototypes, c.n_local)}
+
+    def view_groups(self, ctx):
+        c, kinds = self.cfg, tuple(self.cfg.kinds)
+
+        def strong(size, scale):  # SwAV's colour distortion + PIL blur (p 0.5), no solarize
+            return view_transform("strong", size, ctx.mean, ctx.std, scale=scale, blur_p=0.5, solarize_p=0.0)
+        t = strong(ctx.image_size, c.global_scale)
+        groups = [ViewGroup("swav_global", kinds, (t, t), recipe=f"swav-global{c.global_scale}")]
+        if c.n_local:
+            size = local_crop_size(c, ctx, "swav")
+            groups.append(ViewGroup("swav_local", kinds, (strong(size, c.local_scale),) * c.n_local,
+                                    recipe=f"swav-local{c.local_scale}@{size}"))
+        return groups
+
+    def on_train_start(self, model):
+        model.swav_head.normalize_prototypes()
+
+    def after_backward(self, model, step):
+        if step < self.cfg.freeze_prototypes_steps:  # the reference's freeze_prototypes_niters
+            model.swav_head.prototypes.weight.grad = None
+
+    def after_optimizer_step(self, model, step):
+        model.swav_head.normalize_prototypes()
+
+    def forward(self, outputs, batch):
+        c, scores = self.cfg, outputs["swav/scores"]
+        with torch.autocast(scores.device.type, enabled=False):
+            loss = swav_loss(scores.float(), c.temperature, c.epsilon, c.sinkhorn_iterations)
+        with torch.no_grad():
+            mean_p = F.softmax(scores[:2].float() / c.temperature, dim=-1).flatten(0, 1).mean(0)
+        return loss, {"mean_entropy": torch.special.entr(mean_p).sum()}  # -> 0: one-prototype collapse
