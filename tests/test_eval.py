@@ -177,6 +177,41 @@ def test_eval_loaders_never_unpickle_shard_members(images, tmp_path):
     assert not marker.exists()
 
 
+def test_hostile_eval_shard_runs_nothing_in_vlp_eval_nor_in_training_eval(demo_data, tmp_path):
+    """#17 item 1 end to end: a zero-shot eval shard whose samples carry a pickle (.pyd/.pkl/.pth) that would create
+    a marker file when unpickled: `vlp eval` and a training run with in-training zero-shot eval both read it, and the
+    marker never appears."""
+    import pickle
+    import shutil
+
+    from conftest import run_config
+    from vlp.cli import main as vlp_main
+    from vlp.config import config_from_dict
+    from vlp.train import Trainer
+
+    marker = tmp_path / "pwned"
+    payload = pickle.dumps(_Exploit(marker))
+    evil = tmp_path / "evil"
+    shutil.copytree(demo_data / "test", evil, ignore=shutil.ignore_patterns("*.tar", "sizes.json"))
+    samples = {}
+    with tarfile.open(sorted((demo_data / "test").glob("*.tar"))[0]) as tar:
+        for m in tar.getmembers():
+            key, ext = m.name.split(".", 1)
+            samples.setdefault(key, {"__key__": key, "pyd": payload, "pkl": payload, "pth": payload})[ext] = \
+                tar.extractfile(m).read()
+    with wds.TarWriter(str(evil / "evil-000000.tar")) as w:
+        for sample in list(samples.values())[:24]:
+            w.write(sample)
+    run_dir = tmp_path / "run"
+    cfg = run_config(demo_data, run_dir, data={"workers": 0}, train={"steps": 2, "save_every": 2},
+                     eval={"zeroshot": {"shards": str(evil)}})
+    result = Trainer(config_from_dict(cfg)).fit()
+    assert "zeroshot/top1" in result and not marker.exists()
+    assert vlp_main(["eval", "--model", str(run_dir), "--task", "zeroshot", "--data", str(evil),
+                     "--device", "cpu"]) == 0
+    assert not marker.exists()
+
+
 def test_classnames_and_templates_lookup(tmp_path):
     (tmp_path / "test").mkdir()
     (tmp_path / "classnames.txt").write_text("a\nb c\n")
