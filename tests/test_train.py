@@ -341,6 +341,7 @@ def test_config_errors_fail_before_any_work(demo_data, tmp_path):
         (["optim.learning_rate=0.1"], "optim.learning_rate: unknown key"),
         ([f"data.sources.0.shards={tmp_path}/missing-{{000..002}}.tar"], "missing-000.tar"),
         (["model.num_classes=4"], "model.num_classes: 4 is fewer than the 10 classes"),  # was an error mid-run
+        (["data.templates=['unclosed"], "data.templates: the value"),  # not YAML: was a traceback, exit 1
     ]
     for overrides, expected in cases:
         proc = subprocess.run([sys.executable, "-m", "vlp.train", "--config", str(path), *overrides], env=ENV,

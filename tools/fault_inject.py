@@ -356,13 +356,14 @@ def bad_config_values(w: Work):
     blocker.write_text("")
     cases = {"data.scale=[1.5,0.2]": "data.scale", "optim.betas=[2,3]": "optim.betas",
              "data.templates=['a photo']": "data.templates", "model.mask_ratio=0": "mask_ratio",
-             "data.batch.paired=1 objectives.contrastive.labels_as_text=false": "objectives.contrastive",
+             "data.templates=['unclosed": "data.templates",  # not YAML: one line, not a traceback
+             "data.batch.paired=1|objectives.contrastive.labels_as_text=false": "objectives.contrastive",
              f"output_dir={blocker}/run": "output_dir",
              f"data.sources.1.shards={w.data}/paired/*.tar::{w.root}/typo/*.tar": "data.sources"}
     bad = []
     for override, key in cases.items():
         shutil.rmtree(w.root / "badcfg", ignore_errors=True)
-        proc = run([*TRAIN, "--config", w.config("badcfg"), *override.split()])
+        proc = run([*TRAIN, "--config", w.config("badcfg"), *override.split("|")])
         line = tail(proc)
         if proc.returncode != 2 or key not in line or (w.root / "badcfg").exists():
             bad.append(f"{override} -> exit {proc.returncode}: {line[:60]}")

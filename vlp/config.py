@@ -392,7 +392,13 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
         if "=" not in item:
             raise ConfigError(f"override {item!r}: expected key=value (e.g. optim.lr=3e-4)")
         key, raw = item.split("=", 1)
-        out.append((key.strip(), yaml.safe_load(raw) if raw != "" else "")),
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError as err:
+            problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+            raise ConfigError(f"{key.strip()}: the value {raw!r} is not valid YAML ({problem}); quote the whole "
+                              f"override for the shell, e.g. '{key.strip()}=[a, b]'") from None
+        out.append((key.strip(), value))
     return out
 
 
