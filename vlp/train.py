@@ -581,8 +581,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 5
     except NoUsableData as err:  # raised in a DataLoader worker: torch re-raises it with the worker's traceback
-        line = str(err).strip().splitlines()[-1]
-        print(f"error: {line.split(': ', 1)[1] if line.startswith('vlp.') else line}", file=sys.stderr)
+        line = str(err).strip().splitlines()[-1]  # its last line: "vlp.data.sources.NoUsableData: <reason>"
+        print(f"error: {line.removeprefix(f'{NoUsableData.__module__}.{NoUsableData.__name__}: ')}", file=sys.stderr)
         return 6
     if trainer.accelerator.is_main_process:
         print(json.dumps({k: round(v, 5) if isinstance(v, float) else v for k, v in result.items()}))
