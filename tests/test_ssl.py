@@ -1,11 +1,14 @@
 """The self-supervised methods together: 2-process DDP gradients of SimCLR (gather with grad), MoCo v3 (gathered
 keys) and SwAV (distributed Sinkhorn) equal one process at the doubled batch (one `accelerate launch` for the three);
-every configs/ssl/*.yaml validates as an SSL run with kNN monitoring; each new method trains alone on real shards."""
+every configs/ssl/*.yaml validates as an SSL run with kNN monitoring; each new method trains alone on real shards, and
+each shipped <method>-clip config trains the method mixed with CLIP."""
+import json
 import math
 import sys
 
 import pytest
 import torch
+import yaml
 
 from conftest import REPO, run_config
 from test_train import _metrics, run_two_processes
@@ -79,3 +82,31 @@ def test_method_alone_trains_on_real_shards(demo_data, tmp_path, method):
     assert all(math.isfinite(r[f"loss/{method}"]) and r[f"loss/{method}"] > 0 for r in steps.values())
     knn = [json for json in (tmp_path / method / "metrics.jsonl").read_text().splitlines() if "knn" in json]
     assert knn, "no kNN evaluation logged"
+
+
+@pytest.mark.parametrize("path", [p for p in SSL_CONFIGS if p.stem.endswith("-clip")], ids=lambda p: p.stem)
+def test_each_clip_config_trains_the_method_mixed_with_clip(demo_data, tmp_path, path):
+    """The shipped ``configs/ssl/<method>-clip.yaml`` as it is (its model, objectives, views, teacher, optimizer),
+    pointed at the digits' real paired + unlabeled shards: both losses are finite and non-zero every step, and the
+    run ends with kNN and zero-shot evaluations."""
+    tree = yaml.safe_load(path.read_text())
+    method = path.stem.removesuffix("-clip")
+    shards = {"paired": demo_data / "paired" / "*.tar", "unlabeled": demo_data / "unlabeled" / "*.tar"}
+    for source in tree["data"]["sources"]:
+        source["shards"] = str(shards[source["kind"]])
+    tree["data"].update(batch={"paired": 6, "unlabeled": 6}, workers=0, shuffle_buffer=20)
+    tree["output_dir"] = str(tmp_path / path.stem)
+    tree["train"] = {"steps": 2, "log_every": 1, "save_every": 2, "progress": False}
+    tree["optim"]["warmup_steps"] = 1
+    tree["eval"] = {"knn": {"shards": str(demo_data / "test" / "*.tar"),
+                            "train_shards": str(demo_data / "labeled" / "*.tar"), "k": 5},
+                    "zeroshot": {"shards": str(demo_data / "test" / "*.tar")}, "batch_size": 64}
+    Trainer(config_from_dict(tree)).fit()
+    steps = _metrics(tmp_path / path.stem)
+    assert sorted(steps) == [1, 2]
+    for rec in steps.values():
+        for name in ("contrastive", method):
+            assert math.isfinite(rec[f"loss/{name}"]) and rec[f"loss/{name}"] != 0, (name, rec)
+    records = [json.loads(line) for line in (tmp_path / path.stem / "metrics.jsonl").read_text().splitlines()]
+    evals = {k for rec in records for k in rec if k.startswith(("knn", "zeroshot", "eval/"))}
+    assert any("knn" in k for k in evals) and any("zeroshot" in k for k in evals), evals
