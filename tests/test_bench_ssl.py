@@ -39,3 +39,16 @@ def test_table_ranks_the_evaluated_runs_by_knn():
     lines = bench_ssl.table(doc).splitlines()
     assert [line.split("|")[1].strip() for line in lines[2:]] == ["simclr (reference)", "dino", "swav", "random"]
     assert "| 40.0 | 45.0 |" in lines[2] and "10 of 12 (cut short)" in lines[3] and "| 8 |" in lines[4] and "| 1.0 |" in lines[2]
+
+
+def test_a_short_run_keeps_the_configs_schedule_fractions():
+    """DINO's config is written for 2,000 steps (last layer frozen 250, teacher tau 0.99): a 200-step bench run
+    freezes 25 steps and its teacher keeps the time constant 1 / (1 - tau) at the same fraction of the run."""
+    tree = bench_ssl.run_tree("dino", Path("shards"), 32)
+    assert tree["train"]["steps"] == 2000 and tree["teacher"]["tau"] == 0.99
+    short = bench_ssl.compress_schedule(tree, 200)
+    assert short["objectives"]["dino"]["freeze_last_layer_steps"] == 25
+    assert short["teacher"]["tau"] == 0.9  # 1 / (1 - 0.9) = 10 steps = 5% of 200, as 100 steps of 2,000
+    config_from_dict(short, check_files=False)
+    full = bench_ssl.compress_schedule(bench_ssl.run_tree("dino", Path("shards"), 32), 2000)
+    assert full["objectives"]["dino"]["freeze_last_layer_steps"] == 250 and full["teacher"]["tau"] == 0.99

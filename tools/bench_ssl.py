@@ -15,7 +15,8 @@ Equal FLOPs (as bench_quality): the training FLOPs per step of each run config a
 the run's composition and views); the reference method (``--reference``, default simclr) trains ``--budget`` steps
 and every other one ``round(budget * flops(reference) / flops(method))``. Every run: vlp-tiny-vit, batch
 ``--batch-size`` (default 128), the config's lr and recipe, warm-up 10% of its steps (at least 30, at most half),
-seed 0; one ``python -m vlp.train`` subprocess each, stopped (SIGTERM, checkpointed, marked cut short) past its
+the config's schedule compressed to the run's length (``compress_schedule``: step-counted freezes keep their
+fraction of the run, the teacher's time constant 1 / (1 - tau) too), seed 0; one ``python -m vlp.train`` subprocess each, stopped (SIGTERM, checkpointed, marked cut short) past its
 share of ``--max-minutes``.
 
 Evaluation (bench_quality's ``evaluate_run``, on ``pooled``, the ViT's pooled token before the CLIP projection):
@@ -34,6 +35,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 import time
@@ -72,6 +74,28 @@ def run_tree(method: str, shards: Path, batch: int) -> dict:
     tree.pop("eval", None)  # evaluated once, after training, by this bench
     tree["train"].update({"save_every": 10 ** 6, "keep_last": 1, "progress": False})
     tree["train"].pop("eval_every", None)
+    return tree
+
+
+# objective knobs counted in steps: written for the config's train.steps, compressed with the schedule
+STEP_KNOBS = ("freeze_last_layer_steps", "freeze_prototypes_steps", "warmup_teacher_temp_steps", "rampup_steps")
+
+
+def compress_schedule(tree: dict, steps: int) -> dict:
+    """The config's schedule compressed to a run of ``steps`` (the config's ``train.steps`` is its full length):
+    step-counted knobs (DINO's last-layer freeze, SwAV's prototype freeze, ...) keep their fraction of the run, and
+    the momentum teacher keeps its time constant 1 / (1 - tau) as a fraction of the run, so a 200-step run does not
+    spend all of itself inside a freeze written for 2,000 steps, nor average toward a teacher that barely moves
+    (warm-up is set by ``bench_quality.job_tree``, 10% of the run)."""
+    scale = steps / tree["train"]["steps"]
+    if scale >= 1:
+        return tree
+    for settings in tree.get("objectives", {}).values():
+        for knob in STEP_KNOBS:
+            if isinstance((settings or {}).get(knob), int):
+                settings[knob] = round(settings[knob] * scale)
+    if "tau" in (tree.get("teacher") or {}):
+        tree["teacher"]["tau"] = round(max(0.0, 1 - (1 - tree["teacher"]["tau"]) / scale), 4)
     return tree
 
 
@@ -176,8 +200,8 @@ def main(argv: list[str] | None = None) -> int:
                                                             args.seed))
         else:
             steps = plan[m]
-            tree = bq.job_tree(trees[m], out_dir / "runs" / m, steps, trees[m]["optim"]["lr"], args.seed,
-                               log_every=max(1, steps // 10))
+            tree = bq.job_tree(compress_schedule(copy.deepcopy(trees[m]), steps), out_dir / "runs" / m, steps,
+                               trees[m]["optim"]["lr"], args.seed, log_every=max(1, steps // 10))
             limit = None
             if args.max_minutes:
                 left = args.max_minutes * 60 - (time.time() - t_start)
@@ -186,7 +210,9 @@ def main(argv: list[str] | None = None) -> int:
             res = bq.launch(tree, out_dir / "runs" / m, limit)
             entry.update(steps=steps, steps_done=res["steps_done"], cut_short=res["cut_short"], wall_s=res["wall_s"],
                          gflops_per_step=configs[m]["gflops_per_step"], lr=tree["optim"]["lr"],
-                         warmup=tree["optim"]["warmup_steps"],
+                         warmup=tree["optim"]["warmup_steps"], teacher_tau=(tree.get("teacher") or {}).get("tau"),
+                         schedule={k: v for o in tree["objectives"].values() for k, v in (o or {}).items()
+                                   if k in STEP_KNOBS},
                          final_losses={k: v for k, v in res["last"].items() if k.startswith("loss/")})
             entry["eval"] = bq.evaluate_run(out_dir / "runs" / m, shards)
         t = entry["eval"]["test"]
