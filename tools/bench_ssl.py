@@ -29,6 +29,7 @@ Usage::
 
     python tools/bench_ssl.py --budget 150                  # every method, 150 SimCLR steps' worth of FLOPs each
     python tools/bench_ssl.py --methods simclr,swav --budget 50
+    python tools/bench_ssl.py --methods mocov3 --lr mocov3=1e-4 --out bench_out/ssl/mocov3-lr1e-4.json
     python tools/bench_ssl.py --quick                       # smoke run: 6,000 images, batch 32, 6 steps
     python tools/bench_ssl.py --report-only bench_out/ssl/results.json
 """
@@ -139,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, of {','.join(METHODS)}")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--lr", default="", help="METHOD=LR,...: these methods' lr instead of their config's")
     p.add_argument("--flop-steps", type=int, default=2, help="steps averaged by the FLOP counter")
     p.add_argument("--flop-batch", type=int, default=16,
                    help="rows of the batch the FLOPs are counted on, scaled to --batch-size (FLOPs are linear in "
@@ -161,6 +163,9 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [m for m in methods + [args.reference] if m not in METHODS]
     if unknown or args.reference == "random":
         raise SystemExit(f"unknown method(s) {unknown or ['random (as reference)']}; known: {', '.join(METHODS)}")
+    lrs = {k: float(v) for k, v in (item.split("=", 1) for item in bq.parse_list(args.lr))}
+    if set(lrs) - set(methods):
+        raise SystemExit(f"--lr names method(s) not run: {sorted(set(lrs) - set(methods))}")
     if args.quick:
         args.budget, args.batch_size, args.flop_steps, args.split = min(args.budget, 6), 32, 1, "small"
     small = args.split == "small"
@@ -201,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             steps = plan[m]
             tree = bq.job_tree(compress_schedule(copy.deepcopy(trees[m]), steps), out_dir / "runs" / m, steps,
-                               trees[m]["optim"]["lr"], args.seed, log_every=max(1, steps // 10))
+                               lrs.get(m, trees[m]["optim"]["lr"]), args.seed, log_every=max(1, steps // 10))
             limit = None
             if args.max_minutes:
                 left = args.max_minutes * 60 - (time.time() - t_start)
