@@ -99,3 +99,44 @@ def test_prototypes_are_unit_length_after_each_step_and_frozen_for_the_first_ste
         task.after_optimizer_step(step)
         assert torch.allclose(protos, before, atol=1e-6) == frozen, step  # re-normalising moves by rounding only
         assert torch.allclose(protos.norm(dim=1), torch.ones(len(protos)), atol=1e-6)
+
+
+def official_loss_with_queue(output, embedding, bs, nmb_crops, queue, prototypes, temperature=0.1):
+    """main_swav.py's loop with its queue (``queue [2, Q, D]``, updated in place; ``use_the_queue`` as the
+    reference: on once the queue's last row is written)."""
+    loss = 0
+    for i, crop_id in enumerate((0, 1)):
+        with torch.no_grad():
+            out = output[bs * crop_id: bs * (crop_id + 1)].detach()
+            if not torch.all(queue[i, -1, :] == 0):
+                out = torch.cat((torch.mm(queue[i], prototypes.t()), out))
+            queue[i, bs:] = queue[i, :-bs].clone()
+            queue[i, :bs] = embedding[crop_id * bs: (crop_id + 1) * bs]
+            q = official_sinkhorn(out)[-bs:]
+        subloss = 0
+        for v in [v for v in range(sum(nmb_crops)) if v != crop_id]:
+            x = output[bs * v: bs * (v + 1)] / temperature
+            subloss -= torch.mean(torch.sum(q * F.log_softmax(x, dim=1), dim=1))
+        loss += subloss / (sum(nmb_crops) - 1)
+    return loss / 2
+
+
+def test_queue_equals_the_official_loop_over_steps():
+    """Queue of 16 rows per crop, batch 8, 2 global + 2 local crops: the first 2 steps fill it (codes from the batch
+    alone), from step 3 its scores against the current prototypes join Sinkhorn; losses and queue contents equal the
+    reference's at every step."""
+    obj = SwAVObjective(n_local=2, queue_length=16, proj_dim=6)
+    ref_queue = torch.zeros(2, 16, 6)
+    g = torch.Generator().manual_seed(5)
+    losses = []
+    for step in range(4):
+        z = F.normalize(torch.randn(4, 8, 6, generator=g), dim=-1)
+        protos = F.normalize(torch.randn(12, 6, generator=g), dim=-1)
+        s = z @ protos.T
+        expected = official_loss_with_queue(s.flatten(0, 1), z.flatten(0, 1), 8, [2, 2], ref_queue, protos)
+        loss, _ = obj({"swav/scores": s, "swav/z": z[:2], "swav/prototypes": protos}, None)
+        assert torch.allclose(loss, expected, atol=1e-5), step
+        assert torch.equal(obj.queue, ref_queue), step
+        losses.append(loss)
+    assert not torch.allclose(losses[3], swav_loss(s, 0.1), atol=1e-4)  # the queue changed the codes
+    assert "queue" in dict(obj.named_buffers()) and "queue" not in dict(SwAVObjective().named_buffers())

@@ -5,7 +5,9 @@ reference); the codes of each of the 2 global crops are computed with 3 Sinkhorn
 batch (``distributed_sinkhorn``: the sums all-reduced across ranks) and predicted from every other crop, global and
 local (multi-crop, DINO's view machinery: local crops at half the image size through the interpolated positional
 embedding): ``-sum_k q log softmax(s / T)``, averaged as the reference ``main_swav.py``. The prototypes' gradient
-is dropped for the first ``freeze_prototypes_steps`` steps. No queue (the reference adds one for small batches).
+is dropped for the first ``freeze_prototypes_steps`` steps. For small batches, ``queue_length`` keeps each process's
+last embeddings of the 2 global crops; once full, their scores against the current prototypes join the Sinkhorn
+input, so the codes equipartition the prototypes over queue + batch (the reference's ``--queue_length``, per process).
 The projector uses LayerNorm instead of BatchNorm (as BYOL here), so a row's loss does not depend on its rank.
 """
 from __future__ import annotations
@@ -46,13 +48,17 @@ def distributed_sinkhorn(out: torch.Tensor, epsilon: float = 0.05, iterations: i
     return Q.t()
 
 
-def swav_loss(scores: torch.Tensor, temperature: float, epsilon: float = 0.05, iterations: int = 3) -> torch.Tensor:
+def swav_loss(scores: torch.Tensor, temperature: float, epsilon: float = 0.05, iterations: int = 3,
+              queued: torch.Tensor | None = None) -> torch.Tensor:
     """``scores [V, B, K]`` (views 0, 1 the global crops): for each global crop ``i`` its Sinkhorn codes are the
-    target of every other view ``v``; the sub-losses averaged over the ``V - 1`` predicting views, then over ``i``."""
-    V = scores.shape[0]
+    target of every other view ``v``; the sub-losses averaged over the ``V - 1`` predicting views, then over ``i``.
+    ``queued [2, Q, K]``: scores of queued embeddings of crop ``i``, prepended to its Sinkhorn input (codes of the
+    batch rows only are kept), as the reference's queue."""
+    V, B = scores.shape[:2]
     loss = scores.new_zeros(())
     for i in range(2):
-        q = distributed_sinkhorn(scores[i].detach(), epsilon, iterations)
+        out = scores[i].detach() if queued is None else torch.cat([queued[i], scores[i].detach()])
+        q = distributed_sinkhorn(out, epsilon, iterations)[-B:]
         sub = sum(-(q * F.log_softmax(scores[v] / temperature, dim=-1)).sum(-1).mean() for v in range(V) if v != i)
         loss = loss + sub / (V - 1)
     return loss / 2
@@ -73,8 +79,9 @@ class SwAVHead(Head):
     def head_forward(self, model, outputs, batch) -> dict:
         crops = [batch.views["swav_global"]] + ([batch.views["swav_local"]] if self.n_local else [])
         pooled = torch.cat([model.encode_pooled(c.flatten(0, 1)) for c in crops])  # one pass per resolution
-        z = F.normalize(self.projector(pooled), dim=-1)
-        return {"swav/scores": self.prototypes(z).unflatten(0, (-1, crops[0].shape[1]))}  # [2 + n_local, B, K]
+        z = F.normalize(self.projector(pooled), dim=-1).unflatten(0, (-1, crops[0].shape[1]))  # [2 + n_local, B, D]
+        return {"swav/scores": self.prototypes(z), "swav/z": z[:2].detach(),
+                "swav/prototypes": self.prototypes.weight.detach()}
 
 
 @register("swav")
@@ -91,12 +98,17 @@ class SwAVObjective(Objective):
         local_scale: tuple[float, float] = (0.05, 0.14)
         local_size: int | None = Field(None, gt=0)       # default: half the image size, a multiple of the patch
         freeze_prototypes_steps: int = Field(0, ge=0)
+        queue_length: int = Field(0, ge=0)               # rows per process (the reference: 3840 / world size); 0: none
 
     needs = ("swav/scores",)
 
     def __init__(self, **settings):
         super().__init__()
         self.cfg = self.Config(**settings)
+        if self.cfg.queue_length:  # a buffer: saved in checkpoints, as DINO's center
+            self.register_buffer("queue", torch.zeros(2, self.cfg.queue_length, self.cfg.proj_dim))
+        else:
+            self.queue = None
 
     @classmethod
     def from_config(cls, o, ctx):
@@ -135,7 +147,19 @@ class SwAVObjective(Objective):
     def forward(self, outputs, batch):
         c, scores = self.cfg, outputs["swav/scores"]
         with torch.autocast(scores.device.type, enabled=False):
-            loss = swav_loss(scores.float(), c.temperature, c.epsilon, c.sinkhorn_iterations)
+            queued = self.queued_scores(outputs)
+            loss = swav_loss(scores.float(), c.temperature, c.epsilon, c.sinkhorn_iterations, queued)
         with torch.no_grad():
             mean_p = F.softmax(scores[:2].float() / c.temperature, dim=-1).flatten(0, 1).mean(0)
         return loss, {"mean_entropy": torch.special.entr(mean_p).sum()}  # -> 0: one-prototype collapse
+
+    @torch.no_grad()
+    def queued_scores(self, outputs) -> torch.Tensor | None:
+        """The queue's scores against the current prototypes once it is full (its last row written), else None;
+        then this batch's global-crop embeddings enter the queue at the front, the oldest leave at the back."""
+        if self.queue is None:
+            return None
+        queued = self.queue @ outputs["swav/prototypes"].float().t() if bool(self.queue[:, -1].any()) else None
+        z = outputs["swav/z"].float()
+        self.queue.copy_(torch.cat([z, self.queue], dim=1)[:, :self.queue.shape[1]])
+        return queued
