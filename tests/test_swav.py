@@ -14,7 +14,7 @@ from ddp_grads_ssl import build, global_batch  # noqa: E402
 
 
 # distributed_sinkhorn and the loss loop of main_swav.py, facebookresearch/swav (Copyright (c) Facebook, Inc. and its
-# affiliates; CC-BY-NC 4.0), in one process (all_reduce is the identity, world_size 1), no queue.
+# affiliates; CC-BY-NC 4.0), in one process (all_reduce is the identity, world_size 1).
 @torch.no_grad()
 def official_sinkhorn(out, epsilon=0.05, sinkhorn_iterations=3, world_size=1):
     Q = torch.exp(out / epsilon).t()  # Q is K-by-B for consistency with notations from our paper
@@ -32,11 +32,19 @@ def official_sinkhorn(out, epsilon=0.05, sinkhorn_iterations=3, world_size=1):
     return Q.t()
 
 
-def official_loss(output, bs, nmb_crops, crops_for_assign=(0, 1), temperature=0.1):
+def official_loss(output, bs, nmb_crops, crops_for_assign=(0, 1), temperature=0.1, queue=None, embedding=None,
+                  prototypes=None):
+    """main_swav.py's loop; with ``queue [2, Q, D]`` (updated in place) as the reference's, ``use_the_queue`` on
+    once the queue's last row is written."""
     loss = 0
     for i, crop_id in enumerate(crops_for_assign):
         with torch.no_grad():
             out = output[bs * crop_id: bs * (crop_id + 1)].detach()
+            if queue is not None:
+                if not torch.all(queue[i, -1, :] == 0):
+                    out = torch.cat((torch.mm(queue[i], prototypes.t()), out))
+                queue[i, bs:] = queue[i, :-bs].clone()
+                queue[i, :bs] = embedding[crop_id * bs: (crop_id + 1) * bs]
             q = official_sinkhorn(out)[-bs:]
         subloss = 0
         for v in [v for v in range(sum(nmb_crops)) if v != crop_id]:
@@ -101,26 +109,6 @@ def test_prototypes_are_unit_length_after_each_step_and_frozen_for_the_first_ste
         assert torch.allclose(protos.norm(dim=1), torch.ones(len(protos)), atol=1e-6)
 
 
-def official_loss_with_queue(output, embedding, bs, nmb_crops, queue, prototypes, temperature=0.1):
-    """main_swav.py's loop with its queue (``queue [2, Q, D]``, updated in place; ``use_the_queue`` as the
-    reference: on once the queue's last row is written)."""
-    loss = 0
-    for i, crop_id in enumerate((0, 1)):
-        with torch.no_grad():
-            out = output[bs * crop_id: bs * (crop_id + 1)].detach()
-            if not torch.all(queue[i, -1, :] == 0):
-                out = torch.cat((torch.mm(queue[i], prototypes.t()), out))
-            queue[i, bs:] = queue[i, :-bs].clone()
-            queue[i, :bs] = embedding[crop_id * bs: (crop_id + 1) * bs]
-            q = official_sinkhorn(out)[-bs:]
-        subloss = 0
-        for v in [v for v in range(sum(nmb_crops)) if v != crop_id]:
-            x = output[bs * v: bs * (v + 1)] / temperature
-            subloss -= torch.mean(torch.sum(q * F.log_softmax(x, dim=1), dim=1))
-        loss += subloss / (sum(nmb_crops) - 1)
-    return loss / 2
-
-
 def test_queue_equals_the_official_loop_over_steps():
     """Queue of 16 rows per crop, batch 8, 2 global + 2 local crops: the first 2 steps fill it (codes from the batch
     alone), from step 3 its scores against the current prototypes join Sinkhorn; losses and queue contents equal the
@@ -133,7 +121,8 @@ def test_queue_equals_the_official_loop_over_steps():
         z = F.normalize(torch.randn(4, 8, 6, generator=g), dim=-1)
         protos = F.normalize(torch.randn(12, 6, generator=g), dim=-1)
         s = z @ protos.T
-        expected = official_loss_with_queue(s.flatten(0, 1), z.flatten(0, 1), 8, [2, 2], ref_queue, protos)
+        expected = official_loss(s.flatten(0, 1), 8, [2, 2], queue=ref_queue, embedding=z.flatten(0, 1),
+                                 prototypes=protos)
         loss, _ = obj({"swav/scores": s, "swav/z": z[:2], "swav/prototypes": protos}, None)
         assert torch.allclose(loss, expected, atol=1e-5), step
         assert torch.equal(obj.queue, ref_queue), step
