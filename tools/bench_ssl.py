@@ -83,7 +83,7 @@ STEP_KNOBS = ("freeze_last_layer_steps", "freeze_prototypes_steps", "warmup_teac
 
 
 def compress_schedule(tree: dict, steps: int) -> dict:
-    """The config's schedule compressed to a run of ``steps`` (the config's ``train.steps`` is its full length):
+    """A copy of the config with its schedule compressed to a run of ``steps`` (the config's ``train.steps`` is its full length):
     step-counted knobs (DINO's last-layer freeze, SwAV's prototype freeze, ...) keep their fraction of the run, and
     the momentum teacher keeps its time constant 1 / (1 - tau) as a fraction of the run, so a 200-step run does not
     spend all of itself inside a freeze written for 2,000 steps, nor average toward a teacher that barely moves
@@ -91,6 +91,7 @@ def compress_schedule(tree: dict, steps: int) -> dict:
     scale = steps / tree["train"]["steps"]
     if scale >= 1:
         return tree
+    tree = copy.deepcopy(tree)
     for settings in tree.get("objectives", {}).values():
         for knob in STEP_KNOBS:
             if isinstance((settings or {}).get(knob), int):
@@ -205,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
                                                             args.seed))
         else:
             steps = plan[m]
-            tree = bq.job_tree(compress_schedule(copy.deepcopy(trees[m]), steps), out_dir / "runs" / m, steps,
+            tree = bq.job_tree(compress_schedule(trees[m], steps), out_dir / "runs" / m, steps,
                                lrs.get(m, trees[m]["optim"]["lr"]), args.seed, log_every=max(1, steps // 10))
             limit = None
             if args.max_minutes:

@@ -105,10 +105,8 @@ class SwAVObjective(Objective):
     def __init__(self, **settings):
         super().__init__()
         self.cfg = self.Config(**settings)
-        if self.cfg.queue_length:  # a buffer: saved in checkpoints, as DINO's center
-            self.register_buffer("queue", torch.zeros(2, self.cfg.queue_length, self.cfg.proj_dim))
-        else:
-            self.queue = None
+        queue = torch.zeros(2, self.cfg.queue_length, self.cfg.proj_dim) if self.cfg.queue_length else None
+        self.register_buffer("queue", queue)  # saved in checkpoints, as DINO's center (None: no queue, not saved)
 
     @classmethod
     def from_config(cls, o, ctx):
