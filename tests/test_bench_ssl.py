@@ -3,6 +3,7 @@ the self-supervised ones read only the unlabeled split, and the report table ran
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import REPO
 from vlp.config import config_from_dict
 
@@ -52,3 +53,16 @@ def test_a_short_run_keeps_the_configs_schedule_fractions():
     config_from_dict(short, check_files=False)
     full = bench_ssl.compress_schedule(bench_ssl.run_tree("dino", Path("shards"), 32), 2000)
     assert full["objectives"]["dino"]["freeze_last_layer_steps"] == 250 and full["teacher"]["tau"] == 0.99
+
+
+def test_results_of_parallel_processes_merge_into_one_table_and_other_benches_are_refused():
+    def doc(runs, budget=300):
+        return {"reference": "simclr", "budget_steps": budget, "batch_size": 64, "split": "full", "seed": 0,
+                "runs": {m: {"eval": {"test": {"knn_top1/pooled": k, "linear_top1/pooled": k}}, "steps": 10,
+                             "steps_done": 10, "gflops_per_step": 1.0} for m, k in runs.items()}}
+    merged = bench_ssl.merge_results([doc({"simclr": 0.4, "dino": 0.2}), doc({"dino": 0.3, "swav": 0.25})])
+    assert merged["runs"]["dino"]["eval"]["test"]["knn_top1/pooled"] == 0.3  # the later file's run
+    assert [line.split("|")[1].strip() for line in bench_ssl.table(merged).splitlines()[2:]] == \
+        ["simclr (reference)", "dino", "swav"]
+    with pytest.raises(SystemExit, match="budget_steps"):
+        bench_ssl.merge_results([doc({"simclr": 0.4}), doc({"dino": 0.3}, budget=800)])

@@ -648,3 +648,29 @@ def test_label_parsing_rejects_what_int_cannot_read_instead_of_crashing():
         got = parse_label({"cls": raw}, names)
         assert isinstance(got, Rejected) and got.reason == reason, (raw, got)
     assert parse_label({"cls": b"c"}, names) == 2
+
+
+@pytest.mark.parametrize("kernel", [3, 5])
+def test_fast_gaussian_blur_equals_torchvisions_on_pil_images(kernel):
+    """views.GaussianBlur (PIL's native convolution on a reflect-padded copy) draws sigma from torch's RNG as
+    torchvision's GaussianBlur does and gives its pixels, up to one level of rounding; the RNG stays in step."""
+    import numpy as np
+    from PIL import Image
+    from torchvision import transforms as T
+
+    from vlp.data.views import GaussianBlur
+
+    rng = np.random.default_rng(kernel)
+    images = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in ((32, 32), (16, 24), (7, 9))]
+    images.append(images[0].convert("L"))
+    ref, fast = T.GaussianBlur(kernel, sigma=(0.1, 2.0)), GaussianBlur(kernel, sigma=(0.1, 2.0))
+    for img in images:
+        torch.manual_seed(1)
+        want, after_want = np.asarray(ref(img)).astype(int), torch.rand(1)
+        torch.manual_seed(1)
+        got, after_got = fast(img), torch.rand(1)
+        assert got.size == img.size and got.mode == img.mode
+        assert np.abs(np.asarray(got).astype(int) - want).max() <= 1
+        assert torch.equal(after_want, after_got)
+    blurred = np.asarray(fast(images[0])).astype(int)
+    assert np.abs(blurred - np.asarray(images[0]).astype(int)).mean() > 1  # it does blur

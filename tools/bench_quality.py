@@ -441,14 +441,15 @@ def extract(clip, loader):
 
     visual = clip.visual
     proj = visual.proj
+    device = next(visual.parameters()).device
     pooled, embed, labels = [], [], []
     visual.proj = None
     try:
         with torch.no_grad():
             for images, y in loader:
-                p = visual(images.to(input_dtype(clip))).float()
-                pooled.append(p)
-                embed.append(F.normalize(p @ proj.float() if proj is not None else p, dim=-1))
+                p = visual(images.to(device, input_dtype(clip))).float()
+                pooled.append(p.cpu())
+                embed.append(F.normalize(p @ proj.float() if proj is not None else p, dim=-1).cpu())
                 labels.append(y)
     finally:
         visual.proj = proj
@@ -483,10 +484,13 @@ def evaluate_clip(clip, tokenizer, preprocess, shards: Path, val: Path | None = 
     from vlp.eval.probe import knn_eval, linear_probe
     from vlp.eval.zeroshot import build_classifier
 
+    if torch.cuda.is_available():  # features on the GPU; the probes run on the CPU copies
+        clip = clip.cuda()
     feats = {split: extract(clip, labeled_loader(str(folder), preprocess, batch_size, 1))
              for split, folder in (("train", shards / "labeled"), ("test", shards / "test"), ("val", val)) if folder}
     tr_pooled, tr_embed, tr_y = feats["train"]
-    classifiers = {name: build_classifier(clip, tokenizer, CLASSNAMES, templates)  # [D, C]
+    device = next(clip.parameters()).device
+    classifiers = {name: build_classifier(clip, tokenizer, CLASSNAMES, templates, device=device).cpu()  # [D, C]
                    for name, templates in (("templates", CAPTION_TEMPLATES), ("photo", SIMPLE_TEMPLATE))}
     out: dict = {}
     for split in ("test", "val"):

@@ -32,6 +32,8 @@ Usage::
     python tools/bench_ssl.py --methods mocov3 --lr mocov3=1e-4 --out bench_out/ssl/mocov3-lr1e-4.json
     python tools/bench_ssl.py --quick                       # smoke run: 6,000 images, batch 32, 6 steps
     python tools/bench_ssl.py --report-only bench_out/ssl/results.json
+    python tools/bench_ssl.py --batch-size 128 --budget 800 --workers 4   # on a GPU: the configs' batch, ~5x the FLOPs
+    python tools/bench_ssl.py --report-only a.json b.json   # methods run in parallel processes (own --cache-dir each)
 """
 from __future__ import annotations
 
@@ -66,12 +68,15 @@ def log(msg: str) -> None:
     print(f"[bench_ssl {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def run_tree(method: str, shards: Path, batch: int) -> dict:
-    """The method's config with this bench's shards and batch, no in-run evaluation, one final checkpoint."""
+def run_tree(method: str, shards: Path, batch: int, workers: int | None = None) -> dict:
+    """The method's config with this bench's shards and batch, no in-run evaluation, one final checkpoint
+    (``workers``: DataLoader workers per process instead of the config's)."""
     import yaml
 
     tree = yaml.safe_load((REPO / "configs" / METHODS[method][0]).read_text())
     tree = bq.adapt_tree(tree, shards, batch, None, None)
+    if workers is not None:
+        tree["data"]["workers"] = workers
     tree.pop("eval", None)  # evaluated once, after training, by this bench
     tree["train"].update({"save_every": 10 ** 6, "keep_last": 1, "progress": False})
     tree["train"].pop("eval_every", None)
@@ -115,6 +120,25 @@ def evaluate_random(model: str, shards: Path, seed: int) -> dict:
     return out
 
 
+def device_name() -> str:
+    import torch
+
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+
+
+def merge_results(docs: list[dict]) -> dict:
+    """One results doc from several runs of the same bench (same reference, budget, batch, split and seed)."""
+    same = ("reference", "budget_steps", "batch_size", "split", "seed")
+    for d in docs[1:]:
+        diff = [k for k in same if d.get(k) != docs[0].get(k)]
+        if diff:
+            raise SystemExit(f"results differ in {diff}: not the same bench; merge only runs of one bench")
+    merged = copy.deepcopy(docs[0])
+    for d in docs[1:]:
+        merged["runs"].update(copy.deepcopy(d["runs"]))
+    return merged
+
+
 def table(doc: dict) -> str:
     ref = doc["reference"]
     lines = ["| method | config | GFLOP/step | steps | total TFLOP | kNN top-1 | linear top-1 | train s |",
@@ -141,6 +165,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, of {','.join(METHODS)}")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=None,
+                   help="DataLoader workers per run instead of the configs' (on a GPU the multi-crop views are the "
+                        "bottleneck: give them the CPU cores)")
     p.add_argument("--lr", default="", help="METHOD=LR,...: these methods' lr instead of their config's")
     p.add_argument("--flop-steps", type=int, default=2, help="steps averaged by the FLOP counter")
     p.add_argument("--flop-batch", type=int, default=16,
@@ -154,10 +181,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="smoke run: the small split, batch 32, 6 reference steps")
     p.add_argument("--cache-dir", default=str(REPO / "bench_out"))
     p.add_argument("--out", default=None, help="results JSON (default: CACHE/ssl[-quick]/results.json)")
-    p.add_argument("--report-only", metavar="JSON", default=None, help="print the table of a saved results JSON")
+    p.add_argument("--report-only", metavar="JSON", nargs="+", default=None,
+                   help="print the table of saved results JSONs (several: runs of the same bench, e.g. methods run "
+                        "in parallel processes, merged; a later file's run of a method replaces an earlier one's)")
     args = p.parse_args(argv)
     if args.report_only:
-        print(table(json.loads(Path(args.report_only).read_text())))
+        print(table(merge_results([json.loads(Path(f).read_text()) for f in args.report_only])))
         return 0
     t_start = time.time()
     methods = bq.parse_list(args.methods)
@@ -183,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     out_path.parent.mkdir(parents=True, exist_ok=True)
 
     trained = [m for m in methods if m != "random"]
-    trees = {m: run_tree(m, shards, args.batch_size) for m in set(trained) | {args.reference}}
+    trees = {m: run_tree(m, shards, args.batch_size, args.workers) for m in set(trained) | {args.reference}}
     configs: dict = {m: {} for m in trees}
     bq.measure_flops(configs, {m: bq.adapt_tree(t, shards, args.flop_batch, None, None) for m, t in trees.items()},
                      args.flop_steps)
@@ -192,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     ref_flops = configs[args.reference]["gflops_per_step"]
     doc = {"benchmark": "ssl", "argv": sys.argv[1:] if argv is None else argv, "quick": args.quick,
            "reference": args.reference, "budget_steps": args.budget, "batch_size": args.batch_size,
-           "seed": args.seed, "split": args.split, "counts": info["counts"], "flop_batch": args.flop_batch, "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+           "seed": args.seed, "split": args.split, "workers": args.workers, "device": device_name(), "counts": info["counts"], "flop_batch": args.flop_batch, "created": time.strftime("%Y-%m-%d %H:%M:%S"),
            "probe": {"train": "the 10% labeled split", "test": "held-out test split", "feature": "pooled",
                      "knn": {"k": 20, "T": 0.07}, "linear": "logistic regression, standardized"},
            "runs": {}}
