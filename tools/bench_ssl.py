@@ -220,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
         c["gflops_per_step"] = round(c["gflops_per_step"] * args.batch_size / args.flop_batch, 2)
     ref_flops = configs[args.reference]["gflops_per_step"]
     doc = {"benchmark": "ssl", "argv": sys.argv[1:] if argv is None else argv, "quick": args.quick,
-           "reference": args.reference, "budget_steps": args.budget, "batch_size": args.batch_size,
+           "reference": args.reference, "reference_gflops_per_step": ref_flops, "budget_steps": args.budget, "batch_size": args.batch_size,
            "seed": args.seed, "split": args.split, "workers": args.workers, "device": device_name(), "counts": info["counts"], "flop_batch": args.flop_batch, "created": time.strftime("%Y-%m-%d %H:%M:%S"),
            "probe": {"train": "the 10% labeled split", "test": "held-out test split", "feature": "pooled",
                      "knn": {"k": 20, "T": 0.07}, "linear": "logistic regression, standardized"},

@@ -1,4 +1,4 @@
-"""View recipes for objectives that need extra augmented views (torchvision transforms, nothing hand-written).
+"""View recipes for objectives that need extra augmented views (torchvision transforms; the blur through PIL).
 
 - ``plain``:  resize + center crop (what evaluation sees).
 - ``weak``:   random resized crop (scale 0.8-1) + horizontal flip (FixMatch's weak view).
