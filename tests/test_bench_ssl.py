@@ -66,3 +66,26 @@ def test_results_of_parallel_processes_merge_into_one_table_and_other_benches_ar
         ["simclr (reference)", "dino", "swav"]
     with pytest.raises(SystemExit, match="budget_steps"):
         bench_ssl.merge_results([doc({"simclr": 0.4}), doc({"dino": 0.3}, budget=800)])
+
+
+def test_run_all_runs_every_method_at_most_parallel_at_once():
+    import threading
+    import time
+
+    running, peak, lock = [0], [0], threading.Lock()
+
+    def job(i, m):
+        with lock:
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+        time.sleep(0.05 * (3 - i % 3))
+        with lock:
+            running[0] -= 1
+        return i
+
+    methods = ["simclr", "dino", "swav", "byol", "random"]
+    assert list(bench_ssl.run_all(methods, job)) == [(m, i) for i, m in enumerate(methods)]  # one at a time, in order
+    assert peak[0] == 1
+    peak[0] = 0
+    done = list(bench_ssl.run_all(methods, job, parallel=3))
+    assert sorted(done) == sorted((m, i) for i, m in enumerate(methods)) and peak[0] == 3

@@ -17,7 +17,8 @@ every other one ``round(budget * flops(reference) / flops(method))``. Every run:
 (default 64: twice the updates of 128 at the same FLOPs), the config's lr and recipe, warm-up 10% of its steps (at
 least 30, at most half), the config's schedule compressed to the run's length (``compress_schedule``: step-counted
 freezes keep their fraction of the run, the teacher's time constant 1 / (1 - tau) too), seed 0; one ``python -m
-vlp.train`` subprocess each, stopped (SIGTERM, checkpointed, marked cut short) past its share of ``--max-minutes``.
+vlp.train`` subprocess each (``--parallel N``: N at once), stopped (SIGTERM, checkpointed, marked cut short) past its
+share of ``--max-minutes``.
 
 Evaluation (bench_quality's ``evaluate_run``, on ``pooled``, the ViT's pooled token before the CLIP projection):
 kNN top-1 (k=20, T=0.07) and linear-probe top-1 (logistic regression on standardized features), both fit on the 10%
@@ -120,6 +121,22 @@ def evaluate_random(model: str, shards: Path, seed: int) -> dict:
     return out
 
 
+def run_all(methods: list[str], job, parallel: int = 1):
+    """``(method, job(i, method))`` for each method, in the order they finish: one at a time, or ``parallel`` at
+    once (threads, each waiting on its training subprocess: a tiny ViT leaves a GPU mostly idle, so several runs
+    share it, and the CPU cores make their views)."""
+    if parallel <= 1:
+        for i, m in enumerate(methods):
+            yield m, job(i, m)
+        return
+    from concurrent.futures import ThreadPoolExecutor, as_completed
+
+    with ThreadPoolExecutor(parallel) as pool:
+        futures = {pool.submit(job, i, m): m for i, m in enumerate(methods)}
+        for f in as_completed(futures):
+            yield futures[f], f.result()
+
+
 def device_name() -> str:
     import torch
 
@@ -165,6 +182,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, of {','.join(METHODS)}")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--parallel", type=int, default=1,
+                   help="methods trained at once (on a GPU: a tiny ViT leaves it mostly idle); with --max-minutes, "
+                        "every run is stopped at that deadline instead of at its share")
     p.add_argument("--workers", type=int, default=None,
                    help="DataLoader workers per run instead of the configs' (on a GPU the multi-crop views are the "
                         "bottleneck: give them the CPU cores)")
@@ -220,41 +240,53 @@ def main(argv: list[str] | None = None) -> int:
         c["gflops_per_step"] = round(c["gflops_per_step"] * args.batch_size / args.flop_batch, 2)
     ref_flops = configs[args.reference]["gflops_per_step"]
     doc = {"benchmark": "ssl", "argv": sys.argv[1:] if argv is None else argv, "quick": args.quick,
-           "reference": args.reference, "reference_gflops_per_step": ref_flops, "budget_steps": args.budget, "batch_size": args.batch_size,
-           "seed": args.seed, "split": args.split, "workers": args.workers, "device": device_name(), "counts": info["counts"], "flop_batch": args.flop_batch, "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+           "reference": args.reference, "reference_gflops_per_step": ref_flops, "budget_steps": args.budget,
+           "batch_size": args.batch_size, "seed": args.seed, "split": args.split, "workers": args.workers,
+           "parallel": args.parallel, "device": device_name(), "counts": info["counts"], "flop_batch": args.flop_batch,
+           "created": time.strftime("%Y-%m-%d %H:%M:%S"),
            "probe": {"train": "the 10% labeled split", "test": "held-out test split", "feature": "pooled",
                      "knn": {"k": 20, "T": 0.07}, "linear": "logistic regression, standardized"},
            "runs": {}}
     plan = {m: bq.equal_flops_steps(args.budget, ref_flops, configs[m]["gflops_per_step"]) for m in trained}
     log("plan: " + ", ".join(f"{m} {plan[m]} steps ({configs[m]['gflops_per_step']:.1f} GFLOP/step)" for m in trained))
 
-    for i, m in enumerate(methods):
+    def train_and_evaluate(m: str, limit: float | None) -> dict:
         entry: dict = {"config": METHODS[m][0], "paper": METHODS[m][1]}
         if m == "random":
             entry.update(steps_done=0, eval=evaluate_random(trees[args.reference]["model"]["name"], shards,
                                                             args.seed))
-        else:
-            steps = plan[m]
-            tree = bq.job_tree(compress_schedule(trees[m], steps), out_dir / "runs" / m, steps,
-                               lrs.get(m, trees[m]["optim"]["lr"]), args.seed, log_every=max(1, steps // 10))
-            limit = None
-            if args.max_minutes:
-                left = args.max_minutes * 60 - (time.time() - t_start)
-                limit = max(60.0, left / len([x for x in methods[i:] if x != "random"]) - 30)  # 30 s: evaluation
-            log(f"{m}: {steps} steps" + (f" (at most {limit:.0f} s)" if limit else ""))
-            res = bq.launch(tree, out_dir / "runs" / m, limit)
-            entry.update(steps=steps, steps_done=res["steps_done"], cut_short=res["cut_short"], wall_s=res["wall_s"],
-                         gflops_per_step=configs[m]["gflops_per_step"], lr=tree["optim"]["lr"],
-                         warmup=tree["optim"]["warmup_steps"], teacher_tau=(tree.get("teacher") or {}).get("tau"),
-                         schedule={k: v for o in tree["objectives"].values() for k, v in (o or {}).items()
-                                   if k in STEP_KNOBS},
-                         final_losses={k: v for k, v in res["last"].items() if k.startswith("loss/")})
-            entry["eval"] = bq.evaluate_run(out_dir / "runs" / m, shards)
+            return entry
+        steps = plan[m]
+        tree = bq.job_tree(compress_schedule(trees[m], steps), out_dir / "runs" / m, steps,
+                           lrs.get(m, trees[m]["optim"]["lr"]), args.seed, log_every=max(1, steps // 10))
+        log(f"{m}: {steps} steps" + (f" (at most {limit:.0f} s)" if limit else ""))
+        res = bq.launch(tree, out_dir / "runs" / m, limit)
+        entry.update(steps=steps, steps_done=res["steps_done"], cut_short=res["cut_short"], wall_s=res["wall_s"],
+                     gflops_per_step=configs[m]["gflops_per_step"], lr=tree["optim"]["lr"],
+                     warmup=tree["optim"]["warmup_steps"], teacher_tau=(tree.get("teacher") or {}).get("tau"),
+                     schedule={k: v for o in tree["objectives"].values() for k, v in (o or {}).items()
+                               if k in STEP_KNOBS},
+                     final_losses={k: v for k, v in res["last"].items() if k.startswith("loss/")})
+        entry["eval"] = bq.evaluate_run(out_dir / "runs" / m, shards)
+        return entry
+
+    def time_limit(i: int) -> float | None:
+        """Sequential: each run's share of the time left (30 s of it for evaluation); parallel: the time left."""
+        if not args.max_minutes:
+            return None
+        left = args.max_minutes * 60 - (time.time() - t_start)
+        share = 1 if args.parallel > 1 else len([x for x in methods[i:] if x != "random"])
+        return max(60.0, left / max(1, share) - 30)
+
+    def record(m: str, entry: dict) -> None:
         t = entry["eval"]["test"]
         log(f"{m}: kNN {100 * t[KEYS[0]]:.1f}, linear {100 * t[KEYS[1]]:.1f} (eval {entry['eval']['eval_s']} s)")
         doc["runs"][m] = entry
         doc["total_minutes"] = round((time.time() - t_start) / 60, 1)
         out_path.write_text(json.dumps(doc, indent=1) + "\n")
+
+    for m, entry in run_all(methods, lambda i, m: train_and_evaluate(m, time_limit(i)), args.parallel):
+        record(m, entry)
     print(table(doc))
     log(f"results: {out_path} ({doc['total_minutes']} min)")
     return 0
