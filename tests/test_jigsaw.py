@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from vlp.config import config_from_dict
 from vlp.data.batch import Batch
 from vlp.objectives.base import BuildContext
-from vlp.objectives.jigsaw import JigsawObjective, cut_tiles, max_hamming_permutations, tile_geometry
+from vlp.objectives.jigsaw import (JigsawObjective, cut_tiles, max_hamming_permutations, normalize_tiles,
+                                   tile_geometry)
 from vlp.task import PretrainTask
 
 CFG = {"data": {"sources": [{"kind": "unlabeled", "shards": "x.tar"}], "batch": {"unlabeled": 3}},
@@ -55,7 +56,7 @@ def test_puzzle_shuffles_by_the_target_permutation_and_the_loss_is_cross_entropy
     tiles, target = head.puzzle(view)
     torch.manual_seed(1)
     offsets = torch.randint(0, head.gap + 1, (3, 9, 2))
-    unshuffled = cut_tiles(view, 8, offsets)
+    unshuffled = normalize_tiles(cut_tiles(view, 8, offsets))  # tile_norm: on by default, as the paper
     for b in range(3):
         for i, src in enumerate(head.permutations[target[b]].tolist()):
             assert torch.equal(tiles[b, i], unshuffled[b, src])
@@ -84,3 +85,34 @@ def test_tile_geometry_defaults_to_a_third_of_the_image_on_the_patch_grid():
         tile_geometry(JigsawObjective.Config(tile_size=10), BuildContext(cfg=None, patch=4, is_vit=True))
     with pytest.raises(ValueError, match="needs a ViT"):
         tile_geometry(c, BuildContext(cfg=None, is_vit=False))
+
+
+def test_tiles_are_normalized_alone_as_the_authors_code_does():
+    """normalize_tiles against Noroozi & Favaro's PyTorch port (bbrattoli/JigsawPuzzlePytorch, JigsawLoader): per
+    tile, ``m, s = tile.view(3, -1).mean(dim=1), tile.view(3, -1).std(dim=1); s[s == 0] = 1``, then
+    ``transforms.Normalize(m, s)``; a constant channel keeps std 1."""
+    from torchvision import transforms as T
+
+    torch.manual_seed(0)
+    tiles = torch.rand(2, 9, 3, 6, 6) * 4 - 1
+    tiles[0, 4, 1] = 0.5  # a constant channel (its mean exact in float)
+    got = normalize_tiles(tiles)
+    for b in range(2):
+        for t in range(9):
+            tile = tiles[b, t]
+            m, s = tile.view(3, -1).mean(dim=1), tile.view(3, -1).std(dim=1)
+            s[s == 0] = 1
+            assert torch.allclose(got[b, t], T.Normalize(m.tolist(), s.tolist())(tile), atol=1e-6)
+    assert torch.equal(got[0, 4, 1], torch.zeros(6, 6))
+
+
+def test_tile_norm_off_keeps_the_raw_tiles():
+    cfg = copy.deepcopy(CFG)
+    cfg["objectives"]["jigsaw"]["tile_norm"] = False
+    head = PretrainTask(config_from_dict(cfg, check_files=False)).student.jigsaw_head
+    view = torch.randn(2, 3, 48, 48)
+    torch.manual_seed(1)
+    tiles, target = head.puzzle(view)
+    torch.manual_seed(1)
+    raw = cut_tiles(view, 8, torch.randint(0, head.gap + 1, (2, 9, 2)))
+    assert torch.equal(tiles, raw[torch.arange(2)[:, None], head.permutations[target]])

@@ -1,7 +1,8 @@
 """Jigsaw puzzles (Noroozi & Favaro 2016, "Unsupervised Learning of Visual Representations by Solving Jigsaw
 Puzzles"): a view of each row is cut into a 3x3 grid of cells; from each cell a ``tile_size`` tile is cut at a random
 offset (the ``gap`` between tiles keeps edges from giving the answer away, as the paper's 64px tiles in 75px cells);
-the tiles are shuffled by one of ``n_permutations`` fixed permutations and the student encodes each tile alone (its
+each tile's channels are normalized alone (``tile_norm``, the paper's guard against low-level shortcuts); the tiles
+are shuffled by one of ``n_permutations`` fixed permutations and the student encodes each tile alone (its
 patch grid through the interpolated positional embedding), a shared linear layer maps each tile's pooled feature
 (the paper's fc6), and an MLP over the 9 concatenated features (fc7, fc8) classifies which permutation was applied.
 
@@ -63,22 +64,34 @@ def cut_tiles(view: torch.Tensor, tile: int, offsets: torch.Tensor) -> torch.Ten
     return cells[b, t, ys[..., :, None], xs[..., None, :]].permute(0, 1, 4, 2, 3)
 
 
+def normalize_tiles(tiles: torch.Tensor) -> torch.Tensor:
+    """Each tile's channels ``[..., C, t, t]`` to zero mean and unit std, independently (Noroozi & Favaro 2016, Sec.
+    3.2: so that low-level statistics shared by neighbouring tiles are no shortcut); as the authors' code, a constant
+    channel keeps std 1."""
+    flat = tiles.flatten(-2)
+    mean, std = flat.mean(-1, keepdim=True), flat.std(-1, keepdim=True)
+    return ((flat - mean) / torch.where(std == 0, torch.ones_like(std), std)).unflatten(-1, tiles.shape[-2:])
+
+
 class JigsawHead(Head):
     def __init__(self, width: int, tile: int, gap: int, n_permutations: int, seed: int, tile_dim: int,
-                 hidden: int):
+                 hidden: int, tile_norm: bool = True):
         super().__init__()
-        self.tile, self.gap = tile, gap
+        self.tile, self.gap, self.tile_norm = tile, gap, tile_norm
         self.register_buffer("permutations", max_hamming_permutations(n_permutations, seed), persistent=False)
         self.tile_fc = nn.Linear(width, tile_dim)
         self.classifier = nn.Sequential(nn.GELU(), nn.Linear(GRID * GRID * tile_dim, hidden), nn.GELU(),
                                         nn.Linear(hidden, n_permutations))
 
     def puzzle(self, view: torch.Tensor):
-        """Random tiles of ``view [B, 3, S, S]`` shuffled by random permutations: ``(tiles [B, 9, ...], target [B])``;
-        position ``i`` of row ``b`` holds tile ``permutations[target[b], i]``."""
+        """Random tiles of ``view [B, 3, S, S]`` (each normalized alone with ``tile_norm``) shuffled by random
+        permutations: ``(tiles [B, 9, ...], target [B])``; position ``i`` of row ``b`` holds tile
+        ``permutations[target[b], i]``."""
         B, dev = view.shape[0], view.device
         offsets = torch.randint(0, self.gap + 1, (B, GRID * GRID, 2), device=dev)
         tiles = cut_tiles(view, self.tile, offsets)
+        if self.tile_norm:
+            tiles = normalize_tiles(tiles)
         target = torch.randint(0, self.permutations.shape[0], (B,), device=dev)
         return tiles[torch.arange(B, device=dev)[:, None], self.permutations[target]], target
 
@@ -112,6 +125,7 @@ class JigsawObjective(Objective):
         tile_dim: int = Field(128, gt=0)
         hidden_dim: int = Field(512, gt=0)
         crop_scale: tuple[float, float] = (0.5, 1.0)
+        tile_norm: bool = True                   # each tile's channels to zero mean, unit std (the paper's)
 
     needs = ("jigsaw/logits", "jigsaw/target")
 
@@ -129,7 +143,7 @@ class JigsawObjective(Objective):
         c = self.cfg
         tile, gap = tile_geometry(c, ctx)
         return {"jigsaw_head": JigsawHead(ctx.width, tile, gap, c.n_permutations, c.permutation_seed, c.tile_dim,
-                                          c.hidden_dim)}
+                                          c.hidden_dim, c.tile_norm)}
 
     def view_groups(self, ctx):
         tile, gap = tile_geometry(self.cfg, ctx)
