@@ -61,5 +61,6 @@ class GaussianBlur(T.GaussianBlur):
         pad = k[0] // 2
         arr = np.asarray(img)
         padded = np.pad(arr, ((pad, pad), (pad, pad)) + ((0, 0),) * (arr.ndim - 2), mode="reflect")
-        out = Image.fromarray(padded).filter(ImageFilter.Kernel(k, (g[:, None] * g[None, :]).flatten().tolist(), scale=1))
+        kernel = ImageFilter.Kernel(k, (g[:, None] * g[None, :]).flatten().tolist(), scale=1)
+        out = Image.fromarray(padded).filter(kernel)
         return out.crop((pad, pad, pad + img.width, pad + img.height))
