@@ -33,8 +33,8 @@ Usage::
     python tools/bench_ssl.py --methods mocov3 --lr mocov3=1e-4 --out bench_out/ssl/mocov3-lr1e-4.json
     python tools/bench_ssl.py --quick                       # smoke run: 6,000 images, batch 32, 6 steps
     python tools/bench_ssl.py --report-only bench_out/ssl/results.json
-    python tools/bench_ssl.py --batch-size 128 --budget 800 --workers 4   # on a GPU: the configs' batch, ~5x the FLOPs
-    python tools/bench_ssl.py --report-only a.json b.json   # methods run in parallel processes (own --cache-dir each)
+    python tools/bench_ssl.py --batch-size 128 --budget 1200 --workers 3 --parallel 6   # one GPU: README's table, 8x
+    python tools/bench_ssl.py --report-only a.json b.json   # bench processes run side by side (own --cache-dir each)
 """
 from __future__ import annotations
 
