@@ -70,15 +70,15 @@ def test_results_of_parallel_processes_merge_into_one_table_and_other_benches_ar
 
 def test_run_all_runs_every_method_at_most_parallel_at_once():
     import threading
-    import time
 
     running, peak, lock = [0], [0], threading.Lock()
 
-    def job(i, m):
+    def job(i, m, together=None):
         with lock:
             running[0] += 1
             peak[0] = max(peak[0], running[0])
-        time.sleep(0.05 * (3 - i % 3))
+        if together is not None and i < together.parties:
+            together.wait(timeout=10)  # the first `parallel` jobs must run at the same time, or this breaks
         with lock:
             running[0] -= 1
         return i
@@ -87,5 +87,6 @@ def test_run_all_runs_every_method_at_most_parallel_at_once():
     assert list(bench_ssl.run_all(methods, job)) == [(m, i) for i, m in enumerate(methods)]  # one at a time, in order
     assert peak[0] == 1
     peak[0] = 0
-    done = list(bench_ssl.run_all(methods, job, parallel=3))
+    together = threading.Barrier(3)
+    done = list(bench_ssl.run_all(methods, lambda i, m: job(i, m, together), parallel=3))
     assert sorted(done) == sorted((m, i) for i, m in enumerate(methods)) and peak[0] == 3
