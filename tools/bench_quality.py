@@ -708,6 +708,11 @@ def report(doc: dict) -> str:
                                                     f"{doc['seeds'][0]}); test top-1 %")):
         if len(extra) > 3 or len(extra) == 1:  # a table with rows, or a one-line note
             parts.append(extra)
+    taken = [j for j in doc["jobs"] if j.get("reused_from")]
+    if taken:
+        sources = sorted({j["reused_from"] for j in taken})
+        parts.append([f"{len(taken)} of {len(doc['jobs'])} trainings taken over (--reuse) from {'; '.join(sources)}: "
+                      + ", ".join(j["name"] for j in taken)])
     return "\n\n".join("\n".join(p) for p in parts)
 
 
@@ -780,6 +785,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mask-ratio", type=float, default=None, help="override every config's model.mask_ratio")
     p.add_argument("--model", default=None, help="model config name (default: the configs', vlp-tiny-vit)")
     p.add_argument("--split-seed", type=int, default=0, help="data split seed")
+    p.add_argument("--reuse", metavar="JSON", action="append", default=[],
+                   help="an earlier results JSON of this bench (repeatable): each of its uncut trainings with the same "
+                        "config (objectives, batch, masking, model, FLOPs), seed, lr and steps is taken over instead "
+                        "of trained again; it resumes a killed bench or extends one (a sweep, more seeds)")
     args = p.parse_args(argv)
     if args.report_only:
         print(report(json.loads(Path(args.report_only).read_text())))
@@ -900,6 +909,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out) if args.out else out_dir / "results.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     done: dict = {}  # job key -> its record in doc["jobs"]
+    prior = reusable_records([Path(r) for r in args.reuse], doc)
     for i, job in enumerate(jobs):
         if job.lr is None:
             if job.lr_of not in chosen:  # the sweep of this run is over: choose on the validation split
@@ -912,6 +922,15 @@ def main(argv: list[str] | None = None) -> int:
         if job.key() in done:
             done[job.key()]["phases"] += [ph for ph in job.phases if ph not in done[job.key()]["phases"]]
             log(f"{job.name}: same training as {done[job.key()]['name']}, reused")
+            continue
+        if job.key() in prior:
+            source, old = prior[job.key()]
+            record = {**copy.deepcopy(old), "name": job.name, "phases": list(job.phases), "reused_from": old.get("reused_from", source)}
+            doc["jobs"].append(record)
+            done[job.key()] = record
+            log(f"{job.name}: taken over from {source} ({old['name']}): test kNN "
+                f"{100 * old['eval']['test'][SELECT_KEY]:.2f}, val kNN {100 * old['eval']['val'][SELECT_KEY]:.2f}")
+            out.write_text(json.dumps(doc, indent=1) + "\n")
             continue
         tree = job_tree(trees[job.config], runs_dir / job.name, job.steps, job.lr, job.seed, log_every)
         limit = None
@@ -947,6 +966,30 @@ def main(argv: list[str] | None = None) -> int:
     print(report(doc))
     print(f"\nwrote {out}  (total {doc['total_minutes']:.1f} min)")
     return 0
+
+
+REUSE_SETTINGS = ("quick", "batch_size", "split", "split_seed", "val", "flop_steps", "caption_templates", "probe")
+REUSE_CONFIG_KEYS = ("objectives", "text_trained", "batch", "mask_ratio", "model", "change")
+
+
+def reusable_records(paths: list[Path], doc: dict) -> dict[tuple, tuple[str, dict]]:
+    """Job key -> (where it comes from, its record), for the uncut trainings of earlier results JSONs whose bench
+    settings equal ``doc``'s and whose config is the same (objectives, batch, masking, model, and GFLOP/step to 0.1%).
+    An earlier bench with other settings (split, batch, validation set, probes) is an error naming them."""
+    out: dict = {}
+    for path in paths:
+        old = json.loads(path.read_text())
+        differ = [k for k in REUSE_SETTINGS if old.get(k) != doc.get(k)]
+        if old.get("benchmark") != "bench_quality" or differ:
+            raise SystemExit(f"--reuse {path}: not the same bench ({', '.join(differ) or 'benchmark'} differ)")
+        for rec in old["jobs"]:
+            was, now = old["configs"].get(rec["config"]), doc["configs"].get(rec["config"])
+            if now is None or rec["train"]["cut_short"] or any(was.get(k) != now.get(k) for k in REUSE_CONFIG_KEYS):
+                continue
+            if abs(was["gflops_per_step"] - now["gflops_per_step"]) > 1e-3 * now["gflops_per_step"]:
+                continue
+            out[(rec["config"], rec["seed"], rec["lr"], rec["steps"])] = (f"{path} of {old['created']}", rec)
+    return out
 
 
 def results_doc(args, argv, info, n_val, runs, seeds, lrs, steps, batch, configs, lr_info, calib) -> dict:
