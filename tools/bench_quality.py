@@ -897,19 +897,22 @@ def main(argv: list[str] | None = None) -> int:
     for cname, v in configs.items():
         v["equal_flops_steps"] = equal_flops_steps(steps, configs[args.reference]["gflops_per_step"],
                                                    v["gflops_per_step"])
+    doc = results_doc(args, argv, info, n_val, runs, seeds, lrs, steps, batch, configs, lr_info, calib)
+    prior = reusable_records([Path(r) for r in args.reuse], doc)
+    reuse = [r or (j.lr is not None and j.key() in prior) for j, r in zip(jobs, reuse)]
     print()
     print_plan(jobs, reuse, costs, configs)
+    if prior:
+        print(f"--reuse: {len(prior)} earlier trainings can be taken over (a job at a swept lr once it is chosen)")
     print()
     if args.plan_only:
         return 0
 
-    doc = results_doc(args, argv, info, n_val, runs, seeds, lrs, steps, batch, configs, lr_info, calib)
     doc["plan"] = {"estimated_minutes": round(sum(costs) / 60, 1) if costs else None,
                    "jobs": [asdict(j) for j in jobs]}
     out = Path(args.out) if args.out else out_dir / "results.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     done: dict = {}  # job key -> its record in doc["jobs"]
-    prior = reusable_records([Path(r) for r in args.reuse], doc)
     for i, job in enumerate(jobs):
         if job.lr is None:
             if job.lr_of not in chosen:  # the sweep of this run is over: choose on the validation split
