@@ -1,12 +1,18 @@
 """SwAV: Sinkhorn-Knopp and the swapped-prediction loss against the official code and lightly's SwaVLoss on fixed
-tensors; the prototypes stay unit-length and freeze for the first steps."""
+tensors; the prototypes stay unit-length and freeze for the first steps; each process's queue survives a 2-process
+resume."""
+import shutil
+import subprocess
 import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 
-from conftest import REPO
+from conftest import REPO, run_config, write_config
+from test_train import ENV, LAUNCH_2, _metrics
+from vlp import checkpoint as ckpt_io
 from vlp.objectives.swav import SwAVObjective, distributed_sinkhorn, swav_loss
 
 sys.path.insert(0, str(REPO / "tests" / "scripts"))
@@ -129,3 +135,32 @@ def test_queue_equals_the_official_loop_over_steps():
         losses.append(loss)
     assert not torch.allclose(losses[3], swav_loss(s, 0.1), atol=1e-4)  # the queue changed the codes
     assert "queue" in dict(obj.named_buffers()) and "queue" not in dict(SwAVObjective().named_buffers())
+
+
+def test_two_process_resume_gives_each_rank_its_own_queue_and_the_uninterrupted_losses(demo_data, tmp_path):
+    """Each process queues its own rows (the reference saves queue<rank>.pth): a 2-process checkpoint holds one
+    ``objectives.rank<R>.safetensors`` per rank, and resuming from it (`accelerate launch`, gloo) gives the
+    losses of the uninterrupted run, which needs rank 1 to get its own queue back, not rank 0's."""
+    def config(name):
+        cfg = run_config(demo_data, tmp_path / name, train={"steps": 6, "save_every": 3, "log_every": 1})
+        cfg["data"]["sources"] = [s for s in cfg["data"]["sources"] if s["kind"] == "unlabeled"]
+        cfg["data"]["batch"] = {"unlabeled": 8}  # 4 rows per process: its queue of 8 is full after 2 steps
+        cfg["objectives"] = {"swav": {"hidden_dim": 32, "proj_dim": 16, "n_prototypes": 16, "n_local": 1,
+                                      "queue_length": 8}}
+        return write_config(tmp_path / f"{name}.yaml", cfg)
+
+    run = [*LAUNCH_2, "-m", "vlp.train", "--config"]
+    subprocess.run([*run, str(config("ref"))], env=ENV, check=True, capture_output=True, timeout=300)
+    step3 = ckpt_io.checkpoint_dir(tmp_path / "ref", 3)
+    queues = [load_file(str(step3 / ckpt_io.PER_PROCESS_FILE.format(rank=r)))["swav.queue"] for r in (0, 1)]
+    assert queues[0][:, -1].any() and queues[1][:, -1].any()  # full
+    assert not torch.equal(queues[0], queues[1])
+    assert torch.equal(load_file(str(step3 / "objectives.safetensors"))["swav.queue"], queues[0])
+
+    path = config("run")  # the reference's checkpoint at step 3 as this run's latest, then resumed
+    shutil.copytree(step3, ckpt_io.checkpoint_dir(tmp_path / "run", 3))
+    subprocess.run([*run, str(path), "--resume", "auto"], env=ENV, check=True, capture_output=True, timeout=300)
+    reference, resumed = _metrics(tmp_path / "ref"), _metrics(tmp_path / "run")
+    assert sorted(resumed) == [4, 5, 6]
+    for step in (4, 5, 6):
+        assert resumed[step]["loss/swav"] == pytest.approx(reference[step]["loss/swav"], rel=1e-5, abs=1e-6), step

@@ -2,7 +2,9 @@
 
 A checkpoint is ``RUN_DIR/checkpoints/step_000100/``: accelerate's ``save_state`` files (``model.safetensors``,
 optimizer, scheduler, RNG states; all loaded with ``weights_only=True``), plus ``config.yaml`` (the resolved run
-config) and ``vlp_state.json`` (step, samples seen, bad-sample counts, last metrics). It is written under a
+config), ``vlp_state.json`` (step, samples seen, bad-sample counts, last metrics), ``teacher.safetensors`` and
+``objectives.safetensors`` (the momentum teacher, rank 0's objective buffers) and, in a multi-process run,
+``objectives.rank<R>.safetensors`` (each rank's own buffers, e.g. SwAV's queue). It is written under a
 ``.tmp`` name and renamed when complete, so a crash mid-save never leaves a half checkpoint as the latest.
 
 Under FSDP accelerate writes the model as ``pytorch_model_fsdp.bin`` (FULL_STATE_DICT) or as a
@@ -26,6 +28,7 @@ import yaml
 
 STATE_FILE = "vlp_state.json"
 CONFIG_FILE = "config.yaml"
+PER_PROCESS_FILE = "objectives.rank{rank}.safetensors"  # a rank's own objective buffers (Objective.per_process_state)
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 TEACHER_FILES = ("teacher.safetensors", "ema.safetensors")  # the momentum teacher (ema.safetensors: older runs)
 WEIGHTS = ("student", "teacher")

@@ -253,6 +253,17 @@ class PretrainTask:
             state[objectives].update({f"{name}.{k}": v for k, v in obj.state_dict().items()})
         return state
 
+    def per_process_state(self) -> dict[str, torch.Tensor]:
+        """This process's own objective buffers (``Objective.per_process_state``, ``<name>.<buffer>``): every rank
+        saves them; ``extra_state()`` holds rank 0's only."""
+        return {f"{name}.{k}": getattr(obj, k) for name, (obj, _) in self.objectives.items()
+                for k in obj.per_process_state if getattr(obj, k) is not None}
+
+    def load_per_process_state(self, state: dict[str, torch.Tensor]) -> None:
+        for key, value in state.items():
+            name, buf = key.split(".", 1)
+            getattr(self.objectives[name][0], buf).copy_(value)
+
     def load_extra_state(self, state: dict[str, dict[str, torch.Tensor]]) -> None:
         if self.teacher is not None:
             if "teacher" not in state:

@@ -193,6 +193,9 @@ class Trainer:
             self.dataset.start_taken = {int(k): v for k, v in taken.items()}
         self._report_changes(path, state, exact)
         self.task.load_extra_state(extra)
+        own = path / ckpt_io.PER_PROCESS_FILE.format(rank=self.rank)
+        if state.get("world_size") == self.world and own.is_file():  # another world size keeps rank 0's buffers
+            self.task.load_per_process_state(load_file(str(own)))
         log.info("resumed from %s at step %d", path, self.step)
         self._log_schedule_change(path)
 
@@ -245,6 +248,12 @@ class Trainer:
         bad = self.bad_samples()
         try:
             acc.save_state(str(tmp))
+            own = self.task.per_process_state() if self.world > 1 else {}
+            if own:  # every rank the same objectives: all write, then all wait, before rank 0 publishes
+                tmp.mkdir(parents=True, exist_ok=True)
+                save_file({k: v.detach().cpu().contiguous() for k, v in own.items()},
+                          str(tmp / ckpt_io.PER_PROCESS_FILE.format(rank=self.rank)))
+                acc.wait_for_everyone()
             full = self.full_state_dict()  # collective under FSDP: every rank takes part
             if acc.is_main_process:
                 self.data_taken = {str(r): {str(k): v for k, v in t.items()} for r, t in enumerate(taken)}

@@ -85,6 +85,9 @@ class Objective(nn.Module):
     # those of the other micro-batches come from a no-grad pass; it then also reads the accumulated rows'
     # batch["label"], batch["has_text"], batch["kind"]. Empty: its loss is per micro-batch, averaged.
     accumulates: ClassVar[tuple[str, ...]] = ()
+    # buffers each process keeps for itself (neither all-reduced nor identical across ranks, e.g. SwAV's queue):
+    # every rank saves its own (``objectives.rank<R>.safetensors``) and a resumed rank of the same world gets its own
+    per_process_state: ClassVar[tuple[str, ...]] = ()
 
     @classmethod
     def from_config(cls, o: ObjectiveConfig, ctx: BuildContext) -> "Objective":

@@ -101,12 +101,13 @@ class SwAVObjective(Objective):
         queue_length: int = Field(0, ge=0)               # rows per process (the reference: 3840 / world size); 0: none
 
     needs = ("swav/scores",)
+    per_process_state = ("queue",)  # each process queues its own rows, as the reference's queue<rank>.pth
 
     def __init__(self, **settings):
         super().__init__()
         self.cfg = self.Config(**settings)
         queue = torch.zeros(2, self.cfg.queue_length, self.cfg.proj_dim) if self.cfg.queue_length else None
-        self.register_buffer("queue", queue)  # saved in checkpoints, as DINO's center (None: no queue, not saved)
+        self.register_buffer("queue", queue)  # saved in checkpoints, per rank (None: no queue, not saved)
 
     @classmethod
     def from_config(cls, o, ctx):
