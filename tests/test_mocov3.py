@@ -6,8 +6,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conftest import REPO
+from conftest import REPO, run_config
+from vlp.config import config_from_dict
 from vlp.objectives.mocov3 import MoCoV3Objective, moco_infonce
+
+from vlp.train import Trainer
 
 sys.path.insert(0, str(REPO / "tests" / "scripts"))
 from ddp_grads_ssl import build, global_batch  # noqa: E402
@@ -53,3 +56,25 @@ def test_keys_are_targets_and_the_teacher_tracks_backbone_and_projector():
         k = t.mocov3_head.projector(t.encode_pooled(batch.views["mocov3"][1]))
     assert torch.allclose(outputs["teacher/mocov3/k"][1], k, atol=1e-5)
     assert F.cosine_similarity(outputs["teacher/mocov3/k"][0], k, dim=-1).mean() < 0.999  # views differ
+
+
+def test_frozen_patch_projection_keeps_its_random_init_while_the_rest_trains(demo_data, tmp_path):
+    """model.freeze_patch_embed (MoCo v3 Sec. 4.1): after real steps of MoCo v3 on the digits' unlabeled shards the
+    student's and the teacher's patch projection are still the random init; every trained image-tower weight moved."""
+    cfg = run_config(demo_data, tmp_path / "run", model={"name": "vlp-test-vit", "freeze_patch_embed": True},
+                     train={"steps": 2, "log_every": 1, "save_every": 2})
+    cfg["data"]["sources"] = [s for s in cfg["data"]["sources"] if s["kind"] == "unlabeled"]
+    cfg["data"].update(batch={"unlabeled": 6}, workers=0)
+    cfg["objectives"] = {"mocov3": {"hidden_dim": 32, "proj_dim": 16}}
+    trainer = Trainer(config_from_dict(cfg))
+    visual = trainer.task.student.clip.visual
+    before = {n: p.detach().clone() for n, p in visual.named_parameters()}
+    trainer.fit()
+    after = dict(visual.named_parameters())
+    assert not after["conv1.weight"].requires_grad and torch.equal(after["conv1.weight"], before["conv1.weight"])
+    teacher = trainer.task.teacher.state_dict_tracked()
+    assert torch.equal(teacher["clip.visual.conv1.weight"], before["conv1.weight"])
+    trained = [n for n, p in after.items() if p.requires_grad]  # visual.proj too is frozen: no objective reads it
+    assert "transformer.resblocks.0.attn.in_proj_weight" in trained and "conv1.weight" not in trained
+    assert all(not torch.equal(after[n], before[n]) for n in trained)
+

@@ -89,6 +89,18 @@ def test_mae_on_non_vit_tower_fails_with_clear_message():
     assert torch.allclose(vlp(batch)["image_features"], ref, atol=1e-5)
 
 
+def test_frozen_patch_projection_needs_a_vit():
+    cfg = resolve_model_config("vlp-test-vit")
+    cfg["vision_cfg"] = {"timm_model_name": "resnet18", "timm_model_pretrained": False, "timm_pool": "avg",
+                         "timm_proj": "linear", "image_size": 32}
+    model, _, _ = create_clip(cfg)
+    with pytest.raises(ValueError, match="model.freeze_patch_embed: needs a ViT"):
+        student(model, ModelConfig(freeze_patch_embed=True), use_mae=False)
+    vit, _, _ = create_clip("vlp-test-vit")
+    student(vit, ModelConfig(freeze_patch_embed=True))
+    assert not vit.visual.conv1.weight.requires_grad and vit.visual.transformer.resblocks[0].attn.in_proj_weight.requires_grad
+
+
 def test_locking_towers_freezes_their_parameters():
     model, _, _ = create_clip("vlp-test-vit")
     vlp = student(model, ModelConfig(lock_image=True, text={"lock": True}))

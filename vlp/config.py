@@ -109,6 +109,9 @@ class ModelConfig(_Strict):
     lock_image: bool = False  # LiT / open_clip_train --lock-image: freeze the image tower
     lock_image_unlocked_groups: int = Field(0, ge=0)  # --lock-image-unlocked-groups: leave the last N groups trainable
     grad_checkpointing: bool = False  # open_clip_train --grad-checkpointing (activation checkpointing in the towers)
+    # MoCo v3 (Chen, Xie & He 2021, Sec. 4.1): the ViT's patch projection stays at its random init, against the
+    # instability of self-supervised ViT training; a ViT tower only
+    freeze_patch_embed: bool = False
     num_classes: int | None = None  # classifier head; default: number of labeled classnames
 
     @model_validator(mode="before")

@@ -55,6 +55,10 @@ class VLPModel(nn.Module):
             for name, p in clip.named_parameters():
                 if not name.startswith("visual.") or name == "visual.proj":
                     p.requires_grad_(False)
+        if cfg.freeze_patch_embed:
+            if not self.is_vit:
+                raise ValueError("model.freeze_patch_embed: needs a ViT image tower (open_clip's VisionTransformer)")
+            visual.conv1.requires_grad_(False)
         if cfg.lock_image:
             visual.lock(unlocked_groups=cfg.lock_image_unlocked_groups, freeze_bn_stats=True)
         if cfg.text.lock:
