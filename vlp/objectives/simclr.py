@@ -45,7 +45,7 @@ class SimCLRHead(Head):
     def head_forward(self, model, outputs, batch) -> dict:
         views = batch.views["simclr"]                                  # [2, B, 3, H, W]
         z = self.projector(model.encode_pooled(views.flatten(0, 1)))
-        return {"simclr/z": z.unflatten(0, views.shape[:2])}
+        return {"simclr/z": z.unflatten(0, views.shape[:2]).transpose(0, 1)}  # [B, 2, D]: rows first
 
 
 @register("simclr")
@@ -58,6 +58,9 @@ class SimCLRObjective(Objective):
         blur_p: float = Field(0.5, ge=0, le=1)  # the paper drops blur for CIFAR-10
 
     needs = ("simclr/z",)
+    # under train.accum_freq the negatives are the whole accumulated batch, as CLIP's (open_clip_train's feature
+    # cache): one big batch's gradient
+    accumulates = ("simclr/z",)
 
     def __init__(self, kinds=("unlabeled",), hidden_dim: int = 1024, proj_dim: int = 128, temperature: float = 0.2,
                  crop_scale=(0.2, 1.0), blur_p: float = 0.5):
@@ -81,7 +84,7 @@ class SimCLRObjective(Objective):
         z = outputs["simclr/z"]
         with torch.autocast(z.device.type, enabled=False):
             z = z.float()
-            loss = nt_xent(z[0], z[1], self.temperature)
+            loss = nt_xent(z[:, 0], z[:, 1], self.temperature)
         with torch.no_grad():
-            pos = F.cosine_similarity(z[0], z[1], dim=-1).mean()
+            pos = F.cosine_similarity(z[:, 0], z[:, 1], dim=-1).mean()
         return loss, {"pos_cos": pos}
