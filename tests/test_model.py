@@ -71,11 +71,16 @@ def test_clip_unmasked_option_runs_separate_full_pass(clip):
     assert torch.allclose(out["image_features"], ref, atol=1e-6)
 
 
-def test_mae_on_non_vit_tower_fails_with_clear_message():
+def resnet_clip():
+    """The test CLIP with a timm ResNet-18 image tower (not a ViT)."""
     cfg = resolve_model_config("vlp-test-vit")
     cfg["vision_cfg"] = {"timm_model_name": "resnet18", "timm_model_pretrained": False, "timm_pool": "avg",
                          "timm_proj": "linear", "image_size": 32}
-    model, _, tok = create_clip(cfg)
+    return create_clip(cfg)
+
+
+def test_mae_on_non_vit_tower_fails_with_clear_message():
+    model, _, tok = resnet_clip()
     with pytest.raises(ValueError, match="not a ViT"):
         student(model, ModelConfig(), use_mae=True)
     # CLIP + supervised work on the timm tower
@@ -90,10 +95,7 @@ def test_mae_on_non_vit_tower_fails_with_clear_message():
 
 
 def test_frozen_patch_projection_needs_a_vit():
-    cfg = resolve_model_config("vlp-test-vit")
-    cfg["vision_cfg"] = {"timm_model_name": "resnet18", "timm_model_pretrained": False, "timm_pool": "avg",
-                         "timm_proj": "linear", "image_size": 32}
-    model, _, _ = create_clip(cfg)
+    model, _, _ = resnet_clip()
     with pytest.raises(ValueError, match="model.freeze_patch_embed: needs a ViT"):
         student(model, ModelConfig(freeze_patch_embed=True), use_mae=False)
     vit, _, _ = create_clip("vlp-test-vit")
