@@ -70,3 +70,24 @@ def test_report_names_the_trainings_taken_over():
     text = bench_quality.report(doc)
     assert "43.00" in text and "1 of 1 trainings taken over (--reuse) from old.json of 2026-11-25 21:36:03: clip-seed0" \
         in text
+
+
+def test_a_best_lr_at_the_edge_of_the_sweep_is_swept_one_grid_step_further():
+    def swept(*pairs):
+        return [{"lr": lr, "eval": {"val": {"knn_top1/pooled": v}}} for lr, v in pairs]
+    assert bench_quality.beyond_edge(swept((5e-4, 0.42), (1e-3, 0.39), (2e-3, 0.36))) == 2.5e-4
+    assert bench_quality.beyond_edge(swept((5e-4, 0.30), (1e-3, 0.39), (2e-3, 0.41))) == 4e-3
+    assert bench_quality.beyond_edge(swept((5e-4, 0.30), (1e-3, 0.39), (2e-3, 0.36))) is None
+    assert bench_quality.beyond_edge(swept((2.5e-4, 0.40), (5e-4, 0.42), (1e-3, 0.39))) is None
+    assert bench_quality.beyond_edge(swept((1e-3, 0.40))) is None  # no grid: nothing to extend
+
+
+def test_a_run_may_train_at_the_lr_chosen_for_another():
+    configs = {"mixed": dict(CONFIG, run="mixed"), "variant": dict(CONFIG, run="variant")}
+    sweep = {"mixed": [5e-4, 1e-3]}
+    jobs = bench_quality.plan_jobs(100, ["mixed", "variant"], "mixed", configs, sweep, {}, [0, 1], 1.0, [], False,
+                                   one_seed=("variant",), follow={"variant": "mixed"})
+    assert [(j.name, j.lr, j.lr_of) for j in jobs] == [
+        ("sweep-mixed-lr0.0005", 5e-4, ""), ("sweep-mixed-lr0.001", 1e-3, ""), ("mixed-seed0", None, "mixed"),
+        ("mixed-seed1", None, "mixed"), ("variant-seed0", None, "mixed")]
+    assert bench_quality.reused(jobs, sweep) == [False, False, True, False, False]

@@ -43,7 +43,9 @@ Protocol, in this order:
 1. Learning-rate sweep (``--lrs``, default 5e-4,1e-3,2e-3) for each run at the first seed, at
    ``--sweep-fraction`` of its steps (warm-up 10% of those; 1.0: full length, and then the sweep run with the
    chosen lr *is* the first seed's run and is not trained again). The lr with the best validation kNN top-1 (pooled) is chosen.
-   ``--lr RUN=LR,...`` fixes a run's lr and skips its sweep; a single ``--lrs`` value skips all sweeps.
+   A best lr at the edge of those swept is not known to be the best: one more lr, a grid step beyond it, is swept
+   (``--sweep-extend``, default once per run). ``--lr RUN=LR,...`` fixes a run's lr and skips its sweep
+   (``RUN=@OTHER``: the lr chosen for OTHER); a single ``--lrs`` value skips all sweeps.
 2. Seeds (``--seeds``, default 0,1,2; the run config's ``seed``: model init, data order, masking): every run at
    its chosen lr and equal-FLOPs steps. The headline table gives mean ± std (sample std over the seeds).
 3. Ablations (``--ablate RUN``): one config per active objective of RUN with that objective removed, and one with
@@ -538,8 +540,10 @@ def equal_flops_steps(steps: int, ref_flops: float, flops: float) -> int:
 
 def plan_jobs(steps: int, runs: list[str], reference: str, configs: dict, sweep: dict[str, list[float]],
               chosen: dict[str, float], seeds: list[int], fraction: float, ablations: list[str],
-              equal_steps: bool, one_seed: tuple[str, ...] = ()) -> list[Job]:
-    """Every job of the bench in execution order: sweep, seeds, ablations, equal-steps (see the docstring)."""
+              equal_steps: bool, one_seed: tuple[str, ...] = (), follow: dict[str, str] | None = None) -> list[Job]:
+    """Every job of the bench in execution order: sweep, seeds, ablations, equal-steps (see the docstring).
+    ``follow``: run -> the run whose chosen lr it trains at (``--lr RUN=@OTHER``)."""
+    follow = follow or {}
     ref = configs[reference]["gflops_per_step"]
     eq = {c: equal_flops_steps(steps, ref, v["gflops_per_step"]) for c, v in configs.items()}
     s0 = seeds[0]
@@ -548,7 +552,8 @@ def plan_jobs(steps: int, runs: list[str], reference: str, configs: dict, sweep:
         n = max(1, round(eq[run] * fraction))
         jobs += [Job(f"sweep-{run}-lr{lr:g}", run, s0, lr, n, ["sweep"]) for lr in lrs]
     for run in runs:
-        jobs += [Job(f"{run}-seed{seed}", run, seed, chosen.get(run), eq[run], ["seed"], run)
+        lr_of = follow.get(run, run)
+        jobs += [Job(f"{run}-seed{seed}", run, seed, chosen.get(lr_of), eq[run], ["seed"], lr_of)
                  for seed in (seeds[:1] if run in one_seed else seeds)]
     for name in ablations:
         run = configs[name]["run"]
@@ -556,6 +561,20 @@ def plan_jobs(steps: int, runs: list[str], reference: str, configs: dict, sweep:
     if equal_steps:
         jobs += [Job(f"{run}-steps{steps}", run, s0, chosen.get(run), steps, ["equal-steps"], run) for run in runs]
     return jobs
+
+
+def beyond_edge(swept: list[dict]) -> float | None:
+    """The next lr to sweep when the best validation lr is the smallest or largest swept: one step of the grid's
+    ratio beyond it (3 significant digits). None when the best lies inside the swept range."""
+    lrs = sorted({j["lr"] for j in swept})
+    if len(lrs) < 2:
+        return None
+    best = max(swept, key=lambda j: j["eval"]["val"][SELECT_KEY])["lr"]
+    if best == lrs[0]:
+        return float(f"{best * lrs[0] / lrs[1]:.3g}")
+    if best == lrs[-1]:
+        return float(f"{best * lrs[-1] / lrs[-2]:.3g}")
+    return None
 
 
 def reused(jobs: list[Job], sweep: dict) -> list[bool]:
@@ -775,7 +794,10 @@ def main(argv: list[str] | None = None) -> int:
                                                "configs' lr); one value: no sweep")
     p.add_argument("--one-seed", default="", help="comma-separated runs trained at the first seed only (references "
                    "outside the headline comparison)")
-    p.add_argument("--lr", default="", help="RUN=LR,...: fixed lr for these runs (no sweep)")
+    p.add_argument("--lr", default="", help="RUN=LR,...: fixed lr for these runs (no sweep); RUN=@OTHER: the lr "
+                                            "chosen for OTHER")
+    p.add_argument("--sweep-extend", type=int, default=1, help="a best lr at the edge of the swept ones is swept "
+                   "one grid step further, at most this many times per run (default: 1; 0: never)")
     p.add_argument("--sweep-fraction", type=float, default=1.0, help="sweep runs' length as a fraction of a run's "
                                                                      "steps (default: 1, full length)")
     p.add_argument("--ablate", default=None, metavar="RUN", help="ablate every objective of RUN (default: none)")
@@ -839,11 +861,18 @@ def main(argv: list[str] | None = None) -> int:
     measure_flops(configs, trees, args.flop_steps or (2 if args.quick else 10))
 
     # ---- learning rates: given, single, or swept
-    given = {k: float(v) for k, v in (item.split("=", 1) for item in parse_list(args.lr))}
+    given_text = dict(item.split("=", 1) for item in parse_list(args.lr))
+    follow = {k: v[1:] for k, v in given_text.items() if v.startswith("@")}
+    given = {k: float(v) for k, v in given_text.items() if k not in follow}
+    for r, other in follow.items():
+        if other not in runs or other in follow:
+            p.error(f"--lr {r}=@{other}: {other} is not a run of --runs that has its own lr")
     lrs = parse_list(args.lrs, float) if args.lrs else None
     lr_info: dict = {}
     for r in runs:
-        if r in given:
+        if r in follow:
+            lr_info[r] = {"lr": None, "how": f"{follow[r]}'s"}
+        elif r in given:
             lr_info[r] = {"lr": given[r], "how": "given"}
         elif lrs is None and args.quick:
             lr_info[r] = {"lr": float(trees[r]["optim"]["lr"]), "how": "config"}
@@ -851,11 +880,11 @@ def main(argv: list[str] | None = None) -> int:
             lr_info[r] = {"lr": lrs[0], "how": "given"}
     lrs = lrs or [5e-4, 1e-3, 2e-3]
     sweep = {r: lrs for r in runs if r not in lr_info}
-    chosen = {r: v["lr"] for r, v in lr_info.items()}
+    chosen = {r: v["lr"] for r, v in lr_info.items() if v["lr"] is not None}
     ablations = [c for c in configs if configs[c]["change"]]
     make_plan = lambda s: plan_jobs(s, runs, args.reference, configs, sweep, chosen, seeds,  # noqa: E731
                                     args.sweep_fraction, ablations, args.equal_steps,
-                                    tuple(parse_list(args.one_seed)))
+                                    tuple(parse_list(args.one_seed)), follow)
 
     # ---- reference steps: given, quick, or the largest that fits the budget
     runs_dir = out_dir / "runs"
@@ -913,15 +942,31 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out) if args.out else out_dir / "results.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     done: dict = {}  # job key -> its record in doc["jobs"]
-    for i, job in enumerate(jobs):
+    extended: dict[str, int] = {}
+    i = -1
+    while i + 1 < len(jobs):
+        i += 1
+        job = jobs[i]
         if job.lr is None:
             if job.lr_of not in chosen:  # the sweep of this run is over: choose on the validation split
                 swept = [j for j in doc["jobs"] if "sweep" in j["phases"] and j["config"] == job.lr_of]
+                further = beyond_edge(swept)
+                if further is not None and extended.get(job.lr_of, 0) < args.sweep_extend:
+                    extended[job.lr_of] = extended.get(job.lr_of, 0) + 1
+                    log(f"{job.lr_of}: the best lr is at the edge of the sweep; sweeping lr {further:g} too")
+                    jobs.insert(i, Job(f"sweep-{job.lr_of}-lr{further:g}", job.lr_of, swept[0]["seed"], further,
+                                       swept[0]["steps"], ["sweep"]))
+                    if costs:
+                        costs.insert(i, cost(job.lr_of, swept[0]["steps"]))
+                    i -= 1
+                    continue
                 best = max(swept, key=lambda j: j["eval"]["val"][SELECT_KEY])
                 chosen[job.lr_of] = best["lr"]
                 lr_info[job.lr_of] = {"lr": best["lr"], "how": "sweep"}
                 log(f"{job.lr_of}: lr {best['lr']:g} chosen (validation kNN {100 * best['eval']['val'][SELECT_KEY]:.2f})")
             job.lr = chosen[job.lr_of]
+            if job.config in follow:
+                lr_info[job.config] = {"lr": job.lr, "how": f"{job.lr_of}'s (sweep)"}
         if job.key() in done:
             done[job.key()]["phases"] += [ph for ph in job.phases if ph not in done[job.key()]["phases"]]
             log(f"{job.name}: same training as {done[job.key()]['name']}, reused")
