@@ -91,3 +91,11 @@ def test_a_run_may_train_at_the_lr_chosen_for_another():
         ("sweep-mixed-lr0.0005", 5e-4, ""), ("sweep-mixed-lr0.001", 1e-3, ""), ("mixed-seed0", None, "mixed"),
         ("mixed-seed1", None, "mixed"), ("variant-seed0", None, "mixed")]
     assert bench_quality.reused(jobs, sweep) == [False, False, True, False, False]
+
+
+def test_report_of_a_bench_still_sweeping_shows_the_sweep_without_a_choice():
+    job = dict(record("sweep-clip-lr0.0005", 0, 5e-4, 276, 0.43), phases=["sweep"])
+    doc = {**SETTINGS, "runs": ["clip"], "seeds": [0], "reference": "clip", "reference_steps": 276,
+           "configs": {"clip": dict(CONFIG)}, "jobs": [job], "lr": {}}
+    row = next(line for line in bench_quality.report(doc).splitlines() if line.startswith("clip  "))
+    assert row.split() == ["clip", "276", "42.00", "-"]

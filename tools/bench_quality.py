@@ -658,11 +658,11 @@ def sweep_table(doc: dict) -> list[str]:
         mine = {j["lr"]: j for j in jobs if j["config"] == run}
         if not mine:
             continue
-        best = doc["lr"][run]["lr"]
+        best = (doc["lr"].get(run) or {}).get("lr")  # None: a partial bench, not chosen yet
         cells = [f"{100 * mine[lr]['eval']['val'][SELECT_KEY]:>9.2f}{'*' if lr == best else ' '}" if lr in mine
                  else f"{'-':>10}" for lr in lrs]
         steps = next(iter(mine.values()))["steps"]
-        lines.append(f"{run:<11} {steps:>6}  " + "  ".join(cells) + f"   {best:g}")
+        lines.append(f"{run:<11} {steps:>6}  " + "  ".join(cells) + (f"   {best:g}" if best else "   -"))
     return lines
 
 
