@@ -628,7 +628,8 @@ def cell(values: list[float], mark: str = " ", width: int = 15) -> str:
 
 def results_table(doc: dict, phase: str, title: str) -> list[str]:
     """One row per run: FLOPs, steps, lr, then every test metric (mean ± std over the phase's seeds)."""
-    head = f"{'run':<11} {'GFLOP/step':>10} {'steps':>6} {'TFLOP':>7} {'lr':>7} {'seeds':>5}  " + \
+    w = max([11] + [len(r) for r in doc["runs"]])
+    head = f"{'run':<{w}} {'GFLOP/step':>10} {'steps':>6} {'TFLOP':>7} {'lr':>7} {'seeds':>5}  " + \
         "  ".join(f"{c:>15}" for c, _ in COLUMNS)
     lines = [title, head, "-" * len(head)]
     for run in doc["runs"]:
@@ -640,7 +641,7 @@ def results_table(doc: dict, phase: str, title: str) -> list[str]:
                       "*" if key.startswith("zeroshot") and not c["text_trained"] else " ") for _, key in COLUMNS]
         steps = sorted({j["steps"] for j in jobs})
         cut = " (cut short)" if any(j["train"]["cut_short"] for j in jobs) else ""
-        lines.append(f"{run:<11} {c['gflops_per_step']:>10.2f} {'/'.join(map(str, steps)):>6} "
+        lines.append(f"{run:<{w}} {c['gflops_per_step']:>10.2f} {'/'.join(map(str, steps)):>6} "
                      f"{c['gflops_per_step'] * steps[0] / 1e3:>7.1f} {jobs[0]['lr']:>7g} {len(jobs):>5}  "
                      + "  ".join(cells) + cut)
     return lines
