@@ -37,6 +37,11 @@ from vlp.task import PretrainTask
 
 log = logging.getLogger("vlp.train")
 
+
+def save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """A state dict as safetensors (detached, on the CPU, contiguous)."""
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path))
+
 NO_DECAY_NAMES = ("bias", "embedding", "logit_scale", "logit_bias", "mask_token", "pos_embed")
 
 
@@ -251,20 +256,17 @@ class Trainer:
             own = self.task.per_process_state() if self.world > 1 else {}
             if own:  # every rank the same objectives: all write, then all wait, before rank 0 publishes
                 tmp.mkdir(parents=True, exist_ok=True)
-                save_file({k: v.detach().cpu().contiguous() for k, v in own.items()},
-                          str(tmp / ckpt_io.PER_PROCESS_FILE.format(rank=self.rank)))
+                save_tensors(own, tmp / ckpt_io.PER_PROCESS_FILE.format(rank=self.rank))
                 acc.wait_for_everyone()
             full = self.full_state_dict()  # collective under FSDP: every rank takes part
             if acc.is_main_process:
                 self.data_taken = {str(r): {str(k): v for k, v in t.items()} for r, t in enumerate(taken)}
                 dump_config(self.cfg, tmp / ckpt_io.CONFIG_FILE)
                 if full is not None:  # FSDP: accelerate wrote pytorch_model_fsdp*; the gathered weights beside it
-                    save_file({k: v.detach().cpu().contiguous() for k, v in full.items()},
-                              str(tmp / ckpt_io.MODEL_WEIGHTS[0]))
+                    save_tensors(full, tmp / ckpt_io.MODEL_WEIGHTS[0])
                 for stem, tensors in self.task.extra_state().items():
                     if tensors:
-                        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()},
-                                  str(tmp / f"{stem}.safetensors"))
+                        save_tensors(tensors, tmp / f"{stem}.safetensors")
                 ckpt_io.write_state(tmp, {**self.state_dict(), "bad_samples": bad})
                 ckpt_io.publish(tmp, final, self.cfg.train.keep_last)
         except Exception as err:  # disk full, quota, file size limit: torch, safetensors and json raise many types
