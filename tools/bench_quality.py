@@ -563,13 +563,18 @@ def plan_jobs(steps: int, runs: list[str], reference: str, configs: dict, sweep:
     return jobs
 
 
+def best_swept(swept: list[dict]) -> dict:
+    """The sweep run with the best validation kNN (pooled)."""
+    return max(swept, key=lambda j: j["eval"]["val"][SELECT_KEY])
+
+
 def beyond_edge(swept: list[dict]) -> float | None:
     """The next lr to sweep when the best validation lr is the smallest or largest swept: one step of the grid's
     ratio beyond it (3 significant digits). None when the best lies inside the swept range."""
     lrs = sorted({j["lr"] for j in swept})
     if len(lrs) < 2:
         return None
-    best = max(swept, key=lambda j: j["eval"]["val"][SELECT_KEY])["lr"]
+    best = best_swept(swept)["lr"]
     if best == lrs[0]:
         return float(f"{best * lrs[0] / lrs[1]:.3g}")
     if best == lrs[-1]:
@@ -626,9 +631,14 @@ def cell(values: list[float], mark: str = " ", width: int = 15) -> str:
     return f"{text:>{width - 1}}{mark}"
 
 
+def name_width(doc: dict) -> int:
+    """The run-name column's width: the longest run name, at least 11."""
+    return max([11] + [len(r) for r in doc["runs"]])
+
+
 def results_table(doc: dict, phase: str, title: str) -> list[str]:
     """One row per run: FLOPs, steps, lr, then every test metric (mean ± std over the phase's seeds)."""
-    w = max([11] + [len(r) for r in doc["runs"]])
+    w = name_width(doc)
     head = f"{'run':<{w}} {'GFLOP/step':>10} {'steps':>6} {'TFLOP':>7} {'lr':>7} {'seeds':>5}  " + \
         "  ".join(f"{c:>15}" for c, _ in COLUMNS)
     lines = [title, head, "-" * len(head)]
@@ -652,7 +662,8 @@ def sweep_table(doc: dict) -> list[str]:
     if not jobs:
         return []
     lrs = sorted({j["lr"] for j in jobs})
-    head = f"{'run':<11} {'steps':>6}  " + "  ".join(f"{f'lr {lr:g}':>10}" for lr in lrs) + "   chosen"
+    w = name_width(doc)
+    head = f"{'run':<{w}} {'steps':>6}  " + "  ".join(f"{f'lr {lr:g}':>10}" for lr in lrs) + "   chosen"
     lines = [f"LR sweep: validation kNN top-1 % (pooled; {doc['val']['n']} images of the unlabeled pool, "
              f"never the test set), seed {doc['seeds'][0]}", head, "-" * len(head)]
     for run in doc["runs"]:
@@ -663,7 +674,7 @@ def sweep_table(doc: dict) -> list[str]:
         cells = [f"{100 * mine[lr]['eval']['val'][SELECT_KEY]:>9.2f}{'*' if lr == best else ' '}" if lr in mine
                  else f"{'-':>10}" for lr in lrs]
         steps = next(iter(mine.values()))["steps"]
-        lines.append(f"{run:<11} {steps:>6}  " + "  ".join(cells) + (f"   {best:g}" if best else "   -"))
+        lines.append(f"{run:<{w}} {steps:>6}  " + "  ".join(cells) + (f"   {best:g}" if best else "   -"))
     return lines
 
 
@@ -961,7 +972,7 @@ def main(argv: list[str] | None = None) -> int:
                         costs.insert(i, cost(job.lr_of, swept[0]["steps"]))
                     i -= 1
                     continue
-                best = max(swept, key=lambda j: j["eval"]["val"][SELECT_KEY])
+                best = best_swept(swept)
                 chosen[job.lr_of] = best["lr"]
                 lr_info[job.lr_of] = {"lr": best["lr"], "how": "sweep"}
                 log(f"{job.lr_of}: lr {best['lr']:g} chosen (validation kNN {100 * best['eval']['val'][SELECT_KEY]:.2f})")
@@ -974,7 +985,8 @@ def main(argv: list[str] | None = None) -> int:
             continue
         if job.key() in prior:
             source, old = prior[job.key()]
-            record = {**copy.deepcopy(old), "name": job.name, "phases": list(job.phases), "reused_from": old.get("reused_from", source)}
+            record = {**copy.deepcopy(old), "name": job.name, "phases": list(job.phases),
+                      "reused_from": old.get("reused_from", source)}
             doc["jobs"].append(record)
             done[job.key()] = record
             log(f"{job.name}: taken over from {source} ({old['name']}): test kNN "
