@@ -824,6 +824,9 @@ def main(argv: list[str] | None = None) -> int:
                         "config (objectives, batch, masking, model, FLOPs), seed, lr and steps is taken over instead "
                         "of trained again; it resumes a killed bench or extends one (a sweep, more seeds)")
     args = p.parse_args(argv)
+    bad = [item for item in parse_list(args.lr) if "=" not in item]
+    if bad:
+        p.error(f"--lr {bad[0]}: expected RUN=LR or RUN=@OTHER")
     if args.report_only:
         print(report(json.loads(Path(args.report_only).read_text())))
         return 0
