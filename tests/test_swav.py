@@ -1,6 +1,7 @@
 """SwAV: Sinkhorn-Knopp and the swapped-prediction loss against the official code and lightly's SwaVLoss on fixed
 tensors; the prototypes stay unit-length and freeze for the first steps; each process's queue survives a 2-process
 resume."""
+import math
 import shutil
 import subprocess
 import sys
@@ -81,7 +82,10 @@ def test_loss_equals_the_official_loop(n_local):
     expected = official_loss(s.flatten(0, 1), 8, [2, n_local] if n_local else [2])
     assert torch.allclose(swav_loss(s, 0.1), expected, atol=1e-5)
     loss, metrics = SwAVObjective(n_local=n_local)({"swav/scores": s}, None)
-    assert torch.allclose(loss, expected, atol=1e-5) and set(metrics) == {"mean_entropy"}
+    assert torch.allclose(loss, expected, atol=1e-5) and set(metrics) == {"mean_entropy", "code_entropy"}
+    q = official_sinkhorn(s[0].clone())  # the batch's codes: their mean entropy (ln K when uniform)
+    assert torch.allclose(metrics["code_entropy"], -(q * q.log()).sum(1).mean(), atol=1e-5)
+    assert 0 < metrics["code_entropy"] < math.log(12)
 
 
 @pytest.mark.parametrize("n_local", [0, 3])

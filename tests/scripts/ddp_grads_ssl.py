@@ -21,6 +21,8 @@ METHODS = {
     "simclr": {"hidden_dim": 32, "proj_dim": 16, "temperature": 0.2},         # NT-Xent, gathered with grad
     "mocov3": {"hidden_dim": 32, "proj_dim": 16, "temperature": 0.2},         # teacher keys gathered
     "swav": {"hidden_dim": 32, "proj_dim": 16, "n_prototypes": 24, "n_local": 2},  # distributed Sinkhorn
+    "swav-batchnorm": {"hidden_dim": 32, "proj_dim": 16, "n_prototypes": 24, "n_local": 2,
+                       "projector_norm": "batch"},                  # and BatchNorm over the global batch
 }
 BASE = {
     "data": {"sources": [{"kind": "unlabeled", "shards": "x.tar"}], "batch": {"unlabeled": PER_RANK}},
@@ -29,10 +31,15 @@ BASE = {
 }
 
 
+def objective(case: str) -> str:
+    """The objective a case of METHODS runs ("swav-batchnorm": swav)."""
+    return case.split("-")[0]
+
+
 def build(method: str, rank=0, world=1) -> PretrainTask:
     """The task for ``method`` alone; a teacher (MoCo v3) that is not a copy of the student."""
     cfg = copy.deepcopy(BASE)
-    cfg["objectives"] = {method: METHODS[method]}
+    cfg["objectives"] = {objective(method): METHODS[method]}
     torch.manual_seed(0)
     task = PretrainTask(config_from_dict(cfg, check_files=False), rank, world)
     if task.teacher is not None:
@@ -42,6 +49,11 @@ def build(method: str, rank=0, world=1) -> PretrainTask:
                 p.add_(0.05 * torch.randn(p.shape, generator=g))
     task.on_train_start()  # SwAV: unit-length prototypes
     return task
+
+
+def running_stats(model) -> dict[str, torch.Tensor]:
+    """The BatchNorm running statistics (SwAV's projector): updated from the global batch's."""
+    return {n: b.detach().clone() for n, b in model.named_buffers() if "running_" in n}
 
 
 def global_batch(world=2) -> Batch:
@@ -68,6 +80,7 @@ if __name__ == "__main__":
         loss, _ = task.training_forward(views_slice(global_batch(world), rank, world), STEP)
         acc.backward(loss)
         out[method] = grads(task.student)
+        out[f"{method}/running"] = running_stats(task.student)
         acc.wait_for_everyone()
     if rank == 0:
         torch.save(out, sys.argv[1])

@@ -14,10 +14,15 @@ from torch import nn
 from vlp.data.views import view_transform
 from vlp.models.heads import Head
 from vlp.objectives.base import Objective, RowsConfig, ViewGroup, register
+from vlp.objectives.gather import GlobalBatchNorm1d
 
 
-def mlp(dim_in: int, hidden: int, dim_out: int) -> nn.Sequential:
-    return nn.Sequential(nn.Linear(dim_in, hidden), nn.LayerNorm(hidden), nn.GELU(), nn.Linear(hidden, dim_out))
+def mlp(dim_in: int, hidden: int, dim_out: int, norm: str = "layer") -> nn.Sequential:
+    """Linear, norm, GELU, Linear; ``norm`` "layer" (LayerNorm) or "batch" (BatchNorm over the global batch, after
+    a bias-free Linear: BatchNorm removes any bias, as MoCo v3's ``_build_mlp``)."""
+    norm_layer = {"layer": nn.LayerNorm, "batch": GlobalBatchNorm1d}[norm](hidden)
+    return nn.Sequential(nn.Linear(dim_in, hidden, bias=norm != "batch"), norm_layer, nn.GELU(),
+                         nn.Linear(hidden, dim_out))
 
 
 def byol_loss(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:

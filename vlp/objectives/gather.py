@@ -1,16 +1,20 @@
-"""Cross-rank feature gathers for the self-supervised losses (no objective here).
+"""Cross-rank feature gathers and reductions for the self-supervised heads and losses (no objective here).
 
 - :func:`gather_with_grad`: every rank's rows, differentiable (open_clip's ``gather_features(gather_with_grad=True)``,
   SLIP's ``GatherLayer``): the backward sums each rank's gradient for this rank's rows, so a loss that is a mean over
   the local rows, averaged by DDP, has the gradient of the same loss over the whole global batch in one process.
 - :func:`gather_nograd`: every rank's rows as constants (MoCo v3's ``concat_all_gather``: the teacher's keys).
 
-Both are the identity outside an initialised process group of more than one rank.
+- :class:`GlobalBatchNorm1d`: BatchNorm over every rank's rows, statistics all-reduced with their gradient (torch's
+  ``SyncBatchNorm``, which refuses CPU tensors, for any device and backend).
+
+All are plain single-process operations outside an initialised process group of more than one rank.
 """
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 
 def rank_and_world() -> tuple[int, int]:
@@ -37,3 +41,27 @@ def gather_nograd(x: torch.Tensor) -> torch.Tensor:
     parts = [torch.empty_like(x) for _ in range(world)]
     dist.all_gather(parts, x.contiguous())
     return torch.cat(parts, dim=0)
+
+
+class GlobalBatchNorm1d(nn.BatchNorm1d):
+    """``BatchNorm1d`` (``[N, C]``) whose training statistics are those of the global batch: the per-channel sums
+    (then the squared deviations from the global mean) are all-reduced with their gradient, so a DDP step equals one process on the whole batch (as
+    ``SyncBatchNorm``; the SwAV, SimCLR and BYOL reference heads use it). Eval and a single process: ``BatchNorm1d``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or rank_and_world()[1] == 1:
+            return super().forward(x)
+        import torch.distributed.nn
+
+        total = torch.distributed.nn.all_reduce(torch.cat([x.sum(0), x.new_full((1,), x.shape[0])]))
+        n = total[-1]
+        mean = total[:-1] / n
+        var = torch.distributed.nn.all_reduce(((x - mean) ** 2).sum(0)) / n  # two passes, as BatchNorm's own
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+                self.running_mean.lerp_(mean.detach(), m)
+                self.running_var.lerp_(var.detach() * n / (n - 1), m)
+        y = (x - mean) * torch.rsqrt(var + self.eps)
+        return y * self.weight + self.bias if self.affine else y

@@ -8,9 +8,14 @@ embedding): ``-sum_k q log softmax(s / T)``, averaged as the reference ``main_sw
 is dropped for the first ``freeze_prototypes_steps`` steps. For small batches, ``queue_length`` keeps each process's
 last embeddings of the 2 global crops; once full, their scores against the current prototypes join the Sinkhorn
 input, so the codes equipartition the prototypes over queue + batch (the reference's ``--queue_length``, per process).
-The projector uses LayerNorm instead of BatchNorm (as BYOL here), so a row's loss does not depend on its rank.
+The projector's hidden layer uses LayerNorm (``projector_norm: layer``), or BatchNorm over the global batch
+(``batch``: the reference's SyncBN, statistics all-reduced with their gradient, so a row's loss does not depend on
+its rank). ``swav/code_entropy`` is the mean entropy of the batch's codes: near ln K the codes are uniform and the
+swapped prediction teaches nothing.
 """
 from __future__ import annotations
+
+from typing import Literal
 
 import torch
 import torch.distributed as dist
@@ -65,9 +70,9 @@ def swav_loss(scores: torch.Tensor, temperature: float, epsilon: float = 0.05, i
 
 
 class SwAVHead(Head):
-    def __init__(self, width: int, hidden: int, dim: int, n_prototypes: int, n_local: int = 0):
+    def __init__(self, width: int, hidden: int, dim: int, n_prototypes: int, n_local: int = 0, norm: str = "layer"):
         super().__init__()
-        self.projector = mlp(width, hidden, dim)
+        self.projector = mlp(width, hidden, dim, norm)
         self.prototypes = nn.Linear(dim, n_prototypes, bias=False)
         self.n_local = n_local
 
@@ -99,6 +104,7 @@ class SwAVObjective(Objective):
         local_size: int | None = Field(None, gt=0)       # default: half the image size, a multiple of the patch
         freeze_prototypes_steps: int = Field(0, ge=0)
         queue_length: int = Field(0, ge=0)               # rows per process (the reference: 3840 / world size); 0: none
+        projector_norm: Literal["layer", "batch"] = "layer"  # batch: over the global batch (the reference's SyncBN)
 
     needs = ("swav/scores",)
     per_process_state = ("queue",)  # each process queues its own rows, as the reference's queue<rank>.pth
@@ -118,7 +124,8 @@ class SwAVObjective(Objective):
 
     def heads(self, ctx):
         c = self.cfg
-        return {"swav_head": SwAVHead(ctx.width, c.hidden_dim, c.proj_dim, c.n_prototypes, c.n_local)}
+        return {"swav_head": SwAVHead(ctx.width, c.hidden_dim, c.proj_dim, c.n_prototypes, c.n_local,
+                                      c.projector_norm)}
 
     def view_groups(self, ctx):
         c, kinds = self.cfg, tuple(self.cfg.kinds)
@@ -150,7 +157,9 @@ class SwAVObjective(Objective):
             loss = swav_loss(scores.float(), c.temperature, c.epsilon, c.sinkhorn_iterations, queued)
         with torch.no_grad():
             mean_p = F.softmax(scores[:2].float() / c.temperature, dim=-1).flatten(0, 1).mean(0)
-        return loss, {"mean_entropy": torch.special.entr(mean_p).sum()}  # -> 0: one-prototype collapse
+            codes = distributed_sinkhorn(scores[0].float(), c.epsilon, c.sinkhorn_iterations)
+        return loss, {"mean_entropy": torch.special.entr(mean_p).sum(),  # -> 0: one-prototype collapse
+                      "code_entropy": torch.special.entr(codes).sum(-1).mean()}  # ln K: uniform codes, no signal
 
     @torch.no_grad()
     def queued_scores(self, outputs) -> torch.Tensor | None:
