@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from vlp.config import config_from_dict
 from vlp.data.batch import Batch
 from vlp.objectives.base import BuildContext
-from vlp.objectives.jigsaw import (JigsawObjective, cut_tiles, max_hamming_permutations, normalize_tiles,
-                                   tile_geometry)
+from vlp.objectives.jigsaw import (JigsawObjective, assemble, cut_tiles, max_hamming_permutations,
+                                   normalize_tiles, tile_geometry, tile_token_means)
 from vlp.task import PretrainTask
 
 CFG = {"data": {"sources": [{"kind": "unlabeled", "shards": "x.tar"}], "batch": {"unlabeled": 3}},
@@ -116,3 +116,38 @@ def test_tile_norm_off_keeps_the_raw_tiles():
     torch.manual_seed(1)
     raw = cut_tiles(view, 8, torch.randint(0, head.gap + 1, (2, 9, 2)))
     assert torch.equal(tiles, raw[torch.arange(2)[:, None], head.permutations[target]])
+
+
+def test_assemble_puts_each_tile_at_its_position_row_major():
+    tiles = torch.arange(2 * 9, dtype=torch.float).view(2, 9, 1, 1, 1).expand(2, 9, 3, 4, 4)
+    image = assemble(tiles)
+    assert image.shape == (2, 3, 12, 12)
+    for b in range(2):
+        for i in range(9):
+            y, x = divmod(i, 3)
+            assert torch.equal(image[b, :, 4 * y:4 * y + 4, 4 * x:4 * x + 4], tiles[b, i])
+
+
+def test_encode_image_reads_each_tile_from_one_joint_encoding_of_the_shuffled_tiles():
+    """``encode: image``: the 9 shuffled tiles side by side are one image through the ViT; a position's feature is
+    the mean of its patch tokens, so (unlike the tiles encoded alone) it sees the other tiles."""
+    cfg = copy.deepcopy(CFG)
+    cfg["objectives"]["jigsaw"]["encode"] = "image"
+    torch.manual_seed(0)
+    task = PretrainTask(config_from_dict(cfg, check_files=False))
+    student, head = task.student.eval(), task.student.jigsaw_head
+    patch = student.clip.visual.patch_size[0]
+    torch.manual_seed(1)
+    tiles, _ = head.puzzle(torch.randn(2, 3, 48, 48))
+    feats = tile_token_means(student, tiles, patch)
+    tokens = student.encode_visible(assemble(tiles), None)[1]          # [2, 36, width]: a 6x6 grid of patches
+    side = 3 * tiles.shape[-1] // patch
+    grid = tokens.view(2, side, side, -1)
+    n = side // 3
+    for i in range(9):
+        y, x = divmod(i, 3)
+        assert torch.allclose(feats[:, i], grid[:, n * y:n * y + n, n * x:n * x + n].mean((1, 2)), atol=1e-5)
+    assert torch.allclose(head.classify(student, tiles), head.classifier(head.tile_fc(feats).flatten(1)), atol=1e-5)
+    other = tiles.clone()
+    other[:, 0] = torch.randn_like(other[:, 0])
+    assert not torch.allclose(tile_token_means(student, other, patch)[:, 4], feats[:, 4], atol=1e-4)

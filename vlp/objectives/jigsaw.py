@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+from typing import Literal
 
 import numpy as np
 import torch
@@ -73,11 +74,26 @@ def normalize_tiles(tiles: torch.Tensor) -> torch.Tensor:
     return ((flat - mean) / torch.where(std == 0, torch.ones_like(std), std)).unflatten(-1, tiles.shape[-2:])
 
 
+def assemble(tiles: torch.Tensor) -> torch.Tensor:
+    """``tiles [B, 9, C, t, t]`` (row-major positions) -> one image ``[B, C, 3t, 3t]`` with tile ``i`` at position ``i``."""
+    B, _, C, t, _ = tiles.shape
+    return tiles.reshape(B, GRID, GRID, C, t, t).permute(0, 3, 1, 4, 2, 5).reshape(B, C, GRID * t, GRID * t)
+
+
+def tile_token_means(model, tiles: torch.Tensor, patch: int) -> torch.Tensor:
+    """``[B, 9, width]``: the shuffled ``tiles`` encoded together as one image (``assemble``), each position's
+    feature the mean of the patch tokens that fall in its tile."""
+    tokens = model.encode_visible(assemble(tiles), None)[1]          # [B, (3t/p)^2, width]
+    n = tiles.shape[-1] // patch                                       # patches per tile side
+    grid = tokens.unflatten(1, (GRID, n, GRID, n))                     # [B, gy, y, gx, x, width]
+    return grid.mean(dim=(2, 4)).flatten(1, 2)
+
+
 class JigsawHead(Head):
     def __init__(self, width: int, tile: int, gap: int, n_permutations: int, seed: int, tile_dim: int,
-                 hidden: int, tile_norm: bool = True):
+                 hidden: int, tile_norm: bool = True, encode: str = "tiles", patch: int = 1):
         super().__init__()
-        self.tile, self.gap, self.tile_norm = tile, gap, tile_norm
+        self.tile, self.gap, self.tile_norm, self.encode, self.patch = tile, gap, tile_norm, encode, patch
         self.register_buffer("permutations", max_hamming_permutations(n_permutations, seed), persistent=False)
         self.tile_fc = nn.Linear(width, tile_dim)
         self.classifier = nn.Sequential(nn.GELU(), nn.Linear(GRID * GRID * tile_dim, hidden), nn.GELU(),
@@ -96,9 +112,14 @@ class JigsawHead(Head):
         return tiles[torch.arange(B, device=dev)[:, None], self.permutations[target]], target
 
     def classify(self, model, tiles: torch.Tensor) -> torch.Tensor:
-        """Logits over the permutations for shuffled ``tiles [B, 9, 3, t, t]`` (each tile encoded alone)."""
-        feats = self.tile_fc(model.encode_pooled(tiles.flatten(0, 1)))
-        return self.classifier(feats.unflatten(0, tiles.shape[:2]).flatten(1))
+        """Logits over the permutations for shuffled ``tiles [B, 9, 3, t, t]``: each tile encoded alone (the paper's
+        context-free network), or (``encode: image``) the shuffled tiles side by side as one image, each tile's
+        feature the mean of its patch tokens."""
+        if self.encode == "tiles":
+            feats = self.tile_fc(model.encode_pooled(tiles.flatten(0, 1))).unflatten(0, tiles.shape[:2])
+        else:
+            feats = self.tile_fc(tile_token_means(model, tiles, self.patch))
+        return self.classifier(feats.flatten(1))
 
     def head_forward(self, model, outputs, batch) -> dict:
         tiles, target = self.puzzle(batch.views["jigsaw"][0])
@@ -126,6 +147,7 @@ class JigsawObjective(Objective):
         hidden_dim: int = Field(512, gt=0)
         crop_scale: tuple[float, float] = (0.5, 1.0)
         tile_norm: bool = True                   # each tile's channels to zero mean, unit std (the paper's)
+        encode: Literal["tiles", "image"] = "tiles"  # tiles: each alone (the paper's); image: all 9 as one image
 
     needs = ("jigsaw/logits", "jigsaw/target")
 
@@ -143,7 +165,7 @@ class JigsawObjective(Objective):
         c = self.cfg
         tile, gap = tile_geometry(c, ctx)
         return {"jigsaw_head": JigsawHead(ctx.width, tile, gap, c.n_permutations, c.permutation_seed, c.tile_dim,
-                                          c.hidden_dim, c.tile_norm)}
+                                          c.hidden_dim, c.tile_norm, c.encode, ctx.patch)}
 
     def view_groups(self, ctx):
         tile, gap = tile_geometry(self.cfg, ctx)
