@@ -90,3 +90,20 @@ def test_run_all_runs_every_method_at_most_parallel_at_once():
     together = threading.Barrier(3)
     done = list(bench_ssl.run_all(methods, lambda i, m: job(i, m, together), parallel=3))
     assert sorted(done) == sorted((m, i) for i, m in enumerate(methods)) and peak[0] == 3
+
+
+def test_set_overrides_one_methods_config_and_shows_in_the_table(tmp_path):
+    sets = bench_ssl.parse_sets(["swav:objectives.swav.epsilon=0.02", "swav:objectives.swav.projector_norm=layer",
+                                 "jigsaw:objectives.jigsaw.encode=image"], ["simclr", "swav", "jigsaw"])
+    assert sets == {"swav": [("objectives.swav.epsilon", 0.02), ("objectives.swav.projector_norm", "layer")],
+                    "jigsaw": [("objectives.jigsaw.encode", "image")]}
+    cfg = config_from_dict(bench_ssl.run_tree("swav", tmp_path, 32, overrides=sets["swav"]), check_files=False)
+    assert cfg.objectives["swav"].epsilon == 0.02 and cfg.objectives["swav"].projector_norm == "layer"
+    plain = config_from_dict(bench_ssl.run_tree("swav", tmp_path, 32), check_files=False)
+    assert plain.objectives["swav"].epsilon == 0.05
+    run = {"overrides": [["objectives.swav.epsilon", 0.02]]}
+    assert bench_ssl.config_cell("swav", run) == "`configs/ssl/swav.yaml` + objectives.swav.epsilon=0.02"
+    assert bench_ssl.config_cell("swav", {}) == "`configs/ssl/swav.yaml`"
+    for bad in ("swav", "mocov3:optim.lr=1", "random:optim.lr=1", "swav:optim.lr"):
+        with pytest.raises(SystemExit, match="--set"):
+            bench_ssl.parse_sets([bad], ["simclr", "swav", "random"])

@@ -31,6 +31,7 @@ Usage::
     python tools/bench_ssl.py                             # every method, 300 SimCLR steps at batch 64 (~75 min, 2 cores)
     python tools/bench_ssl.py --methods simclr,swav --budget 50
     python tools/bench_ssl.py --methods mocov3 --lr mocov3=1e-4 --out bench_out/ssl/mocov3-lr1e-4.json
+    python tools/bench_ssl.py --methods swav --set swav:objectives.swav.epsilon=0.02 --out bench_out/ssl/swav-e02.json
     python tools/bench_ssl.py --quick                       # smoke run: 6,000 images, batch 32, 6 steps
     python tools/bench_ssl.py --report-only bench_out/ssl/results.json
     python tools/bench_ssl.py --batch-size 128 --budget 1200 --workers 3 --parallel 6   # one GPU: README's table, 8x
@@ -69,12 +70,18 @@ def log(msg: str) -> None:
     print(f"[bench_ssl {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def run_tree(method: str, shards: Path, batch: int, workers: int | None = None) -> dict:
+def run_tree(method: str, shards: Path, batch: int, workers: int | None = None,
+             overrides: list[tuple[str, object]] = ()) -> dict:
     """The method's config with this bench's shards and batch, no in-run evaluation, one final checkpoint
-    (``workers``: DataLoader workers per process instead of the config's)."""
+    (``workers``: DataLoader workers per process instead of the config's; ``overrides``: ``(dotted key, value)``
+    set on the config first, as ``vlp.train``'s command-line overrides)."""
     import yaml
 
+    from vlp.config import _set_dotted
+
     tree = yaml.safe_load((REPO / "configs" / METHODS[method][0]).read_text())
+    for key, value in overrides:
+        _set_dotted(tree, key, value)
     tree = bq.adapt_tree(tree, shards, batch, None, None)
     if workers is not None:
         tree["data"]["workers"] = workers
@@ -105,6 +112,32 @@ def compress_schedule(tree: dict, steps: int) -> dict:
     if "tau" in (tree.get("teacher") or {}):
         tree["teacher"]["tau"] = round(max(0.0, 1 - (1 - tree["teacher"]["tau"]) / scale), 4)
     return tree
+
+
+def parse_sets(items: list[str], methods: list[str]) -> dict[str, list[tuple[str, object]]]:
+    """``--set METHOD:dotted.key=value`` items -> ``{method: [(key, value), ...]}`` (values parsed as YAML, as
+    ``vlp.train``'s overrides); an item naming no method run, or without ``:`` / ``=``, is an error before any work."""
+    from vlp.config import ConfigError, parse_overrides
+
+    sets: dict[str, list] = {}
+    for item in items:
+        method, sep, override = item.partition(":")
+        if not sep or method not in methods or method == "random":
+            raise SystemExit(f"--set {item!r}: expected METHOD:key=value with METHOD one of the trained methods "
+                             f"({', '.join(m for m in methods if m != 'random')})")
+        try:
+            sets.setdefault(method, []).extend(parse_overrides([override]))
+        except ConfigError as err:
+            raise SystemExit(f"--set {item!r}: {err}") from None
+    return sets
+
+
+def config_cell(method: str, run: dict) -> str:
+    """The table's config column: the config file and any ``--set`` overrides of this run."""
+    if not METHODS[method][0]:
+        return "-"
+    sets = "".join(f" {k}={v}" for k, v in run.get("overrides", []))
+    return f"`configs/{METHODS[method][0]}`" + (f" +{sets}" if sets else "")
 
 
 def evaluate_random(model: str, shards: Path, seed: int) -> dict:
@@ -167,7 +200,7 @@ def table(doc: dict) -> str:
         t = r["eval"]["test"]
         gf = r.get("gflops_per_step")
         cut = f" of {r['steps']} (cut short)" if r.get("steps_done", 0) < r.get("steps", 0) else ""
-        cfg = f"`configs/{METHODS[m][0]}`" if METHODS[m][0] else "-"
+        cfg = config_cell(m, r)
         lines.append(f"| {m}{' (reference)' if m == ref else ''} | {cfg} | {f'{gf:.1f}' if gf is not None else '-'} | "
                      f"{r.get('steps_done', 0)}{cut} | {gf * r['steps_done'] / 1e3 if gf else 0:.1f} | "
                      f"{100 * t[KEYS[0]]:.1f} | {100 * t[KEYS[1]]:.1f} | {r.get('wall_s', 0):.0f} |")
@@ -189,6 +222,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="DataLoader workers per run instead of the configs' (on a GPU the multi-crop views are the "
                         "bottleneck: give them the CPU cores)")
     p.add_argument("--lr", default="", help="METHOD=LR,...: these methods' lr instead of their config's")
+    p.add_argument("--set", action="append", default=[], metavar="METHOD:KEY=VALUE",
+                   help="a dotted config override for one method, e.g. swav:objectives.swav.epsilon=0.02 "
+                        "(repeatable; shown in the table's config column)")
     p.add_argument("--flop-steps", type=int, default=2, help="steps averaged by the FLOP counter")
     p.add_argument("--flop-batch", type=int, default=16,
                    help="rows of the batch the FLOPs are counted on, scaled to --batch-size (FLOPs are linear in "
@@ -216,6 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     lrs = {k: float(v) for k, v in (item.split("=", 1) for item in bq.parse_list(args.lr))}
     if set(lrs) - set(methods):
         raise SystemExit(f"--lr names method(s) not run: {sorted(set(lrs) - set(methods))}")
+    sets = parse_sets(args.set, methods)
     if args.quick:
         args.budget, args.batch_size, args.flop_steps, args.split = min(args.budget, 6), 32, 1, "small"
     small = args.split == "small"
@@ -232,7 +269,8 @@ def main(argv: list[str] | None = None) -> int:
     out_path.parent.mkdir(parents=True, exist_ok=True)
 
     trained = [m for m in methods if m != "random"]
-    trees = {m: run_tree(m, shards, args.batch_size, args.workers) for m in set(trained) | {args.reference}}
+    trees = {m: run_tree(m, shards, args.batch_size, args.workers, sets.get(m, ()))
+             for m in set(trained) | {args.reference}}
     configs: dict = {m: {} for m in trees}
     bq.measure_flops(configs, {m: bq.adapt_tree(t, shards, args.flop_batch, None, None) for m, t in trees.items()},
                      args.flop_steps)
@@ -251,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     log("plan: " + ", ".join(f"{m} {plan[m]} steps ({configs[m]['gflops_per_step']:.1f} GFLOP/step)" for m in trained))
 
     def train_and_evaluate(m: str, limit: float | None) -> dict:
-        entry: dict = {"config": METHODS[m][0], "paper": METHODS[m][1]}
+        entry: dict = {"config": METHODS[m][0], "paper": METHODS[m][1], "overrides": sets.get(m, [])}
         if m == "random":
             entry.update(steps_done=0, eval=evaluate_random(trees[args.reference]["model"]["name"], shards,
                                                             args.seed))
