@@ -4,6 +4,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from conftest import REPO
 from vlp.config import config_from_dict
 
@@ -93,16 +94,17 @@ def test_run_all_runs_every_method_at_most_parallel_at_once():
 
 
 def test_set_overrides_one_methods_config_and_shows_in_the_table(tmp_path):
-    sets = bench_ssl.parse_sets(["swav:objectives.swav.epsilon=0.02", "swav:objectives.swav.projector_norm=layer",
+    sets = bench_ssl.parse_sets(["swav:objectives.swav.epsilon=0.07", "swav:objectives.swav.projector_norm=layer",
                                  "jigsaw:objectives.jigsaw.encode=image"], ["simclr", "swav", "jigsaw"])
-    assert sets == {"swav": [("objectives.swav.epsilon", 0.02), ("objectives.swav.projector_norm", "layer")],
+    assert sets == {"swav": [("objectives.swav.epsilon", 0.07), ("objectives.swav.projector_norm", "layer")],
                     "jigsaw": [("objectives.jigsaw.encode", "image")]}
     cfg = config_from_dict(bench_ssl.run_tree("swav", tmp_path, 32, overrides=sets["swav"]), check_files=False)
-    assert cfg.objectives["swav"].epsilon == 0.02 and cfg.objectives["swav"].projector_norm == "layer"
-    plain = config_from_dict(bench_ssl.run_tree("swav", tmp_path, 32), check_files=False)
-    assert plain.objectives["swav"].epsilon == 0.05
-    run = {"overrides": [["objectives.swav.epsilon", 0.02]]}
-    assert bench_ssl.config_cell("swav", run) == "`configs/ssl/swav.yaml` + objectives.swav.epsilon=0.02"
+    assert cfg.objectives["swav"].epsilon == 0.07 and cfg.objectives["swav"].projector_norm == "layer"
+    plain = config_from_dict(bench_ssl.run_tree("swav", tmp_path, 32), check_files=False).objectives["swav"]
+    shipped = yaml.safe_load((REPO / "configs" / "ssl" / "swav.yaml").read_text())["objectives"]["swav"]
+    assert (plain.epsilon, plain.projector_norm) == (shipped["epsilon"], shipped["projector_norm"]) != (0.07, "layer")
+    run = {"overrides": [["objectives.swav.epsilon", 0.07]]}
+    assert bench_ssl.config_cell("swav", run) == "`configs/ssl/swav.yaml` + objectives.swav.epsilon=0.07"
     assert bench_ssl.config_cell("swav", {}) == "`configs/ssl/swav.yaml`"
     for bad in ("swav", "mocov3:optim.lr=1", "random:optim.lr=1", "swav:optim.lr"):
         with pytest.raises(SystemExit, match="--set"):
