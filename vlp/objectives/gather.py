@@ -45,8 +45,9 @@ def gather_nograd(x: torch.Tensor) -> torch.Tensor:
 
 class GlobalBatchNorm1d(nn.BatchNorm1d):
     """``BatchNorm1d`` (``[N, C]``) whose training statistics are those of the global batch: the per-channel sums
-    (then the squared deviations from the global mean) are all-reduced with their gradient, so a DDP step equals one process on the whole batch (as
-    ``SyncBatchNorm``; the SwAV, SimCLR and BYOL reference heads use it). Eval and a single process: ``BatchNorm1d``."""
+    (then the squared deviations from the global mean) are all-reduced with their gradient, so a DDP step equals one
+    process on the whole batch (as ``SyncBatchNorm``, which the SwAV, SimCLR and BYOL reference heads use). In eval
+    mode and in a single process it is ``BatchNorm1d``."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or rank_and_world()[1] == 1:

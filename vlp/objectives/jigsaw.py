@@ -5,6 +5,8 @@ each tile's channels are normalized alone (``tile_norm``, the paper's guard agai
 are shuffled by one of ``n_permutations`` fixed permutations and the student encodes each tile alone (its
 patch grid through the interpolated positional embedding), a shared linear layer maps each tile's pooled feature
 (the paper's fc6), and an MLP over the 9 concatenated features (fc7, fc8) classifies which permutation was applied.
+``encode: image`` (not the paper's) encodes the 9 shuffled tiles side by side as one image instead, each position's
+feature the mean of its patch tokens: the encoder then sees whole-image grids, as the kNN and linear probes do.
 
 The permutation set follows the paper's "maximal Hamming distance" selection: from a seeded random first
 permutation, repeatedly add the permutation of 9 elements farthest (in Hamming distance) from those chosen;
