@@ -31,7 +31,7 @@ Usage::
     python tools/bench_ssl.py                             # every method, 300 SimCLR steps at batch 64 (~75 min, 2 cores)
     python tools/bench_ssl.py --methods simclr,swav --budget 50
     python tools/bench_ssl.py --methods mocov3 --lr mocov3=1e-4 --out bench_out/ssl/mocov3-lr1e-4.json
-    python tools/bench_ssl.py --methods swav --set swav:objectives.swav.epsilon=0.02 --out bench_out/ssl/swav-e02.json
+    python tools/bench_ssl.py --methods swav --set swav:objectives.swav.projector_norm=layer --out bench_out/ssl/swav-ln.json
     python tools/bench_ssl.py --quick                       # smoke run: 6,000 images, batch 32, 6 steps
     python tools/bench_ssl.py --report-only bench_out/ssl/results.json
     python tools/bench_ssl.py --batch-size 128 --budget 1200 --workers 3 --parallel 6   # one GPU: README's table, 8x
@@ -223,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
                         "bottleneck: give them the CPU cores)")
     p.add_argument("--lr", default="", help="METHOD=LR,...: these methods' lr instead of their config's")
     p.add_argument("--set", action="append", default=[], metavar="METHOD:KEY=VALUE",
-                   help="a dotted config override for one method, e.g. swav:objectives.swav.epsilon=0.02 "
+                   help="a dotted config override for one method, e.g. swav:objectives.swav.epsilon=0.05 "
                         "(repeatable; shown in the table's config column)")
     p.add_argument("--flop-steps", type=int, default=2, help="steps averaged by the FLOP counter")
     p.add_argument("--flop-batch", type=int, default=16,
