@@ -20,7 +20,8 @@ PER_RANK, STEP = 3, 0
 METHODS = {
     "simclr": {"hidden_dim": 32, "proj_dim": 16, "temperature": 0.2},         # NT-Xent, gathered with grad
     "mocov3": {"hidden_dim": 32, "proj_dim": 16, "temperature": 0.2},         # teacher keys gathered
-    "swav": {"hidden_dim": 32, "proj_dim": 16, "n_prototypes": 24, "n_local": 2},  # distributed Sinkhorn
+    "swav": {"hidden_dim": 32, "proj_dim": 16, "n_prototypes": 24, "n_local": 2,  # distributed Sinkhorn
+             "projector_norm": "layer"},
     "swav-batchnorm": {"hidden_dim": 32, "proj_dim": 16, "n_prototypes": 24, "n_local": 2,
                        "projector_norm": "batch"},                  # and BatchNorm over the global batch
 }

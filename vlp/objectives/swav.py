@@ -8,9 +8,8 @@ embedding): ``-sum_k q log softmax(s / T)``, averaged as the reference ``main_sw
 is dropped for the first ``freeze_prototypes_steps`` steps. For small batches, ``queue_length`` keeps each process's
 last embeddings of the 2 global crops; once full, their scores against the current prototypes join the Sinkhorn
 input, so the codes equipartition the prototypes over queue + batch (the reference's ``--queue_length``, per process).
-The projector's hidden layer uses LayerNorm (``projector_norm: layer``), or BatchNorm over the global batch
-(``batch``: the reference's SyncBN, statistics all-reduced with their gradient, so a row's loss does not depend on
-its rank). ``swav/code_entropy`` is the mean entropy of the batch's codes: near ln K the codes are uniform and the
+The projector's hidden layer uses BatchNorm over the global batch (``projector_norm: batch``, the reference's SyncBN:
+statistics all-reduced with their gradient, so a row's loss does not depend on its rank), or LayerNorm (``layer``). ``swav/code_entropy`` is the mean entropy of the batch's codes: near ln K the codes are uniform and the
 swapped prediction teaches nothing.
 """
 from __future__ import annotations
@@ -70,7 +69,7 @@ def swav_loss(scores: torch.Tensor, temperature: float, epsilon: float = 0.05, i
 
 
 class SwAVHead(Head):
-    def __init__(self, width: int, hidden: int, dim: int, n_prototypes: int, n_local: int = 0, norm: str = "layer"):
+    def __init__(self, width: int, hidden: int, dim: int, n_prototypes: int, n_local: int = 0, norm: str = "batch"):
         super().__init__()
         self.projector = mlp(width, hidden, dim, norm)
         self.prototypes = nn.Linear(dim, n_prototypes, bias=False)
@@ -104,7 +103,7 @@ class SwAVObjective(Objective):
         local_size: int | None = Field(None, gt=0)       # default: half the image size, a multiple of the patch
         freeze_prototypes_steps: int = Field(0, ge=0)
         queue_length: int = Field(0, ge=0)               # rows per process (the reference: 3840 / world size); 0: none
-        projector_norm: Literal["layer", "batch"] = "layer"  # batch: over the global batch (the reference's SyncBN)
+        projector_norm: Literal["batch", "layer"] = "batch"  # batch: over the global batch (the reference's SyncBN)
 
     needs = ("swav/scores",)
     per_process_state = ("queue",)  # each process queues its own rows, as the reference's queue<rank>.pth
