@@ -77,11 +77,9 @@ def run_tree(method: str, shards: Path, batch: int, workers: int | None = None,
     set on the config first, as ``vlp.train``'s command-line overrides)."""
     import yaml
 
-    from vlp.config import _set_dotted
+    from vlp.config import apply_overrides
 
-    tree = yaml.safe_load((REPO / "configs" / METHODS[method][0]).read_text())
-    for key, value in overrides:
-        _set_dotted(tree, key, value)
+    tree = apply_overrides(yaml.safe_load((REPO / "configs" / METHODS[method][0]).read_text()), overrides)
     tree = bq.adapt_tree(tree, shards, batch, None, None)
     if workers is not None:
         tree["data"]["workers"] = workers

@@ -457,12 +457,19 @@ def load_config(path: str | os.PathLike, overrides: list[str] = (), check_files:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
     if not isinstance(tree, dict):
         raise ConfigError(f"{path}: top level must be a mapping")
-    for key, value in parse_overrides(list(overrides)):
+    apply_overrides(tree, parse_overrides(list(overrides)))
+    return config_from_dict(tree, check_files=check_files)
+
+
+def apply_overrides(tree: dict, overrides: list[tuple[str, Any]]) -> dict:
+    """Set each ``(dotted key, value)`` of :func:`parse_overrides` on a config tree, in place; a key that cannot be
+    set is a ConfigError naming it."""
+    for key, value in overrides:
         try:
             _set_dotted(tree, key, value)
         except (IndexError, ValueError, KeyError) as err:
             raise ConfigError(f"{key}: cannot set ({err})") from None
-    return config_from_dict(tree, check_files=check_files)
+    return tree
 
 
 def dump_config(cfg: Config, path: str | os.PathLike) -> None:

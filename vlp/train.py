@@ -42,6 +42,7 @@ def save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
     """A state dict as safetensors (detached, on the CPU, contiguous)."""
     save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path))
 
+
 NO_DECAY_NAMES = ("bias", "embedding", "logit_scale", "logit_bias", "mask_token", "pos_embed")
 
 
