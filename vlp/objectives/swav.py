@@ -9,8 +9,9 @@ is dropped for the first ``freeze_prototypes_steps`` steps. For small batches, `
 last embeddings of the 2 global crops; once full, their scores against the current prototypes join the Sinkhorn
 input, so the codes equipartition the prototypes over queue + batch (the reference's ``--queue_length``, per process).
 The projector's hidden layer uses BatchNorm over the global batch (``projector_norm: batch``, the reference's SyncBN:
-statistics all-reduced with their gradient, so a row's loss does not depend on its rank), or LayerNorm (``layer``). ``swav/code_entropy`` is the mean entropy of the batch's codes: near ln K the codes are uniform and the
-swapped prediction teaches nothing.
+statistics all-reduced with their gradient, so a row's loss does not depend on its rank), or LayerNorm (``layer``).
+``swav/code_entropy`` is the mean entropy of the first crop's codes (the targets the loss used): near ln K the codes
+are uniform and the swapped prediction teaches nothing.
 """
 from __future__ import annotations
 
@@ -52,18 +53,28 @@ def distributed_sinkhorn(out: torch.Tensor, epsilon: float = 0.05, iterations: i
     return Q.t()
 
 
+def swav_codes(scores: torch.Tensor, epsilon: float = 0.05, iterations: int = 3,
+               queued: torch.Tensor | None = None) -> torch.Tensor:
+    """``[2, B, K]``: the Sinkhorn codes of the 2 global crops' ``scores [V, B, K]`` (views 0, 1). ``queued [2, Q,
+    K]``: scores of queued embeddings of crop ``i``, prepended to its Sinkhorn input (codes of the batch rows only
+    are kept), as the reference's queue."""
+    B = scores.shape[1]
+    return torch.stack([distributed_sinkhorn(scores[i].detach() if queued is None else
+                                             torch.cat([queued[i], scores[i].detach()]), epsilon, iterations)[-B:]
+                        for i in range(2)])
+
+
 def swav_loss(scores: torch.Tensor, temperature: float, epsilon: float = 0.05, iterations: int = 3,
-              queued: torch.Tensor | None = None) -> torch.Tensor:
-    """``scores [V, B, K]`` (views 0, 1 the global crops): for each global crop ``i`` its Sinkhorn codes are the
-    target of every other view ``v``; the sub-losses averaged over the ``V - 1`` predicting views, then over ``i``.
-    ``queued [2, Q, K]``: scores of queued embeddings of crop ``i``, prepended to its Sinkhorn input (codes of the
-    batch rows only are kept), as the reference's queue."""
-    V, B = scores.shape[:2]
+              queued: torch.Tensor | None = None, codes: torch.Tensor | None = None) -> torch.Tensor:
+    """``scores [V, B, K]`` (views 0, 1 the global crops): for each global crop ``i`` its Sinkhorn codes
+    (:func:`swav_codes`, or ``codes`` already computed) are the target of every other view ``v``; the sub-losses
+    averaged over the ``V - 1`` predicting views, then over ``i``."""
+    V = scores.shape[0]
+    codes = swav_codes(scores, epsilon, iterations, queued) if codes is None else codes
     loss = scores.new_zeros(())
     for i in range(2):
-        out = scores[i].detach() if queued is None else torch.cat([queued[i], scores[i].detach()])
-        q = distributed_sinkhorn(out, epsilon, iterations)[-B:]
-        sub = sum(-(q * F.log_softmax(scores[v] / temperature, dim=-1)).sum(-1).mean() for v in range(V) if v != i)
+        sub = sum(-(codes[i] * F.log_softmax(scores[v] / temperature, dim=-1)).sum(-1).mean()
+                  for v in range(V) if v != i)
         loss = loss + sub / (V - 1)
     return loss / 2
 
@@ -153,12 +164,12 @@ class SwAVObjective(Objective):
         c, scores = self.cfg, outputs["swav/scores"]
         with torch.autocast(scores.device.type, enabled=False):
             queued = self.queued_scores(outputs)
-            loss = swav_loss(scores.float(), c.temperature, c.epsilon, c.sinkhorn_iterations, queued)
+            codes = swav_codes(scores.float(), c.epsilon, c.sinkhorn_iterations, queued)
+            loss = swav_loss(scores.float(), c.temperature, codes=codes)
         with torch.no_grad():
             mean_p = F.softmax(scores[:2].float() / c.temperature, dim=-1).flatten(0, 1).mean(0)
-            codes = distributed_sinkhorn(scores[0].float(), c.epsilon, c.sinkhorn_iterations)
         return loss, {"mean_entropy": torch.special.entr(mean_p).sum(),  # -> 0: one-prototype collapse
-                      "code_entropy": torch.special.entr(codes).sum(-1).mean()}  # ln K: uniform codes, no signal
+                      "code_entropy": torch.special.entr(codes[0]).sum(-1).mean()}  # ln K: uniform, no signal
 
     @torch.no_grad()
     def queued_scores(self, outputs) -> torch.Tensor | None:
