@@ -65,9 +65,7 @@ def test_accelerate_configs(name, monkeypatch):
         assert get_module_class_from_name(clip.transformer, cls) is not None
     for key, value in env.items():
         monkeypatch.setenv(key, value)
-    if not torch.cuda.is_available():  # why FSDP itself is untested here: accelerate needs an accelerator for it
-        with pytest.raises(RuntimeError, match="no available devices"):
-            FullyShardedDataParallelPlugin()
-        return
+    if not torch.cuda.is_available():
+        return  # accelerate builds its FSDP plugin only with an accelerator (its refusal's wording is not ours to pin)
     plugin = FullyShardedDataParallelPlugin()
     assert plugin.use_orig_params and plugin.transformer_cls_names_to_wrap == ["ResidualAttentionBlock"]
