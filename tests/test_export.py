@@ -175,6 +175,42 @@ def test_export_again_removes_only_the_files_the_previous_export_wrote(vit, tmp_
     assert (run / "open_clip_model.safetensors").is_file()
 
 
+def test_export_never_removes_what_a_manifest_lists_outside_the_folder(vit, tmp_path, caplog):
+    """A manifest naming an absolute path, ``..``, a path through a link out of --out or a folder: refused, nothing
+    removed anywhere; --overwrite writes over the folder, still removing nothing (#30: export deleted /tmp files)."""
+    model, model_cfg, _ = vit
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    victims = {name: outside / name for name in ("abs.txt", "dotdot.txt", "via-link.txt")}
+    for v in victims.values():
+        v.write_text("keep me")
+    (outside / "kept-dir").mkdir()
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "link").symlink_to(outside)
+    (out / "subdir").mkdir()
+    (out / "subdir" / "note.txt").write_text("mine")
+    listed = [str(victims["abs.txt"]), "../outside/dotdot.txt", "link/via-link.txt", "subdir", "link/kept-dir"]
+    (out / ".vlp-export.json").write_text(json.dumps({"files": listed}))
+    for overwrite in (False, True):
+        (out / ".vlp-export.json").write_text(json.dumps({"files": listed}))
+        if overwrite:
+            with caplog.at_level(logging.WARNING, logger="vlp.export.common"):
+                ex.export_model(model, model_cfg, out, overwrite=True)
+            assert "lists paths vlp never writes" in caplog.text and "via-link.txt" in caplog.text
+            assert (out / "open_clip_model.safetensors").is_file()
+        else:
+            with pytest.raises(FileExistsError, match="lists paths vlp never writes") as err:
+                ex.export_model(model, model_cfg, out)
+            for rel in ("abs.txt", "dotdot.txt", "via-link.txt", "'subdir' (not a file)"):
+                assert rel in str(err.value)
+        assert all(v.read_text() == "keep me" for v in victims.values())
+        assert (outside / "kept-dir").is_dir() and (out / "subdir" / "note.txt").read_text() == "mine"
+        assert (out / "link").is_symlink()
+    ex.export_model(model, model_cfg, out)  # the manifest it wrote is its own: replaced as before
+    assert all(v.read_text() == "keep me" for v in victims.values())
+
+
 def test_vision_only_export(minilm, vit, images, tmp_path):
     for i, (model, model_cfg, _) in enumerate((vit, minilm)):
         out = ex.export_vision_tower(model, model_cfg, tmp_path / f"vis{i}", card=CARD)

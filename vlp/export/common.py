@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -13,6 +14,8 @@ WEIGHTS_NAME = "open_clip_model.safetensors"  # open_clip.constants.HF_SAFE_WEIG
 VISION_WEIGHTS_NAME = "model.safetensors"
 VISION_CONFIG_NAME = "config.json"
 VISION_ARCHITECTURE = "open_clip_vision"
+log = logging.getLogger(__name__)
+
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 
 
@@ -77,20 +80,71 @@ def _prepare_dir(out_dir, overwrite: bool) -> tuple[Path, set[str]]:
     if out.is_dir() and any(out.iterdir()):
         manifest = out / MANIFEST_NAME
         if manifest.is_file():
-            for rel in json.loads(manifest.read_text()).get("files", []):
-                path = out / rel
-                if ".." not in Path(rel).parts and (path.is_file() or path.is_symlink()):
-                    path.unlink()
-            manifest.unlink()
-            for d in sorted((p for p in out.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
-                if not any(d.iterdir()):
-                    d.rmdir()
+            _remove_previous_export(out, manifest, overwrite)
         elif not overwrite:
             what = "a vlp export without a manifest" if _is_export_dir(out) else "not a previous export"
             raise FileExistsError(f"--out: {out} is not empty and {what} "
                                   f"(pass overwrite=True / --overwrite to write into it)")
     out.mkdir(parents=True, exist_ok=True)
     return out, _files_under(out)
+
+
+def _manifest_entries(out: Path, manifest: Path) -> tuple[list[Path], list[str]]:
+    """(the files a previous export's manifest lists that may be removed, the entries refused with the reason).
+
+    Only a relative path without ``..`` whose folder resolves strictly inside ``out`` and that is a plain file (or a
+    link, removed itself, never its target) is removable; absolute paths, ``..``, paths through a link out of the
+    folder and folders are refused. Entries that no longer exist are neither."""
+    try:
+        files = json.loads(manifest.read_text()).get("files", [])
+    except (ValueError, AttributeError):
+        raise ValueError(f"--out: the export manifest {manifest} is not a JSON object with a 'files' list") from None
+    if not isinstance(files, list):
+        raise ValueError(f"--out: the export manifest {manifest} is not a JSON object with a 'files' list")
+    root = Path(os.path.realpath(out))
+    removable, refused = [], []
+    for rel in files:
+        if not isinstance(rel, str) or not rel or Path(rel).is_absolute() or ".." in Path(rel).parts:
+            refused.append(f"{rel!r} (not a relative path inside the folder)")
+            continue
+        path = out / rel
+        parent = Path(os.path.realpath(path.parent))
+        if parent != root and root not in parent.parents:
+            refused.append(f"{rel!r} (its folder resolves to {parent}, outside {out})")
+        elif path.is_symlink() or path.is_file():
+            removable.append(path)
+        elif path.exists():
+            refused.append(f"{rel!r} (not a file)")
+    return removable, refused
+
+
+def _remove_previous_export(out: Path, manifest: Path, overwrite: bool) -> None:
+    """Remove the files a previous export's manifest lists, and the folders that leaves empty, all inside ``out``.
+
+    A manifest naming anything else (an absolute path, ``..``, a path through a link out of the folder, a folder)
+    was not written by vlp: nothing is removed, and the export is refused unless ``overwrite`` (then it writes over
+    the folder, removing nothing)."""
+    removable, refused = _manifest_entries(out, manifest)
+    if refused:
+        listed = "; ".join(refused[:5]) + (f"; and {len(refused) - 5} more" if len(refused) > 5 else "")
+        if not overwrite:
+            raise FileExistsError(f"--out: the export manifest {manifest} lists paths vlp never writes: {listed}. "
+                                  f"Nothing was removed; fix or delete the manifest, or pass --overwrite to write "
+                                  f"over the folder without removing anything")
+        log.warning("--out: the export manifest %s lists paths vlp never writes: %s; with --overwrite nothing is "
+                    "removed, the export is written over the folder", manifest, listed)
+        manifest.unlink()
+        return
+    root = Path(os.path.realpath(out))
+    parents = set()
+    for path in removable:
+        path.unlink()
+        parents.update(p for p in path.parents if p != out and out in p.parents)
+    manifest.unlink()
+    for d in sorted(parents, key=lambda p: -len(p.parts)):  # the folders the export wrote, if now empty
+        real = Path(os.path.realpath(d))
+        if not d.is_symlink() and d.is_dir() and root in real.parents and not any(d.iterdir()):
+            d.rmdir()
 
 
 def _write_manifest(out: Path, foreign: set[str]) -> None:
