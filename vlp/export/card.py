@@ -107,7 +107,8 @@ def render_model_card(card: dict | None, model_cfg: dict) -> str:
         if t not in tags:
             tags.append(str(t))
     tags = list(dict.fromkeys(tags))
-    front = ["---", "library_name: open_clip", f"license: {_yaml_str(card.get('license') or 'other')}", "tags:"]
+    library = "timm" if vision_only and card.get("timm") else "open_clip"  # a timm layout loads with timm
+    front = ["---", f"library_name: {library}", f"license: {_yaml_str(card.get('license') or 'other')}", "tags:"]
     front += [f"- {_yaml_str(t)}" for t in tags]
     front += [f"pipeline_tag: {'image-feature-extraction' if vision_only else 'zero-shot-image-classification'}",
               "---", ""]
@@ -241,8 +242,13 @@ def _metrics_section(metrics: dict) -> str:
     return "## Evaluation\n\n" + _table(["metric", "value"], [[k, v] for k, v in metrics.items()]) + "\n"
 
 
+_PLACEHOLDER = "/path/to/this/folder"  # the snippet's path when the card knows neither a repo nor a folder
+
+
 def _load_section(card: dict, cfg: dict, vision_only: bool) -> str:
+    """The snippet names the Hub repo when there is one, else the export's absolute path (it runs from any folder)."""
     repo_id, local = card.get("repo_id"), card.get("local_dir")
+    local = str(Path(local).resolve()) if local else None
     lines = ["## How to load", "", "```python"]
     if vision_only:
         lines += ["from vlp.export import load_vision_tower", ""]
@@ -250,7 +256,7 @@ def _load_section(card: dict, cfg: dict, vision_only: bool) -> str:
             lines += ["from huggingface_hub import snapshot_download",
                       f"path = snapshot_download({_yaml_str(repo_id)})"]
         else:
-            lines += [f"path = {_yaml_str(local or '.')}"]
+            lines += [f"path = {_yaml_str(local or _PLACEHOLDER)}"]
         lines += ["visual = load_vision_tower(path)  # open_clip VisionTransformer: image -> embedding",
                   "", "# with open_clip alone (a CLIP whose text tower is untrained, image tower loaded):",
                   "import open_clip",
@@ -273,9 +279,10 @@ def _load_section(card: dict, cfg: dict, vision_only: bool) -> str:
                   f"path = snapshot_download({_yaml_str(repo_id)})",
                   'model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{path}")',
                   'tokenizer = open_clip.get_tokenizer(f"local-dir:{path}")']
-    elif local:
-        lines += [f"model, _, preprocess = open_clip.create_model_and_transforms({_yaml_str('local-dir:' + local)})",
-                  f"tokenizer = open_clip.get_tokenizer({_yaml_str('local-dir:' + local)})"]
+    else:
+        ref = _yaml_str("local-dir:" + (local or _PLACEHOLDER))
+        lines += [f"model, _, preprocess = open_clip.create_model_and_transforms({ref})",
+                  f"tokenizer = open_clip.get_tokenizer({ref})"]
     lines += ["model.eval()", "```", ""]
     if _is_hf_text(cfg):
         lines += ["The text tower is a Hugging Face model: open_clip rebuilds it from `text_cfg.hf_model_name` "

@@ -26,12 +26,12 @@ def export_checkpoint(checkpoint, out_dir, *, repo_id: str | None = None, push: 
     if push and not repo_id:
         raise ValueError("push=True needs a repo_id")
     from vlp.checkpoint import clip_state_dict, find_checkpoint, read_run_config, read_run_info, teacher_file
-    from vlp.models.factory import create_clip
+    from vlp.models.factory import create_clip, run_clip_options
 
     ckpt = find_checkpoint(checkpoint)
     cfg = read_run_config(ckpt)
     info = read_run_info(ckpt)
-    model, model_cfg, _ = create_clip(cfg.model.name, pretrained_text=False)
+    model, model_cfg, _ = create_clip(cfg.model.name, pretrained_text=False, **run_clip_options(cfg))
     weights = "teacher" if ema else weights
     model.load_state_dict(clip_state_dict(ckpt, weights=weights), strict=True)
     model.eval()
@@ -83,10 +83,16 @@ def export_cli(args) -> int:
                                 license=args.license, weights=args.weights,
                                 timm_format=False if args.no_timm else None, overwrite=args.overwrite)
         print(f"exported {args.checkpoint} -> {out}")
-        if args.push:
-            url = push_to_hub(out, args.push, private=args.private, commit_message=args.commit_message)
-            print(f"pushed to https://huggingface.co/{args.push}: {url}")
     except (FileNotFoundError, FileExistsError, ValueError, KeyError) as err:
         print(f"export error: {err}", file=sys.stderr)
         return 1
+    if args.push:
+        try:
+            url = push_to_hub(out, args.push, private=args.private, commit_message=args.commit_message)
+        except Exception as err:  # offline, no token, refused, network: huggingface_hub and httpx raise many types
+            reason = " ".join(str(err).split()) or type(err).__name__
+            print(f"export error: push to {args.push} failed ({reason}); the export is written in {out}",
+                  file=sys.stderr)
+            return 1
+        print(f"pushed to https://huggingface.co/{args.push}: {url}")
     return 0

@@ -1,0 +1,96 @@
+"""#31 item 6: smaller surprises an open_clip user hits (model card, export --push offline, zeroshot predict,
+clip_benchmark's layout for the demo's test shards, the training log's ETA and lr, docs)."""
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import save_file
+
+from conftest import REPO
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+
+
+def _vlp(*args, cwd, timeout=300):
+    return subprocess.run([sys.executable, "-m", "vlp.cli", *map(str, args)], cwd=cwd, env=ENV,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A run directory with one checkpoint in the trainer's layout (``clip.``-prefixed weights of the tiny ViT)."""
+    from vlp.models.factory import create_clip
+
+    run = tmp_path_factory.mktemp("run")
+    ckpt = run / "checkpoints" / "step_00000004"
+    ckpt.mkdir(parents=True)
+    model, _, _ = create_clip("vlp-test-vit")
+    save_file({f"clip.{k}": v.contiguous() for k, v in model.state_dict().items()}, str(ckpt / "model.safetensors"))
+    config = {"output_dir": str(run), "model": {"name": "vlp-test-vit"},
+              "data": {"sources": [{"name": "pairs", "kind": "paired", "shards": "/nowhere/p-{0..3}.tar"}],
+                       "batch": {"paired": 8}},
+              "objectives": {"contrastive": {"weight": 1.0}}, "train": {"steps": 4}}
+    (ckpt / "config.yaml").write_text(yaml.safe_dump(config))
+    (ckpt / "vlp_state.json").write_text(json.dumps({"step": 4, "samples_seen": {"paired": 32}, "metrics": {},
+                                                     "world_size": 1}))
+    return run
+
+
+def _front_matter(readme: str) -> dict:
+    return yaml.safe_load(readme.split("\n---\n", 1)[0].removeprefix("---\n"))
+
+
+def _snippet(readme: str) -> str:
+    return re.search(r"```python\n(.*?)```", readme, re.S).group(1)
+
+
+def test_card_snippets_run_from_another_folder_and_vision_card_names_timm(checkpoint, tmp_path, monkeypatch):
+    """The card's how-to-load code carried the export's relative --out and failed from any other folder; the
+    vision-only (timm layout) card said library_name: open_clip."""
+    from vlp.export.cli import export_checkpoint
+
+    monkeypatch.chdir(tmp_path)
+    export_checkpoint(checkpoint, "exports/clip")
+    export_checkpoint(checkpoint, "exports/vision", vision_only=True)
+    clip_card = (tmp_path / "exports/clip/README.md").read_text()
+    vision_card = (tmp_path / "exports/vision/README.md").read_text()
+    assert _front_matter(clip_card)["library_name"] == "open_clip"
+    assert _front_matter(vision_card)["library_name"] == "timm"
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    code = (_snippet(clip_card) + "print('clip', model.encode_image(torch.zeros(1, 3, 32, 32)).shape)\n"
+            + _snippet(vision_card) + "print('vision', visual(torch.zeros(1, 3, 32, 32)).shape, "
+            "backbone(torch.zeros(1, 3, 32, 32)).shape)\n")
+    run = subprocess.run([sys.executable, "-c", "import torch\n" + code], cwd=elsewhere, env=ENV,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert "clip torch.Size([1, 32])" in run.stdout and "vision torch.Size([1, 32]) torch.Size([1, 32])" in run.stdout
+
+
+def test_card_with_a_repo_names_it_and_one_without_a_folder_has_a_placeholder(checkpoint):
+    from vlp.export.card import render_model_card
+    from vlp.models.factory import create_clip
+
+    _, model_cfg, _ = create_clip("vlp-test-vit")
+    pushed = render_model_card({"repo_id": "org/tiny", "local_dir": "exports/x"}, model_cfg)
+    assert 'create_model_and_transforms("hf-hub:org/tiny")' in pushed and "exports/x" not in pushed
+    bare = _snippet(render_model_card({}, model_cfg))
+    assert 'create_model_and_transforms("local-dir:/path/to/this/folder")' in bare
+
+
+def test_export_push_offline_is_one_line_and_keeps_the_export(checkpoint, tmp_path):
+    """`vlp export --push` with no network was a traceback; now one line, exit 1, the local export written."""
+    run = _vlp("export", "--checkpoint", checkpoint, "--out", "exports/clip", "--push", "org/tiny", cwd=tmp_path)
+    assert run.returncode == 1
+    assert "Traceback" not in run.stderr
+    errors = [line for line in run.stderr.splitlines() if line.startswith("export error")]
+    assert len(errors) == 1 and "org/tiny" in errors[0] and str(Path("exports/clip")) in errors[0], run.stderr
+    assert (tmp_path / "exports/clip/open_clip_model.safetensors").is_file()
+    assert (tmp_path / "exports/clip/README.md").is_file()
