@@ -674,3 +674,26 @@ def test_fast_gaussian_blur_equals_torchvisions_on_pil_images(kernel):
         assert torch.equal(after_want, after_got)
     blurred = np.asarray(fast(images[0])).astype(int)
     assert np.abs(blurred - np.asarray(images[0]).astype(int)).mean() > 1  # it does blur
+
+
+def test_classnames_with_a_duplicate_or_an_interior_blank_line_are_refused(tmp_path):
+    """A name on two lines merged two classes; a blank line shifted every later class (#30): both are an error
+    naming the file and the lines; blank lines at the end are fine; a training source refuses such a file."""
+    from vlp.data.format import ClassnamesError, load_classnames, read_classnames
+
+    path = tmp_path / "classnames.txt"
+    path.write_text("zero\none\ntwo\none\n")
+    with pytest.raises(ClassnamesError, match="line 4 repeats line 2") as err:
+        read_classnames(path)
+    assert str(path) in str(err.value)
+    path.write_text("zero\n\none\ntwo\n")
+    with pytest.raises(ClassnamesError, match="line 2 is blank"):
+        load_classnames([str(tmp_path / "a-000000.tar")])
+    with pytest.raises(ClassnamesError, match="line 2 repeats line 1"):
+        load_classnames([], ["cat", "cat "])
+    path.write_text("zero\n one \ntwo\n\n\n")
+    assert read_classnames(path) == ["zero", "one", "two"]
+    path.write_text("zero\none\nzero\n")
+    shard = write_samples([{"__key__": "a", "jpg": jpeg((10, 20, 30), 0), "cls": "0"}], tmp_path, prefix="a")[0]
+    with pytest.raises(ClassnamesError, match="line 3 repeats line 1"):
+        Source(SourceConfig(name="lab", kind="labeled", shards=[shard]))

@@ -519,3 +519,34 @@ def test_verify_without_kind_judges_the_dataset_as_training_reads_it(tmp_path):
     assert (result["kind"], result["kind_guessed"]) == ("paired", True)
     assert result["reasons"] == dict(source.bad.counts) == {"no caption": 1, "empty caption": 1}
     assert result["ok"] == len(records) == 2
+
+
+def test_duplicate_or_blank_class_names_fail_verify_and_are_never_written(image_folder, hf_dataset, tmp_path):
+    """classnames.txt with a name on two lines or a blank line inside: ``vlp shards verify`` fails naming the file
+    and lines (it said all was well, #30); the writers refuse such a list before writing any shard."""
+    import subprocess
+    import sys
+
+    data = tmp_path / "lab"
+    S.write_samples([{"__key__": f"k{i}", "jpg": S.image_to_jpeg_bytes(_gradient((i * 9, 100, 50))),
+                     "cls": str(i)} for i in range(3)], data, prefix="l")
+    for text, expected in (("ant\ncat\nant\n", "line 3 repeats line 1"), ("ant\n\ncat\nzebra\n", "line 2 is blank")):
+        (data / "classnames.txt").write_text(text)
+        proc = subprocess.run([sys.executable, "-m", "vlp.cli", "shards", "verify", str(data)], capture_output=True,
+                              text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
+        assert proc.returncode != 0 and expected in proc.stderr and str(data / "classnames.txt") in proc.stderr
+        assert S.verify_shards(str(data), classnames=["ant", "cat", "zebra"])["clean"]  # a good list: clean
+
+    root, _ = image_folder
+    twin = tmp_path / "twin"
+    shutil.copytree(root, twin)
+    shutil.copytree(twin / "cat", twin / "cat ")  # reads back as a second "cat"
+    assert _cli(["shards", "folder", str(twin), str(tmp_path / "twin-out")]) == 2
+    assert not (tmp_path / "twin-out").exists() or not list((tmp_path / "twin-out").glob("*"))
+    path, _, _, names = hf_dataset
+    with pytest.raises(S.ClassnamesError, match="line 2 repeats line 1"):
+        S.write_hf_dataset(path, tmp_path / "hf-out", split="train", label_col="label",
+                           classnames=[names[0]] * len(names))
+    assert not (tmp_path / "hf-out").exists() or not list((tmp_path / "hf-out").glob("*"))
+    with pytest.raises(S.ClassnamesError):
+        S.write_class_files(tmp_path / "hf-out", ["a", "b", "a"], {})

@@ -45,7 +45,7 @@ REASONS = ("no image", "no caption", "caption not UTF-8", "bad caption json", "e
 
 __all__ = ["KINDS", "IMAGE_KEYS", "REASONS", "Rejected", "image_key", "parse_image", "parse_caption",
            "parse_label", "parse_sample", "infer_kind", "decode_image", "check_image", "find_sidecar",
-           "read_lines", "load_classnames"]
+           "read_lines", "load_classnames", "read_classnames", "check_classnames", "ClassnamesError"]
 
 
 @dataclass(frozen=True)
@@ -197,11 +197,42 @@ def read_lines(path: str | os.PathLike) -> list[str]:
     return [ln.strip() for ln in Path(path).read_text(encoding="utf-8").splitlines() if ln.strip()]
 
 
+class ClassnamesError(ValueError):
+    """A class-name list that would mislabel classes: a duplicate name, a blank name, a line break in a name."""
+
+
+def check_classnames(names: Sequence[str], where: str = "class names") -> list[str]:
+    """``names`` as strings, or :class:`ClassnamesError` naming each duplicate and
+    blank entry by its 1-based position: two classes with one name train as one, a blank one shifts the rest."""
+    names = [str(n) for n in names]
+    problems = [f"line {i} has a line break" for i, n in enumerate(names, 1) if "\n" in n or "\r" in n]
+    problems += [f"line {i} is blank" for i, n in enumerate(names, 1) if not n.strip()]
+    first: dict[str, int] = {}
+    for i, n in enumerate(names, 1):
+        key = n.strip()
+        if key and key in first:
+            problems.append(f"line {i} repeats line {first[key]} ({key!r})")
+        first.setdefault(key, i)
+    if problems:
+        shown = "; ".join(problems[:10]) + (f"; and {len(problems) - 10} more" if len(problems) > 10 else "")
+        raise ClassnamesError(f"{where}: {shown} (each class needs its own non-blank name, line i naming class i)")
+    return names
+
+
+def read_classnames(path: str | os.PathLike) -> list[str]:
+    """The class names of a file, one per line (line i names class i); blank lines only at the end.
+    :class:`ClassnamesError` names the file and the lines of a duplicate or an interior blank line."""
+    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    while lines and not lines[-1].strip():
+        lines.pop()
+    return [n.strip() for n in check_classnames(lines, str(path))]
+
+
 def load_classnames(urls: Sequence[str], given: Sequence[str] | str | os.PathLike | None = None) -> list[str] | None:
     """Class names: ``given`` (a list, or a file with one per line), else ``classnames.txt`` near the shards."""
     if isinstance(given, (str, os.PathLike)):
-        return read_lines(given)
+        return read_classnames(given)
     if given is not None:
-        return list(given)
+        return check_classnames(given)
     found = find_sidecar(urls, CLASSNAMES_FILE)
-    return read_lines(found) if found else None
+    return read_classnames(found) if found else None

@@ -16,7 +16,8 @@ import braceexpand
 import torch
 import webdataset as wds
 
-from vlp.data.format import CLASSNAMES_FILE, IMAGE_KEYS, decode_image, read_lines
+from vlp.data.format import (CLASSNAMES_FILE, IMAGE_KEYS, check_classnames, decode_image, read_classnames,
+                             read_lines)
 
 TEMPLATES_FILE = "zeroshot_classification_templates.txt"
 DATASET_TYPE_FILE = "dataset_type.txt"
@@ -71,17 +72,17 @@ def find_metadata_file(spec, filename: str) -> Path | None:
 def find_classnames(spec=None, given: str | os.PathLike | Sequence[str] | None = None) -> list[str]:
     """Class names: ``given`` (a list, or a file with one name per line), else ``classnames.txt`` near ``spec``."""
     if given is not None and not isinstance(given, (str, os.PathLike)):
-        return [str(c) for c in given]
+        return check_classnames(given)
     if given is not None:
         if not os.path.isfile(given):
             raise FileNotFoundError(f"classnames file {given} not found")
-        return read_lines(given)
+        return read_classnames(given)
     if spec is None:
         raise ValueError("no class names given and no data spec to look beside")
     path = find_metadata_file(spec, CLASSNAMES_FILE)
     if path is None:
         raise FileNotFoundError(f"no {CLASSNAMES_FILE} beside the shards of {spec!r} (pass classnames)")
-    return read_lines(path)
+    return read_classnames(path)
 
 
 def template_presets() -> dict[str, list[str]]:

@@ -29,7 +29,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from vlp.data.format import CLASS_COUNTS_FILE, CLASSNAMES_FILE, IMAGE_KEYS, KINDS, SIZES_FILE
+from vlp.data.format import CLASS_COUNTS_FILE, CLASSNAMES_FILE, IMAGE_KEYS, KINDS, SIZES_FILE, check_classnames
 
 log = logging.getLogger(__name__)
 
@@ -200,9 +200,7 @@ def write_samples(
 def write_class_files(out_dir: str | os.PathLike, classnames: list[str], class_counts: dict[int, int]) -> None:
     """Write ``classnames.txt`` (line i = class i) and ``class_counts.json`` (``{"i": n}``) into ``out_dir``."""
     out = Path(out_dir)
-    for name in classnames:
-        if "\n" in name or "\r" in name:
-            raise ValueError(f"class name with a line break: {name!r}")
+    check_classnames(classnames)
     _write_text_atomic(out / CLASSNAMES_FILE, "".join(f"{name}\n" for name in classnames))
     counts = {str(i): int(class_counts.get(i, 0)) for i in range(len(classnames))}
     _write_text_atomic(out / CLASS_COUNTS_FILE, json.dumps(counts, indent=1) + "\n")
@@ -316,6 +314,7 @@ def write_image_folder(
         classnames, items = find_image_folder(root)
         if not classnames:
             raise ValueError(f"no class subfolders in {root}")
+        check_classnames(classnames, f"the class folders of {root}")
     else:
         if not root.is_dir():
             raise FileNotFoundError(f"not a folder: {root}")
@@ -485,6 +484,7 @@ def write_hf_dataset(
         else:
             ints = [int(v) for v in ds[label_col] if v is not None]
             classnames = [str(i) for i in range(max(ints) + 1)] if ints else []
+        check_classnames(classnames)
         if string_labels:
             label_map = {name: i for i, name in enumerate(classnames)}
     if shuffle_seed is not None:
