@@ -94,3 +94,44 @@ def test_export_push_offline_is_one_line_and_keeps_the_export(checkpoint, tmp_pa
     assert len(errors) == 1 and "org/tiny" in errors[0] and str(Path("exports/clip")) in errors[0], run.stderr
     assert (tmp_path / "exports/clip/open_clip_model.safetensors").is_file()
     assert (tmp_path / "exports/clip/README.md").is_file()
+
+
+def test_zeroshot_predict_reads_folders_and_prints_json(checkpoint, tmp_path, capsys):
+    """`vlp zeroshot predict` had no --json and took a folder for an unreadable image (IsADirectoryError)."""
+    from PIL import Image
+
+    from vlp.cli import main
+    from vlp.eval.zeroshot import build_classifier, save_classifier
+    from vlp.export.cli import export_checkpoint
+    from vlp.models.factory import load_clip
+
+    export = export_checkpoint(checkpoint, tmp_path / "export")
+    model, _, tokenizer, _ = load_clip(export)
+    classes = ["red", "green", "blue"]
+    save_classifier(tmp_path / "clf.safetensors", build_classifier(model, tokenizer, classes, ["a {c} square."]),
+                    classes, ["a {c} square."])
+    (tmp_path / "imgs" / "deeper").mkdir(parents=True)
+    Image.new("RGB", (40, 30), (200, 10, 10)).save(tmp_path / "imgs" / "a.png")
+    Image.new("RGB", (20, 20), (10, 10, 200)).save(tmp_path / "imgs" / "deeper" / "b.JPG", format="JPEG")
+    (tmp_path / "imgs" / "notes.txt").write_text("not an image")
+    single = tmp_path / "c.png"
+    Image.new("RGB", (32, 32), (10, 200, 10)).save(single)
+    want = [str(tmp_path / "imgs" / "a.png"), str(tmp_path / "imgs" / "deeper" / "b.JPG"), str(single)]
+
+    run = _vlp("zeroshot", "predict", "--model", export, "--classifier", tmp_path / "clf.safetensors", "--topk", 2,
+               "--json", tmp_path / "imgs", single, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    results = json.loads(run.stdout)
+    assert [r["image"] for r in results] == want
+    for r in results:
+        assert len(r["top"]) == 2 and {t["class"] for t in r["top"]} <= set(classes)
+        assert r["top"][0]["prob"] >= r["top"][1]["prob"] and sum(t["prob"] for t in r["top"]) <= 1 + 1e-6
+
+    assert main(["zeroshot", "predict", "--model", str(export), "--classifier", str(tmp_path / "clf.safetensors"),
+                 str(tmp_path / "imgs")]) == 0
+    out = capsys.readouterr().out
+    assert "unreadable" not in out and want[0] in out and want[1] in out
+    (tmp_path / "empty").mkdir()
+    assert main(["zeroshot", "predict", "--model", str(export), "--classifier", str(tmp_path / "clf.safetensors"),
+                 str(tmp_path / "empty")]) == 1
+    assert "no image files" in capsys.readouterr().err

@@ -75,23 +75,49 @@ def cmd_zeroshot_build(args) -> int:
     return 0
 
 
+def image_files(paths) -> list[str]:
+    """``paths`` with each folder replaced by the image files under it (any depth, sorted; by extension)."""
+    from vlp.data.format import IMAGE_KEYS
+
+    out = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            found = sorted(str(p) for p in path.rglob("*") if p.is_file() and p.suffix.lower()[1:] in IMAGE_KEYS)
+            if not found:
+                raise FileNotFoundError(f"{path}: no image files ({', '.join(IMAGE_KEYS)}) in this folder")
+            out += found
+        else:
+            out.append(str(path))
+    return out
+
+
 def cmd_zeroshot_predict(args) -> int:
     from vlp.models.factory import load_clip
 
+    try:
+        images = image_files(args.images)
+    except FileNotFoundError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     device = args.device or _default_device()
     model, _, _, preprocess = load_clip(args.model, device=device)
     weights, classnames, _ = load_classifier(args.classifier)
     errors: dict[str, str] = {}
-    results = predict(model, preprocess, weights, classnames, args.images, k=args.topk, device=device,
+    results = predict(model, preprocess, weights, classnames, images, k=args.topk, device=device,
                       logit_scale=args.logit_scale, errors=errors)
-    for path, top in zip(args.images, results):
-        print(path)
-        if top is None:
-            print(f"  unreadable image: {errors[str(path)]}")
-            continue
-        width = max(len(name) for name, _ in top)
-        for name, p in top:
-            print(f"  {name.ljust(width)}  {p:.4f}")
+    if args.json:
+        print(json.dumps([{"image": path, **({"error": errors[path]} if top is None else
+                                             {"top": [{"class": name, "prob": p} for name, p in top]})}
+                          for path, top in zip(images, results)], indent=1))
+    else:
+        for path, top in zip(images, results):
+            print(path)
+            if top is None:
+                print(f"  unreadable image: {errors[str(path)]}")
+                continue
+            width = max(len(name) for name, _ in top)
+            for name, p in top:
+                print(f"  {name.ljust(width)}  {p:.4f}")
     if errors:
         print(f"error: {len(errors)} of {len(results)} images could not be read", file=sys.stderr)
     return 1 if errors else 0
@@ -131,7 +157,9 @@ def register_cli(subparsers) -> None:
     p.add_argument("--topk", type=int, default=5)
     p.add_argument("--logit-scale", type=float, default=None,
                    help="softmax temperature multiplier (default: the model's logit_scale, else 100)")
-    p.add_argument("images", nargs="+")
+    p.add_argument("--json", action="store_true",
+                   help='print a JSON list: {"image", "top": [{"class", "prob"}]} or {"image", "error"} per image')
+    p.add_argument("images", nargs="+", help="image files and folders (their images, any depth)")
     p.set_defaults(func=cmd_zeroshot_predict)
 
     names = ", ".join(EVAL_TASKS)
