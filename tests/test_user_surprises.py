@@ -135,3 +135,32 @@ def test_zeroshot_predict_reads_folders_and_prints_json(checkpoint, tmp_path, ca
     assert main(["zeroshot", "predict", "--model", str(export), "--classifier", str(tmp_path / "clf.safetensors"),
                  str(tmp_path / "empty")]) == 1
     assert "no image files" in capsys.readouterr().err
+
+
+def test_demo_test_shards_are_a_clip_benchmark_webdataset(demo_data):
+    """clip_benchmark's build_wds_dataset reads ROOT/test/nshards.txt, ROOT/test/{0..n-1}.tar and ROOT/classnames.txt
+    (+ templates); the demo wrote none of nshards.txt, those names, nor the root files."""
+    import webdataset as wds
+
+    nshards = int((demo_data / "test" / "nshards.txt").read_text())
+    assert nshards == 3  # 300 test digits, 100 a shard
+    pattern = str(demo_data / "test" / f"{{0..{nshards - 1}}}.tar")
+    rows = list(wds.WebDataset(pattern, shardshuffle=False).decode("pil").to_tuple("jpg", "cls"))
+    assert len(rows) == 300 and {int(y) for _, y in rows} == set(range(10))
+    classes = [line.strip() for line in (demo_data / "classnames.txt").read_text().splitlines() if line.strip()]
+    assert classes == ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+    assert (demo_data / "zeroshot_classification_templates.txt").read_text().count("{c}") == 3
+    sizes = json.loads((demo_data / "test" / "sizes.json").read_text())
+    assert sizes == {f"{i}.tar": 100 for i in range(3)}
+    # vlp's own readers still find everything: the folder spec, its class names and templates
+    from vlp.eval.data import expand_urls, find_classnames, find_templates
+
+    assert len(expand_urls(str(demo_data / "test"))) == 3
+    assert find_classnames(str(demo_data / "test" / "*.tar")) == classes
+    assert len(find_templates(str(demo_data / "test" / "*.tar"))) == 3
+    try:  # clip_benchmark itself, where installed
+        from clip_benchmark.datasets.builder import build_wds_dataset
+    except ImportError:
+        return
+    ds = build_wds_dataset("wds/digits", transform=lambda im: im.size, split="test", data_dir=str(demo_data))
+    assert len(list(ds)) == 300 and ds.classes == classes

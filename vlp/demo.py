@@ -4,17 +4,23 @@ Images: scikit-learn's handwritten digits (1,797 scans, 8x8 grey levels; Alpaydi
 32x32 RGB JPEGs. Held out first (a fixed, class-stratified 300), the rest is split into labeled (20%),
 image-text (35%; captions made from the label with varied templates, acceptable for a demo only) and unlabeled
 (45%; labels dropped). ``vlp demo`` writes them, trains ``configs/demo.yaml``, prints zero-shot top-1 on the
-held-out digits, and writes an export folder.
+held-out digits, and writes an export folder. The root of the shard folders is a clip_benchmark webdataset dataset
+(split ``test``: ``test/nshards.txt``, ``test/0.tar ...``, ``classnames.txt`` and the templates file).
 """
 from __future__ import annotations
 
 import io
+import json
+import os
 import random
+import shutil
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from vlp.data.format import CLASSNAMES_FILE, SIZES_FILE
+from vlp.eval.data import TEMPLATES_FILE
 from vlp.shards.write import write_class_files, write_samples
 
 CLASSNAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
@@ -74,10 +80,30 @@ def write_demo_shards(out: str | Path, seed: int = 0, maxcount: int = 150) -> di
 
     counts = {}
     for kind, idx in (("test", test), ("labeled", labeled), ("paired", paired), ("unlabeled", unlabeled)):
-        write_samples(samples(idx, kind), out / kind, prefix="digits", maxcount=maxcount)
+        if kind == "test":
+            for old in (out / kind).glob("*.tar"):  # an earlier demo's 0.tar, 1.tar, ...
+                old.unlink()
+        shards = write_samples(samples(idx, kind), out / kind, prefix="digits", maxcount=maxcount)
         counts[kind] = len(idx)
         if kind in ("labeled", "test"):
             ys = [int(digits.target[i]) for i in idx]
             write_class_files(out / kind, CLASSNAMES, {c: ys.count(c) for c in range(10)})
-    (out / "test" / "zeroshot_classification_templates.txt").write_text("\n".join(TEST_TEMPLATES) + "\n")
+        if kind == "test":
+            clip_benchmark_split(out / kind, shards)
+    (out / "test" / TEMPLATES_FILE).write_text("\n".join(TEST_TEMPLATES) + "\n")
+    for name in (CLASSNAMES_FILE, TEMPLATES_FILE):  # clip_benchmark reads them beside the split folders
+        shutil.copyfile(out / "test" / name, out / name)
     return counts
+
+
+def clip_benchmark_split(folder: Path, shards: list[str]) -> None:
+    """Make ``folder`` a split of clip_benchmark's webdataset layout: the shards renamed ``0.tar, 1.tar, ...``
+    (sizes.json follows) and their number in ``nshards.txt``."""
+    sizes_path = folder / SIZES_FILE
+    sizes = json.loads(sizes_path.read_text()) if sizes_path.is_file() else {}
+    for i, shard in enumerate(shards):
+        os.replace(shard, folder / f"{i}.tar")
+        if Path(shard).name in sizes:
+            sizes[f"{i}.tar"] = sizes.pop(Path(shard).name)
+    sizes_path.write_text(json.dumps(dict(sorted(sizes.items())), indent=1) + "\n")
+    (folder / "nshards.txt").write_text(f"{len(shards)}\n")
