@@ -164,3 +164,30 @@ def test_demo_test_shards_are_a_clip_benchmark_webdataset(demo_data):
         return
     ds = build_wds_dataset("wds/digits", transform=lambda im: im.size, split="test", data_dir=str(demo_data))
     assert len(list(ds)) == 300 and ds.classes == classes
+
+
+def test_plain_log_line_has_an_eta_and_logs_the_lr_of_the_step_taken(demo_data, tmp_path, caplog):
+    """Off a terminal the log line had no ETA; the logged lr was the next step's (the scheduler had moved on)."""
+    import logging
+
+    from conftest import run_config
+    from vlp.config import config_from_dict
+    from vlp.train import Trainer, log_line, warmup_cosine
+
+    tree = run_config(demo_data, tmp_path / "run", data={"workers": 0, "batch": {"paired": 4}},
+                      optim={"lr": 1e-3, "warmup_steps": 3},
+                      train={"steps": 5, "log_every": 1, "save_every": 5, "progress": False})
+    tree["data"]["sources"] = [s for s in tree["data"]["sources"] if s["kind"] == "paired"]
+    tree["objectives"] = {"contrastive": {"weight": 1.0}}
+    trainer = Trainer(config_from_dict(tree))
+    with caplog.at_level(logging.INFO, logger="vlp.train"):
+        trainer.fit()
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("step ")]
+    assert len(lines) == 5 and all(re.search(r" eta \d+:\d\d:\d\d$", line) for line in lines), lines
+    assert lines[-1].endswith(" eta 0:00:00")
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    logged = {r["step"]: r["lr"] for r in records if "lr" in r}
+    schedule = warmup_cosine(3, 5)
+    assert logged == pytest.approx({s: 1e-3 * schedule(s - 1) for s in range(1, 6)})  # step s took index s - 1
+    assert logged[1] == pytest.approx(1e-3 / 3) and logged[3] == pytest.approx(1e-3)  # warmup's first and peak
+    assert log_line({"loss/total": 1.0, "lr": 1e-3, "samples_per_s": 10.0}, 3725.4).endswith("eta 1:02:05")

@@ -12,6 +12,7 @@ accelerate's sharded state, and in-training evaluation runs on a gathered copy o
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import logging
 import math
@@ -337,6 +338,7 @@ class Trainer:
         self.task.after_backward(self.step)
         if self.cfg.optim.grad_clip:
             metrics_sum["grad_norm"] = float(acc.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip))
+        metrics_sum["lr"] = self.scheduler.get_last_lr()[0]  # the lr of this step (the scheduler moves on below)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -399,6 +401,7 @@ class Trainer:
                 from tqdm.auto import tqdm
                 bar = tqdm(total=tc.steps, initial=self.step, desc="train", dynamic_ncols=True)
             consecutive_bad, window_t, window_wait, window_steps = 0, 0.0, 0.0, 0
+            fit_t0, fit_step0 = time.perf_counter(), self.step  # for the plain line's ETA
             metrics_path = self.run_dir / "metrics.jsonl"
             while self.step < tc.steps:
                 t0 = time.perf_counter()
@@ -435,7 +438,6 @@ class Trainer:
                 if metrics is not None and (self.step % tc.log_every == 0 or self.step == tc.steps):
                     rate = window_steps * sum(per_step.values()) / window_t
                     metrics.update({
-                        "lr": self.scheduler.get_last_lr()[0],
                         "samples_per_s": rate,
                         "data_wait_frac": window_wait / window_t,
                         "nonfinite_steps": self.bad_steps_total,
@@ -448,7 +450,8 @@ class Trainer:
                         with metrics_path.open("a") as f:
                             f.write(json.dumps({"step": self.step, **metrics}) + "\n")
                         if plain:
-                            log.info("step %d/%d %s", self.step, tc.steps, log_line(metrics))
+                            eta = (tc.steps - self.step) * (time.perf_counter() - fit_t0) / (self.step - fit_step0)
+                            log.info("step %d/%d %s", self.step, tc.steps, log_line(metrics, eta))
                     window_t = window_wait = 0.0
                     window_steps = 0
                 if bar is not None:
@@ -518,10 +521,12 @@ class Trainer:
         return self.eval_metrics
 
 
-def log_line(metrics: dict) -> str:
-    """``loss/total 1.234 loss/contrastive 0.9 ... lr 3e-4 samples/s 812``: the plain progress line."""
+def log_line(metrics: dict, eta_s: float | None = None) -> str:
+    """``loss/total 1.234 loss/contrastive 0.9 ... lr 3e-4 samples/s 812 eta 0:03:05``: the plain progress line
+    (the bar's ETA for a log file; ``eta_s``: seconds left)."""
     losses = " ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k.startswith("loss/"))
-    return f"{losses} lr {metrics['lr']:.3g} samples/s {metrics['samples_per_s']:.0f}"
+    eta = "" if eta_s is None else f" eta {datetime.timedelta(seconds=round(eta_s))}"
+    return f"{losses} lr {metrics['lr']:.3g} samples/s {metrics['samples_per_s']:.0f}{eta}"
 
 
 def bar_postfix(metrics: dict) -> dict:
