@@ -311,8 +311,10 @@ def test_knobs_epochs_compile_grad_checkpointing_wandb(demo_data, tmp_path):
         assert all(not n.startswith("_orig_mod") for n in trainer.task.student.state_dict())
     finally:
         trainer.release()
-    with pytest.raises(ConfigError, match="train.epochs: needs train.num_samples"):
-        config_from_dict({**tree, "train": {"epochs": 1}}, check_files=False)
+    with pytest.raises(ConfigError, match="train.epochs: needs train.num_samples"):  # #31: at start, with no sizes.json
+        PretrainTask(config_from_dict({**tree, "data": {**tree["data"], "sources": [
+            {"kind": "paired", "shards": "x.tar"}], "batch": {"paired": 2}}, "train": {"epochs": 1},
+            "objectives": {"contrastive": 1.0}}, check_files=False))
     with pytest.raises(ConfigError, match="not both"):
         config_from_dict({**tree, "train": {"epochs": 1, "num_samples": 5, "steps": 3}}, check_files=False)
     if importlib.util.find_spec("wandb") is None:
@@ -389,3 +391,196 @@ def test_inspect_missing_path_fails_and_writers_resize_like_img2dataset(tmp_path
     clear.save(buf, format="PNG")
     assert decode_image(buf.getvalue()).getpixel((15, 40)) == (255, 255, 255)
     assert decode_image(buf.getvalue()).getpixel((15, 5)) == (0, 0, 255)
+
+
+# ---- #31: habits of open_clip_train users ---------------------------------------------------------------------
+
+def _paired_tree(demo_data, run_dir, **sections):
+    """A contrastive-only run on the digits' paired shards (no mask_ratio: the default)."""
+    train = {"steps": 1, "save_every": 1, "log_every": 1, "progress": False, **sections.pop("train", {})}
+    tree = run_config(demo_data, run_dir, data={"workers": 0, "batch": {"paired": 8}}, train=train, **sections)
+    tree["data"]["sources"] = tree["data"]["sources"][1:2]
+    tree["model"] = {k: v for k, v in tree["model"].items() if k != "mask_ratio"}
+    tree["objectives"] = {"contrastive": {"weight": 1.0}}
+    return tree
+
+
+def test_siglip_on_an_ordinary_model_starts_as_open_clip_train_siglip(demo_data, tmp_path):
+    """#31 item 1: objectives.contrastive.loss=siglip on a model config without init_logit_bias trained (it raised
+    KeyError 'logit_bias'); its logit scale and bias start as open_clip_train's --siglip sets them, and the
+    export loads in open_clip with the bias."""
+    import numpy as np
+    import open_clip
+
+    from vlp.export.cli import export_checkpoint
+    from vlp.train import Trainer
+
+    tree = _paired_tree(demo_data, tmp_path / "run", optim={"lr": 1e-12, "warmup_steps": 1})
+    tree["objectives"]["contrastive"]["loss"] = "siglip"
+    trainer = Trainer(config_from_dict(tree))
+    clip = trainer.task.student.clip
+    # open_clip_train/main.py, `if args.siglip:` model_kwargs init_logit_scale=np.log(10), init_logit_bias=-10
+    open_clip.add_model_config(REPO / "configs" / "models" / "vlp-test-vit.json")
+    ref = open_clip.create_model("vlp-test-vit", init_logit_scale=np.log(10), init_logit_bias=-10)
+    assert torch.allclose(clip.logit_scale, ref.logit_scale) and torch.allclose(clip.logit_bias, ref.logit_bias)
+    result = trainer.fit()
+    assert np.isfinite(result["loss/contrastive"])
+    out = export_checkpoint(tmp_path / "run", tmp_path / "export")
+    loaded, _, _ = open_clip.create_model_and_transforms(f"local-dir:{out}")
+    assert loaded.logit_bias is not None and abs(float(loaded.logit_bias.detach()) + 10) < 1e-3
+
+
+def _normalize(preprocess):
+    from torchvision.transforms import Normalize
+
+    norm = [t for t in preprocess.transforms if isinstance(t, Normalize)]
+    return tuple(round(float(x), 4) for x in norm[0].mean), tuple(round(float(x), 4) for x in norm[0].std)
+
+
+def test_fine_tune_keeps_the_pretrained_mean_std_and_a_preprocess_cfg_model_json_trains(demo_data, tmp_path):
+    """#31 item 2: a fine-tune from an export whose mean/std is 0.5 trains with and exports 0.5 (it trained with
+    and re-exported OpenAI's); a model JSON holding preprocess_cfg trains (TypeError before); model.image_mean /
+    model.image_std (open_clip_train's --image-mean/--image-std) win."""
+    import open_clip
+    from open_clip.model import set_model_preprocess_cfg
+
+    from vlp.export import export_model
+    from vlp.export.cli import export_checkpoint
+    from vlp.models.factory import create_clip, load_clip
+    from vlp.task import PretrainTask
+    from vlp.train import Trainer
+
+    half = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    clip, model_cfg, _ = create_clip("vlp-test-vit")
+    set_model_preprocess_cfg(clip, {**clip.visual.preprocess_cfg, "mean": half[0], "std": half[1]})
+    export_model(clip, model_cfg, tmp_path / "start")
+    assert _normalize(open_clip.create_model_and_transforms(f"local-dir:{tmp_path / 'start'}")[2]) == half
+
+    tree = _paired_tree(demo_data, tmp_path / "run")
+    tree["model"] = {"pretrained": str(tmp_path / "start")}
+    trainer = Trainer(config_from_dict(tree))
+    assert _normalize(trainer.eval_preprocess) == half
+    assert _normalize(trainer.dataset.transform) == half
+    trainer.fit()
+    assert _normalize(load_clip(tmp_path / "run")[3]) == half
+    out = export_checkpoint(tmp_path / "run", tmp_path / "export")
+    assert _normalize(open_clip.create_model_and_transforms(f"local-dir:{out}")[2]) == half
+
+    model_json = json.loads((REPO / "configs" / "models" / "vlp-test-vit.json").read_text())
+    model_json["preprocess_cfg"] = {"mean": [0.4, 0.4, 0.4], "std": [0.2, 0.2, 0.2]}
+    (tmp_path / "pp.json").write_text(json.dumps(model_json))
+    base = {"data": {"sources": [{"kind": "paired", "shards": "x.tar"}], "batch": {"paired": 2}},
+            "objectives": {"contrastive": 1.0}}
+    task = PretrainTask(config_from_dict({**base, "model": {"name": str(tmp_path / "pp.json")}}, check_files=False))
+    assert tuple(task.student.clip.visual.image_mean) == (0.4, 0.4, 0.4)
+    assert task.cfg.model.image_std == (0.2, 0.2, 0.2)  # recorded in the run's config
+    from vlp.data.batch import Batch
+    batch = Batch(torch.rand(2, 3, 32, 32), task.tokenizer(["a", "b"]), torch.ones(2, dtype=torch.bool),
+                  torch.full((2,), -1), torch.zeros(2, dtype=torch.long))
+    assert torch.isfinite(task.training_forward(batch, 0)[0])
+    task = PretrainTask(config_from_dict({**base, "model": {"name": str(tmp_path / "pp.json"),
+                                                            "image_mean": [0.1, 0.2, 0.3]}}, check_files=False))
+    assert tuple(task.student.clip.visual.image_mean) == (0.1, 0.2, 0.3)
+    assert tuple(task.student.clip.visual.image_std) == (0.2, 0.2, 0.2)
+
+
+def test_patch_masking_is_off_unless_an_objective_needs_it_or_it_is_asked(demo_data, tmp_path, caplog):
+    """#31 item 3: a fine-tune config that names only model.pretrained trained at mask_ratio 0.75 without a word;
+    now 0 (the first step's image features are the unmasked tower's), 0.75 with MAE, an explicit value wins, and
+    masking says so in the log."""
+    import logging
+
+    from vlp.task import PretrainTask
+
+    base = {"data": {"sources": [{"kind": "paired", "shards": "x.tar"}], "batch": {"paired": 2}},
+            "objectives": {"contrastive": 1.0}, "model": {"name": "vlp-test-vit"}}
+    mae = {"contrastive": 1.0, "mae": {"decoder_width": 32, "decoder_depth": 1, "decoder_heads": 2}}
+    assert config_from_dict(base, check_files=False).model.mask_ratio == 0.0
+    assert config_from_dict({**base, "objectives": mae}, check_files=False).model.mask_ratio == 0.75
+    assert config_from_dict({**base, "model": {"mask_ratio": 0.5}, "objectives": mae},
+                            check_files=False).model.mask_ratio == 0.5
+    assert config_from_dict({**base, "objectives": {**mae, "mae": {**mae["mae"], "weight": 0}}},
+                            check_files=False).model.mask_ratio == 0.0
+    with caplog.at_level(logging.INFO):
+        task = PretrainTask(config_from_dict(base, check_files=False))
+    assert "patch masking" not in caplog.text
+    from vlp.data.batch import Batch
+    images = torch.rand(2, 3, 32, 32)
+    batch = Batch(images, task.tokenizer(["a", "b"]), torch.ones(2, dtype=torch.bool), torch.full((2,), -1),
+                  torch.zeros(2, dtype=torch.long))
+    task.student.train()
+    with torch.no_grad():
+        out = task.student(batch, noise=task.masking_noise(batch, 0, 0))
+        ref = torch.nn.functional.normalize(task.student.clip.encode_image(images), dim=-1)
+    assert "mask" not in out and torch.allclose(out["image_features"], ref, atol=1e-6)
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        PretrainTask(config_from_dict({**base, "objectives": mae}, check_files=False))
+    assert "patch masking on: ratio 0.75 (model.mask_ratio)" in caplog.text
+
+
+def test_in_training_zeroshot_equals_vlp_eval_on_the_same_weights_and_shards(demo_data, tmp_path):
+    """#31 item 4: in-training zero-shot used the run's templates (data.templates) over the eval shards'
+    zeroshot_classification_templates.txt; now both resolve class names and templates the same way, so the
+    final step's eval equals `vlp eval` of the saved checkpoint."""
+    from vlp.cli import main
+
+    tree = run_config(demo_data, tmp_path / "run", data={"workers": 0, "batch": {"paired": 16, "labeled": 16}},
+                      optim={"lr": 1e-3, "warmup_steps": 5},
+                      train={"steps": 30, "save_every": 30, "log_every": 30, "progress": False},
+                      eval={"zeroshot": {"shards": str(demo_data / "test" / "*.tar")}, "batch_size": 64})
+    tree["data"]["sources"] = tree["data"]["sources"][:2]
+    tree["objectives"] = {"contrastive": {"labels_as_text": True}}
+    tree["data"]["templates"] = ["{c}"]
+    path = write_config(tmp_path / "c.yaml", tree)
+    assert main(["train", "--config", str(path)]) == 0
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    training = [r for r in records if "zeroshot/top1" in r][-1]
+    assert main(["eval", "--model", str(tmp_path / "run"), "--data", str(demo_data / "test" / "*.tar"),
+                 "--output", str(tmp_path / "eval.json")]) == 0
+    evaluated = json.loads((tmp_path / "eval.json").read_text())["metrics"]
+    assert evaluated["n"] == training["zeroshot/n"] == 300
+    for key in ("top1", "top5"):
+        assert training[f"zeroshot/{key}"] == pytest.approx(evaluated[key], abs=1e-9), key
+    from vlp.eval.tasks import zeroshot_labels
+    from vlp.eval.data import read_lines
+    shards = str(demo_data / "test" / "*.tar")
+    assert zeroshot_labels(shards, default_templates=["{c}"])[1] == \
+        read_lines(demo_data / "test" / "zeroshot_classification_templates.txt")
+
+
+def test_open_clip_habits_resume_latest_epochs_override_null_and_indexed_keys(demo_data, tmp_path, caplog):
+    """#31 item 5: --resume latest (open_clip_train's: the latest checkpoint if any, else fresh); train.epochs
+    on the command line replaces the YAML's train.steps; train.steps=null is the default; epochs without
+    num_samples count the sizes.json samples; data.sources[0].shards= (as errors print it) and
+    data.sources.0.shards= both set the key."""
+    import logging
+    import math
+
+    from vlp import checkpoint as ckpt_io
+    from vlp.cli import main
+    from vlp.config import ConfigError, load_config
+    from vlp.task import PretrainTask
+
+    run_dir = tmp_path / "run"
+    tree = _paired_tree(demo_data, run_dir, train={"steps": 2, "save_every": 2, "progress": False})
+    path = write_config(tmp_path / "c.yaml", tree)
+    with caplog.at_level(logging.INFO):
+        assert main(["train", "--config", str(path), "--resume", "latest"]) == 0  # nothing yet: fresh
+        assert main(["train", "--config", str(path), "--resume", "latest", "train.steps=3"]) == 0
+    assert ckpt_io.read_run_info(run_dir)["step"] == 3 and "resumed from" in caplog.text
+
+    cfg = load_config(path, ["train.epochs=1", "train.num_samples=64"])
+    assert cfg.train.epochs == 1 and "steps" not in cfg.train.model_fields_set
+    assert PretrainTask(cfg).cfg.train.steps == 8  # ceil(64 / 8)
+    assert load_config(path, ["train.steps=null"]).train.steps == 1000
+    cfg = load_config(path, ["train.epochs=2"])  # num_samples: the paired shards' sizes.json
+    sizes = json.loads((demo_data / "paired" / "sizes.json").read_text())
+    assert PretrainTask(cfg).cfg.train.steps == math.ceil(2 * sum(sizes.values()) / 8)
+
+    with pytest.raises(ConfigError, match=r"data\.sources\[0\]\.shards: no file matches") as err:
+        load_config(path, [f"data.sources[0].shards={tmp_path / 'none-*.tar'}"])
+    key = str(err.value).split(":")[0]
+    other = str(demo_data / "labeled" / "*.tar")
+    assert load_config(path, [f"{key}={other}"]).data.sources[0].shards == other
+    assert load_config(path, [f"data.sources.0.shards={other}"]).data.sources[0].shards == other

@@ -550,3 +550,55 @@ def test_duplicate_or_blank_class_names_fail_verify_and_are_never_written(image_
     assert not (tmp_path / "hf-out").exists() or not list((tmp_path / "hf-out").glob("*"))
     with pytest.raises(S.ClassnamesError):
         S.write_class_files(tmp_path / "hf-out", ["a", "b", "a"], {})
+
+
+def test_ctrl_c_during_shards_folder_leaves_the_old_dataset_whole(image_folder, tmp_path):
+    """SIGINT to the process group of ``vlp shards folder`` rewriting a dataset, once its first new shard is on
+    disk: the old shards, sizes.json and class files are as they were, no staging folder is left (#30: the old
+    shards were deleted up front). The run is held before its swap by a FIFO posing as its last image."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    root, _ = image_folder
+    old_root = tmp_path / "old-imgs"
+    for cls in ("ant", "cat"):
+        shutil.copytree(root / cls, old_root / cls)
+    out = tmp_path / "ds"
+    S.write_image_folder(old_root, out, maxcount=2)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert "classnames.txt" in before and "sizes.json" in before and len(before) > 4
+
+    new_root = tmp_path / "new-imgs"
+    shutil.copytree(root, new_root)
+    os.mkfifo(new_root / "zebra" / "zz-last.png")  # opening it blocks until someone writes: the run waits there
+    proc = subprocess.Popen([sys.executable, "-m", "vlp.cli", "shards", "folder", str(new_root), str(out),
+                             "--maxcount", "1", "--seed", "-1"], env={**os.environ, "HF_HUB_OFFLINE": "1"},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        def first_new_shard_on_disk():  # staged, or (a writer without staging) written over the old one
+            old_first = out / "shard-000000.tar"
+            return (out / ".shard.writing" / "shard-000000.tar").exists() or \
+                not old_first.exists() or old_first.read_bytes() != before["shard-000000.tar"]
+
+        deadline = time.monotonic() + 120  # only a failing run gets there: the FIFO holds it until signalled
+        while not first_new_shard_on_disk() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert first_new_shard_on_disk() and proc.poll() is None
+        os.killpg(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # no staging folder, nothing changed
+    assert proc.returncode == 130 and "interrupted" in err
+
+    (new_root / "zebra" / "zz-last.png").unlink()
+    result = S.write_image_folder(new_root, out, maxcount=5)  # a complete rewrite replaces the dataset whole
+    assert sorted(p.name for p in out.glob("*.tar")) == sorted(Path(s).name for s in result["shards"])
+    assert json.loads((out / "sizes.json").read_text()) == {Path(s).name: n for s, n in zip(
+        result["shards"], [5] * (len(result["shards"]) - 1) + [result["num_samples"] % 5 or 5])}
+    assert (out / "classnames.txt").read_text().splitlines() == CLASSNAMES
+    assert not (out / ".shard.writing").exists()

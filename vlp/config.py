@@ -11,6 +11,7 @@ import glob
 import math
 import os
 import re
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -20,6 +21,7 @@ from pydantic import (BaseModel, ConfigDict, Field, SerializeAsAny, ValidationEr
                       model_validator)
 
 KINDS = ("paired", "labeled", "unlabeled")
+MASKING_OBJECTIVES = ("mae",)  # objectives that need masked patches: model.mask_ratio defaults to 0.75 with them
 Kind = Literal["paired", "labeled", "unlabeled"]
 
 
@@ -33,6 +35,16 @@ class KeyedError(ValueError):
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_default(cls, data):
+        """``key: null`` (``train.steps=null``) on a key that cannot be null means its default, as if unset."""
+        if isinstance(data, dict):
+            nullable = {n for n, f in cls.model_fields.items()
+                        if f.annotation is None or type(None) in typing.get_args(f.annotation)}
+            data = {k: v for k, v in data.items() if v is not None or k in nullable or k not in cls.model_fields}
+        return data
 
 
 class SourceConfig(_Strict):
@@ -103,7 +115,9 @@ class ModelConfig(_Strict):
     # .safetensors / .pt / .bin file (torch.load(weights_only=True)), or an open_clip pretrained tag for model.name
     # (e.g. laion2b_s34b_b88k: downloads). Loaded with open_clip.load_checkpoint (strict).
     pretrained: str | None = None
-    mask_ratio: float = Field(0.75, ge=0.0, lt=1.0)
+    # fraction of image patches dropped in the shared training pass (FLIP / MAE); default (null): 0.75 when an
+    # objective reconstructs masked patches (mae), else 0 (open_clip_train drops none unless asked)
+    mask_ratio: float | None = Field(None, ge=0.0, lt=1.0)
     clip_unmasked: bool = False  # run a separate unmasked image pass for the contrastive loss
     text: TextConfig = TextConfig()
     lock_image: bool = False  # LiT / open_clip_train --lock-image: freeze the image tower
@@ -113,6 +127,10 @@ class ModelConfig(_Strict):
     # instability of self-supervised ViT training; a ViT tower only
     freeze_patch_embed: bool = False
     num_classes: int | None = None  # classifier head; default: number of labeled classnames
+    # open_clip_train's --image-mean / --image-std; default: the preprocess_cfg of model.pretrained (an open_clip
+    # folder or tag), else of the model JSON, else OpenAI's. A run records what it used; exports carry it
+    image_mean: tuple[float, float, float] | None = None
+    image_std: tuple[float, float, float] | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -167,7 +185,8 @@ class TrainConfig(_Strict):
     # open_clip_train's --epochs / --train-num-samples instead of steps: steps = ceil(epochs * num_samples /
     # global batch), resolved when the run starts (the world size is known then) and logged
     epochs: float | None = Field(None, gt=0)
-    num_samples: int | None = Field(None, gt=0)  # samples per epoch, every kind counted
+    # samples per epoch, every kind counted; default: the sources' sizes (source size, or sizes.json beside the shards)
+    num_samples: int | None = Field(None, gt=0)
     compile: bool = False  # torch.compile the student's forward (open_clip_train --torchcompile)
     # plain accumulation: every micro-batch's losses on its own rows, averaged (the contrastive loss sees
     # data.batch rows); accum_freq: open_clip_train's --accum-freq (the contrastive loss of every micro-batch is
@@ -186,18 +205,20 @@ class TrainConfig(_Strict):
     @model_validator(mode="after")
     def _epochs_or_steps(self):
         if self.epochs is not None:
-            if self.num_samples is None:
-                raise KeyedError("train.epochs: needs train.num_samples (samples per epoch, as open_clip_train's "
-                                 "--train-num-samples)")
             if "steps" in self.model_fields_set:
                 raise KeyedError("train.epochs: give train.steps or train.epochs (+ train.num_samples), not both")
         return self
 
-    def resolve_steps(self, samples_per_step: int) -> int | None:
-        """Set ``steps`` from ``epochs`` x ``num_samples`` (then ``epochs`` is cleared: the saved config says the
-        steps); returns the steps, or None when ``steps`` was given."""
+    def resolve_steps(self, samples_per_step: int, dataset_size: int | None = None) -> int | None:
+        """Set ``steps`` from ``epochs`` x ``num_samples`` (``dataset_size`` when unset; then ``epochs`` is cleared:
+        the saved config says the steps); returns the steps, or None when ``steps`` was given."""
         if self.epochs is None:
             return None
+        if self.num_samples is None:
+            if not dataset_size:
+                raise KeyedError("train.epochs: needs train.num_samples (samples per epoch, as open_clip_train's "
+                                 "--train-num-samples): no sizes.json beside the shards gives it")
+            self.num_samples = dataset_size
         steps = max(1, math.ceil(self.epochs * self.num_samples / samples_per_step))
         self.epochs = None  # first: validate_assignment re-runs the checks
         self.steps = steps
@@ -306,6 +327,14 @@ class Config(_Strict):
         return v
 
     @model_validator(mode="after")
+    def _resolve_mask_ratio(self):
+        """model.mask_ratio unset: 0.75 when an active objective reconstructs masked patches, else 0."""
+        if self.model.mask_ratio is None:
+            masked = any(o.weight > 0 and name in MASKING_OBJECTIVES for name, o in self.objectives.items())
+            self.model.mask_ratio = 0.75 if masked else 0.0
+        return self
+
+    @model_validator(mode="after")
     def _objectives_have_rows(self):
         b = self.data.batch
         kinds = {s.kind for s in self.data.sources}
@@ -371,7 +400,7 @@ def check_shards(key: str, spec: str | list[str]) -> list[str]:
 
 
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
-    keys = dotted.split(".")
+    keys = re.sub(r"\[(\d+)\]", r".\1", dotted).split(".")  # data.sources[0].shards as errors print it
     node = tree
     for i, k in enumerate(keys[:-1]):
         if isinstance(node, list):
@@ -464,6 +493,11 @@ def load_config(path: str | os.PathLike, overrides: list[str] = (), check_files:
 def apply_overrides(tree: dict, overrides: list[tuple[str, Any]]) -> dict:
     """Set each ``(dotted key, value)`` of :func:`parse_overrides` on a config tree, in place; a key that cannot be
     set is a ConfigError naming it."""
+    keys = {k for k, _ in overrides}
+    train = tree.get("train") if isinstance(tree.get("train"), dict) else {}
+    for given, other in (("train.epochs", "steps"), ("train.steps", "epochs")):
+        if given in keys and f"train.{other}" not in keys:  # the command line's length replaces the file's
+            train.pop(other, None)
     for key, value in overrides:
         try:
             _set_dotted(tree, key, value)

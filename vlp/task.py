@@ -15,14 +15,17 @@ schedule). Masking noise is seeded by (seed, step, micro-batch, rank), so a resu
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
+import os
 
 import torch
 
 from vlp.config import Config, ConfigError, TeacherConfig
 from vlp.data.batch import ViewGroup, merge_view_groups
 from vlp.data.sources import stream_seed
-from vlp.models.factory import create_clip
+from vlp.data.format import SIZES_FILE, find_sidecar
+from vlp.models.factory import create_clip, run_clip_options
 from vlp.models.model import VLPModel
 from vlp.models.teacher import MomentumTeacher
 from vlp.objectives import OBJECTIVES, BuildContext, Objective, build_objectives, combine
@@ -41,6 +44,29 @@ def build_context(model: VLPModel, cfg: Config | None = None, rank: int = 0, wor
                         patch=model.patch, grid=tuple(v.grid_size) if model.is_vit else None, is_vit=model.is_vit,
                         image_size=size, mean=tuple(v.image_mean or ()), std=tuple(v.image_std or ()),
                         classnames=classnames, num_classes=num_classes, tokenizer=tokenizer)
+
+
+def _fmt(values) -> str:
+    return "(" + ", ".join(f"{v:.4g}" for v in values) + ")"
+
+
+def dataset_size(cfg: Config) -> int | None:
+    """Samples in all sources (each source's ``size``, else the ``sizes.json`` beside its shards); None when
+    one is unknown."""
+    from vlp.config import expand_shards
+
+    total = 0
+    for src in cfg.data.sources:
+        if src.size is None:
+            urls = [u for spec in src.shard_specs() for u in expand_shards(spec)]
+            found = find_sidecar(urls, SIZES_FILE)
+            sizes = json.loads(found.read_text()) if found else {}
+            if not urls or any(os.path.basename(u) not in sizes for u in urls):
+                return None
+            total += sum(int(sizes[os.path.basename(u)]) for u in urls)
+        else:
+            total += src.size
+    return total
 
 
 def add_heads(model: VLPModel, objectives: list[Objective], ctx: BuildContext) -> VLPModel:
@@ -96,9 +122,15 @@ class PretrainTask:
         self.rank, self.world_size = rank, world_size
         m = cfg.model
         try:
-            clip, self.model_cfg, self.tokenizer = create_clip(m.name, pretrained=m.pretrained)
+            clip, self.model_cfg, self.tokenizer = create_clip(m.name, pretrained=m.pretrained,
+                                                               **run_clip_options(cfg))
         except ValueError as err:
             raise ConfigError(str(err)) from None
+        # the saved config names the preprocessing used, so eval and export rebuild it without model.pretrained
+        m.image_mean, m.image_std = tuple(clip.visual.image_mean), tuple(clip.visual.image_std)
+        log.info("image mean %s, std %s (model.image_mean / model.image_std)", _fmt(m.image_mean), _fmt(m.image_std))
+        if m.mask_ratio:
+            log.info("patch masking on: ratio %g (model.mask_ratio)", m.mask_ratio)
         n_params = sum(p.numel() for p in clip.parameters())
         log.info("model %s (%.1fM parameters): %s", m.name, n_params / 1e6,
                  f"weights from model.pretrained {m.pretrained}" if m.pretrained else "randomly initialized")
@@ -109,7 +141,11 @@ class PretrainTask:
         self.classnames = classnames
         self.num_classes = cfg.model.num_classes or (len(classnames) if classnames else 0)
         epochs, global_batch = cfg.train.epochs, cfg.data.batch.total * cfg.train.micro_batches * world_size
-        if (steps := cfg.train.resolve_steps(global_batch)):  # train.epochs: the world size is known now
+        try:  # train.epochs: the world size is known now
+            steps = cfg.train.resolve_steps(global_batch, dataset_size(cfg))
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+        if steps:
             log.info("train.steps = %d: ceil(%g epochs x %d samples / global batch %d)", steps, epochs,
                      cfg.train.num_samples, global_batch)
         active = [name for name, o in cfg.objectives.items() if o.weight > 0]
@@ -155,7 +191,7 @@ class PretrainTask:
     def masking_noise(self, batch, step: int, micro: int, text_ratio: float | None = None) -> torch.Tensor | None:
         """Per-step masking noise from a generator seeded by (seed, step, micro-batch, rank): exact on resume."""
         model = self.unwrapped
-        if not model.is_vit or (self.cfg.model.mask_ratio == 0 and not text_ratio):
+        if not model.is_vit or (not self.cfg.model.mask_ratio and not text_ratio):
             return None
         g = torch.Generator().manual_seed(stream_seed(self.cfg.seed, "mask", step, micro, self.rank))
         return torch.rand(batch["image"].shape[0], model.num_patches, generator=g).to(batch["image"].device)

@@ -168,9 +168,10 @@ class Trainer:
 
     # ---- checkpoints --------------------------------------------------------------------------------------
     def _resume(self, resume: str) -> None:
-        target = self.run_dir if resume == "auto" else Path(resume)
-        if resume == "auto" and not ckpt_io.list_checkpoints(target):
-            log.info("resume=auto: no checkpoint in %s, starting fresh", target)
+        latest = resume in ("auto", "latest")  # open_clip_train's --resume latest: the same
+        target = self.run_dir if latest else Path(resume)
+        if latest and not ckpt_io.list_checkpoints(target):
+            log.info("resume=%s: no checkpoint in %s, starting fresh", resume, target)
             return
         if (target / ckpt_io.STATE_FILE).is_file():
             candidates = [target]
@@ -499,9 +500,9 @@ class Trainer:
             from vlp.eval.tasks import run_training_eval
 
             if full is not None:
-                from vlp.models.factory import create_clip
+                from vlp.models.factory import create_clip, run_clip_options
 
-                clip = create_clip(self.cfg.model.name, pretrained_text=False)[0]
+                clip = create_clip(self.cfg.model.name, pretrained_text=False, **run_clip_options(self.cfg))[0]
                 clip.load_state_dict(ckpt_io._clip_part(full), strict=True)
                 clip.to(acc.device)
             else:
@@ -572,7 +573,8 @@ def _flat_hparams(cfg: Config) -> dict:
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     parser = parser or argparse.ArgumentParser(prog="vlp train", description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True, help="YAML run config")
-    parser.add_argument("--resume", default=None, help="'auto' (latest checkpoint of output_dir, if any) or a path")
+    parser.add_argument("--resume", default=None, help="'auto' or 'latest' (open_clip_train's word): the latest checkpoint of output_dir if "
+                        "there is one, else a fresh start; or a checkpoint / run folder")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=3e-4 train.steps=100")
     return parser
 

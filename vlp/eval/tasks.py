@@ -21,8 +21,8 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-from vlp.eval.data import (find_classnames, find_dataset_type, find_templates, first_sample_keys, labeled_loader,
-                           retrieval_loader)
+from vlp.eval.data import (CLASSNAMES_FILE, TEMPLATES_FILE, find_classnames, find_dataset_type, find_metadata_file,
+                           find_templates, first_sample_keys, labeled_loader, retrieval_loader)
 from vlp.eval.probe import extract_features, knn_eval, linear_probe, split_train_test
 from vlp.eval.retrieval import retrieval_eval
 from vlp.eval.zeroshot import build_classifier, load_classifier, unwrap, zeroshot_eval
@@ -143,11 +143,10 @@ def evaluate(model, tokenizer, preprocess, task: str, data, *, classnames=None, 
 @register_eval_task("zeroshot", aliases=("zero-shot", "zero_shot", "zeroshot_classification", "classification"),
                     help="zero-shot classification: top1, top5, mean_per_class_recall")
 def run_zeroshot(model, tokenizer, preprocess, data, *, device, batch_size, workers, max_samples, classnames=None,
-                 templates=None, classifier=None, **_) -> dict:
-    """Top-1/top-5 of a given classifier, else one built from class names and templates."""
+                 templates=None, classifier=None, default_classnames=None, default_templates=None, **_) -> dict:
+    """Top-1/top-5 of a given classifier, else one built from :func:`zeroshot_labels`."""
     if classifier is None:
-        names = find_classnames(data, classnames)
-        temps = find_templates(data, templates)
+        names, temps = zeroshot_labels(data, classnames, templates, default_classnames, default_templates)
         weights = build_classifier(model, tokenizer, names, temps, device)
     elif isinstance(classifier, (str, os.PathLike)):
         weights = load_classifier(classifier)[0]
@@ -155,6 +154,17 @@ def run_zeroshot(model, tokenizer, preprocess, data, *, device, batch_size, work
         weights = classifier
     loader = labeled_loader(data, preprocess, batch_size, workers, max_samples)
     return zeroshot_eval(model, weights, loader, device)
+
+
+def zeroshot_labels(data, classnames=None, templates=None, default_classnames=None, default_templates=None):
+    """The class names and templates of a zero-shot classifier, for `vlp eval` and in-training eval alike: those
+    given; else the shards' ``classnames.txt`` / ``zeroshot_classification_templates.txt``; else the defaults (in
+    training: the run's class names and data.templates); else (templates) open_clip's openai_imagenet."""
+    if classnames is None and default_classnames is not None and find_metadata_file(data, CLASSNAMES_FILE) is None:
+        classnames = default_classnames
+    if templates is None and default_templates is not None and find_metadata_file(data, TEMPLATES_FILE) is None:
+        templates = default_templates
+    return find_classnames(data, classnames), find_templates(data, templates)
 
 
 @register_eval_task("retrieval", shards="captions", aliases=("zeroshot_retrieval",),
@@ -232,7 +242,8 @@ def run_training_eval(clip_model, tokenizer, preprocess, specs: Mapping[str, Any
 
     ``specs`` maps a task name (or alias) to its settings, a dict or a pydantic section (``None``: skipped):
     ``shards`` (required), ``train_shards`` (tasks with ``uses_train_data``), ``classnames`` and ``templates``
-    (empty or unset: ``default_classnames``/``default_templates``), and any other :func:`evaluate` option
+    (unset: the shards' files first, then ``default_classnames``/``default_templates``, as
+    :func:`zeroshot_labels`), and any other :func:`evaluate` option
     (``max_samples``, ``k``, ``T``, ``C``, ``test_fraction``, ``seed``, ``ks``, ``batch_size`` ...). Unset
     (``None``) settings take :func:`evaluate`'s defaults. Image-only tasks (``needs_text=False``, e.g. ``knn``)
     never touch the text tower, so they suit models trained without one.
@@ -254,8 +265,7 @@ def run_training_eval(clip_model, tokenizer, preprocess, specs: Mapping[str, Any
             raise ValueError(f"eval.{name}: unknown setting(s) {', '.join(unknown)}")
         if task.needs_text and tokenizer is None:
             raise ValueError(f"eval.{name}: task {task.name} needs a text tower (no tokenizer given)")
-        opts["classnames"] = opts.get("classnames") or default_classnames
-        opts["templates"] = opts.get("templates") or default_templates
+        opts.update(default_classnames=default_classnames, default_templates=default_templates)
         opts.setdefault("batch_size", batch_size)
         result = evaluate(clip_model, tokenizer, preprocess, task.name, shards, device=device,
                           train_data=train_shards, **opts)

@@ -14,6 +14,7 @@ import hashlib
 import importlib
 import json
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -98,6 +99,7 @@ def resolve_model_config(name: str) -> dict:
     cfg = copy.deepcopy(cfg)
     if "model_cfg" in cfg:  # an export's open_clip_config.json
         cfg = cfg["model_cfg"]
+    cfg.pop("preprocess_cfg", None)  # not a CLIP argument: read by preprocess_config()
     text = cfg.get("text_cfg", {})
     for key in ("hf_model_name", "hf_tokenizer_name"):
         if text.get(key):
@@ -105,18 +107,62 @@ def resolve_model_config(name: str) -> dict:
     return cfg
 
 
-def create_clip(name_or_cfg: str | dict, pretrained_text: bool = True, pretrained: str | None = None):
+SIGLIP_INIT = {"init_logit_scale": math.log(10), "init_logit_bias": -10.0}  # open_clip_train --siglip
+
+
+def preprocess_config(name: str | None = None, pretrained: str | None = None, image_mean=None,
+                      image_std=None) -> dict:
+    """The image preprocessing (open_clip's ``preprocess_cfg`` keys: mean, std, interpolation, ...) a model
+    starts with, later entries winning: the ``preprocess_cfg`` of the model JSON (or export config) ``name``; that
+    of the weights ``pretrained`` (an open_clip folder's config, or an open_clip tag's); ``image_mean`` /
+    ``image_std`` (open_clip_train's --image-mean / --image-std). Empty: open_clip's defaults (OpenAI's)."""
+    from open_clip.transform import merge_preprocess_dict
+
+    def of_json(path: Path) -> dict:
+        return json.loads(path.read_text()).get("preprocess_cfg", {}) if path.is_file() else {}
+
+    out: dict = {}
+    if name:
+        found = [Path(name)] if Path(name).suffix == ".json" else [d / f"{name}.json" for d in model_config_dirs()]
+        out.update(next((of_json(p) for p in found if p.is_file()), {}))
+    if pretrained:
+        folder = Path(pretrained).expanduser()
+        if folder.is_dir():
+            out.update(of_json(folder / EXPORT_CONFIG))
+        elif not folder.is_file() and name and (tag := open_clip.get_pretrained_cfg(name, pretrained)):
+            out.update(tag)
+    out = {k: v for k, v in merge_preprocess_dict({}, out).items() if k != "size"}  # size: the model's own
+    if image_mean is not None:
+        out["mean"] = tuple(image_mean)
+    if image_std is not None:
+        out["std"] = tuple(image_std)
+    return out
+
+
+def create_clip(name_or_cfg: str | dict, pretrained_text: bool = True, pretrained: str | None = None, *,
+                image_mean=None, image_std=None, siglip: bool = False, preprocess_from: str | None = None):
     """Build an open_clip model. Returns ``(model, model_cfg, tokenizer)``.
 
     ``pretrained_text`` loads the HF text tower's weights from its local folder (``hf_model_pretrained``).
-    ``pretrained``: open_clip weights to load (:func:`pretrained_checkpoint`).
+    ``pretrained``: open_clip weights to load (:func:`pretrained_checkpoint`). The model's image mean / std are
+    :func:`preprocess_config`'s (``preprocess_from``: weights whose preprocessing to take without loading them).
+    ``siglip``: a model config without ``init_logit_bias`` gets open_clip_train's ``--siglip`` init
+    (:data:`SIGLIP_INIT`: logit scale ln 10, bias -10).
     """
-    model_cfg = resolve_model_config(name_or_cfg) if isinstance(name_or_cfg, str) else copy.deepcopy(name_or_cfg)
+    name = name_or_cfg if isinstance(name_or_cfg, str) else None
+    model_cfg = resolve_model_config(name_or_cfg) if name else copy.deepcopy(name_or_cfg)
+    preprocess = preprocess_config(name, pretrained or preprocess_from, image_mean, image_std)
+    if not name and "preprocess_cfg" in model_cfg:
+        preprocess = {**model_cfg.pop("preprocess_cfg"), **preprocess}
     model_cfg.get("text_cfg", {}).pop("hf_model_pretrained", None)
+    if siglip and model_cfg.get("init_logit_bias") is None:
+        model_cfg["init_logit_bias"] = SIGLIP_INIT["init_logit_bias"]
+        model_cfg.setdefault("init_logit_scale", SIGLIP_INIT["init_logit_scale"])
     with quiet_open_clip():
-        model = open_clip.create_model(_register(model_cfg), pretrained=None, pretrained_text=pretrained_text)
+        model = open_clip.create_model(_register(model_cfg), pretrained=None, pretrained_text=pretrained_text,
+                                       force_preprocess_cfg=preprocess or None)
         if pretrained:
-            path = pretrained_checkpoint(pretrained, name_or_cfg if isinstance(name_or_cfg, str) else None)
+            path = pretrained_checkpoint(pretrained, name)
             try:
                 open_clip.load_checkpoint(model, path, strict=True, weights_only=True)
             except (RuntimeError, AssertionError, KeyError) as err:  # missing / unexpected keys, shapes
@@ -124,6 +170,16 @@ def create_clip(name_or_cfg: str | dict, pretrained_text: bool = True, pretraine
                 raise ValueError(f"model.pretrained: {path} does not fit model.name {name_or_cfg!r}: "
                                  f"{' '.join(first[:3])[:400]}") from None
     return model, model_cfg, tokenizer_for(model_cfg)
+
+
+def run_clip_options(cfg) -> dict:
+    """:func:`create_clip`'s keywords for a run config (:class:`vlp.config.Config`): its image mean / std
+    (``model.image_mean`` / ``model.image_std``; the preprocessing of ``model.pretrained`` otherwise) and SigLIP's
+    logit init when the contrastive objective's loss is siglip. Weights are not loaded: pass ``pretrained``."""
+    c = cfg.objectives.get("contrastive")
+    return {"image_mean": cfg.model.image_mean, "image_std": cfg.model.image_std,
+            "preprocess_from": cfg.model.pretrained,
+            "siglip": c is not None and c.weight > 0 and getattr(c, "loss", "clip") == "siglip"}
 
 
 def pretrained_checkpoint(spec: str, model_name: str | None = None) -> str:
@@ -219,7 +275,7 @@ def load_clip(path: str | os.PathLike, device: str | torch.device = "cpu"):
 
     ckpt = find_checkpoint(path)
     cfg = read_run_config(ckpt)
-    model, model_cfg, tokenizer = create_clip(cfg.model.name, pretrained_text=False)
+    model, model_cfg, tokenizer = create_clip(cfg.model.name, pretrained_text=False, **run_clip_options(cfg))
     model.load_state_dict(clip_state_dict(ckpt), strict=True)
     model.to(device).eval()
     _, preprocess = image_transforms(model)

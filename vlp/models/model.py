@@ -130,7 +130,7 @@ class VLPModel(nn.Module):
         """
         images = batch["image"]
         out: dict = {}
-        ratio = self.cfg.mask_ratio if self.training else 0.0
+        ratio = (self.cfg.mask_ratio or 0.0) if self.training else 0.0  # None: a config never resolved
         if self.is_vit:
             ids_keep = None
             if ratio > 0 or (text_ratio or 0) > 0:

@@ -135,6 +135,9 @@ def register_cli(subparsers: Any) -> argparse.ArgumentParser:
                 message = exn.args[0] if isinstance(exn, KeyError) and exn.args else exn
                 print(f"error: {message}", file=sys.stderr)
                 return 2
+            except KeyboardInterrupt:  # the writers swap a dataset in whole or not at all
+                print("interrupted", file=sys.stderr)
+                return 130
         return run
 
     p = sub.add_parser("folder", help="ImageFolder ROOT/<class>/<image> -> shards")

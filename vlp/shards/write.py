@@ -16,18 +16,25 @@ dropped, which turns transparent pixels to whatever colour they hold, often blac
 Resizing (``image_size`` + ``resize_mode``, img2dataset's modes): ``no`` keeps the size; ``keep_ratio`` scales the
 smaller side to ``image_size``; ``center_crop`` does that then crops the centre square; ``border`` scales the larger
 side to ``image_size`` and pads the rest with white to a square.
+
+Rewriting a dataset is all or nothing: new shards are staged in a hidden folder and swapped in (with sizes.json and
+the class files) only once all are written, so an error or Ctrl-C midway leaves the old dataset whole.
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
 import os
 import random
 import re
+import shutil
+import signal
+import threading
 from collections import Counter
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 from vlp.data.format import CLASS_COUNTS_FILE, CLASSNAMES_FILE, IMAGE_KEYS, KINDS, SIZES_FILE, check_classnames
 
@@ -148,11 +155,15 @@ def write_samples(
     out_dir: str | os.PathLike,
     prefix: str = "shard",
     maxcount: int = 1000,
+    sidecars: Callable[[], dict[str, str]] | None = None,
 ) -> list[str]:
     """Write sample dicts (``__key__`` + bytes/str/int values per extension) to shards and update sizes.json.
 
-    Old ``PREFIX-*.tar`` shards in ``out_dir`` are removed first; sizes.json keeps other prefixes' entries.
-    Returns the shard paths written (none for no samples).
+    The shards go to a hidden staging folder in ``out_dir`` (``.PREFIX.writing``) and are swapped in only once all
+    are written: the old ``PREFIX-*.tar`` shards removed, the new ones renamed in, sizes.json (other prefixes'
+    entries kept) and ``sidecars()`` (``{file name: text}``, e.g. classnames.txt) written, SIGINT / SIGTERM held
+    back meanwhile. An error or an interrupt before the swap leaves the old dataset whole. Returns the shard paths
+    written; no samples: none, and nothing changes.
     """
     import webdataset as wds
 
@@ -162,48 +173,82 @@ def write_samples(
         raise ValueError(f"bad shard prefix {prefix!r}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    own = re.compile(re.escape(prefix) + r"-\d{6,}\.tar$")
-    for old in out.iterdir():
-        if own.match(old.name):
-            old.unlink()
-
-    counts: dict[str, int] = {}
-    seen: set[str] = set()
-    writer = None
+    stage = out / f".{prefix}.writing"
+    shutil.rmtree(stage, ignore_errors=True)  # one left by a killed writer
+    stage.mkdir()
     try:
-        for sample in samples:
-            key = sample.get("__key__")
-            if not isinstance(key, str) or not key:
-                raise ValueError(f"sample without a string __key__: {sorted(sample)}")
-            if "." in key or "/" in key:
-                raise ValueError(f"__key__ must not contain '.' or '/': {key!r}")
-            if key in seen:
-                raise ValueError(f"duplicate __key__ {key!r}")
-            seen.add(key)
-            if writer is None:
-                writer = wds.ShardWriter(shard_pattern(out, prefix), maxcount=maxcount, verbose=0, mtime=0)  # an int: a float mtime adds slow PAX headers
-            writer.write(sample)
-            name = os.path.basename(writer.fname)
-            counts[name] = counts.get(name, 0) + 1
+        counts: dict[str, int] = {}
+        seen: set[str] = set()
+        writer = None
+        try:
+            for sample in samples:
+                key = sample.get("__key__")
+                if not isinstance(key, str) or not key:
+                    raise ValueError(f"sample without a string __key__: {sorted(sample)}")
+                if "." in key or "/" in key:
+                    raise ValueError(f"__key__ must not contain '.' or '/': {key!r}")
+                if key in seen:
+                    raise ValueError(f"duplicate __key__ {key!r}")
+                seen.add(key)
+                if writer is None:
+                    writer = wds.ShardWriter(shard_pattern(stage, prefix), maxcount=maxcount, verbose=0, mtime=0)  # an int: a float mtime adds slow PAX headers
+                writer.write(sample)
+                name = os.path.basename(writer.fname)
+                counts[name] = counts.get(name, 0) + 1
+        finally:
+            if writer is not None:
+                writer.close()
+        if not counts:
+            return []
+        files = dict(sidecars()) if sidecars else {}
+        with _signals_held():
+            _swap_in(out, stage, prefix, counts, files)
     finally:
-        if writer is not None:
-            writer.close()
+        shutil.rmtree(stage, ignore_errors=True)
+    return [str(out / name) for name in counts]
 
+
+@contextlib.contextmanager
+def _signals_held():
+    """SIGINT and SIGTERM wait until the block ends (off the main thread: a no-op)."""
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def _swap_in(out: Path, stage: Path, prefix: str, counts: dict[str, int], files: dict[str, str]) -> None:
+    """Replace ``out``'s ``PREFIX-*.tar`` shards by the staged ones; update sizes.json; write ``files``."""
+    own = re.compile(re.escape(prefix) + r"-\d{6,}\.tar$")
     sizes_path = out / SIZES_FILE
     sizes = {k: v for k, v in _read_json(sizes_path).items() if not own.match(k)}
     sizes.update(counts)
-    if sizes or sizes_path.exists():
-        _write_text_atomic(sizes_path, json.dumps(dict(sorted(sizes.items())), indent=1) + "\n")
-    return [str(out / name) for name in counts]
+    for old in out.iterdir():
+        if own.match(old.name) and old.name not in counts:
+            old.unlink()
+    for name in counts:
+        os.replace(stage / name, out / name)
+    _write_text_atomic(sizes_path, json.dumps(dict(sorted(sizes.items())), indent=1) + "\n")
+    for name, text in files.items():
+        _write_text_atomic(out / name, text)
+
+
+def _class_files(classnames: list[str], class_counts: dict[int, int]) -> dict[str, str]:
+    """The text of ``classnames.txt`` (line i = class i) and ``class_counts.json`` (``{"i": n}``)."""
+    check_classnames(classnames)
+    counts = {str(i): int(class_counts.get(i, 0)) for i in range(len(classnames))}
+    return {CLASSNAMES_FILE: "".join(f"{name}\n" for name in classnames),
+            CLASS_COUNTS_FILE: json.dumps(counts, indent=1) + "\n"}
 
 
 def write_class_files(out_dir: str | os.PathLike, classnames: list[str], class_counts: dict[int, int]) -> None:
     """Write ``classnames.txt`` (line i = class i) and ``class_counts.json`` (``{"i": n}``) into ``out_dir``."""
-    out = Path(out_dir)
-    check_classnames(classnames)
-    _write_text_atomic(out / CLASSNAMES_FILE, "".join(f"{name}\n" for name in classnames))
-    counts = {str(i): int(class_counts.get(i, 0)) for i in range(len(classnames))}
-    _write_text_atomic(out / CLASS_COUNTS_FILE, json.dumps(counts, indent=1) + "\n")
+    for name, text in _class_files(classnames, class_counts).items():
+        _write_text_atomic(Path(out_dir) / name, text)
 
 
 def _check_kind(kind: str, allowed: Iterable[str] = KINDS) -> None:
@@ -248,6 +293,12 @@ class _Collector:
             self.index += 1
             yield sample
 
+    def sidecars(self, classnames: list[str] | None) -> Callable[[], dict[str, str]] | None:
+        """What :func:`write_samples` writes beside the shards once they are all written (labeled: class files)."""
+        if self.kind != "labeled":
+            return None
+        return lambda: _class_files(classnames, self.class_counts)
+
     def result(self, out_dir: Path, shards: list[str], classnames: list[str] | None = None) -> dict:
         if self.skipped:
             log.warning("skipped %d item(s), e.g. %s: %s", len(self.skipped), *self.skipped[0])
@@ -263,7 +314,6 @@ class _Collector:
         }
         if self.kind == "labeled":
             assert classnames is not None
-            write_class_files(out_dir, classnames, self.class_counts)
             result["classnames"] = classnames
             result["class_counts"] = {i: self.class_counts.get(i, 0) for i in range(len(classnames))}
         return result
@@ -325,7 +375,8 @@ def write_image_folder(
         random.Random(shuffle_seed).shuffle(items)
     collector = _Collector(kind, check_resize(image_size, resize_mode))
     records = ((path, label, None, str(path)) for path, label in items)
-    shards = write_samples(collector.samples(records), out, prefix=prefix, maxcount=maxcount)
+    shards = write_samples(collector.samples(records), out, prefix=prefix, maxcount=maxcount,
+                           sidecars=collector.sidecars(classnames))
     return collector.result(out, shards, classnames)
 
 
@@ -515,5 +566,6 @@ def write_hf_dataset(
                 caption = str(caption)
             yield image, label, caption, source
 
-    shards = write_samples(collector.samples(records()), out_dir, prefix=prefix, maxcount=maxcount)
+    shards = write_samples(collector.samples(records()), out_dir, prefix=prefix, maxcount=maxcount,
+                           sidecars=collector.sidecars(classnames))
     return collector.result(Path(out_dir), shards, classnames)
