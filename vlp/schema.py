@@ -45,8 +45,8 @@ def _comments(cls: type) -> dict[str, str]:
 DOCS = {  # keys whose source line has no comment
     "output_dir": "run folder: checkpoints/, metrics.jsonl, tb/, config.yaml",
     "seed": "seeds model init, data order, augmentation and masking (per rank)",
-    "model.mask_ratio": "fraction of image patches dropped in the shared training pass (FLIP / MAE)",
     "model.text.lock_unlocked_layers": "with model.text.lock: leave the last N text layers trainable",
+    "model.image_std": "open_clip_train's --image-std; default and recording as model.image_mean",
     "data.sources[].name": "name in logs and bad-sample counters (default: kind + index)",
     "data.sources[].kind": "paired (image + caption), labeled (image + class), unlabeled (image)",
     "data.sources[].shards": "WebDataset shards: brace pattern, glob, folder, URL; several joined by ::",
@@ -61,7 +61,8 @@ DOCS = {  # keys whose source line has no comment
     "optim.lr": "peak learning rate (AdamW)", "optim.weight_decay": "on weight matrices only",
     "optim.betas": "AdamW betas", "optim.eps": "AdamW eps", "optim.warmup_steps": "linear warmup steps",
     "optim.min_lr_ratio": "cosine floor, as a fraction of lr", "optim.grad_clip": "max global grad norm (null: none)",
-    "train.steps": "optimizer steps (or train.epochs + train.num_samples)",
+    "train.steps": "optimizer steps (or train.epochs [+ train.num_samples]; on the command line either replaces the "
+                   "other)",
     "train.epochs": "instead of train.steps: epochs of train.num_samples samples (open_clip_train --epochs)",
     "train.precision": "mixed precision (Accelerate)", "train.log_every": "steps between logged metrics",
     "train.save_every": "steps between checkpoints", "train.keep_last": "checkpoints kept",

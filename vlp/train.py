@@ -573,8 +573,9 @@ def _flat_hparams(cfg: Config) -> dict:
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     parser = parser or argparse.ArgumentParser(prog="vlp train", description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True, help="YAML run config")
-    parser.add_argument("--resume", default=None, help="'auto' or 'latest' (open_clip_train's word): the latest checkpoint of output_dir if "
-                        "there is one, else a fresh start; or a checkpoint / run folder")
+    parser.add_argument("--resume", default=None,
+                        help="'latest' (open_clip_train's word) or 'auto': the latest checkpoint of output_dir if there "
+                             "is one, else a fresh start; or a checkpoint / run folder")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=3e-4 train.steps=100")
     return parser
 
