@@ -697,3 +697,24 @@ def test_classnames_with_a_duplicate_or_an_interior_blank_line_are_refused(tmp_p
     shard = write_samples([{"__key__": "a", "jpg": jpeg((10, 20, 30), 0), "cls": "0"}], tmp_path, prefix="a")[0]
     with pytest.raises(ClassnamesError, match="line 3 repeats line 1"):
         Source(SourceConfig(name="lab", kind="labeled", shards=[shard]))
+
+
+def test_a_thin_image_is_a_counted_bad_sample_in_training_and_verify(clip, tmp_path):
+    """A 1x20000 image is counted and replaced in training (its short side scaled to the model's input took GBs,
+    #30) and flagged by vlp shards verify, before any resize."""
+    from vlp.shards import verify_shards
+
+    buf = io.BytesIO()
+    Image.new("RGB", (20000, 1), (200, 10, 10)).save(buf, format="PNG")
+    samples = [{"__key__": f"k{i}", "jpg": jpeg(COLOURS[i % 3], i), "cls": str(i % 3)} for i in range(4)]
+    samples.insert(1, {"__key__": "thin", "png": buf.getvalue(), "cls": "0"})
+    write_samples(samples, tmp_path / "lab", maxcount=100)
+    write_class_files(tmp_path / "lab", CLASSNAMES, Counter({0: 2, 1: 2, 2: 1}))
+    cfg = data_config([{"name": "l", "kind": "labeled", "shards": f"{tmp_path}/lab/*.tar"}],
+                      batch={"labeled": 4}, shuffle_buffer=0, resampled=False)
+    _, tokenizer, transform = clip
+    ds = MixedBatches(cfg, transform, tokenizer, seed=SEED)
+    batch = flatten(*next(iter(ds)))
+    assert ds.sources[0].bad.counts["corrupt image"] == 1 and batch["image"].shape == (4, 3, IMAGE, IMAGE)
+    result = verify_shards(str(tmp_path / "lab"), kind="labeled")
+    assert result["reasons"] == {"corrupt image": 1} and any("too thin" in r for _, _, r in result["bad_samples"])

@@ -158,6 +158,24 @@ class _Exploit:
         return (open, (self.marker, "w"))
 
 
+def test_a_thin_image_is_skipped_before_it_is_resized(clip, images, tmp_path):
+    """A 1x20000 PNG (a few KB) scaled to the model's input on its short side took GBs (#30): eval skips it
+    before any resize and classifies the others."""
+    from vlp.data.format import MAX_ASPECT_RATIO, ImageShapeError, decode_image
+
+    thin = Image.new("RGB", (1, 20000), (200, 10, 10))
+    with pytest.raises(ImageShapeError, match="too thin: 1x20000"):
+        decode_image(png_bytes(thin))
+    edge = Image.new("RGB", (MAX_ASPECT_RATIO, 1))
+    assert decode_image(png_bytes(edge)).size == (MAX_ASPECT_RATIO, 1)
+    *_, preprocess = clip
+    write_shard(tmp_path / "thin" / "0.tar", [(images[0], {"cls": 0}), (thin, {"cls": 1}), (images[1], {"cls": 2}),
+                                              (thin.transpose(Image.Transpose.ROTATE_90), {"cls": 3})])
+    batches = list(evdata.labeled_loader(str(tmp_path / "thin" / "0.tar"), preprocess, batch_size=8))
+    assert [int(y) for _, labels in batches for y in labels] == [0, 2]
+    assert batches[0][0].shape[-2:] == (32, 32)
+
+
 def test_eval_loaders_never_unpickle_shard_members(images, tmp_path):
     """A sample with extra .pyd / .pkl / .pth members: eval reads image and label only, nothing is executed."""
     import pickle

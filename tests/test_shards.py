@@ -602,3 +602,15 @@ def test_ctrl_c_during_shards_folder_leaves_the_old_dataset_whole(image_folder, 
         result["shards"], [5] * (len(result["shards"]) - 1) + [result["num_samples"] % 5 or 5])}
     assert (out / "classnames.txt").read_text().splitlines() == CLASSNAMES
     assert not (out / ".shard.writing").exists()
+
+
+def test_writers_skip_a_thin_image_before_resizing_it(tmp_path):
+    """A 1x20000 image (training skips it, and resizing its short side to --image-size takes GBs, #30) is listed
+    as skipped by the writers, not resized."""
+    root = tmp_path / "imgs"
+    (root / "cat").mkdir(parents=True)
+    _gradient(COLOURS["cat"]).save(root / "cat" / "ok.png")
+    Image.new("RGB", (1, 20000), (1, 2, 3)).save(root / "cat" / "thin.png")
+    result = S.write_image_folder(root, tmp_path / "out", image_size=64, resize_mode="keep_ratio")
+    assert result["num_samples"] == 1 and len(result["skipped"]) == 1
+    assert result["skipped"][0][0].endswith("thin.png") and "too thin: 1x20000" in result["skipped"][0][1]

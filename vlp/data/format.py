@@ -5,7 +5,8 @@ that count are:
 
 * image (every kind): the bytes under the first of :data:`IMAGE_KEYS` present (jpg jpeg png webp bmp ppm tif
   tiff), decoded by PIL to RGB with :func:`decode_image`. No such key: ``"no image"``; bytes PIL cannot fully
-  decode: ``"corrupt image"`` (training finds this late, when a batch decodes the record).
+  decode, or an image thinner than 1:``MAX_ASPECT_RATIO`` (its short side scaled to the model's input would make
+  a huge image): ``"corrupt image"`` (training finds this late, when a batch decodes the record).
 * caption (``paired``): ``txt`` (UTF-8), else the ``caption`` of ``json`` (img2dataset's layout); stripped.
   Reasons: ``"no caption"``, ``"caption not UTF-8"``, ``"bad caption json"`` (not a JSON object, or a
   caption that is not a string), ``"empty caption"``.
@@ -45,7 +46,8 @@ REASONS = ("no image", "no caption", "caption not UTF-8", "bad caption json", "e
 
 __all__ = ["KINDS", "IMAGE_KEYS", "REASONS", "Rejected", "image_key", "parse_image", "parse_caption",
            "parse_label", "parse_sample", "infer_kind", "decode_image", "check_image", "find_sidecar",
-           "read_lines", "load_classnames", "read_classnames", "check_classnames", "ClassnamesError"]
+           "read_lines", "load_classnames", "read_classnames", "check_classnames", "ClassnamesError",
+           "MAX_ASPECT_RATIO", "ImageShapeError"]
 
 
 @dataclass(frozen=True)
@@ -156,6 +158,13 @@ def infer_kind(sample: Mapping) -> str:
     return "paired" if any(k in sample for k in CAPTION_KEYS) else "unlabeled"
 
 
+MAX_ASPECT_RATIO = 50  # long side / short side; a 1x1,000,000 PNG resized to 224 on its short side took 6.75 GB
+
+
+class ImageShapeError(ValueError):
+    """An image too thin to resize: its long side over :data:`MAX_ASPECT_RATIO` times its short side."""
+
+
 def decode_image(data: bytes):
     """Decode image bytes fully to an RGB PIL image (raises on corrupt or truncated data). Transparency (RGBA, LA,
     PA, palette transparency) is composited on white, as the shard writers do, not dropped (``convert("RGB")``
@@ -163,6 +172,11 @@ def decode_image(data: bytes):
     from PIL import Image
 
     with Image.open(io.BytesIO(data)) as img:
+        w, h = img.size
+        if max(w, h) > MAX_ASPECT_RATIO * min(w, h):  # checked before decoding or resizing it
+            raise ImageShapeError(f"image too thin: {w}x{h} (over {MAX_ASPECT_RATIO}:1; its short side scaled to "
+                                  f"the model's input would take {max(w, h) // max(min(w, h), 1)}x the memory "
+                                  f"of a square image)")
         img.load()
         if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (img.mode == "P" and "transparency" in img.info):
             rgba = img.convert("RGBA")
@@ -176,6 +190,8 @@ def check_image(data: bytes, key: str = "image") -> Rejected | None:
     """None if :func:`decode_image` decodes ``data``, else ``corrupt image``."""
     try:
         decode_image(data)
+    except ImageShapeError as exn:
+        return Rejected("corrupt image", f"{key}: {exn}")
     except Exception as exn:  # PIL raises many types for bad data
         return Rejected("corrupt image", f"{key}: undecodable image: {type(exn).__name__}: {exn}"[:300])
     return None

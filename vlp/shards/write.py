@@ -36,7 +36,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
-from vlp.data.format import CLASS_COUNTS_FILE, CLASSNAMES_FILE, IMAGE_KEYS, KINDS, SIZES_FILE, check_classnames
+from vlp.data.format import (CLASS_COUNTS_FILE, CLASSNAMES_FILE, IMAGE_KEYS, KINDS, MAX_ASPECT_RATIO, SIZES_FILE,
+                             ImageShapeError, check_classnames)
 
 log = logging.getLogger(__name__)
 
@@ -100,13 +101,22 @@ def image_to_jpeg_bytes(image: Any, resize: tuple[int, str] | None = None) -> by
     if isinstance(image, (bytes, bytearray, memoryview)):
         data = bytes(image)
         with Image.open(io.BytesIO(data)) as im:  # header parse: rejects non-images cheaply
+            _check_shape(im)
             if im.format == "JPEG" and _is_jpeg(data) and resize is None:
                 return data
             im.load()
             return _pil_to_jpeg(resize_image(im, *resize) if resize else im)
     if isinstance(image, Image.Image):
+        _check_shape(image)
         return _pil_to_jpeg(resize_image(image, *resize) if resize else image)
     raise TypeError(f"cannot convert {type(image).__name__} to an image")
+
+
+def _check_shape(im: Any) -> None:
+    """Refuse an image training would skip as too thin (and whose resize would take GBs): ImageShapeError."""
+    w, h = im.size
+    if max(w, h) > MAX_ASPECT_RATIO * min(w, h):
+        raise ImageShapeError(f"image too thin: {w}x{h} (over {MAX_ASPECT_RATIO}:1)")
 
 
 def _flatten(im: Any) -> Any:
