@@ -191,3 +191,23 @@ def test_plain_log_line_has_an_eta_and_logs_the_lr_of_the_step_taken(demo_data, 
     assert logged == pytest.approx({s: 1e-3 * schedule(s - 1) for s in range(1, 6)})  # step s took index s - 1
     assert logged[1] == pytest.approx(1e-3 / 3) and logged[3] == pytest.approx(1e-3)  # warmup's first and peak
     assert log_line({"loss/total": 1.0, "lr": 1e-3, "samples_per_s": 10.0}, 3725.4).endswith("eta 1:02:05")
+
+
+def test_config_docs_describe_augment_and_accum_freq_rows_as_they_are():
+    """docs/config.md put train.accum_freq's text in grad_accum's row and said data.augment flips (it never did:
+    open_clip's train transform has no flip)."""
+    from torchvision import transforms as T
+
+    from vlp.data.transforms import train_transform
+    from vlp.models.factory import create_clip
+    from vlp.schema import config_reference
+
+    model, _, _ = create_clip("vlp-test-vit")
+    ops = train_transform(model).transforms
+    assert any(isinstance(t, T.RandomResizedCrop) for t in ops)
+    assert not any(isinstance(t, (T.RandomHorizontalFlip, T.RandomVerticalFlip)) for t in ops)
+    rows = {line.split("|")[1].strip(" `"): line.split("|")[4] for line in config_reference().splitlines()
+            if line.startswith("| `")}
+    assert "flip" not in rows["data.augment"].replace("no flip", "") and "RandomResizedCrop" in rows["data.augment"]
+    assert "--accum-freq" in rows["train.accum_freq"] and "accum_freq" not in rows["train.grad_accum"]
+    assert "--local-loss" in rows["objectives.contrastive.loss"]  # no such choice: said where the loss is chosen

@@ -189,9 +189,10 @@ class TrainConfig(_Strict):
     num_samples: int | None = Field(None, gt=0)
     compile: bool = False  # torch.compile the student's forward (open_clip_train --torchcompile)
     # plain accumulation: every micro-batch's losses on its own rows, averaged (the contrastive loss sees
-    # data.batch rows); accum_freq: open_clip_train's --accum-freq (the contrastive loss of every micro-batch is
-    # over all accum_freq micro-batches' features, cached by a no-grad pass: the gradients of one big batch)
+    # data.batch rows)
     grad_accum: int = Field(1, ge=1)
+    # open_clip_train's --accum-freq: the contrastive loss of every micro-batch is over all accum_freq micro-batches'
+    # features, cached by a no-grad pass (the gradients of one big batch)
     accum_freq: int = Field(1, ge=1)
     precision: Literal["no", "fp16", "bf16"] = "no"
     log_every: int = Field(10, gt=0)

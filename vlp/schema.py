@@ -54,7 +54,8 @@ DOCS = {  # keys whose source line has no comment
     "data.batch.paired": "paired rows per step per process", "data.batch.labeled": "labeled rows per step per process",
     "data.batch.unlabeled": "unlabeled rows per step per process",
     "data.workers": "DataLoader workers per process", "data.shuffle_buffer": "samples in each stream's shuffle buffer",
-    "data.augment": "RandomResizedCrop + flip (false: resize + centre crop)",
+    "data.augment": "open_clip's train transform: RandomResizedCrop (data.scale), no flip (false: resize + centre "
+                    "crop)",
     "teacher.tau": "EMA momentum at step 0", "teacher.tau_end": "EMA momentum at the last step",
     "teacher.schedule": "tau from tau to tau_end along a cosine, or constant",
     "teacher.scope": "image: image tower + projection + named heads; all: every parameter",

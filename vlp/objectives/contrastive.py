@@ -57,6 +57,8 @@ class ContrastiveObjective(Objective):
     to [0, ln 100] as in CLIP."""
 
     class Config(ObjectiveConfig):
+        # clip: open_clip's ClipLoss on the full global logits, features gathered with grad (no --local-loss choice:
+        # the same gradients, N x N logits on every process); siglip: open_clip's SigLipLoss
         loss: Literal["clip", "siglip"] = "clip"
         labels_as_text: bool = False  # UniCL (Yang et al. 2022): labeled rows carry a class prompt as text
         # the text rows' own masking ratio (FLIP: 50% ~free, 75% hurts at small scale); None: model.mask_ratio
