@@ -253,7 +253,8 @@ def run_training_eval(clip_model, tokenizer, preprocess, specs: Mapping[str, Any
         if settings is None:
             continue
         task = get_eval_task(name)
-        opts = {k: v for k, v in _as_dict(settings).items() if v is not None}
+        opts = {k: v for k, v in _as_dict(settings).items()
+                if v is not None and not (k in ("classnames", "templates") and not v)}  # empty: unset
         shards = opts.pop("shards", None)
         if not shards:
             raise ValueError(f"eval.{name}: no shards")
