@@ -99,3 +99,65 @@ def test_report_of_a_bench_still_sweeping_shows_the_sweep_without_a_choice():
            "configs": {"clip": dict(CONFIG)}, "jobs": [job], "lr": {}}
     row = next(line for line in bench_quality.report(doc).splitlines() if line.startswith("clip  "))
     assert row.split() == ["clip", "276", "42.00", "-"]
+
+
+def doc_at(steps, knn, zeroshot, seeds=(0, 1)):
+    """A results JSON of one budget: runs clip (contrastive), supervised (one objective, no text), mixed (three)."""
+    objectives = {"clip": ["contrastive"], "supervised": ["supervised"],
+                  "mixed": ["contrastive", "pseudolabel", "supervised"]}
+    configs = {r: {"objectives": o, "text_trained": r != "supervised"} for r, o in objectives.items()}
+    jobs = [{"config": r, "phases": ["seed"], "seed": s, "total_tflops": 0.066 * steps,
+             "eval": {"test": {"knn_top1/pooled": knn[r] + 0.01 * s, "zeroshot_top1/templates": zeroshot[r]}}}
+            for r in objectives for s in seeds]
+    jobs.append({**jobs[0], "phases": ["sweep"], "eval": {"test": {"knn_top1/pooled": 0.99,  # not a headline job
+                                                                   "zeroshot_top1/templates": 0.99}}})
+    return {"reference_steps": steps, "reference": "mixed", "configs": configs, "jobs": jobs}
+
+
+def test_gap_per_budget_against_the_best_single_objective_run(tmp_path):
+    """#28: the curve's gap is the multi-objective run's seed mean minus the best single-objective run's; zero-shot
+    only among runs whose text tower trains (supervised's 0.9 zero-shot is meaningless and never the best)."""
+    from quality_curve import gap_table, gaps, plot_gap
+
+    docs = [doc_at(1000, {"clip": 0.56, "supervised": 0.50, "mixed": 0.49}, {"clip": 0.56, "supervised": 0.9,
+                                                                               "mixed": 0.48}),
+            doc_at(250, {"clip": 0.43, "supervised": 0.45, "mixed": 0.35}, {"clip": 0.44, "supervised": 0.9,
+                                                                              "mixed": 0.34})]
+    rows = gaps(docs)
+    assert [(r["steps"], r["run"], r["seeds"]) for r in rows] == [(250, "mixed", 2), (1000, "mixed", 2)]
+    assert rows[0]["kNN"]["best_single"] == "supervised" and rows[0]["kNN"]["gap"] == pytest.approx(-10.0)
+    assert rows[0]["zero-shot"]["best_single"] == "clip" and rows[0]["zero-shot"]["gap"] == pytest.approx(-10.0)
+    assert rows[1]["kNN"]["best_single"] == "clip" and rows[1]["kNN"]["gap"] == pytest.approx(-7.0)
+    assert rows[1]["tflops"] == pytest.approx(66.0)
+    table = "\n".join(gap_table(docs))
+    assert "-10.00" in table and "-7.00" in table
+    png = plot_gap(docs, tmp_path / "gap_vs_budget.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_parallel_jobs_wait_only_for_the_sweep_that_chooses_their_lr():
+    """--parallel: a job starts as soon as its lr is known; one whose lr comes from a sweep waits for that sweep to
+    end, not for other runs; a job training what a running one trains waits to reuse it."""
+    configs = {"clip": dict(CONFIG), "mixed": dict(CONFIG, run="mixed")}
+    jobs = bench_quality.plan_jobs(100, ["clip", "mixed"], "mixed", configs, {"clip": [5e-4, 1e-3]},
+                                   {"mixed": 1e-3}, [0, 1], 1.0, [], False)
+    pending, running, chosen = list(jobs), {}, {"mixed": 1e-3}
+
+    def choose(run):
+        chosen[run] = 1e-3
+        return None
+
+    def start():
+        job = bench_quality.next_ready(pending, running, chosen, choose)
+        if job is not None:
+            running[job.name] = (job, None)
+        return job and job.name
+
+    assert [start(), start()] == ["sweep-clip-lr0.0005", "sweep-clip-lr0.001"]
+    assert [start(), start()] == ["mixed-seed0", "mixed-seed1"]  # clip's seeds wait for its sweep
+    assert start() is None and "clip" not in chosen
+    running.pop("sweep-clip-lr0.0005")
+    assert start() is None  # the other sweep job still runs
+    running.pop("sweep-clip-lr0.001")
+    assert start() == "clip-seed0" and chosen["clip"] == 1e-3  # the sweep is over: chosen, seeds go
+    assert start() == "clip-seed1" and pending == []

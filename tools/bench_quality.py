@@ -78,6 +78,13 @@ Output: ``OUT/results.json`` (``--out``; layout in :func:`results_doc`) and a re
 (headline, sweep, ablation and equal-steps tables; "RUN - best single-objective run" lines, single-objective runs
 being configs with exactly one active objective). ``--report-only results.json`` reprints the report.
 
+The curve: ``--steps 250,1000,2500`` runs the whole bench once per budget (``OUT/steps-S/``, one validation split
+for all), prints each budget's tables, then the gap per budget (every multi-objective run minus the best
+single-objective run, kNN and zero-shot) and draws ``OUT/gap_vs_budget.png`` (kNN and zero-shot of every run
+against its training TFLOP; ``tools/quality_curve.py``). ``--report-only A.json B.json ...`` redraws them.
+``--parallel N`` trains N jobs side by side (the cores split between them; a job waits only for the sweep that
+chooses its lr), for a machine with cores to spare, such as a GPU node (``tools/gpu_quality.sh``).
+
 Usage::
 
     python tools/bench_quality.py --ablate mixed            # full bench in --budget-minutes (55), table + JSON
@@ -85,6 +92,7 @@ Usage::
     python tools/bench_quality.py --quick --runs clip,supervised,mixed   # smoke run: small shards, few steps
     python tools/bench_quality.py --ablate mixed --plan-only  # FLOPs, calibration and the plan, no training
     python tools/bench_quality.py --report-only bench_out/quality/results.json
+    python tools/bench_quality.py --steps 250,1000,2500 --runs clip,mixed --parallel 4   # the curve
     python tools/bench_quality.py --prepare-only            # write the shards configs/cifar10-mixed.yaml reads
 """
 from __future__ import annotations
@@ -99,12 +107,16 @@ import statistics
 import subprocess
 import sys
 import tarfile
+import threading
 import time
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import quality_curve as curve  # tools/: the curve across budgets (gap table, gap_vs_budget.png)
+
 REPO = Path(__file__).resolve().parents[1]
-DATA_TARBALL = REPO.parent / "shared" / "data" / "cifar10-train.tar.gz"
+DATA_TARBALL = Path(os.environ.get("VLP_CIFAR_TARBALL") or REPO.parent / "shared" / "data" / "cifar10-train.tar.gz")
 CONFIGS = REPO / "configs" / "bench"
 CLASSNAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 CAPTION_TEMPLATES = [
@@ -342,8 +354,9 @@ def ablation_trees(run: str, tree: dict) -> dict[str, tuple[dict, str]]:
     return out
 
 
-def adapt_tree(tree: dict, shards: Path, batch_total: int, mask_ratio: float | None, model: str | None) -> dict:
-    """A base config with this bench's shard paths, total batch (proportions kept), masking and model."""
+def adapt_tree(tree: dict, shards: Path, batch_total: int, mask_ratio: float | None, model: str | None,
+               workers: int | None = None) -> dict:
+    """A base config with this bench's shard paths, total batch (proportions kept), masking, model and workers."""
     tree = copy.deepcopy(tree)
     default = "bench_out/quality/shards"
     for src in tree["data"]["sources"]:
@@ -361,6 +374,8 @@ def adapt_tree(tree: dict, shards: Path, batch_total: int, mask_ratio: float | N
         tree["model"]["mask_ratio"] = mask_ratio
     if model:
         tree["model"]["name"] = model
+    if workers is not None:
+        tree["data"]["workers"] = workers
     return tree
 
 
@@ -380,9 +395,10 @@ def job_tree(tree: dict, out_dir: Path, steps: int, lr: float, seed: int, log_ev
     return tree
 
 
-def launch(tree: dict, run_dir: Path, time_limit: float | None = None) -> dict:
-    """Train one config in a ``python -m vlp.train`` subprocess. A run past ``time_limit`` seconds gets SIGTERM:
-    vlp checkpoints the current step and exits (the run is then marked ``cut_short``)."""
+def launch(tree: dict, run_dir: Path, time_limit: float | None = None, env_extra: dict | None = None) -> dict:
+    """Train one config in a ``python -m vlp.train`` subprocess (``env_extra``: e.g. its CPU threads when runs share
+    the machine). A run past ``time_limit`` seconds gets SIGTERM: vlp checkpoints the current step and exits (the
+    run is then marked ``cut_short``)."""
     import signal
 
     import yaml
@@ -391,7 +407,7 @@ def launch(tree: dict, run_dir: Path, time_limit: float | None = None) -> dict:
     run_dir.mkdir(parents=True)
     cfg_path = run_dir / "bench_config.yaml"
     cfg_path.write_text(yaml.safe_dump(tree, sort_keys=False))
-    env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", **(env_extra or {}))
     t0 = time.time()
     cut = False
     with open(run_dir / "train.log", "w") as logf:
@@ -754,13 +770,19 @@ def parse_list(text: str, cast=str) -> list:
     return [cast(x.strip()) for x in text.split(",") if x.strip()]
 
 
+_FLOPS: dict[str, tuple] = {}  # counted FLOPs by (config tree, steps)
+
+
 def measure_flops(configs: dict, trees: dict, steps: int) -> None:
     """``gflops_per_step`` and ``forward_gflops`` of every config (in-process, vlp.flops)."""
     from vlp.flops import training_flops_per_step
 
     for name, c in configs.items():
         t0 = time.time()
-        total, split = training_flops_per_step(validated(trees[name]), CLASSNAMES, steps=steps, breakdown=True)
+        key = json.dumps([trees[name], steps], sort_keys=True, default=str)
+        if key not in _FLOPS:  # the same config at another budget (--steps A,B,...) is counted once
+            _FLOPS[key] = training_flops_per_step(validated(trees[name]), CLASSNAMES, steps=steps, breakdown=True)
+        total, split = _FLOPS[key]
         c["gflops_per_step"] = round(total / 1e9, 4)
         c["forward_gflops"] = {k: round(v / 1e9, 4) for k, v in split.items()}
         log(f"FLOPs {name}: {total / 1e9:.2f} GFLOP/step (forward: "
@@ -790,7 +812,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out-dir", default=None,
                    help="runs, validation shards and results (default: CACHE/quality[-quick])")
     p.add_argument("--out", default=None, help="results JSON (default: OUT/results.json)")
-    p.add_argument("--report-only", metavar="JSON", default=None, help="print the report of a saved results JSON")
+    p.add_argument("--report-only", metavar="JSON", nargs="+", default=None,
+                   help="print the report of a saved results JSON; of several (one per budget): the curve")
+    p.add_argument("--plot", metavar="PNG", default=None,
+                   help="gap_vs_budget.png's path (default: OUT/gap_vs_budget.png with several --steps budgets)")
     p.add_argument("--prepare-only", action="store_true", help="extract CIFAR-10, write the shards, stop")
     p.add_argument("--plan-only", action="store_true", help="measure FLOPs (and calibrate), print the plan, stop")
     p.add_argument("--quick", action="store_true",
@@ -800,7 +825,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reference", default="mixed", help="run whose step count is --steps; others match its FLOPs")
     p.add_argument("--budget-minutes", type=float, default=55.0,
                    help="wall-clock budget of the whole bench; sets the reference's steps (default: 55)")
-    p.add_argument("--steps", type=int, default=None, help="reference steps (default: from the budget)")
+    p.add_argument("--steps", default=None,
+                   help="reference steps (default: from the budget); several, comma-separated (250,1000,2500): one "
+                        "bench per budget in OUT/steps-S/, then the gap per budget and gap_vs_budget.png")
+    p.add_argument("--parallel", type=int, default=1,
+                   help="trainings side by side on this machine (default 1): the CPU cores are split between them "
+                        "(OMP_NUM_THREADS); evaluations run one at a time")
+    p.add_argument("--workers", type=int, default=None,
+                   help="data workers of every training (default: the configs' data.workers)")
     p.add_argument("--seeds", default=None, help="comma-separated run seeds (default: 0,1,2; quick: 0)")
     p.add_argument("--lrs", default=None, help="learning rates swept per run (default: 5e-4,1e-3,2e-3; quick: the "
                                                "configs' lr); one value: no sweep")
@@ -827,9 +859,60 @@ def main(argv: list[str] | None = None) -> int:
     bad = [item for item in parse_list(args.lr) if "=" not in item]
     if bad:
         p.error(f"--lr {bad[0]}: expected RUN=LR or RUN=@OTHER")
+    try:
+        budgets = parse_list(args.steps, int) if args.steps else []
+    except ValueError:
+        p.error(f"--steps {args.steps}: expected reference steps, or several comma-separated (250,1000,2500)")
+    if any(b < 1 for b in budgets) or len(set(budgets)) != len(budgets):
+        p.error(f"--steps {args.steps}: each budget a positive step count, once")
+    if args.parallel < 1:
+        p.error("--parallel: at least 1")
     if args.report_only:
-        print(report(json.loads(Path(args.report_only).read_text())))
+        docs = [json.loads(Path(path).read_text()) for path in args.report_only]
+        print("\n\n".join(report(d) for d in docs) if len(docs) == 1 else curve.curve_report(docs, report))
+        if args.plot:
+            curve.plot_gap(docs, Path(args.plot))
+            print(f"wrote {args.plot}")
         return 0
+    if len(budgets) <= 1:
+        args.steps = budgets[0] if budgets else None
+        return bench(p, args, argv)
+    # several budgets: one bench each (its own runs, results JSON and tables), then the curve across them
+    cache = Path(args.cache_dir).resolve()
+    base = Path(args.out_dir).resolve() if args.out_dir else cache / ("quality-quick" if args.quick else "quality")
+    paths = []
+    for steps in budgets:
+        one = copy.copy(args)
+        one.steps, one.out_dir, one.out, one.val_dir = steps, str(base / f"steps-{steps}"), None, str(base / "val")
+        log(f"budget {steps} reference steps -> {one.out_dir}")
+        code = bench(p, one, argv)
+        if code:
+            return code
+        paths.append(Path(one.out_dir) / "results.json")
+        if not paths[-1].is_file():  # skipped (no data)
+            return 0
+    docs = [json.loads(path.read_text()) for path in paths]
+    print()
+    print(curve.curve_report(docs, report))
+    png = Path(args.plot) if args.plot else base / "gap_vs_budget.png"
+    curve.plot_gap(docs, png)
+    (base / "curve.json").write_text(json.dumps({"budgets": budgets, "results": [str(x) for x in paths],
+                                                 "gaps": curve.gaps(docs)}, indent=1) + "\n")
+    print(f"\nwrote {png} and {base / 'curve.json'}")
+    return 0
+
+
+def run_threads(parallel: int) -> dict:
+    """The environment of each training when ``parallel`` run side by side: the machine's cores split between them
+    (torch's default, one thread per core in every process, makes N processes fight over the same cores)."""
+    if parallel == 1:
+        return {}
+    threads = str(max(1, (os.cpu_count() or 1) // parallel))
+    return {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+
+
+def bench(p: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str] | None) -> int:
+    """One budget (``args.steps`` reference steps, or from ``--budget-minutes``): plan, train, evaluate, report."""
     t_start = time.time()
 
     cache = Path(args.cache_dir).resolve()
@@ -847,8 +930,9 @@ def main(argv: list[str] | None = None) -> int:
             print("shards ready; train with:  python -m vlp.train --config configs/cifar10-mixed.yaml")
         return 0
     out_dir = Path(args.out_dir).resolve() if args.out_dir else cache / name
+    val_dir = Path(getattr(args, "val_dir", None) or out_dir / "val")
     n_val = 500 if args.quick else 2000
-    if prepare_val(cache / "cache", out_dir / "val", info, n_val) is None:
+    if prepare_val(cache / "cache", val_dir, info, n_val) is None:
         print(f"bench_quality: {DATA_TARBALL} not found (needed for the validation split); skipping.")
         return 0
 
@@ -862,7 +946,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--ablate {args.ablate}: not among --runs")
     batch = args.batch_size or (64 if args.quick else 128)
     seeds = parse_list(args.seeds, int) if args.seeds else ([0] if args.quick else [0, 1, 2])
-    adapt = lambda t: adapt_tree(t, shards, batch, args.mask_ratio, args.model)  # noqa: E731
+    adapt = lambda t: adapt_tree(t, shards, batch, args.mask_ratio, args.model, args.workers)  # noqa: E731
     trees = {r: adapt(base_tree(r)) for r in dict.fromkeys(runs + [args.reference])}
     configs = {r: {"run": r, "change": None} for r in trees}
     if args.ablate:
@@ -953,83 +1037,130 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     doc["plan"] = {"estimated_minutes": round(sum(costs) / 60, 1) if costs else None,
-                   "jobs": [asdict(j) for j in jobs]}
+                   "jobs": [asdict(j) for j in jobs], "parallel": args.parallel}
     out = Path(args.out) if args.out else out_dir / "results.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    done: dict = {}  # job key -> its record in doc["jobs"]
-    extended: dict[str, int] = {}
-    i = -1
-    while i + 1 < len(jobs):
-        i += 1
-        job = jobs[i]
-        if job.lr is None:
-            if job.lr_of not in chosen:  # the sweep of this run is over: choose on the validation split
-                swept = [j for j in doc["jobs"] if "sweep" in j["phases"] and j["config"] == job.lr_of]
-                further = beyond_edge(swept)
-                if further is not None and extended.get(job.lr_of, 0) < args.sweep_extend:
-                    extended[job.lr_of] = extended.get(job.lr_of, 0) + 1
-                    log(f"{job.lr_of}: the best lr is at the edge of the sweep; sweeping lr {further:g} too")
-                    jobs.insert(i, Job(f"sweep-{job.lr_of}-lr{further:g}", job.lr_of, swept[0]["seed"], further,
-                                       swept[0]["steps"], ["sweep"]))
-                    if costs:
-                        costs.insert(i, cost(job.lr_of, swept[0]["steps"]))
-                    i -= 1
-                    continue
-                best = best_swept(swept)
-                chosen[job.lr_of] = best["lr"]
-                lr_info[job.lr_of] = {"lr": best["lr"], "how": "sweep"}
-                log(f"{job.lr_of}: lr {best['lr']:g} chosen (validation kNN {100 * best['eval']['val'][SELECT_KEY]:.2f})")
-            job.lr = chosen[job.lr_of]
-            if job.config in follow:
-                lr_info[job.config] = {"lr": job.lr, "how": f"{job.lr_of}'s (sweep)"}
-        if job.key() in done:
-            done[job.key()]["phases"] += [ph for ph in job.phases if ph not in done[job.key()]["phases"]]
-            log(f"{job.name}: same training as {done[job.key()]['name']}, reused")
-            continue
-        if job.key() in prior:
-            source, old = prior[job.key()]
-            record = {**copy.deepcopy(old), "name": job.name, "phases": list(job.phases),
-                      "reused_from": old.get("reused_from", source)}
-            doc["jobs"].append(record)
-            done[job.key()] = record
-            log(f"{job.name}: taken over from {source} ({old['name']}): test kNN "
-                f"{100 * old['eval']['test'][SELECT_KEY]:.2f}, val kNN {100 * old['eval']['val'][SELECT_KEY]:.2f}")
-            out.write_text(json.dumps(doc, indent=1) + "\n")
-            continue
-        tree = job_tree(trees[job.config], runs_dir / job.name, job.steps, job.lr, job.seed, log_every)
-        limit = None
-        if deadline is not None:  # keep the bench inside the budget: what is left is shared by expected time
-            rest = [cst for cst in costs[i:] if cst]
-            left = deadline - time.time()
-            limit = max(60.0, left * cost(job.config, job.steps) / max(sum(rest), 1e-9)) if rest else None
-        log(f"training {job.name}: {job.steps} steps, lr {job.lr:g}, seed {job.seed}, batch {tree['data']['batch']}"
-            + (f", time limit {limit:.0f} s" if limit else ""))
-        train = launch(tree, runs_dir / job.name, time_limit=limit)
+    cost_of = {j.name: cst for j, cst in zip(jobs, costs)} if costs else {}
+    env_extra = run_threads(args.parallel)
+
+    def choose_lr(run: str) -> Job | None:
+        """The sweep of ``run`` is over: one more sweep job past the edge, or None once its lr is chosen."""
+        swept = [j for j in doc["jobs"] if "sweep" in j["phases"] and j["config"] == run]
+        further = beyond_edge(swept)
+        if further is not None and extended.get(run, 0) < args.sweep_extend:
+            extended[run] = extended.get(run, 0) + 1
+            log(f"{run}: the best lr is at the edge of the sweep; sweeping lr {further:g} too")
+            extra = Job(f"sweep-{run}-lr{further:g}", run, swept[0]["seed"], further, swept[0]["steps"], ["sweep"])
+            if cost:
+                cost_of[extra.name] = cost(run, extra.steps)
+            return extra
+        best = best_swept(swept)
+        chosen[run] = best["lr"]
+        lr_info[run] = {"lr": best["lr"], "how": "sweep"}
+        log(f"{run}: lr {best['lr']:g} chosen (validation kNN {100 * best['eval']['val'][SELECT_KEY]:.2f})")
+        return None
+
+    def train_and_evaluate(job: Job, tree: dict, limit: float | None) -> tuple[dict, dict]:
+        train = launch(tree, runs_dir / job.name, time_limit=limit, env_extra=env_extra)
+        with eval_lock:  # one evaluation at a time: it uses every core of this process
+            ev = evaluate_run(runs_dir / job.name, shards, val_dir)
+        return train, ev
+
+    def record_of(job: Job, tree: dict, train: dict, ev: dict) -> dict:
         sps_run = seconds_per_step(train["metrics"], batch, min(10, job.steps // 4))
-        ev = evaluate_run(runs_dir / job.name, shards, out_dir / "val")
         log(f"{job.name}: {train['steps_done']} steps in {train['wall_s']} s; test kNN "
             f"{100 * ev['test'][SELECT_KEY]:.2f}, zero-shot {100 * ev['test']['zeroshot_top1/templates']:.2f}; "
             f"val kNN {100 * ev['val'][SELECT_KEY]:.2f}")
         gf = configs[job.config]["gflops_per_step"]
-        record = {"name": job.name, "config": job.config, "phases": list(job.phases), "seed": job.seed,
-                  "lr": job.lr, "steps": job.steps, "warmup": tree["optim"]["warmup_steps"],
-                  "gflops_per_step": gf, "total_tflops": round(gf * train["steps_done"] / 1e3, 3),
-                  "train": {"steps_done": train["steps_done"], "cut_short": train["cut_short"],
-                            "wall_s": train["wall_s"],
-                            "samples_per_s": round(batch / sps_run, 2) if sps_run else None,
-                            "final_losses": {k: v for k, v in train["last"].items() if k.startswith("loss/")}},
-                  "eval": ev}
-        doc["jobs"].append(record)
-        done[job.key()] = record
+        return {"name": job.name, "config": job.config, "phases": list(job.phases), "seed": job.seed,
+                "lr": job.lr, "steps": job.steps, "warmup": tree["optim"]["warmup_steps"],
+                "gflops_per_step": gf, "total_tflops": round(gf * train["steps_done"] / 1e3, 3),
+                "train": {"steps_done": train["steps_done"], "cut_short": train["cut_short"],
+                          "wall_s": train["wall_s"],
+                          "samples_per_s": round(batch / sps_run, 2) if sps_run else None,
+                          "final_losses": {k: v for k, v in train["last"].items() if k.startswith("loss/")}},
+                "eval": ev}
+
+    def save() -> None:  # after every job: a partial bench keeps its results
         doc["total_minutes"] = round((time.time() - t_start) / 60, 2)
-        out.write_text(json.dumps(doc, indent=1) + "\n")  # after every job: a partial bench keeps its results
+        out.write_text(json.dumps(doc, indent=1) + "\n")
+
+    done: dict = {}  # job key -> its record in doc["jobs"]
+    extended: dict[str, int] = {}
+    eval_lock = threading.Lock()
+    pending, running = list(jobs), {}  # running: future -> (job, tree)
+    with ThreadPoolExecutor(max_workers=args.parallel) as pool:
+        while pending or running:
+            job = next_ready(pending, running, chosen, choose_lr)
+            if job is not None and len(running) < args.parallel:
+                if job.config in follow:
+                    lr_info[job.config] = {"lr": job.lr, "how": f"{job.lr_of}'s (sweep)"}
+                if job.key() in done:
+                    done[job.key()]["phases"] += [ph for ph in job.phases if ph not in done[job.key()]["phases"]]
+                    log(f"{job.name}: same training as {done[job.key()]['name']}, reused")
+                    continue
+                if job.key() in prior:
+                    source, old = prior[job.key()]
+                    record = {**copy.deepcopy(old), "name": job.name, "phases": list(job.phases),
+                              "reused_from": old.get("reused_from", source)}
+                    doc["jobs"].append(record)
+                    done[job.key()] = record
+                    log(f"{job.name}: taken over from {source} ({old['name']}): test kNN "
+                        f"{100 * old['eval']['test'][SELECT_KEY]:.2f}, val kNN "
+                        f"{100 * old['eval']['val'][SELECT_KEY]:.2f}")
+                    save()
+                    continue
+                tree = job_tree(trees[job.config], runs_dir / job.name, job.steps, job.lr, job.seed, log_every)
+                limit = None
+                if deadline is not None:  # keep the bench inside the budget: what is left is shared by expected time
+                    rest = sum(cost_of.get(j.name, 0.0) for j in pending + [r[0] for r in running.values()])
+                    mine = cost_of.get(job.name) or cost(job.config, job.steps)
+                    limit = max(60.0, (deadline - time.time()) * args.parallel * mine / max(rest + mine, 1e-9))
+                log(f"training {job.name}: {job.steps} steps, lr {job.lr:g}, seed {job.seed}, batch "
+                    f"{tree['data']['batch']}" + (f", time limit {limit:.0f} s" if limit else "")
+                    + (f" ({len(running) + 1} running)" if args.parallel > 1 else ""))
+                running[pool.submit(train_and_evaluate, job, tree, limit)] = (job, tree)
+                continue
+            if job is not None:  # no free slot: it waits at the head of the queue
+                pending.insert(0, job)
+            if not running:
+                raise RuntimeError(f"bench_quality: no job can start ({[j.name for j in pending]})")
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            for fut in finished:
+                job, tree = running.pop(fut)
+                train, ev = fut.result()
+                record = record_of(job, tree, train, ev)
+                doc["jobs"].append(record)
+                done[job.key()] = record
+                save()
     doc["lr"] = lr_info
-    doc["total_minutes"] = round((time.time() - t_start) / 60, 2)
-    out.write_text(json.dumps(doc, indent=1) + "\n")
+    save()
     print()
     print(report(doc))
     print(f"\nwrote {out}  (total {doc['total_minutes']:.1f} min)")
     return 0
+
+
+def next_ready(pending: list[Job], running: dict, chosen: dict[str, float], choose_lr) -> Job | None:
+    """Take the first job of ``pending`` that can start now, in plan order: its lr is known (given, or its run's
+    sweep is over and chosen: ``choose_lr(run)`` may instead return one more sweep job, which is taken first), and no
+    running job trains the same thing (it then reuses that one's result). None when every pending job waits."""
+    busy = {j.key() for j, _ in running.values()}
+    sweeping = {j.config for j, _ in running.values() if "sweep" in j.phases}
+    sweeping |= {j.config for j in pending if "sweep" in j.phases and j.lr is not None}
+    for i, job in enumerate(pending):
+        if job.lr is None:
+            if job.lr_of not in chosen:
+                if job.lr_of in sweeping:
+                    continue
+                extra = choose_lr(job.lr_of)
+                if extra is not None:
+                    return extra
+            job.lr = chosen[job.lr_of]
+        if job.key() in busy:
+            continue
+        return pending.pop(i)
+    return None
 
 
 REUSE_SETTINGS = ("quick", "batch_size", "split", "split_seed", "val", "flop_steps", "caption_templates", "probe")
