@@ -25,6 +25,17 @@ def test_shipped_config_validates_and_its_model_resolves(path):
     assert any(o.weight > 0 for o in cfg.objectives.values())
 
 
+def test_shipped_configs_name_their_masking():
+    """#31: model.mask_ratio's default became 0 unless MAE is on (was 0.75); every shipped run config names its
+    ratio, so each trains as it did."""
+    import yaml
+
+    for path in CONFIGS:
+        tree = yaml.safe_load(path.read_text())
+        assert "mask_ratio" in (tree.get("model") or {}), path
+        assert load_config(path, check_files=False).model.mask_ratio == tree["model"]["mask_ratio"], path
+
+
 def test_unknown_model_name_suggests_close_matches():
     """#16: the hint named the first three open_clip models alphabetically; now the closest names."""
     import pytest
