@@ -306,6 +306,22 @@ def test_zeroshot_shards_match_direct_open_clip(clip, zs_dataset):
     assert not model.training
 
 
+def test_a_classifier_of_many_classes_reports_progress(clip, caplog):
+    """Building a classifier of many classes says how far it got (a 100k-class eval ran minutes silently, #30);
+    the weights are those of one build."""
+    import logging
+
+    model, _, tokenizer, _ = clip
+    names = [f"class {i}" for i in range(25)]
+    whole = build_classifier(model, tokenizer, names, TEMPLATES)
+    assert "zero-shot classifier" not in caplog.text
+    with caplog.at_level(logging.INFO, logger="vlp.eval.zeroshot"):
+        parts = build_classifier(model, tokenizer, names, TEMPLATES, progress_every=10)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("zero-shot classifier")]
+    assert [line.split(" classes")[0] for line in lines] == [f"zero-shot classifier: {n}/25" for n in (10, 20, 25)]
+    assert torch.allclose(parts, whole, atol=1e-6)
+
+
 def test_save_load_classifier_round_trip(tmp_path):
     w = torch.randn(32, 3)
     path = tmp_path / "clf.safetensors"

@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
+import sys
+import time
 from typing import Sequence
 
 import open_clip
@@ -12,17 +15,37 @@ import torch.nn.functional as F
 from vlp.eval.data import template_fns
 from vlp.models.factory import unwrap
 
+log = logging.getLogger(__name__)
+
 
 @torch.no_grad()
 def build_classifier(model, tokenizer, classnames: Sequence[str], templates: Sequence, device="cpu",
-                     num_classes_per_batch: int | None = 10) -> torch.Tensor:
+                     num_classes_per_batch: int | None = 10, progress_every: int = 1000) -> torch.Tensor:
     """Zero-shot weights ``[embed_dim, num_classes]``: per class, the mean of the normalized text embeddings
     over templates, renormalized (``open_clip.build_zero_shot_classifier``). Templates are strings with a
-    ``{c}`` placeholder (or callables)."""
+    ``{c}`` placeholder (or callables). Over ``progress_every`` classes, a progress line every ``progress_every``
+    classes (:func:`_progress`)."""
     model = unwrap(model)
-    return open_clip.build_zero_shot_classifier(
-        model, tokenizer=tokenizer, classnames=list(classnames), templates=template_fns(templates),
-        num_classes_per_batch=num_classes_per_batch, device=device).float()
+    classnames, fns = list(classnames), template_fns(templates)
+    step = len(classnames) if len(classnames) <= progress_every else progress_every
+    parts, t0 = [], time.monotonic()
+    for start in range(0, len(classnames) or 1, max(step, 1)):
+        parts.append(open_clip.build_zero_shot_classifier(
+            model, tokenizer=tokenizer, classnames=classnames[start:start + step], templates=fns,
+            num_classes_per_batch=num_classes_per_batch, device=device).float())
+        if step < len(classnames):
+            done, took = min(start + step, len(classnames)), time.monotonic() - t0
+            _progress(f"zero-shot classifier: {done}/{len(classnames)} classes x {len(fns)} templates, "
+                      f"{took:.0f} s, ~{took / done * (len(classnames) - done):.0f} s left")
+    return torch.cat(parts, dim=1) if len(parts) != 1 else parts[0]
+
+
+def _progress(message: str) -> None:
+    """A progress line: logged at INFO where logging shows INFO (training), else on stderr (``vlp eval``)."""
+    if log.isEnabledFor(logging.INFO) and logging.getLogger().handlers:
+        log.info(message)
+    else:
+        print(message, file=sys.stderr, flush=True)
 
 
 def save_classifier(path: str | os.PathLike, weights: torch.Tensor, classnames: Sequence[str],
