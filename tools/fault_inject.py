@@ -410,6 +410,113 @@ def disk_full(w: Work):
         f"exit {proc.returncode}; left in checkpoints/: {len(leftovers)}; {tail(proc)[:60]}"
 
 
+@case("30 export into a folder whose manifest lists files outside it", "refused naming them; nothing removed")
+def export_manifest_outside(w: Work):
+    victim = w.root / "victim.txt"
+    victim.write_text("keep me")
+    (w.root / "victim-dir").mkdir(exist_ok=True)
+    (w.root / "victim-dir" / "v.txt").write_text("keep me")
+    out = w.root / "manifest-out"
+    out.mkdir()
+    (out / "link").symlink_to(w.root / "victim-dir")
+    (out / ".vlp-export.json").write_text(json.dumps({"files": [str(victim), "../victim.txt", "link/v.txt"]}))
+    proc = run([*VLP, "export", "--checkpoint", w.trained(), "--out", out])
+    kept = victim.exists() and (w.root / "victim-dir" / "v.txt").exists()
+    named = "lists paths vlp never writes" in proc.stderr
+    return proc.returncode == 1 and kept and named, f"exit {proc.returncode}; files outside kept: {kept}; " \
+        f"named: {named}"
+
+
+@case("30 1x1,000,000 PNG in an eval shard", "skipped before any resize; eval under 2 GB, exit 0")
+def thin_image_eval(w: Work):
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("L", (1, 1_000_000)).save(buf, format="PNG", optimize=True)
+    thin = w.root / "thin-test"
+    shutil.copytree(w.data / "test", thin, ignore=shutil.ignore_patterns("*.tar", "sizes.json"))
+    images = demo_images(w, "labeled", 8)
+    samples = [{"__key__": k, "jpg": m["jpg"], "cls": m["cls"]} for k, m in images]
+    samples.insert(3, {"__key__": "thin", "png": buf.getvalue(), "cls": b"0"})
+    write_tar(thin / "thin-000000.tar", samples)
+    export = w.export()
+    peak = ("import resource, subprocess, sys; code = subprocess.run(sys.argv[1:]).returncode; "
+            "print('peak_rss_kb', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr); "
+            "sys.exit(code)")  # the eval's own peak memory, apart from the other cases' processes
+    t0 = time.time()
+    proc = run([sys.executable, "-c", peak, *VLP, "eval", "--model", export, "--task", "zeroshot", "--data", thin,
+                "--device", "cpu"])
+    took = time.time() - t0
+    said = "too thin" in proc.stderr
+    rss = int(proc.stderr.split("peak_rss_kb")[-1].split()[0]) / 2**20 if "peak_rss_kb" in proc.stderr else -1
+    return proc.returncode == 0 and said and 0 < rss < 2, f"exit {proc.returncode} in {took:.0f} s, peak " \
+        f"{rss:.2f} GB (tar {len(buf.getvalue()) // 1024} KB); reason shown: {said}"
+
+
+@case("30 classnames.txt with a duplicate or a blank line", "verify and the writer fail naming the lines")
+def bad_classnames(w: Work):
+    lab = w.root / "dup-lab"
+    shutil.copytree(w.data / "labeled", lab)
+    names = (lab / "classnames.txt").read_text().splitlines()
+    exits, named = [], 0
+    for text, expected in (("\n".join(names[:-1] + [names[0]]) + "\n", "repeats line 1"),
+                           ("\n".join(names[:2] + [""] + names[2:-1]) + "\n", "line 3 is blank")):
+        (lab / "classnames.txt").write_text(text)
+        proc = run([*VLP, "shards", "verify", lab])
+        exits.append(proc.returncode)
+        named += expected in proc.stderr
+    folder = w.root / "dup-folder"
+    for cls in ("cat", "cat "):
+        (folder / cls).mkdir(parents=True)
+        (folder / cls / "a.jpg").write_bytes(demo_images(w, "unlabeled", 1)[0][1]["jpg"])
+    written = run([*VLP, "shards", "folder", folder, w.root / "dup-out"])
+    exits.append(written.returncode)
+    named += "repeats line 1" in written.stderr
+    nothing = not list((w.root / "dup-out").glob("*.tar")) if (w.root / "dup-out").exists() else True
+    return all(exits) and named == 3 and nothing, f"exits {'/'.join(map(str, exits))}; lines named " \
+        f"{named}/3; shards written: {not nothing}"
+
+
+@case("30 Ctrl-C during vlp shards folder over a dataset", "old dataset whole, exit 130")
+def ctrl_c_shards_folder(w: Work):
+    folder = w.root / "sigint-folder"
+    for i, (key, members) in enumerate(demo_images(w, "labeled", 12)):
+        (folder / f"c{i % 3}").mkdir(parents=True, exist_ok=True)
+        (folder / f"c{i % 3}" / f"{key}.jpg").write_bytes(members["jpg"])
+    out = w.root / "sigint-out"
+    first = run([*VLP, "shards", "folder", folder, out, "--maxcount", "2"])
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    os.mkfifo(folder / "c2" / "zz-last.jpg")  # holds the rewrite before its swap until signalled
+    proc = subprocess.Popen([str(c) for c in [*VLP, "shards", "folder", folder, out, "--maxcount", "1"]], env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    staged = out / ".shard.writing" / "shard-000000.tar"
+    deadline = time.time() + 120
+    while not staged.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGINT)
+    try:
+        code = proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        code = proc.wait()
+    whole = {p.name: p.read_bytes() for p in out.iterdir()} == before
+    return first.returncode == 0 and code == 130 and whole and len(before) > 3, \
+        f"exit {code}; old dataset ({len(before)} files) unchanged: {whole}"
+
+
+@case("30 zero-shot classifier of 2,500 classes", "a progress line per 1,000 classes")
+def zeroshot_progress(w: Work):
+    names = w.root / "many-classes.txt"
+    names.write_text("".join(f"thing {i}\n" for i in range(2500)))
+    proc = run([*VLP, "zeroshot", "build", "--model", w.export(), "--classnames", names, "--templates", "simple",
+                "-o", w.root / "many.safetensors", "--device", "cpu"])
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("zero-shot classifier: ")]
+    return proc.returncode == 0 and len(lines) == 3, f"exit {proc.returncode}; progress lines: {len(lines)}" + \
+        (f" (last: {lines[-1][22:60]})" if lines else "")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", default=None, help="run the cases whose name contains this text")
