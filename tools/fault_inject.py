@@ -514,7 +514,7 @@ def zeroshot_progress(w: Work):
                 "-o", w.root / "many.safetensors", "--device", "cpu"])
     lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("zero-shot classifier: ")]
     return proc.returncode == 0 and len(lines) == 3, f"exit {proc.returncode}; progress lines: {len(lines)}" + \
-        (f" (last: {lines[-1][22:60]})" if lines else "")
+        (f" (last: {lines[-1][22:].split(', ~')[0]})" if lines else "")
 
 
 def main() -> int:
