@@ -201,7 +201,8 @@ def write_samples(
                     raise ValueError(f"duplicate __key__ {key!r}")
                 seen.add(key)
                 if writer is None:
-                    writer = wds.ShardWriter(shard_pattern(stage, prefix), maxcount=maxcount, verbose=0, mtime=0)  # an int: a float mtime adds slow PAX headers
+                    # mtime an int: a float one adds slow PAX headers
+                    writer = wds.ShardWriter(shard_pattern(stage, prefix), maxcount=maxcount, verbose=0, mtime=0)
                 writer.write(sample)
                 name = os.path.basename(writer.fname)
                 counts[name] = counts.get(name, 0) + 1
