@@ -227,6 +227,134 @@ def test_killed_run_resumes_to_identical_losses(demo_data, tmp_path):
             assert resumed[step][key] == pytest.approx(reference[step][key], rel=1e-5, abs=1e-6), (step, key)
 
 
+def _children(pid: int) -> list[int]:
+    """The live (not zombie) child processes of ``pid``."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            state, ppid = stat.read_text().rsplit(")", 1)[1].split()[:2]
+        except (OSError, IndexError, ValueError):
+            continue
+        if int(ppid) == pid and state != "Z":
+            out.append(int(stat.parent.name))
+    return out
+
+
+def _running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def test_sigkill_with_two_workers_then_resume_at_once_gives_the_uninterrupted_losses(demo_data, tmp_path):
+    """#30: the run lock was an flock that forked DataLoader workers inherited: after a SIGKILL of the trainer its
+    workers held it on (~5 s, for ever when stuck in a read), and a `--resume auto` right away exited 4. Kill the main
+    pid once a checkpoint exists, its 2 workers running; the folder is free at once and the resume gives the
+    uninterrupted losses."""
+    steps = 12
+
+    def config(name):
+        cfg = run_config(demo_data, tmp_path / name, data={"workers": 2}, train={"steps": steps, "save_every": 4})
+        return write_config(tmp_path / f"{name}.yaml", cfg)
+
+    subprocess.run([sys.executable, "-m", "vlp.train", "--config", str(config("ref"))], env=ENV, check=True,
+                   capture_output=True, timeout=300)
+    reference = _metrics(tmp_path / "ref")
+    run_dir, path = tmp_path / "run", config("run")
+    proc = subprocess.Popen([sys.executable, "-m", "vlp.train", "--config", str(path)], env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while not ckpt_io.list_checkpoints(run_dir) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.01)
+    workers = _children(proc.pid)
+    proc.kill()
+    proc.wait()
+    assert len(workers) == 2, workers
+    killed_at = ckpt_io.read_run_info(run_dir)["step"]
+    assert killed_at < steps, "the run finished before it could be killed"
+    ckpt_io.lock_run_dir(run_dir).close()  # free the moment the trainer is gone: no worker holds it
+    resume = subprocess.run([sys.executable, "-m", "vlp.train", "--config", str(path), "--resume", "auto"], env=ENV,
+                            capture_output=True, text=True, timeout=300)
+    assert resume.returncode == 0, resume.stderr[-3000:]
+    resumed = _metrics(run_dir)
+    assert ckpt_io.read_run_info(run_dir)["step"] == steps
+    for step in range(killed_at + 1, steps + 1):
+        for key in ("loss/total", "loss/contrastive", "loss/mae", "loss/supervised"):
+            assert resumed[step][key] == pytest.approx(reference[step][key], rel=1e-5, abs=1e-6), (step, key)
+
+
+def _start_stalled_run(demo_data, tmp_path, **data) -> tuple[subprocess.Popen, Path]:
+    """A run (2 workers, its own process group) whose unlabeled stream is a `pipe:` command that sends nothing and
+    ignores SIGTERM (a hung mount, a stalled `curl`); returned once both workers are in that command."""
+    marker = tmp_path / "stalled"
+    marker.mkdir()
+    cfg = run_config(demo_data, tmp_path / "run", data={"workers": 2, **data})
+    cfg["data"]["sources"][2]["shards"] = f"pipe:trap '' TERM; touch {marker}/$$; exec sleep 300"
+    proc = subprocess.Popen([sys.executable, "-m", "vlp.train", "--config",
+                             str(write_config(tmp_path / "c.yaml", cfg))],
+                            env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    deadline = time.time() + 240
+    while len(list(marker.iterdir())) < 2 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    if len(list(marker.iterdir())) < 2:
+        _end_group(proc)
+        pytest.fail(f"the workers did not start the stalled command: {proc.stderr.read()[-3000:]}")
+    return proc, tmp_path / "run"
+
+
+def _end_group(proc: subprocess.Popen) -> None:
+    try:  # the stalled `sleep` commands, orphaned in the run's process group
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def test_a_stalled_stream_ends_the_run_at_data_timeout_s_with_one_line(demo_data, tmp_path):
+    """#30: a stream that sends nothing hung the run for ever, with no output."""
+    proc, _ = _start_stalled_run(demo_data, tmp_path, timeout_s=3)
+    try:
+        code = proc.wait(timeout=120)
+    finally:
+        _end_group(proc)
+    err = proc.stderr.read()  # once the group is gone: the orphaned commands hold the pipe open
+    assert code == 7, err[-3000:]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: no batch from the data loader in ") and "data.timeout_s: 3" in last, last
+
+
+def test_sigterm_ends_a_stalled_run_and_frees_the_folder(demo_data, tmp_path):
+    """#30: SIGTERM to the process group of a run waiting on a stalled stream was ignored for minutes."""
+    proc, run_dir = _start_stalled_run(demo_data, tmp_path)
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        code = proc.wait(timeout=120)
+    finally:
+        _end_group(proc)
+    err = proc.stderr.read()
+    assert code == 128 + signal.SIGTERM, err[-3000:]
+    assert "a stream stalls" in err, err[-3000:]
+    ckpt_io.lock_run_dir(run_dir).close()
+
+
+def test_sigkill_of_a_stalled_run_takes_its_workers_along(demo_data, tmp_path):
+    """#30: after a SIGKILL of the trainer, workers stuck in a stalled read lived on (holding the run lock)."""
+    proc, run_dir = _start_stalled_run(demo_data, tmp_path)
+    try:
+        workers = _children(proc.pid)
+        proc.kill()
+        proc.wait()
+        deadline = time.time() + 30  # they get SIGKILL the moment the trainer dies; 30 s is slack, not a race
+        while any(_running(w) for w in workers) and time.time() < deadline:
+            time.sleep(0.05)
+        alive = [w for w in workers if _running(w)]
+    finally:
+        _end_group(proc)
+    assert workers and not alive, (workers, alive)
+    ckpt_io.lock_run_dir(run_dir).close()
+
+
 def test_nonfinite_loss_step_is_skipped_and_counted(demo_data, tmp_path):
     cfg = config_from_dict(run_config(demo_data, tmp_path / "run", train={"steps": 5, "save_every": 5,
                                                                          "progress": False}))

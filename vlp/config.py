@@ -79,6 +79,9 @@ class DataConfig(_Strict):
     sources: list[SourceConfig]
     batch: BatchConfig
     workers: int = Field(2, ge=0)
+    # seconds without a batch (a stalled stream: a hung mount, a silent pipe: command) before the run ends with one
+    # line, exit 7; a stop signal while waiting ends it within 10 s more. Needs workers >= 1 (0: the trainer reads)
+    timeout_s: float = Field(600.0, gt=0)
     shuffle_buffer: int = Field(1000, ge=0)
     resampled: bool = True  # infinite resampled shards; False = exact epochs split by rank and worker
     templates: list[str] | str = "a photo of a {c}."  # label -> text prompts (UniCL), list or file or preset name

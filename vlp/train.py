@@ -31,7 +31,7 @@ from safetensors.torch import load_file, save_file
 
 from vlp import checkpoint as ckpt_io
 from vlp.config import KINDS, Config, ConfigError, dump_config, load_config
-from vlp.data.mixing import MixedBatches, make_loader
+from vlp.data.mixing import POLL_S, MixedBatches, close_loader, is_poll_timeout, make_loader
 from vlp.data.sources import NoUsableData, build_sources
 from vlp.data.transforms import eval_transform, resolve_templates, train_transform
 from vlp.task import PretrainTask
@@ -82,6 +82,15 @@ class CheckpointWriteError(RuntimeError):
 
 class NonFiniteLoss(RuntimeError):
     pass
+
+
+class DataTimeout(RuntimeError):
+    """No batch came from the data loader within ``data.timeout_s`` (a stalled stream: a hung mount, ``pipe:curl``)."""
+
+
+# after a stop signal, how long the trainer still waits for the batch in flight (so ranks can agree to checkpoint
+# together) before it gives a stalled stream up
+STOP_GRACE_S = 10.0
 
 
 def _check_writable(run_dir: Path) -> None:
@@ -368,6 +377,8 @@ class Trainer:
 
     def _install_signal_handlers(self) -> None:
         def handler(signum, frame):
+            if not self._stop_signal:
+                self._stop_time = time.monotonic()
             self._stop_signal = signum
         for sig in (signal.SIGINT, signal.SIGTERM):
             try:
@@ -383,6 +394,28 @@ class Trainer:
             self._stop_signal = int(flag.item())
         return bool(flag.item() > 0)
 
+    def _next_batch(self, loader):
+        """The loader's next ``(batch, meta)``. Raises :class:`DataTimeout` after ``data.timeout_s`` without one;
+        None when a stop signal came and ``STOP_GRACE_S`` more passed without one. With ``data.workers: 0`` the
+        main process reads the shards itself and waits as long as a read blocks."""
+        if self.cfg.data.workers == 0:
+            return next(loader)
+        start = time.monotonic()
+        while True:
+            try:
+                return next(loader)
+            except RuntimeError as err:
+                if not is_poll_timeout(err):
+                    raise
+            now = time.monotonic()
+            if self._stop_signal and now - getattr(self, "_stop_time", now) >= STOP_GRACE_S:
+                return None
+            if now - start >= self.cfg.data.timeout_s:
+                raise DataTimeout(
+                    f"no batch from the data loader in {now - start:.0f} s (data.timeout_s: "
+                    f"{self.cfg.data.timeout_s:g}): a stream stalls (a hung mount, a pipe: command that sends "
+                    f"nothing); the latest checkpoint is kept: fix the source, then --resume auto")
+
     def fit(self) -> dict:
         cfg, acc = self.cfg, self.accelerator
         tc = cfg.train
@@ -391,7 +424,8 @@ class Trainer:
             dump_config(cfg, self.run_dir / ckpt_io.CONFIG_FILE)
         acc.init_trackers("tb", config=_flat_hparams(cfg))
         self._install_signal_handlers()
-        loader = iter(make_loader(self.dataset, cfg.data.workers))
+        loader = iter(make_loader(self.dataset, cfg.data.workers, poll_s=POLL_S))
+        stalled = False
         try:  # on any exit (an error from a worker included) the workers are shut down here: they absorb the
             # first SIGTERM, which is all multiprocessing's exit handler would send them before joining forever
             per_step = {k: getattr(cfg.data.batch, k) * tc.micro_batches * self.world for k in KINDS}
@@ -408,9 +442,16 @@ class Trainer:
                 t0 = time.perf_counter()
                 batches = []
                 for _ in range(tc.micro_batches):
-                    batch, meta = next(loader)
+                    item = self._next_batch(loader)
+                    if item is None:
+                        break
+                    batch, meta = item
                     self._track_stream(meta)
                     batches.append(batch.to(acc.device, non_blocking=True))
+                if len(batches) < tc.micro_batches:  # stopped while a stream stalls
+                    stalled = True
+                    self._stop_while_stalled(whole_step=not batches)
+                    break
                 t_data = time.perf_counter() - t0
                 self.model.train()
                 metrics = self.train_step(batches)
@@ -469,15 +510,26 @@ class Trainer:
                 if stop:
                     log.warning("signal %s: checkpoint saved at step %d, exiting", self._stop_signal, self.step)
                     break
+        except DataTimeout:
+            stalled = True
+            raise
         finally:
-            shutdown = getattr(loader, "_shutdown_workers", None)
-            if shutdown is not None:
-                shutdown()
+            close_loader(loader, kill=stalled)
         if bar is not None:
             bar.close()
         acc.end_training()
         self.release()
         return {"step": self.step, **self.last_metrics, **self.eval_metrics}
+
+    def _stop_while_stalled(self, whole_step: bool) -> None:
+        """A stop signal came while a stream stalls: one process saves the step reached (its data positions are
+        whole when no micro-batch of the next step was taken); ranks cannot agree on a save without data."""
+        done = (ckpt_io.checkpoint_dir(self.run_dir, self.step) / ckpt_io.STATE_FILE).is_file()
+        if self.world == 1 and whole_step and self.step and not done:
+            self.save()
+        saved = ckpt_io.list_checkpoints(self.run_dir)
+        log.warning("signal %s: no batch came in %.0f s more (a stream stalls); %s, exiting", self._stop_signal,
+                    STOP_GRACE_S, f"latest checkpoint {saved[-1].name}" if saved else "no checkpoint yet")
 
     def release(self) -> None:
         """Give up the output_dir lock (also released when the process exits)."""
@@ -600,6 +652,9 @@ def run(args: argparse.Namespace) -> int:
     except CheckpointWriteError as err:
         print(f"error: {err}", file=sys.stderr)
         return 5
+    except DataTimeout as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 7
     except NoUsableData as err:  # raised in a DataLoader worker: torch re-raises it with the worker's traceback
         line = str(err).strip().splitlines()[-1]  # its last line: "vlp.data.sources.NoUsableData: <reason>"
         print(f"error: {line.removeprefix(f'{NoUsableData.__module__}.{NoUsableData.__name__}: ')}", file=sys.stderr)

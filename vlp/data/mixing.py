@@ -10,8 +10,10 @@ index), so a run is reproducible and a resumed run can skip the batches it alrea
 """
 from __future__ import annotations
 
+import os
 import random
 import signal
+import sys
 from typing import Callable, Iterator
 
 import torch
@@ -149,16 +151,68 @@ def _absorb_first_stop_signal(signum, frame) -> None:
     signal.signal(signum, signal.SIG_DFL)  # the next one (the loader's own shutdown, a second kill) is fatal
 
 
+def _die_with_parent() -> None:
+    """Linux: the worker gets SIGKILL when its trainer dies (``prctl(PR_SET_PDEATHSIG)``). A SIGKILLed trainer's
+    workers otherwise live on: for torch's 5 s status check, or for ever when stuck in a stalled read."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import multiprocessing
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):  # no libc prctl: keep torch's own status check
+        return
+    parent = multiprocessing.parent_process()
+    if parent is not None and os.getppid() != parent.pid:  # the trainer died before prctl took effect
+        os._exit(1)
+
+
+PR_SET_PDEATHSIG = 1
+
+
 def _worker_init(worker_id: int) -> None:
     """Clusters, ``timeout``, systemd and torch's elastic agent signal the whole process group: the first SIGTERM /
     SIGINT reaching a worker is absorbed, so the trainer (which handles it) can checkpoint while its workers still
-    feed it, then shut them down as usual."""
+    feed it, then shut them down as usual. A worker dies with its trainer (:func:`_die_with_parent`)."""
+    _die_with_parent()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, _absorb_first_stop_signal)
 
 
-def make_loader(dataset: MixedBatches, workers: int) -> DataLoader:
-    """One DataLoader over whole batches (``batch_size=None``); workers keep their streams alive."""
+# how often the trainer's wait for a batch wakes up (data.timeout_s and stop signals are checked between waits)
+POLL_S = 1.0
+
+
+def make_loader(dataset: MixedBatches, workers: int, poll_s: float = 0) -> DataLoader:
+    """One DataLoader over whole batches (``batch_size=None``); workers keep their streams alive. With ``poll_s``
+    (workers only), ``next`` raises torch's timeout error after that long without a batch (see
+    :func:`is_poll_timeout`); the loader stays usable, so the caller can check its own deadline and wait again."""
     return DataLoader(dataset, batch_size=None, num_workers=workers, persistent_workers=False,
                       prefetch_factor=4 if workers > 0 else None, pin_memory=torch.cuda.is_available(),
-                      worker_init_fn=_worker_init if workers > 0 else None)
+                      worker_init_fn=_worker_init if workers > 0 else None, timeout=poll_s if workers > 0 else 0)
+
+
+def close_loader(it, kill: bool = False) -> None:
+    """Shut a ``make_loader`` iterator's workers down. ``kill``: SIGKILL them first (a worker stuck in a stalled read
+    holds torch's shutdown up, 5 s each), with torch's SIGCHLD handler, which would call that a worker failure and
+    raise, set aside meanwhile."""
+    shutdown = getattr(it, "_shutdown_workers", None)
+    if shutdown is None:  # no workers
+        return
+    if not kill:
+        shutdown()
+        return
+    previous = signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    try:
+        for w in getattr(it, "_workers", ()):
+            w.kill()
+        shutdown()
+    finally:
+        signal.signal(signal.SIGCHLD, previous if previous is not None else signal.SIG_DFL)
+
+
+def is_poll_timeout(err: BaseException) -> bool:
+    """The error a ``make_loader(..., poll_s=...)`` iterator raises when no batch came within ``poll_s`` (raised
+    before the iterator changes state). Workers' own errors are re-raised as their own types."""
+    return type(err) is RuntimeError and str(err).startswith("DataLoader timed out")
