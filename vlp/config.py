@@ -190,7 +190,7 @@ class TrainConfig(_Strict):
     epochs: float | None = Field(None, gt=0)
     # samples per epoch, every kind counted; default: the sources' sizes (source size, or sizes.json beside the shards)
     num_samples: int | None = Field(None, gt=0)
-    compile: bool = False  # torch.compile the student's forward (open_clip_train --torchcompile)
+    compile: bool = False  # torch.compile each transformer block, dynamic shapes (open_clip_train --torchcompile)
     # plain accumulation: every micro-batch's losses on its own rows, averaged (the contrastive loss sees
     # data.batch rows)
     grad_accum: int = Field(1, ge=1)

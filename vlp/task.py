@@ -93,6 +93,25 @@ def teacher_config(cfg: Config, objectives) -> TeacherConfig | None:
     return None
 
 
+def transformer_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The transformer blocks of every tower in ``model`` (open_clip's ``ResidualAttentionBlock``, timm's ``Block``)."""
+    from open_clip.transformer import ResidualAttentionBlock
+    from timm.models.vision_transformer import Block
+
+    return [m for m in model.modules() if isinstance(m, (ResidualAttentionBlock, Block))]
+
+
+def compile_blocks(model: torch.nn.Module) -> int:
+    """Regional compilation (PyTorch's "regional compilation" recipe): each transformer block compiled on its own,
+    in place, with dynamic shapes. The masked pass keeps a varying number of tokens and view groups bring other
+    crop sizes; one compiled block graph serves them all (a whole-model graph recompiles for each), and compile
+    time is one block's, not the model's. Returns the number of blocks compiled."""
+    blocks = transformer_blocks(model)
+    for block in blocks:
+        block.compile(dynamic=True)
+    return len(blocks)
+
+
 def fsdp_ready(model: torch.nn.Module) -> torch.nn.Module:
     """Make ``model`` wrappable by FSDP1, which refuses 0-dim parameters: each one (open_clip's ``logit_scale``,
     ``logit_bias``) becomes shape [1], which broadcasts the same in every use. Call it before the optimizer is built;
@@ -174,8 +193,10 @@ class PretrainTask:
     def prepare(self, accelerator, optimizer, scheduler):
         """Wrap only the trainable student (DDP/FSDP, mixed precision); teacher and objectives just move."""
         self.model, optimizer, scheduler = accelerator.prepare(self.student, optimizer, scheduler)
-        if self.cfg.train.compile:  # in place (nn.Module.compile): parameter names and checkpoints unchanged
-            self.student.compile()
+        if self.cfg.train.compile:  # in place, per block: parameter names and checkpoints unchanged
+            compile_blocks(self.student)
+            if self.teacher is not None:
+                compile_blocks(self.teacher)
         self._unwrap = accelerator.unwrap_model
         for obj, _ in self.objectives.values():
             obj.to(accelerator.device)
