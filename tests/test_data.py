@@ -284,8 +284,8 @@ def test_each_record_is_decoded_once_for_the_shared_image_and_every_view_group(d
     decoded, seen = [], defaultdict(list)
     real_decode = mixing.decode_image
 
-    def counting_decode(data_bytes):
-        image = real_decode(data_bytes)
+    def counting_decode(data_bytes, *args):
+        image = real_decode(data_bytes, *args)
         decoded.append(id(image))
         return image
 
@@ -718,3 +718,56 @@ def test_a_thin_image_is_a_counted_bad_sample_in_training_and_verify(clip, tmp_p
     assert ds.sources[0].bad.counts["corrupt image"] == 1 and batch["image"].shape == (4, 3, IMAGE, IMAGE)
     result = verify_shards(str(tmp_path / "lab"), kind="labeled")
     assert result["reasons"] == {"corrupt image": 1} and any("too thin" in r for _, _, r in result["bad_samples"])
+
+
+def test_jpegs_are_decoded_at_the_reduced_scale_the_crops_allow(tmp_path):
+    """#29: decode_side is the short side every crop still gets its output pixels from; decode_image(min_side)
+    decodes a JPEG at the smallest libjpeg scale keeping both sides >= it (Pillow draft), PNGs whole; the cropped
+    output stays close to the one from the full decode."""
+    import io
+    import math
+
+    import numpy as np
+    from PIL import Image
+    from torchvision import transforms as T
+
+    from vlp.data.transforms import decode_image, decode_side
+
+    crop = T.Compose([T.RandomResizedCrop(64, scale=(0.5, 1.0)), T.ToTensor()])
+    assert decode_side([crop]) == math.ceil(64 / math.sqrt(0.5 * 0.75)) == 105
+    resize = T.Compose([T.Resize(48), T.CenterCrop(48), T.ToTensor()])
+    assert decode_side([crop, resize]) == 105 and decode_side([resize]) == 48
+    assert decode_side([T.Compose([T.CenterCrop(64), T.ToTensor()])]) is None  # unknown geometry: decode whole
+    assert decode_side([crop, T.Compose([T.RandomCrop(64)])]) is None
+
+    yy, xx = np.mgrid[0:480, 0:640]
+    pixels = np.stack([xx % 256, yy % 256, (xx + yy) % 256], -1).astype(np.uint8)
+    smooth = np.asarray(Image.fromarray(pixels).resize((80, 60)).resize((640, 480), Image.BILINEAR))
+    jpeg, png = io.BytesIO(), io.BytesIO()
+    Image.fromarray(smooth).save(jpeg, "JPEG", quality=95)
+    Image.fromarray(smooth).save(png, "PNG")
+    assert decode_image(jpeg.getvalue()).size == (640, 480)
+    assert decode_image(jpeg.getvalue(), 105).size == (160, 120)  # 1/4: both sides >= 105; 1/8 would be 60 high
+    assert decode_image(jpeg.getvalue(), 300).size == (640, 480)  # 1/2 would be 240 high
+    assert decode_image(png.getvalue(), 105).size == (640, 480)
+    full = T.functional.resize(T.functional.to_tensor(decode_image(jpeg.getvalue())), [48, 64], antialias=True)
+    reduced = T.functional.resize(T.functional.to_tensor(decode_image(jpeg.getvalue(), 105)), [48, 64], antialias=True)
+    assert (full - reduced).abs().mean() < 0.02
+
+
+def test_the_mixer_decodes_at_what_its_transform_and_views_need(data, clip):
+    """data.draft_decode: the mixer's decode side covers the base transform and every view (the largest need);
+    off, JPEGs decode whole."""
+    from torchvision import transforms as T
+
+    from vlp.data.batch import ViewGroup
+    from vlp.data.transforms import decode_side
+
+    _, tokenizer, transform = clip
+    wide = T.Compose([T.RandomResizedCrop(32, scale=(0.05, 0.4)), T.ToTensor()])  # a small local crop needs more
+    cfg = data_config(all_sources(data), batch={"paired": 2, "labeled": 2, "unlabeled": 2})
+    assert MixedBatches(cfg, transform, tokenizer).decode_side == decode_side([transform]) == 53
+    ds = MixedBatches(cfg, transform, tokenizer, view_groups=[ViewGroup("local", ("unlabeled",), (wide,))])
+    assert ds.decode_side == decode_side([wide]) == 166
+    off = data_config(all_sources(data), batch={"paired": 2, "labeled": 2, "unlabeled": 2}, draft_decode=False)
+    assert MixedBatches(off, transform, tokenizer).decode_side is None

@@ -87,6 +87,8 @@ class DataConfig(_Strict):
     templates: list[str] | str = "a photo of a {c}."  # label -> text prompts (UniCL), list or file or preset name
     augment: bool = True
     scale: tuple[float, float] = (0.5, 1.0)  # RandomResizedCrop scale range
+    # JPEGs decoded at libjpeg's reduced scales (Pillow draft) when every crop still gets the pixels it outputs
+    draft_decode: bool = True
 
     @field_validator("scale")
     @classmethod

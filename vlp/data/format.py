@@ -165,10 +165,14 @@ class ImageShapeError(ValueError):
     """An image too thin to resize: its long side over :data:`MAX_ASPECT_RATIO` times its short side."""
 
 
-def decode_image(data: bytes):
+def decode_image(data: bytes, min_side: int | None = None):
     """Decode image bytes fully to an RGB PIL image (raises on corrupt or truncated data). Transparency (RGBA, LA,
     PA, palette transparency) is composited on white, as the shard writers do, not dropped (``convert("RGB")``
-    alone turns transparent pixels into whatever colour they store, often black)."""
+    alone turns transparent pixels into whatever colour they store, often black).
+
+    ``min_side``: a JPEG is decoded at the smallest of libjpeg's scales 1/2, 1/4, 1/8 (Pillow's ``draft``) that
+    keeps both sides at least ``min_side`` (:func:`vlp.data.transforms.decode_side` says what the transforms need);
+    the DCT does the downscaling, several times faster than a full decode and a resize. Other formats decode whole."""
     from PIL import Image
 
     with Image.open(io.BytesIO(data)) as img:
@@ -177,6 +181,8 @@ def decode_image(data: bytes):
             raise ImageShapeError(f"image too thin: {w}x{h} (over {MAX_ASPECT_RATIO}:1; its short side scaled to "
                                   f"the model's input would take {max(w, h) // max(min(w, h), 1)}x the memory "
                                   f"of a square image)")
+        if min_side and img.format == "JPEG" and min(w, h) >= 2 * min_side:
+            img.draft("RGB", (min_side, min_side))
         img.load()
         if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (img.mode == "P" and "transparency" in img.info):
             rgba = img.convert("RGBA")

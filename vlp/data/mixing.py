@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from vlp.config import KINDS, DataConfig
 from vlp.data.batch import KIND_ID, Batch, StreamMeta, ViewGroup, merge_view_groups
 from vlp.data.sources import NoUsableData, Source, build_sources, stream_seed
-from vlp.data.transforms import decode_image
+from vlp.data.transforms import decode_image, decode_side
 
 
 MAX_CORRUPT_IN_A_ROW = 1000
@@ -46,6 +46,9 @@ class MixedBatches(IterableDataset):
         self.sources = sources if sources is not None else build_sources(cfg.sources)
         self.per_kind = {k: getattr(cfg.batch, k) for k in KINDS}
         self.view_groups = merge_view_groups(list(view_groups))
+        # the short side JPEGs are decoded at: what the base transform and every view still need (None: whole)
+        self.decode_side = decode_side([transform] + [t for g in self.view_groups for t in g.transforms]) \
+            if cfg.draft_decode else None
         self.start_batch = 0  # global batches already consumed (set before iterating to resume)
         self.start_taken: dict[int, list[int]] = {}  # per stream: records consumed per kind (exact resume)
         if labels_as_text:
@@ -138,7 +141,7 @@ class MixedBatches(IterableDataset):
         whose images are all corrupt is an error after ``MAX_CORRUPT_IN_A_ROW``, not an endless loop)."""
         for _ in range(MAX_CORRUPT_IN_A_ROW):
             try:
-                return decode_image(rec["image"])
+                return decode_image(rec["image"], self.decode_side)
             except Exception as exn:  # PIL raises many types for bad data
                 source.bad.add("corrupt image", f"{source.name}/{rec['key']}: {exn!r}"[:200])
                 source, rec = self._next(kind)

@@ -54,6 +54,31 @@ def image_size_of(model) -> int:
     return s if isinstance(s, int) else s[0]
 
 
+def decode_side(transforms) -> int | None:
+    """The short side an image may be decoded at (:func:`decode_image`'s ``min_side``) without any of ``transforms``
+    seeing fewer pixels than it outputs: for ``RandomResizedCrop(size, scale, ratio)`` the smallest crop (area
+    ``scale[0]``, the most elongated ``ratio``) still spans ``size`` pixels, ``size / sqrt(scale[0] * r)`` with
+    ``r = min(ratio[0], 1 / ratio[1])``; for ``Resize(size)``, ``size``. The largest over ``transforms``; None (decode
+    whole) when one starts with any other geometry or none is known."""
+    import math
+
+    from torchvision import transforms as T
+
+    need = 0
+    for t in transforms:
+        steps = t.transforms if isinstance(t, T.Compose) else [t]
+        first = next((s for s in steps if not callable(s) or hasattr(s, "forward") or hasattr(s, "size")), None)
+        if isinstance(first, T.RandomResizedCrop):
+            r = min(first.ratio[0], 1 / first.ratio[1])
+            need = max(need, math.ceil(max(first.size) / math.sqrt(first.scale[0] * r)))
+        elif isinstance(first, T.Resize) and first.max_size is None and (
+                isinstance(first.size, int) or len(first.size) == 1):
+            need = max(need, first.size if isinstance(first.size, int) else first.size[0])
+        else:
+            return None
+    return need or None
+
+
 def train_transform(model, scale=(0.5, 1.0), augment: bool = True):
     """open_clip's training transform (RandomResizedCrop with ``scale``, model mean/std)."""
     v = model.visual
