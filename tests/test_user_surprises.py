@@ -211,3 +211,24 @@ def test_config_docs_describe_augment_and_accum_freq_rows_as_they_are():
     assert "flip" not in rows["data.augment"].replace("no flip", "") and "RandomResizedCrop" in rows["data.augment"]
     assert "--accum-freq" in rows["train.accum_freq"] and "accum_freq" not in rows["train.grad_accum"]
     assert "--local-loss" in rows["objectives.contrastive.loss"]  # no such choice: said where the loss is chosen
+
+
+def test_zeroshot_predict_refuses_a_thin_image_and_classifies_the_rest(checkpoint, tmp_path):
+    """#30: predict decoded files itself, so a 1x100,000 PNG was scaled up to the model's size (the thin-image
+    fault of eval shards); it now gets None with the reason, and the other files are still classified."""
+    from PIL import Image
+
+    from vlp.eval.zeroshot import build_classifier, predict
+    from vlp.export.cli import export_checkpoint
+    from vlp.models.factory import load_clip
+
+    model, _, tokenizer, preprocess = load_clip(export_checkpoint(checkpoint, tmp_path / "export"))
+    classes = ["red", "blue"]
+    classifier = build_classifier(model, tokenizer, classes, ["a {c} square."])
+    Image.new("RGB", (100_000, 1), (200, 10, 10)).save(tmp_path / "thin.png")
+    Image.new("RGB", (32, 32), (10, 10, 200)).save(tmp_path / "ok.png")
+    errors: dict = {}
+    out = predict(model, preprocess, classifier, classes, [tmp_path / "thin.png", tmp_path / "ok.png"], k=1,
+                  errors=errors)
+    assert out[0] is None and "too thin" in errors[str(tmp_path / "thin.png")]
+    assert out[1] is not None and out[1][0][0] in classes, errors

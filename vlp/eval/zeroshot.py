@@ -139,8 +139,11 @@ def predict(model, preprocess, classifier: torch.Tensor, classnames: Sequence[st
     ``softmax(logit_scale * cosine logits)`` (``logit_scale`` defaults to the model's, else 100).
 
     A file that cannot be read as an image gets ``None`` (its error in ``errors[path]`` when given); the others are
-    still classified."""
-    from PIL import Image
+    still classified. Files are decoded as training and eval shards are (:func:`vlp.data.format.decode_image`: an
+    image too thin to resize safely is refused before decoding, transparency is composited on white)."""
+    from pathlib import Path
+
+    from vlp.data.format import decode_image
 
     model = unwrap(model)
     scale = logit_scale_of(model) if logit_scale is None else float(logit_scale)
@@ -151,8 +154,7 @@ def predict(model, preprocess, classifier: torch.Tensor, classnames: Sequence[st
     readable: list[tuple[int, torch.Tensor]] = []
     for i, path in enumerate(paths):
         try:
-            with Image.open(path) as im:
-                readable.append((i, preprocess(im.convert("RGB"))))
+            readable.append((i, preprocess(decode_image(Path(path).read_bytes()))))
         except Exception as exn:  # missing file, not an image, truncated: PIL and the OS raise many types
             if errors is not None:
                 errors[path] = f"{type(exn).__name__}: {exn}"
