@@ -144,7 +144,8 @@ def colorization_loss(logits: torch.Tensor, idx: torch.Tensor, z: torch.Tensor,
 
 
 class ColorizationHead(Head):
-    """Encodes the L channel of the ``colorization`` view with the student; each patch token -> ``cells^2 x Q`` logits."""
+    """Encodes the L channel of the ``colorization`` view with the student; each patch token -> ``cells^2 x Q``
+    logits."""
 
     def __init__(self, width: int, patch: int, stride: int, n_bins: int, hidden: int, mean, std):
         super().__init__()
