@@ -158,7 +158,7 @@ def _bare(a, spec, transform, tokenizer) -> dict:
     import webdataset as wds
 
     from vlp.config import expand_shards
-    from vlp.data.transforms import decode_image
+    from vlp.data.transforms import decode_image, decode_side
 
     samples = []
     for url in expand_shards(spec):
@@ -168,20 +168,26 @@ def _bare(a, spec, transform, tokenizer) -> dict:
     samples = samples[:a.batch_size * 4]
     torch.set_num_threads(1)  # like a DataLoader worker
 
-    def batch(chunk):
-        images = torch.stack([transform(decode_image(s["jpg"])) for s in chunk])
+    def batch(chunk, side):
+        images = torch.stack([transform(decode_image(s["jpg"], side)) for s in chunk])
         tokens = tokenizer([s["txt"].decode() for s in chunk])
         return images, tokens
 
-    for i in range(a.warmup):
-        batch(samples[(i % 4) * a.batch_size:][:a.batch_size])
-    t0 = time.perf_counter()
-    n = 0
-    for i in range(a.batches):
-        images, _ = batch(samples[(i % 4) * a.batch_size:][:a.batch_size])
-        n += images.shape[0]
-    dt = time.perf_counter() - t0
-    return {"images": n, "seconds": dt, "images_per_s": n / dt, "image_shape": list(images.shape[1:])}
+    def rate(side):
+        for i in range(a.warmup):
+            batch(samples[(i % 4) * a.batch_size:][:a.batch_size], side)
+        t0 = time.perf_counter()
+        n = 0
+        for i in range(a.batches):
+            images, _ = batch(samples[(i % 4) * a.batch_size:][:a.batch_size], side)
+            n += images.shape[0]
+        return n, time.perf_counter() - t0, images
+
+    side = decode_side([transform])  # what vlp's mixer decodes at (data.draft_decode)
+    n, dt, images = rate(None)
+    n_r, dt_r, _ = rate(side)
+    return {"images": n, "seconds": dt, "images_per_s": n / dt, "image_shape": list(images.shape[1:]),
+            "decode_side": side, "reduced_images_per_s": n_r / dt_r}
 
 
 def child(a) -> None:
@@ -313,6 +319,11 @@ def main(argv=None) -> int:
         print(f"{label:<36} {ver:<11} {m:8.0f}   " + " ".join(f"{x:.0f}" for x in xs))
     print(f"ratio vlp/open_clip: {ratio:.3f}" + (f"   (load average at end: {load[0]:.2f} on {os.cpu_count()} cpus)"
                                                   if load else ""))
+    if runs["bare"]:
+        reduced = statistics.median(x["reduced_images_per_s"] for x in runs["bare"])
+        print(f"decode+augment only, JPEG decoded at short side >= {runs['bare'][0]['decode_side']} (Pillow draft, "
+              f"vlp's data.draft_decode): {reduced:.0f} img/s, {reduced / med['bare']:.2f}x the full decode")
+        med["bare_reduced_decode"] = reduced
 
     import open_clip
     import torch
