@@ -61,6 +61,7 @@ METHODS = {
     "rotation": ("ssl/rotation.yaml", "Gidaris et al. 2018, RotNet"),
     "jigsaw": ("ssl/jigsaw.yaml", "Noroozi & Favaro 2016, Jigsaw"),
     "colorization": ("ssl/colorization.yaml", "Zhang, Isola & Efros 2016, Colorful Image Colorization"),
+    "context": ("ssl/context.yaml", "Doersch, Gupta & Efros 2015, Context Prediction"),
     "mae": ("bench/quality-mae.yaml", "He et al. 2022, MAE (every training image)"),
     "supervised": ("bench/quality-supervised.yaml", "cross-entropy on the labeled split"),
 }
