@@ -517,6 +517,98 @@ def zeroshot_progress(w: Work):
         (f" (last: {lines[-1][22:].split(', ~')[0]})" if lines else "")
 
 
+@case("30 kill -9 of the trainer (2 DataLoader workers), --resume auto at once", "resume not refused; finishes")
+def sigkill_resume_at_once(w: Work):
+    run_dir = w.root / "killed"
+    cfg = w.config("killed", data={"workers": 2}, train={"steps": 12, "save_every": 4, "progress": False})
+    proc = subprocess.Popen([str(c) for c in [*TRAIN, "--config", cfg]], env=ENV, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    wait_for(lambda: step_of(run_dir), proc)
+    os.kill(proc.pid, signal.SIGKILL)  # the main pid only: its workers are left to the OS
+    proc.wait()
+    killed_at = step_of(run_dir)
+    resumed = run([*TRAIN, "--config", cfg, "--resume", "auto"])
+    final = step_of(run_dir)
+    return resumed.returncode == 0 and killed_at and final == 12, \
+        f"killed after step {killed_at}; resume exit {resumed.returncode} at step {final}: {tail(resumed)[:50]}"
+
+
+@case("30 a stream that sends nothing (2 DataLoader workers)",
+      "exit 7 naming data.timeout_s; SIGTERM: exit 143; kill -9: workers gone, folder free")
+def stalled_stream(w: Work):
+    timed = run([*TRAIN, "--config", stalled_config(w, "stall-timeout", timeout_s=5)], timeout=240)
+    proc = start_stalled(w, "stall-term")
+    os.killpg(proc.pid, signal.SIGTERM)
+    t0 = time.time()
+    code = proc.wait(timeout=120)
+    took = time.time() - t0
+    kill_group(proc)
+    proc = start_stalled(w, "stall-kill")
+    workers = children(proc.pid)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    time.sleep(1)  # the workers get SIGKILL the moment the trainer dies; the second is for this report's check
+    alive = [p for p in workers if running(p)]
+    again = run([*TRAIN, "--config", w.root / "stall-kill.yaml", "data.timeout_s=2", "--resume", "auto"])
+    kill_group(proc)
+    ok = timed.returncode == 7 and "data.timeout_s" in tail(timed) and code == 143 and workers and not alive
+    return ok and again.returncode == 7, f"timeout: exit {timed.returncode}; SIGTERM: exit {code} after " \
+        f"{took:.0f} s; kill -9: {len(alive)}/{len(workers)} workers left, resume exit {again.returncode} (4: busy)"
+
+
+def stalled_config(w: Work, name: str, **data) -> Path:
+    """A run whose unlabeled stream is a `pipe:` command that sends nothing and ignores SIGTERM (a hung mount, a
+    stalled curl); each worker that starts it leaves a file in ROOT/NAME-started/."""
+    started = w.root / f"{name}-started"
+    started.mkdir(exist_ok=True)
+    return w.config(name, data={"workers": 2, **data, "sources": [
+        {"name": "lab", "kind": "labeled", "shards": str(w.data / "labeled" / "*.tar")},
+        {"name": "pairs", "kind": "paired", "shards": str(w.data / "paired" / "*.tar")},
+        {"name": "unlab", "kind": "unlabeled", "shards": f"pipe:trap '' TERM; touch {started}/$$; exec sleep 300"}]})
+
+
+def start_stalled(w: Work, name: str) -> subprocess.Popen:
+    """Start a stalled run in its own process group; return once both workers are in the stalled command."""
+    cfg = stalled_config(w, name)
+    proc = subprocess.Popen([str(c) for c in [*TRAIN, "--config", cfg]], env=ENV, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    wait_for(lambda: len(list((w.root / f"{name}-started").iterdir())) >= 2, proc)
+    return proc
+
+
+def children(pid: int) -> list[int]:
+    """The live (not zombie) child processes of ``pid``."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            state, ppid = stat.read_text().rsplit(")", 1)[1].split()[:2]
+        except (OSError, IndexError, ValueError):
+            continue
+        if int(ppid) == pid and state != "Z":
+            out.append(int(stat.parent.name))
+    return out
+
+
+def running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def wait_for(ready: Callable, proc: subprocess.Popen, timeout: float = 240) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None and not ready():
+        time.sleep(0.02)
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    try:  # the stalled commands, orphaned in the run's process group
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", default=None, help="run the cases whose name contains this text")

@@ -14,6 +14,7 @@ import os
 import random
 import signal
 import sys
+from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
@@ -197,9 +198,10 @@ def make_loader(dataset: MixedBatches, workers: int, poll_s: float = 0) -> DataL
 
 
 def close_loader(it, kill: bool = False) -> None:
-    """Shut a ``make_loader`` iterator's workers down. ``kill``: SIGKILL them first (a worker stuck in a stalled read
-    holds torch's shutdown up, 5 s each), with torch's SIGCHLD handler, which would call that a worker failure and
-    raise, set aside meanwhile."""
+    """Shut a ``make_loader`` iterator's workers down. ``kill``: SIGKILL them and the commands they run (a worker
+    stuck in a stalled read holds torch's shutdown up, 5 s each; an orphaned ``pipe:`` command would hold the run's
+    stdout and stderr open), with torch's SIGCHLD handler, which would call that a worker failure and raise, set
+    aside meanwhile."""
     shutdown = getattr(it, "_shutdown_workers", None)
     if shutdown is None:  # no workers
         return
@@ -209,10 +211,27 @@ def close_loader(it, kill: bool = False) -> None:
     previous = signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     try:
         for w in getattr(it, "_workers", ()):
+            for child in _children(w.pid):
+                try:
+                    os.kill(child, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
             w.kill()
         shutdown()
     finally:
         signal.signal(signal.SIGCHLD, previous if previous is not None else signal.SIG_DFL)
+
+
+def _children(pid: int | None) -> list[int]:
+    """The child processes of ``pid`` (Linux's /proc; none elsewhere)."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                out.append(int(stat.parent.name))
+        except (OSError, IndexError, ValueError):
+            continue
+    return out
 
 
 def is_poll_timeout(err: BaseException) -> bool:
