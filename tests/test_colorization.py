@@ -163,3 +163,29 @@ def test_colorization_trains_on_real_shards_and_checkpoints_its_prior(demo_data,
     last = sorted((tmp_path / "color" / "checkpoints").glob("step_*"))[-1]
     state = load_file(last / "objectives.safetensors")
     assert state["colorization.batches"] == 3 and state["colorization.bin_freq"].sum() == pytest.approx(1.0)
+
+
+def _prior_on_rank(rank, path, halves):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{path}", rank=rank, world_size=2)
+    obj = ColorizationObjective()
+    for step in halves[rank]:
+        obj.update_prior(step)
+    torch.save(obj.state_dict(), f"{path}.rank{rank}")
+    dist.destroy_process_group()
+
+
+def test_prior_is_all_reduced_so_two_ranks_keep_the_prior_of_the_global_batch(tmp_path):
+    """2 gloo processes, each holding half of every step's pixels: both end with the single-process prior of the
+    whole batches."""
+    g = torch.Generator().manual_seed(0)
+    steps = [torch.randint(0, 261, (2, 40), generator=g) for _ in range(3)]
+    halves = [[s[0] for s in steps], [s[1] for s in steps]]
+    torch.multiprocessing.spawn(_prior_on_rank, args=(str(tmp_path / "pg"), halves), nprocs=2)
+    single = ColorizationObjective()
+    for s in steps:
+        single.update_prior(s)
+    for rank in range(2):
+        state = torch.load(tmp_path / f"pg.rank{rank}")
+        assert torch.allclose(state["bin_freq"], single.bin_freq) and state["batches"] == 3
