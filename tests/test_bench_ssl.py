@@ -13,8 +13,8 @@ import bench_ssl  # noqa: E402
 
 
 def test_every_method_config_validates_with_the_bench_shards_and_batch(tmp_path):
-    assert {"simclr", "mocov3", "byol", "dino", "swav", "rotation", "jigsaw", "mae", "supervised",
-            "random"} <= set(bench_ssl.METHODS)
+    assert {"simclr", "mocov3", "byol", "dino", "swav", "rotation", "jigsaw", "colorization", "context", "mae",
+            "supervised", "random"} <= set(bench_ssl.METHODS)
     for method, (config, paper) in bench_ssl.METHODS.items():
         assert paper
         if config is None:

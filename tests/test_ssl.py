@@ -56,7 +56,7 @@ def test_two_process_gradients_equal_single_process(ddp_grads, method):
 
 def test_every_ssl_config_validates_reads_the_cifar_shards_and_monitors_knn():
     names = {p.stem for p in SSL_CONFIGS}
-    methods = {"simclr", "mocov3", "byol", "dino", "swav", "rotation", "jigsaw"}
+    methods = {"simclr", "mocov3", "byol", "dino", "swav", "rotation", "jigsaw", "colorization", "context"}
     assert methods | {f"{m}-clip" for m in methods} <= names
     for path in SSL_CONFIGS:
         cfg = load_config(path, check_files=False)
