@@ -544,6 +544,39 @@ def test_resume_falls_back_past_a_corrupt_latest_checkpoint(demo_data, tmp_path,
         Trainer(cfg, resume="auto")
 
 
+def test_after_a_fallback_pruning_keeps_the_good_checkpoint_not_the_corrupt_one(demo_data, tmp_path, caplog):
+    """#30: resumed past a corrupt newest checkpoint with keep_last=1, pruning kept the corrupt one (the newest step)
+    and deleted the good one the resumed run had just written."""
+    run_dir = tmp_path / "run"
+    raw = run_config(demo_data, run_dir, data={"workers": 0}, train={"steps": 4, "save_every": 2, "keep_last": 2})
+    Trainer(config_from_dict(raw)).fit()
+    latest = ckpt_io.list_checkpoints(run_dir)[-1]
+    (latest / "model.safetensors").write_bytes(b"")
+    resumed = Trainer(config_from_dict({**raw, "train": {**raw["train"], "steps": 3, "save_every": 1,
+                                                         "keep_last": 1}}), resume="auto")
+    assert resumed.step == 2
+    resumed.fit()
+    assert [p.name for p in ckpt_io.list_checkpoints(run_dir)] == ["step_00000003"]
+    assert ckpt_io.read_run_info(run_dir)["step"] == 3 and ckpt_io.model_state_dict(run_dir)
+    assert (run_dir / "checkpoints" / "step_00000004.unreadable").is_dir()  # kept for a look, out of the list
+    assert "set aside as step_00000004.unreadable" in caplog.text
+
+
+def test_resume_with_another_model_is_a_config_error(demo_data, tmp_path):
+    """#30: resuming with another model logged "unreadable, falling back" for each checkpoint, then a traceback."""
+    run_dir = tmp_path / "run"
+    Trainer(config_from_dict(run_config(demo_data, run_dir, data={"workers": 0},
+                                        train={"steps": 2, "save_every": 2}))).fit()
+    other = run_config(demo_data, run_dir, model={"name": "vlp-tiny-vit", "mask_ratio": 0.75},
+                       train={"steps": 4, "save_every": 2})
+    proc = subprocess.run([sys.executable, "-m", "vlp.train", "--config", str(write_config(tmp_path / "c.yaml", other)),
+                           "--resume", "auto"], env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "was trained with another model" in last and "falling back" not in proc.stderr, proc.stderr[-3000:]
+    assert [p.name for p in ckpt_io.list_checkpoints(run_dir)] == ["step_00000002"]
+
+
 def test_resume_with_changed_settings_says_what_changed(demo_data, tmp_path, caplog):
     """#17 item 6: resuming after changing the batch, the workers or the mask ratio was accepted silently (and the
     changed worker count turned exact data resume off without a word)."""

@@ -188,12 +188,41 @@ class Trainer:
             candidates = list(reversed(ckpt_io.list_checkpoints(target))) or [ckpt_io.find_checkpoint(target)]
         for i, path in enumerate(candidates):
             try:
+                self._check_same_model(path)
                 self._load_checkpoint(path)
                 return
+            except ConfigError:
+                raise
             except Exception as err:  # truncated or corrupt files: safetensors, torch, json raise many types
                 if i == len(candidates) - 1:
                     raise RuntimeError(f"checkpoint {path} is unreadable ({err!r}) and no older one is left") from err
-                log.warning("checkpoint %s is unreadable (%r); falling back to %s", path, err, candidates[i + 1])
+                aside = self._set_aside(path)
+                log.warning("checkpoint %s is unreadable (%r)%s; falling back to %s", path, err,
+                            f", set aside as {aside.name}" if aside else "", candidates[i + 1])
+
+    def _set_aside(self, path: Path) -> Path | None:
+        """Rename an unreadable checkpoint of this run out of the checkpoint list (kept for a look): left in place,
+        pruning would keep it, as the newest, and delete the good ones the resumed run writes (main process)."""
+        if not self.accelerator.is_main_process or path.parent != self.run_dir / "checkpoints":
+            return None
+        aside = path.with_name(f"{path.name}.unreadable")
+        shutil.rmtree(aside, ignore_errors=True)
+        try:
+            path.rename(aside)
+        except OSError:  # another rank's view, a read-only folder: leave it
+            return None
+        return aside
+
+    def _check_same_model(self, path: Path) -> None:
+        """A checkpoint of another model cannot be resumed: a config error, not an "unreadable" fallback."""
+        try:
+            before = json.loads((path / ckpt_io.STATE_FILE).read_text()).get("model_cfg")
+        except (OSError, ValueError):  # unreadable: the load says so
+            return
+        if before is not None and before != json.loads(json.dumps(self.model_cfg)):
+            raise ConfigError(f"--resume: {path} was trained with another model ({_model_summary(before)}; this "
+                              f"config: {_model_summary(self.model_cfg)}); resume with the run's own config, or "
+                              f"start a fresh run in another output_dir")
 
     def _load_checkpoint(self, path: Path) -> None:
         state = json.loads((path / ckpt_io.STATE_FILE).read_text())
@@ -592,6 +621,12 @@ def quiet_library_logs() -> None:
     """accelerate's INFO lines on every checkpoint ("Saving current state to ...", "Model weights saved in ...")
     and open_clip's (filtered where vlp builds models) are noise in a training log; their warnings stay."""
     logging.getLogger("accelerate").setLevel(logging.WARNING)
+
+
+def _model_summary(model_cfg: dict) -> str:
+    v = model_cfg.get("vision_cfg", {})
+    return (f"embed_dim {model_cfg.get('embed_dim')}, vision width {v.get('width')} x {v.get('layers')} layers, "
+            f"image {v.get('image_size')}")
 
 
 class _nullcontext:
