@@ -1,0 +1,214 @@
+"""BEiT masked image modeling (Bao, Dong, Piao & Wei 2021, "BEiT: BERT Pre-Training of Image Transformers",
+arXiv:2106.08254): predict the discrete visual token of every masked patch. The loss is the paper's (Eq. 1)
+``-sum_{i in M} log p(z_i | x^M)``, as its code computes it: the mean over the batch's masked positions of the
+cross-entropy between the prediction at position ``i`` and the code ``z_i`` the tokenizer gives patch ``i`` of the
+*unmasked* image.
+
+Tokenizer: BEiT's DALL-E dVAE cannot be downloaded here, so the tokenizer is built in-project, a codebook of ``K``
+centroids (``codebook_size``, default 512) over per-patch normalized pixel patches (each patch minus its mean, over
+its standard deviation: MAE's ``norm_pix`` target, the patch normalization of Coates, Lee & Ng 2011's k-means
+features); a patch's code is its nearest centroid. The default fits it by k-means (random distinct patches as the
+initial centroids from a generator seeded by the run's seed, ``kmeans_iters`` Lloyd iterations) on the first
+training step's patches, gathered from every rank (at most ``fit_patches`` of them, sampled with the same
+generator) and broadcast from rank 0, so every rank holds the same codebook. It needs no download, no other run and
+no extra pass; it is saved with the run (``beit.codebook`` in ``objectives.safetensors``) and a resume keeps it.
+``codebook: PATH`` reuses a saved one instead (a safetensors file with ``codebook`` or a run's ``beit.codebook``).
+
+Departures: the k-means pixel-patch codebook instead of the DALL-E dVAE (coarser tokens: local intensity patterns,
+not a learned 8192-word vocabulary); the student's pass is vlp's shared masked pass (the encoder sees the visible
+patches only, with ``model.mask_ratio``'s random masking, not BEiT's blockwise 40% with mask tokens in the encoder),
+and a narrow decoder (MAE's, ``vlp.models.mae.MAEDecoder``, with mask tokens at the removed positions) predicts the
+``K`` logits of every position, as CAE / MAE with token targets do.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from pydantic import Field
+from safetensors.torch import load_file
+from torch import nn
+
+from vlp.data.sources import stream_seed
+from vlp.models.heads import Head
+from vlp.models.mae import MAEDecoder, patchify
+from vlp.objectives.base import Objective, ObjectiveConfig, register
+
+
+def patch_features(images: torch.Tensor, patch: int) -> torch.Tensor:
+    """``images [B, C, H, W]`` -> ``[B, N, p*p*C]`` float32 patches, each normalized to zero mean, unit variance
+    (``(x - mean) / sqrt(var + 1e-6)``, MAE's ``norm_pix`` target): what the tokenizer quantizes."""
+    x = patchify(images.float(), patch)
+    return (x - x.mean(-1, keepdim=True)) / (x.var(-1, keepdim=True) + 1.0e-6) ** 0.5
+
+
+@torch.no_grad()
+def assign(x: torch.Tensor, codebook: torch.Tensor, chunk: int = 1 << 14) -> torch.Tensor:
+    """``x [..., D]`` -> ``[...]`` index of the nearest centroid of ``codebook [K, D]`` (squared Euclidean:
+    ``argmin_k |c_k|^2 - 2 x.c_k``, ``|x|^2`` being the same for every k)."""
+    flat = x.reshape(-1, x.shape[-1]).float()
+    c = codebook.float()
+    c2 = (c * c).sum(1)
+    out = [(c2 - 2 * part @ c.T).argmin(1) for part in flat.split(chunk)]
+    return torch.cat(out).reshape(x.shape[:-1])
+
+
+@torch.no_grad()
+def kmeans(x: torch.Tensor, k: int, iters: int, generator: torch.Generator) -> tuple[torch.Tensor, list[float]]:
+    """Lloyd's k-means of ``x [M, D]``: ``k`` distinct rows drawn with ``generator`` as initial centroids, then
+    ``iters`` rounds of assign / mean (an empty cluster keeps its centroid). Returns the centroids ``[k, D]`` and
+    the inertia (mean squared distance to the nearest centroid) before each round and after the last."""
+    x = x.float()
+    if x.shape[0] < k:
+        raise ValueError(f"k-means: {k} centroids from only {x.shape[0]} points")
+    c = x[torch.randperm(x.shape[0], generator=generator)[:k].to(x.device)].clone()
+    inertia = []
+    for _ in range(iters + 1):
+        idx = assign(x, c)
+        inertia.append(float(((x - c[idx]) ** 2).sum(1).mean()))
+        if len(inertia) > iters:
+            break
+        sums = torch.zeros_like(c).index_add_(0, idx, x)
+        counts = torch.bincount(idx, minlength=k).to(x.dtype)
+        c = torch.where(counts[:, None] > 0, sums / counts.clamp_min(1)[:, None], c)
+    return c, inertia
+
+
+def beit_loss(logits: torch.Tensor, codes: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over masked positions (``mask [B, N]``, 1 = masked) of ``-log softmax(logits [B, N, K])[code]``
+    (BEiT Eq. 1, normalized by the number of masked patches, as the official code's ``CrossEntropyLoss``)."""
+    m = mask.bool()
+    return F.cross_entropy(logits[m].float(), codes[m])
+
+
+class BEiTHead(Head):
+    """MAE's decoder (visible tokens + mask tokens, 2-D sin-cos positions, a few blocks) with a ``K``-way
+    classifier in place of the pixel predictor; writes ``beit/logits [B, N, K]`` and ``beit/mask``."""
+
+    def __init__(self, encoder_width: int, grid, patch: int, n_codes: int, width: int, depth: int, heads: int):
+        super().__init__()
+        self.decoder = MAEDecoder(encoder_width, grid, patch, width, depth, heads)
+        self.decoder.pred = nn.Linear(width, n_codes)
+        nn.init.xavier_uniform_(self.decoder.pred.weight)
+        nn.init.zeros_(self.decoder.pred.bias)
+
+    def head_forward(self, model, outputs, batch) -> dict:
+        tokens = outputs["tokens"]
+        ids_restore = outputs.get("ids_restore")
+        if ids_restore is None:
+            ids_restore = torch.arange(tokens.shape[1], device=tokens.device).expand(tokens.shape[0], -1)
+        mask = outputs.get("mask")
+        if mask is None:
+            mask = torch.ones(tokens.shape[:2], device=tokens.device)
+        return {"beit/logits": self.decoder(tokens, ids_restore), "beit/mask": mask}
+
+
+def read_codebook(path: str) -> torch.Tensor:
+    """A saved ``[K, D]`` codebook: key ``codebook``, or ``beit.codebook`` (a run's ``objectives.safetensors``)."""
+    state = load_file(str(Path(path).expanduser()))
+    for key in ("codebook", "beit.codebook"):
+        if key in state:
+            return state[key].float()
+    raise ValueError(f"objectives.beit.codebook: {path} holds no 'codebook' or 'beit.codebook' tensor "
+                     f"(it has {sorted(state)[:5]})")
+
+
+@register("beit")
+class BEiTObjective(Objective):
+    """Cross-entropy of the masked patches' predicted codes against the tokenizer's codes of the unmasked image."""
+
+    class Config(ObjectiveConfig):
+        codebook_size: int = Field(512, gt=1)      # K visual words (BEiT's dVAE: 8192)
+        codebook: str | None = None                # a saved [K, D] codebook instead of fitting one
+        kmeans_iters: int = Field(20, ge=0)        # Lloyd iterations of the fit
+        fit_patches: int = Field(65536, gt=0)      # at most this many patches of the first step (all ranks) fit it
+        decoder_width: int = Field(128, gt=0)
+        decoder_depth: int = Field(2, gt=0)
+        decoder_heads: int = Field(4, gt=0)
+
+    needs = ("beit/logits", "beit/mask")
+
+    def __init__(self, patch: int, codebook_size: int = 512, codebook: str | None = None, kmeans_iters: int = 20,
+                 fit_patches: int = 65536, decoder_width: int = 128, decoder_depth: int = 2, decoder_heads: int = 4,
+                 seed: int = 0, channels: int = 3):
+        super().__init__()
+        self.patch, self.seed = patch, seed
+        self.kmeans_iters, self.fit_patches = kmeans_iters, fit_patches
+        self.decoder = (decoder_width, decoder_depth, decoder_heads)
+        dim = patch * patch * channels
+        saved = read_codebook(codebook) if codebook else None
+        if saved is not None and (saved.ndim != 2 or saved.shape[1] != dim):
+            raise ValueError(f"objectives.beit.codebook: {codebook} is {tuple(saved.shape)}, this model's patches "
+                             f"need [K, {dim}] ({patch}x{patch}x{channels})")
+        k = saved.shape[0] if saved is not None else codebook_size
+        self.register_buffer("codebook", saved.clone() if saved is not None else torch.zeros(k, dim))
+        self.register_buffer("fitted", torch.tensor(float(saved is not None)))
+
+    @classmethod
+    def from_config(cls, o, ctx):
+        if not ctx.is_vit:
+            raise ValueError("objectives.beit: the image tower is not a ViT; BEiT predicts a code per patch token "
+                             "(use an open_clip ViT config or drop the beit objective)")
+        if ctx.cfg is not None and o.codebook is None:
+            patches = ctx.cfg.data.batch.total * ctx.world_size * ctx.grid[0] * ctx.grid[1]
+            if min(patches, o.fit_patches) < o.codebook_size:
+                raise ValueError(f"objectives.beit.codebook_size: {o.codebook_size} centroids, but the first step "
+                                 f"fits them on {min(patches, o.fit_patches)} patches; lower it or raise the batch")
+        return cls(ctx.patch, o.codebook_size, o.codebook, o.kmeans_iters, o.fit_patches, o.decoder_width,
+                   o.decoder_depth, o.decoder_heads, seed=ctx.cfg.seed if ctx.cfg is not None else 0)
+
+    @classmethod
+    def check(cls, o, cfg):
+        super().check(o, cfg)
+        if cfg.model.mask_ratio == 0:
+            raise ValueError("objectives.beit: model.mask_ratio is 0, so no patch is masked to predict "
+                             "(BEiT masks 40%; MAE-style decoders 75%)")
+
+    @classmethod
+    def card_settings(cls, o, cfg):
+        return {"weight": o.weight, "mask_ratio": cfg.model.mask_ratio,
+                "tokenizer": o.codebook or f"k-means of normalized pixel patches, K={o.codebook_size}",
+                "decoder": f"{o.decoder_depth} layers x {o.decoder_width}"}
+
+    def heads(self, ctx):
+        width, depth, n_heads = self.decoder
+        return {"beit_decoder": BEiTHead(ctx.width, ctx.grid, ctx.patch, self.codebook.shape[0], width, depth,
+                                         n_heads)}
+
+    @torch.no_grad()
+    def fit(self, patches: torch.Tensor) -> list[float]:
+        """Fit the codebook on ``patches [M, D]`` (this rank's), gathered from every rank; rank 0's result is
+        broadcast. Returns the k-means inertia curve."""
+        x = patches.reshape(-1, patches.shape[-1]).float().contiguous()
+        distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        if distributed:
+            parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+            dist.all_gather(parts, x)
+            x = torch.cat(parts)
+        g = torch.Generator().manual_seed(stream_seed(self.seed, "beit-codebook"))
+        if x.shape[0] > self.fit_patches:
+            x = x[torch.randperm(x.shape[0], generator=g)[:self.fit_patches].to(x.device)]
+        centroids, inertia = kmeans(x, self.codebook.shape[0], self.kmeans_iters, g)
+        centroids = centroids.to(self.codebook.device)
+        if distributed:
+            dist.broadcast(centroids, 0)
+        self.codebook.copy_(centroids)
+        self.fitted.fill_(1)
+        return inertia
+
+    def forward(self, outputs, batch):
+        logits, mask = outputs["beit/logits"], outputs["beit/mask"]
+        with torch.no_grad(), torch.autocast(logits.device.type, enabled=False):
+            x = patch_features(batch["image"], self.patch)
+            if not self.fitted:
+                self.fit(x)
+            codes = assign(x, self.codebook)
+        with torch.autocast(logits.device.type, enabled=False):
+            loss = beit_loss(logits.float(), codes, mask)
+        with torch.no_grad():
+            m = mask.bool()
+            acc = (logits[m].argmax(-1) == codes[m]).float().mean()
+            used = codes.unique().numel() / self.codebook.shape[0]
+        return loss, {"acc": acc, "codes_used": torch.tensor(used, device=logits.device)}
