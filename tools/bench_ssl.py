@@ -62,6 +62,7 @@ METHODS = {
     "jigsaw": ("ssl/jigsaw.yaml", "Noroozi & Favaro 2016, Jigsaw"),
     "colorization": ("ssl/colorization.yaml", "Zhang, Isola & Efros 2016, Colorful Image Colorization"),
     "context": ("ssl/context.yaml", "Doersch, Gupta & Efros 2015, Context Prediction"),
+    "beit": ("ssl/beit.yaml", "Bao et al. 2021, BEiT (in-project k-means pixel-patch codebook)"),
     "mae": ("bench/quality-mae.yaml", "He et al. 2022, MAE (every training image)"),
     "supervised": ("bench/quality-supervised.yaml", "cross-entropy on the labeled split"),
 }

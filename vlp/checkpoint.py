@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
 import re
 import shutil
@@ -26,6 +27,8 @@ from safetensors.torch import load_file
 from vlp.config import Config, config_from_dict
 
 import yaml
+
+log = logging.getLogger(__name__)
 
 STATE_FILE = "vlp_state.json"
 CONFIG_FILE = "config.yaml"
@@ -125,8 +128,49 @@ def find_checkpoint(path: str | os.PathLike) -> Path:
         return path
     found = list_checkpoints(path)
     if not found:
-        raise FileNotFoundError(f"no complete checkpoint in {str(path)!r} (looked for checkpoints/step_*/{STATE_FILE})")
+        export = " (an export folder needs open_clip_config.json beside its weights)" if any(
+            path.glob("open_clip_model.*")) else ""
+        raise FileNotFoundError(f"no complete checkpoint in {str(path)!r} (looked for checkpoints/step_*/{STATE_FILE})"
+                                f"{export}")
     return found[-1]
+
+
+class CheckpointUnreadable(ValueError):
+    """No checkpoint of a run can be read (corrupt or truncated files)."""
+
+
+def readable_checkpoint(path: str | os.PathLike) -> Path:
+    """:func:`find_checkpoint`, except that for a run directory an unreadable latest checkpoint (see
+    :func:`check_readable`) is skipped, with a warning, for the newest readable one, as ``--resume auto`` does."""
+    path = Path(path)
+    if (path / STATE_FILE).is_file():
+        return path
+    found = list(reversed(list_checkpoints(path))) or [find_checkpoint(path)]
+    for i, ckpt in enumerate(found):
+        try:
+            check_readable(ckpt)
+            return ckpt
+        except Exception as err:  # truncated or corrupt files: safetensors, yaml, json raise many types
+            if i == len(found) - 1:
+                raise CheckpointUnreadable(f"checkpoint {ckpt} is unreadable ({err!r}) and no older one is "
+                                           f"left") from err
+            log.warning("checkpoint %s is unreadable (%r); using %s", ckpt, err, found[i + 1].name)
+    raise AssertionError("unreachable")
+
+
+def check_readable(ckpt: Path) -> None:
+    """Raise if a checkpoint's run info, config or model weights cannot be read (a safetensors file: its header and
+    size only; other formats are read whole)."""
+    from safetensors import safe_open
+
+    json.loads((ckpt / STATE_FILE).read_text())
+    read_run_config(ckpt)
+    weights = model_weights_path(ckpt)
+    if weights.suffix == ".safetensors":
+        with safe_open(str(weights), "pt") as f:
+            f.keys()
+    else:
+        read_weights(weights)
 
 
 def _fsync(path: Path) -> None:

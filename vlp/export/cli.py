@@ -25,10 +25,10 @@ def export_checkpoint(checkpoint, out_dir, *, repo_id: str | None = None, push: 
     ``vlp.checkpoint.clip_state_dict``); ``ema=True`` is ``weights="teacher"``."""
     if push and not repo_id:
         raise ValueError("push=True needs a repo_id")
-    from vlp.checkpoint import clip_state_dict, find_checkpoint, read_run_config, read_run_info, teacher_file
+    from vlp.checkpoint import clip_state_dict, read_run_config, read_run_info, readable_checkpoint, teacher_file
     from vlp.models.factory import create_clip, run_clip_options
 
-    ckpt = find_checkpoint(checkpoint)
+    ckpt = readable_checkpoint(checkpoint)  # a run whose latest checkpoint is corrupt: the newest readable one
     cfg = read_run_config(ckpt)
     info = read_run_info(ckpt)
     model, model_cfg, _ = create_clip(cfg.model.name, pretrained_text=False, **run_clip_options(cfg))

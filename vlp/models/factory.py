@@ -271,9 +271,9 @@ def load_clip(path: str | os.PathLike, device: str | torch.device = "cpu"):
         model_cfg = json.loads((path / EXPORT_CONFIG).read_text())["model_cfg"]
         model.eval()
         return model, model_cfg, tokenizer, preprocess
-    from vlp.checkpoint import find_checkpoint, read_run_config, clip_state_dict
+    from vlp.checkpoint import clip_state_dict, read_run_config, readable_checkpoint
 
-    ckpt = find_checkpoint(path)
+    ckpt = readable_checkpoint(path)  # a run whose latest checkpoint is corrupt: the newest readable one
     cfg = read_run_config(ckpt)
     model, model_cfg, tokenizer = create_clip(cfg.model.name, pretrained_text=False, **run_clip_options(cfg))
     model.load_state_dict(clip_state_dict(ckpt), strict=True)
