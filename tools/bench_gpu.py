@@ -21,12 +21,12 @@ MFU = FLOPs per step / step seconds / device peak. FLOPs: one step counted by ``
 and batch. Peak: dense bf16 tensor-core TFLOP/s from ``PEAK_BF16`` (H100 SXM 989, H200 989, A100 312, L4 121, ...);
 on CPU, against a measured fp32 matmul rate (``cpu matmul``), marked as such.
 
-open_clip_train: the real trainer (``python -m open_clip_train.main`` through ``tools/bench_throughput.py``'s
-``run_openclip``: webdataset 0.2.86, CIFAR-10 shards from ``../shared/data/cifar10-train.tar.gz``) on the same
-model, batch and precision (``amp_bf16`` on GPU, ``--grad-checkpointing`` / ``--torchcompile`` when asked), in the
-same run. Its samples/s comes from its own ``Batch (t)`` log lines after ``--warmup``; ``compute`` leaves out its
-``Data (t)`` wait, which is what vlp's in-process step (no loader) compares with. Skipped when the tarball is
-missing or with ``--no-open-clip-train``.
+open_clip_train: the real trainer (``python -m open_clip_train.main`` through ``benchlib.openclip.run_openclip``,
+as in ``tools/bench_throughput.py``: webdataset 0.2.86, CIFAR-10 shards from ``../shared/data/cifar10-train.tar.gz``)
+on the same model, batch and precision (``amp_bf16`` on GPU, ``--grad-checkpointing`` / ``--torchcompile`` when
+asked), in the same run. Its samples/s comes from its own ``Batch (t)`` log lines after ``--warmup``; ``compute``
+leaves out its ``Data (t)`` wait, which is what vlp's in-process step (no loader) compares with. Skipped when the
+tarball is missing or with ``--no-open-clip-train``.
 
 Loader: the real ``MixedBatches`` (decode + open_clip's train transform + tokenization, one process, one thread)
 over JPEG shards written once (``--loader-images`` images of 320x240, smooth random content) at ``--image-size``
@@ -53,19 +53,19 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_throughput as bt  # noqa: E402  (open_clip_train side by side, shards, windows)
-from bench_quality import CLASSNAMES, REPO, ensure_cifar  # noqa: E402
+from benchlib import REPO
+from benchlib.cifar import CLASSNAMES, DATA_TARBALL, ensure_cifar, subset_shards
+from benchlib.cli import log, write_json
+from benchlib.images import synthetic_jpegs
+from benchlib.openclip import run_openclip
+from benchlib.shards import cached
+from benchlib.wds_old import OLD_WDS, ensure_old_webdataset
 
 RECIPES = {"clip": "CLIP-only (unmasked)", "flip": "FLIP (75% masked)", "mixed": "mixed CLIP+MAE+sup (75% masked)"}
 # dense bf16 tensor-core peak, TFLOP/s (vendor spec sheets, no sparsity); first match on the device name wins
 PEAK_BF16 = [("H100 PCIe", 756), ("H100 NVL", 835), ("H100", 989), ("H200", 989), ("GH200", 989), ("B200", 2250),
              ("A100", 312), ("A800", 312), ("L40S", 362), ("L40", 181), ("L4", 121), ("A10G", 70), ("A10", 125),
              ("RTX 4090", 165), ("RTX 3090", 71), ("V100", 125), ("T4", 65)]
-
-
-def log(msg: str) -> None:
-    print(f"[bench_gpu {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
 def device_peak(device: torch.device) -> tuple[float | None, str]:
@@ -188,17 +188,17 @@ def bench_open_clip_train(mjson: Path, device: torch.device, args, cache: Path, 
                           peak: float | None) -> dict | None:
     train_root = ensure_cifar(cache / "cache")
     if train_root is None:
-        log(f"open_clip_train skipped: {bt.DATA_TARBALL} not found")
+        log(f"open_clip_train skipped: {DATA_TARBALL} not found")
         return None
     shards = cache / "throughput" / "shards"
-    bt.write_shards(train_root, shards, args.oc_images)
-    wds_dir = bt.ensure_old_webdataset(cache / "cache")
+    subset_shards(train_root, shards, args.oc_images)
+    wds_dir = ensure_old_webdataset(cache / "cache" / f"webdataset-{OLD_WDS}")
     if wds_dir is None:
         log("open_clip_train skipped: no webdataset 0.2.86")
         return None
     extra = (("--grad-checkpointing",) if args.grad_checkpointing else ()) + (("--torchcompile",) if args.compile else ())
-    res = bt.run_openclip(shards, cache / "gpu" / "open_clip_train", wds_dir, args, model_json=mjson,
-                          precision="amp_bf16" if device.type == "cuda" else "fp32", workers=args.workers, extra=extra)
+    res = run_openclip(shards, cache / "gpu" / "open_clip_train", wds_dir, args, model_json=mjson,
+                       precision="amp_bf16" if device.type == "cuda" else "fp32", workers=args.workers, extra=extra)
     used = [w for w in res["windows"] if w[0] > args.warmup]
     steps = sum(last - first + 1 for first, last, _, _ in used)
     total, data = sum(w[2] for w in used), sum(w[3] for w in used)
@@ -215,38 +215,26 @@ def bench_open_clip_train(mjson: Path, device: torch.device, args, cache: Path, 
 
 def write_loader_shards(out: Path, n: int) -> Path:
     """``n`` 320x240 JPEGs (smooth random colour fields, ~web-photo decode cost) as paired / labeled / unlabeled."""
-    marker = out / "done.json"
-    if marker.is_file() and json.loads(marker.read_text()).get("n") == n:
-        return out
-    import io
-
-    import numpy as np
-    from PIL import Image
-
     from vlp.shards import write_class_files, write_samples
 
-    rng = np.random.default_rng(0)
-    jpgs = []
-    for _ in range(n):
-        small = rng.integers(0, 256, (12, 16, 3), dtype=np.uint8)
-        img = Image.fromarray(small).resize((320, 240), Image.BICUBIC)
-        buf = io.BytesIO()
-        img.save(buf, format="JPEG", quality=90)
-        jpgs.append(buf.getvalue())
+    def write(folder: Path) -> dict:
+        jpgs = synthetic_jpegs(n, (320, 240), (16, 12))
 
-    def samples(kind):
-        for i, jpg in enumerate(jpgs):
-            s = {"__key__": f"{i:09d}", "jpg": jpg}
-            if kind == "paired":
-                s["txt"] = f"a photo of a {CLASSNAMES[i % 10]}."
-            elif kind == "labeled":
-                s["cls"] = str(i % 10)
-            yield s
+        def samples(kind):
+            for i, jpg in enumerate(jpgs):
+                s = {"__key__": f"{i:09d}", "jpg": jpg}
+                if kind == "paired":
+                    s["txt"] = f"a photo of a {CLASSNAMES[i % 10]}."
+                elif kind == "labeled":
+                    s["cls"] = str(i % 10)
+                yield s
 
-    for kind in ("paired", "labeled", "unlabeled"):
-        write_samples(samples(kind), out / kind, prefix="img", maxcount=max(1, n // 4))
-    write_class_files(out / "labeled", CLASSNAMES, {c: n // 10 for c in range(10)})
-    marker.write_text(json.dumps({"n": n}))
+        for kind in ("paired", "labeled", "unlabeled"):
+            write_samples(samples(kind), folder / kind, prefix="img", maxcount=max(1, n // 4))
+        write_class_files(folder / "labeled", CLASSNAMES, {c: n // 10 for c in range(10)})
+        return {}
+
+    cached(out, {"n": n}, write)
     return out
 
 
@@ -376,9 +364,7 @@ def main(argv: list[str] | None = None) -> int:
            "args": vars(args), "rows": rows, "loader": loader, "torch": torch.__version__,
            "load_average": os.getloadavg()[0]}
     out = Path(args.out) if args.out else cache / "gpu" / "results.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(doc, indent=1, default=str) + "\n")
-    print(f"wrote {out}")
+    print(f"wrote {write_json(out, doc, default=str)}")
     return 0
 
 

@@ -2,7 +2,7 @@
 """The self-supervised methods on CIFAR-10 at equal training FLOPs: kNN and linear-probe top-1 of the frozen
 backbone on the held-out test split (vlp).
 
-Data: ``tools/bench_quality.py``'s preparation (its functions, imported): ``../shared/data/cifar10-train.tar.gz``
+Data: ``tools/bench_quality.py``'s preparation (``benchlib.cifar.prepare``): ``../shared/data/cifar10-train.tar.gz``
 split into WebDataset shards under ``bench_out/quality/shards/{labeled,paired,unlabeled,test}`` (a fixed, class-
 stratified 5,000 test images; of the rest 10% labeled, 20% image-text, 70% unlabeled; ``split.json``). Skipped with a
 message when the tarball is absent. Each method trains on the unlabeled split (31,500 images) with its config
@@ -20,9 +20,9 @@ freezes keep their fraction of the run, the teacher's time constant 1 / (1 - tau
 vlp.train`` subprocess each (``--parallel N``: N at once), stopped (SIGTERM, checkpointed, marked cut short) past its
 share of ``--max-minutes``.
 
-Evaluation (bench_quality's ``evaluate_run``, on ``pooled``, the ViT's pooled token before the CLIP projection):
-kNN top-1 (k=20, T=0.07) and linear-probe top-1 (logistic regression on standardized features), both fit on the 10%
-labeled split (4,500 images) and measured on the 5,000 test images.
+Evaluation (bench_quality's: ``benchlib.evaluate.evaluate_run``, on ``pooled``, the ViT's pooled token before the
+CLIP projection): kNN top-1 (k=20, T=0.07) and linear-probe top-1 (logistic regression on standardized features),
+both fit on the 10% labeled split (4,500 images) and measured on the 5,000 test images.
 
 Output: one markdown table on stdout; ``bench_out/ssl/results.json`` (``--out``), written after every run.
 
@@ -46,10 +46,12 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_quality as bq  # noqa: E402
+from benchlib import REPO
+from benchlib.cifar import DATA_TARBALL, prepare
+from benchlib.cli import log, parse_list, write_json
+from benchlib.evaluate import evaluate_clip, evaluate_run
+from benchlib.train import adapt_tree, equal_flops_steps, job_tree, launch, measure_flops
 
-REPO = bq.REPO
 # method -> (config under configs/, paper); "random" has no config: the untrained model
 METHODS = {
     "random": (None, "untrained (seed 0)"),
@@ -69,10 +71,6 @@ METHODS = {
 KEYS = ("knn_top1/pooled", "linear_top1/pooled")
 
 
-def log(msg: str) -> None:
-    print(f"[bench_ssl {time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
 def run_tree(method: str, shards: Path, batch: int, workers: int | None = None,
              overrides: list[tuple[str, object]] = ()) -> dict:
     """The method's config with this bench's shards and batch, no in-run evaluation, one final checkpoint
@@ -83,7 +81,7 @@ def run_tree(method: str, shards: Path, batch: int, workers: int | None = None,
     from vlp.config import apply_overrides
 
     tree = apply_overrides(yaml.safe_load((REPO / "configs" / METHODS[method][0]).read_text()), overrides)
-    tree = bq.adapt_tree(tree, shards, batch, None, None)
+    tree = adapt_tree(tree, shards, batch, None, None)
     if workers is not None:
         tree["data"]["workers"] = workers
     tree.pop("eval", None)  # evaluated once, after training, by this bench
@@ -101,7 +99,7 @@ def compress_schedule(tree: dict, steps: int) -> dict:
     step-counted knobs (DINO's last-layer freeze, SwAV's prototype freeze, ...) keep their fraction of the run, and
     the momentum teacher keeps its time constant 1 / (1 - tau) as a fraction of the run, so a 200-step run does not
     spend all of itself inside a freeze written for 2,000 steps, nor average toward a teacher that barely moves
-    (warm-up is set by ``bench_quality.job_tree``, 10% of the run)."""
+    (warm-up is set by ``benchlib.train.job_tree``, 10% of the run)."""
     scale = steps / tree["train"]["steps"]
     if scale >= 1:
         return tree
@@ -150,7 +148,7 @@ def evaluate_random(model: str, shards: Path, seed: int) -> dict:
     clip, _, tokenizer = create_clip(model, pretrained_text=False)
     clip.eval()
     t0 = time.time()
-    out = bq.evaluate_clip(clip, tokenizer, image_transforms(clip)[1], shards)
+    out = evaluate_clip(clip, tokenizer, image_transforms(clip)[1], shards)
     out["eval_s"] = round(time.time() - t0, 1)
     return out
 
@@ -246,11 +244,11 @@ def main(argv: list[str] | None = None) -> int:
         print(table(merge_results([json.loads(Path(f).read_text()) for f in args.report_only])))
         return 0
     t_start = time.time()
-    methods = bq.parse_list(args.methods)
+    methods = parse_list(args.methods)
     unknown = [m for m in methods + [args.reference] if m not in METHODS]
     if unknown or args.reference == "random":
         raise SystemExit(f"unknown method(s) {unknown or ['random (as reference)']}; known: {', '.join(METHODS)}")
-    lrs = {k: float(v) for k, v in (item.split("=", 1) for item in bq.parse_list(args.lr))}
+    lrs = {k: float(v) for k, v in (item.split("=", 1) for item in parse_list(args.lr))}
     if set(lrs) - set(methods):
         raise SystemExit(f"--lr names method(s) not run: {sorted(set(lrs) - set(methods))}")
     sets = parse_sets(args.set, methods)
@@ -260,10 +258,10 @@ def main(argv: list[str] | None = None) -> int:
 
     cache = Path(args.cache_dir).resolve()
     shards = cache / ("quality-quick" if small else "quality") / "shards"
-    info = bq.prepare(cache / "cache", shards, n_test=1000 if small else 5000,
-                      limit_per_class=600 if small else None, seed=0)
+    info = prepare(cache / "cache", shards, n_test=1000 if small else 5000,
+                   limit_per_class=600 if small else None, seed=0)
     if info is None:
-        print(f"bench_ssl: {bq.DATA_TARBALL} not found; skipping (nothing to benchmark).")
+        print(f"bench_ssl: {DATA_TARBALL} not found; skipping (nothing to benchmark).")
         return 0
     out_dir = cache / ("ssl-quick" if args.quick else "ssl")
     out_path = Path(args.out) if args.out else out_dir / "results.json"
@@ -273,8 +271,8 @@ def main(argv: list[str] | None = None) -> int:
     trees = {m: run_tree(m, shards, args.batch_size, args.workers, sets.get(m, ()))
              for m in set(trained) | {args.reference}}
     configs: dict = {m: {} for m in trees}
-    bq.measure_flops(configs, {m: bq.adapt_tree(t, shards, args.flop_batch, None, None) for m, t in trees.items()},
-                     args.flop_steps)
+    measure_flops(configs, {m: adapt_tree(t, shards, args.flop_batch, None, None) for m, t in trees.items()},
+                  args.flop_steps)
     for c in configs.values():
         c["gflops_per_step"] = round(c["gflops_per_step"] * args.batch_size / args.flop_batch, 2)
     ref_flops = configs[args.reference]["gflops_per_step"]
@@ -286,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
            "probe": {"train": "the 10% labeled split", "test": "held-out test split", "feature": "pooled",
                      "knn": {"k": 20, "T": 0.07}, "linear": "logistic regression, standardized"},
            "runs": {}}
-    plan = {m: bq.equal_flops_steps(args.budget, ref_flops, configs[m]["gflops_per_step"]) for m in trained}
+    plan = {m: equal_flops_steps(args.budget, ref_flops, configs[m]["gflops_per_step"]) for m in trained}
     log("plan: " + ", ".join(f"{m} {plan[m]} steps ({configs[m]['gflops_per_step']:.1f} GFLOP/step)" for m in trained))
 
     def train_and_evaluate(m: str, limit: float | None) -> dict:
@@ -296,17 +294,17 @@ def main(argv: list[str] | None = None) -> int:
                                                             args.seed))
             return entry
         steps = plan[m]
-        tree = bq.job_tree(compress_schedule(trees[m], steps), out_dir / "runs" / m, steps,
-                           lrs.get(m, trees[m]["optim"]["lr"]), args.seed, log_every=max(1, steps // 10))
+        tree = job_tree(compress_schedule(trees[m], steps), out_dir / "runs" / m, steps,
+                        lrs.get(m, trees[m]["optim"]["lr"]), args.seed, log_every=max(1, steps // 10))
         log(f"{m}: {steps} steps" + (f" (at most {limit:.0f} s)" if limit else ""))
-        res = bq.launch(tree, out_dir / "runs" / m, limit)
+        res = launch(tree, out_dir / "runs" / m, limit)
         entry.update(steps=steps, steps_done=res["steps_done"], cut_short=res["cut_short"], wall_s=res["wall_s"],
                      gflops_per_step=configs[m]["gflops_per_step"], lr=tree["optim"]["lr"],
                      warmup=tree["optim"]["warmup_steps"], teacher_tau=(tree.get("teacher") or {}).get("tau"),
                      schedule={k: v for o in tree["objectives"].values() for k, v in (o or {}).items()
                                if k in STEP_KNOBS},
                      final_losses={k: v for k, v in res["last"].items() if k.startswith("loss/")})
-        entry["eval"] = bq.evaluate_run(out_dir / "runs" / m, shards)
+        entry["eval"] = evaluate_run(out_dir / "runs" / m, shards)
         return entry
 
     def time_limit(i: int) -> float | None:
@@ -322,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
         log(f"{m}: kNN {100 * t[KEYS[0]]:.1f}, linear {100 * t[KEYS[1]]:.1f} (eval {entry['eval']['eval_s']} s)")
         doc["runs"][m] = entry
         doc["total_minutes"] = round((time.time() - t_start) / 60, 1)
-        out_path.write_text(json.dumps(doc, indent=1) + "\n")
+        write_json(out_path, doc)
 
     for m, entry in run_all(methods, lambda i, m: train_and_evaluate(m, time_limit(i)), args.parallel):
         record(m, entry)

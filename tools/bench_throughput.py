@@ -43,22 +43,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
-import re
 import shutil
 import statistics
-import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_quality import DATA_TARBALL, REPO, ensure_cifar  # noqa: E402
+from benchlib import REPO
+from benchlib.cifar import DATA_TARBALL, ensure_cifar, subset_shards
+from benchlib.cli import log, write_json
+from benchlib.openclip import TINY_VIT, run_openclip
+from benchlib.process import run_subprocess
+from benchlib.wds_old import OLD_WDS, ensure_old_webdataset
 
-MODEL = "vlp-tiny-vit"
-MODEL_JSON = REPO / "configs" / "models" / f"{MODEL}.json"
-OLD_WDS = "0.2.86"
+MODEL = TINY_VIT.stem
 CONTENDERS = {
     "open_clip_train": "open_clip_train (webdataset 0.2.86)",
     "vlp_clip": "vlp CLIP-only (unmasked)",
@@ -66,134 +63,9 @@ CONTENDERS = {
     "vlp_flip": "vlp FLIP CLIP-only (75% masked, ref.)",
 }
 GOALS = {"vlp_clip": 1.05, "vlp_mixed": 1.8}
-OPENCLIP_WRAPPER = ("import sys, open_clip; open_clip.add_model_config(sys.argv[1]); "
-                    "from open_clip_train.main import main; sys.exit(main(sys.argv[2:]) or 0)")
-
-
-def log(msg: str) -> None:
-    print(f"[bench_throughput {time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-# ---------------------------------------------------------------------------------------------- setup
-
-
-def write_shards(train_root: Path, out: Path, n_images: int, seed: int = 0) -> dict:
-    """The first ``n_images`` (stratified) as paired / labeled / unlabeled shards; skipped when already there."""
-    marker = out / "done.json"
-    params = {"n_images": n_images, "seed": seed, "version": 1}
-    if marker.is_file() and json.loads(marker.read_text()).get("params") == params:
-        return json.loads(marker.read_text())
-    from vlp.shards import find_image_folder, write_class_files, write_samples
-
-    classes, items = find_image_folder(train_root)
-    by_class: dict[int, list] = {}
-    for path, y in items:
-        by_class.setdefault(y, []).append(path)
-    rng = random.Random(seed)
-    chosen = []
-    for y in sorted(by_class):
-        paths = sorted(by_class[y])
-        rng.shuffle(paths)
-        chosen += [(p, y) for p in paths[: n_images // len(by_class)]]
-    rng.shuffle(chosen)
-    log(f"writing {len(chosen)} images as paired / labeled / unlabeled shards to {out}")
-    shutil.rmtree(out, ignore_errors=True)
-
-    def samples(kind):
-        for i, (path, y) in enumerate(chosen):
-            s = {"__key__": f"{i:09d}", "jpg": Path(path).read_bytes()}
-            if kind == "paired":
-                caption = f"a photo of a {classes[y]}."
-                s["txt"] = caption
-                s["json"] = json.dumps({"caption": caption, "key": s["__key__"], "status": "success", "url": ""})
-            elif kind == "labeled":
-                s["cls"] = str(y)
-            yield s
-
-    info = {"params": params, "shards": {}}
-    for kind in ("paired", "labeled", "unlabeled"):
-        info["shards"][kind] = write_samples(samples(kind), out / kind, prefix="cifar10", maxcount=1000)
-    ys = [y for _, y in chosen]
-    write_class_files(out / "labeled", classes, {c: ys.count(c) for c in range(len(classes))})
-    marker.write_text(json.dumps(info, indent=1) + "\n")
-    return info
-
-
-def ensure_old_webdataset(cache: Path) -> Path | None:
-    """webdataset 0.2.86 in its own folder, for the open_clip_train subprocess only."""
-    target = cache / f"webdataset-{OLD_WDS}"
-    if not (target / "webdataset" / "__init__.py").is_file():
-        log(f"installing webdataset=={OLD_WDS} into {target} (open_clip_train 3.3 needs it)")
-        tmp = target.with_name(target.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        r = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(tmp),
-                            f"webdataset=={OLD_WDS}"], capture_output=True, text=True)
-        if r.returncode != 0:
-            log(f"pip install webdataset=={OLD_WDS} failed: {r.stderr.strip()[-500:]}")
-            return None
-        shutil.rmtree(target, ignore_errors=True)
-        os.replace(tmp, target)
-    env = dict(os.environ, PYTHONPATH=_pythonpath(target))
-    r = subprocess.run([sys.executable, "-c", "import webdataset; print(webdataset.__version__)"], env=env,
-                       capture_output=True, text=True)
-    if r.stdout.strip() != OLD_WDS:
-        log(f"webdataset in {target} is {r.stdout.strip() or r.stderr.strip()[-300:]!r}, not {OLD_WDS}")
-        return None
-    return target
-
-
-def _pythonpath(first: Path) -> str:
-    rest = os.environ.get("PYTHONPATH", "")
-    return str(first) + (os.pathsep + rest if rest else "")
 
 
 # ---------------------------------------------------------------------------------------------- running
-
-
-class TreeMemory(threading.Thread):
-    """Polls the peak summed PSS (RSS where PSS is unavailable) of a process and its descendants."""
-
-    def __init__(self, pid: int, every: float = 0.5):
-        super().__init__(daemon=True)
-        self.pid, self.every = pid, every
-        self.peak = 0
-        self.stop = threading.Event()
-
-    def run(self) -> None:
-        import psutil
-
-        try:
-            root = psutil.Process(self.pid)
-        except psutil.Error:
-            return
-        while not self.stop.is_set():
-            total = 0
-            try:
-                procs = [root] + root.children(recursive=True)
-            except psutil.Error:
-                break
-            for p in procs:
-                try:
-                    mem = p.memory_full_info()
-                    total += getattr(mem, "pss", 0) or mem.rss
-                except psutil.Error:
-                    pass
-            self.peak = max(self.peak, total)
-            self.stop.wait(self.every)
-
-
-def run_subprocess(cmd: list[str], log_path: Path, env: dict, cwd: Path) -> dict:
-    t0 = time.time()
-    with open(log_path, "w") as logf:
-        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=logf, stderr=subprocess.STDOUT)
-        mon = TreeMemory(proc.pid)
-        mon.start()
-        _, status, usage = os.wait4(proc.pid, 0)
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        mon.stop.set()
-        mon.join()
-    return {"rc": proc.returncode, "wall_s": time.time() - t0, "peak_rss_mb": usage.ru_maxrss / 1024,
-            "peak_tree_pss_mb": mon.peak / 2**20}
 
 
 def windows_rate(windows: list[tuple[int, int, float, float]], batch: int, warmup: int):
@@ -208,22 +80,6 @@ def windows_rate(windows: list[tuple[int, int, float, float]], batch: int, warmu
     return batch * steps / t, d / t, steps
 
 
-LINE = re.compile(r"Train Epoch: \d+ \[\s*(\d+)/\d+ \(\s*\d+%\)\] Data \(t\): ([\d.]+) Batch \(t\): ([\d.]+),")
-
-
-def openclip_windows(log_text: str, batch: int) -> list[tuple[int, int, float, float]]:
-    """Windows from open_clip_train's lines: ``[N/...]`` = N samples done; ``Data (t)`` and ``Batch (t)`` are the
-    mean data-wait and step seconds over the steps since the previous line (its meters reset at each line)."""
-    windows, prev = [], 0
-    for m in LINE.finditer(log_text):
-        done = int(m.group(1)) // batch
-        n = done - prev
-        if n > 0:
-            windows.append((prev + 1, done, n * float(m.group(3)), n * float(m.group(2))))
-        prev = done
-    return windows
-
-
 def vlp_windows(metrics_path: Path, batch: int) -> list[tuple[int, int, float, float]]:
     windows, prev = [], 0
     for line in metrics_path.read_text().splitlines():
@@ -235,32 +91,6 @@ def vlp_windows(metrics_path: Path, batch: int) -> list[tuple[int, int, float, f
         windows.append((prev + 1, m["step"], t, t * m["data_wait_frac"]))
         prev = m["step"]
     return windows
-
-
-def run_openclip(shards: Path, run_dir: Path, wds_dir: Path, args, model_json: Path = MODEL_JSON,
-                 precision: str = "fp32", workers: int = 1, extra: tuple[str, ...] = ()) -> dict:
-    """open_clip_train on the paired shards; ``model_json`` is registered with open_clip and trained by its stem
-    name (tools/bench_gpu.py passes other models, ``amp_bf16``, more workers and e.g. ``--grad-checkpointing``)."""
-    shutil.rmtree(run_dir, ignore_errors=True)
-    run_dir.mkdir(parents=True)
-    urls = sorted((shards / "paired").glob("*.tar"))
-    spec = str(shards / "paired" / f"cifar10-{{000000..{len(urls) - 1:06d}}}.tar")
-    cmd = [sys.executable, "-c", OPENCLIP_WRAPPER, str(model_json),
-           "--dataset-type", "webdataset", "--train-data", spec, "--dataset-resampled",
-           "--train-num-samples", str(args.steps * args.batch_size), "--model", Path(model_json).stem,
-           "--precision", precision, "--batch-size", str(args.batch_size), "--workers", str(workers),
-           "--epochs", "1", "--lr", "1e-3",
-           "--warmup", "10", "--wd", "0.2", "--report-to", "", "--log-every-n-steps", "1",
-           "--save-frequency", "0", "--seed", "0", "--logs", str(run_dir), "--name", "run", *extra]
-    env = dict(os.environ, PYTHONPATH=_pythonpath(wds_dir), PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1")
-    res = run_subprocess(cmd, run_dir / "stdout.log", env, REPO)
-    log_file = run_dir / "run" / "out.log"
-    text = log_file.read_text() if log_file.is_file() else ""
-    if res["rc"] != 0 or not text:
-        tail = (run_dir / "stdout.log").read_text()[-2500:]
-        raise RuntimeError(f"open_clip_train failed (exit {res['rc']}):\n{tail}")
-    res["windows"] = openclip_windows(text, args.batch_size)
-    return res
 
 
 def vlp_config(name: str, shards: Path, run_dir: Path, args) -> dict:
@@ -337,10 +167,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench_throughput: {DATA_TARBALL} not found; skipping (nothing to benchmark).")
         return 0
     shards = cache / "throughput" / "shards"
-    write_shards(train_root, shards, args.images)
+    subset_shards(train_root, shards, args.images)
     wds_dir = None
     if "open_clip_train" in contenders:
-        wds_dir = ensure_old_webdataset(cache / "cache")
+        wds_dir = ensure_old_webdataset(cache / "cache" / f"webdataset-{OLD_WDS}")
         if wds_dir is None:
             log("open_clip_train skipped: no webdataset 0.2.86 (ratios to it will be missing)")
             contenders.remove("open_clip_train")
@@ -417,9 +247,7 @@ def main(argv: list[str] | None = None) -> int:
         "runs": {c: [{k: v for k, v in r.items()} for r in rs] for c, rs in runs.items()},
     }
     out = Path(args.out) if args.out else cache / "throughput" / ("results-quick.json" if q else "results.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(doc, indent=1) + "\n")
-    print(f"wrote {out}")
+    print(f"wrote {write_json(out, doc)}")
     return 0
 
 

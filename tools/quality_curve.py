@@ -2,7 +2,7 @@
 multi-objective run's gap to the best single-objective run on kNN and zero-shot, and ``gap_vs_budget.png`` (kNN and
 zero-shot of every run against its training TFLOP, mean ± sample std over seeds).
 
-Input: bench_quality results JSONs, one per budget (layout in ``bench_quality.results_doc``).
+Input: bench_quality results JSONs, one per budget (layout in ``quality.run.results_doc``).
 """
 from __future__ import annotations
 

@@ -1,0 +1,141 @@
+"""The quality bench's report of a results JSON: the headline table at equal FLOPs (mean ± sample std over seeds),
+each multi-objective run against the best single-objective one, the sweep, the ablations and equal steps."""
+from __future__ import annotations
+
+import statistics
+
+from quality.plan import SELECT_KEY
+
+COLUMNS = [("kNN pooled", "knn_top1/pooled"), ("kNN embed", "knn_top1/embed"),
+           ("linear pooled", "linear_top1/pooled"), ("linear embed", "linear_top1/embed"),
+           ("zero-shot tmpl", "zeroshot_top1/templates"), ("zero-shot photo", "zeroshot_top1/photo")]
+
+
+def jobs_in(doc: dict, phase: str, config: str | None = None) -> list[dict]:
+    return [j for j in doc["jobs"] if phase in j["phases"] and (config is None or j["config"] == config)]
+
+
+def mean_std(values: list[float]) -> tuple[float, float | None]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
+
+
+def cell(values: list[float], mark: str = " ", width: int = 15) -> str:
+    m, s = mean_std([100 * v for v in values])
+    text = f"{m:.2f}" + (f" ± {s:.2f}" if s is not None else "")
+    return f"{text:>{width - 1}}{mark}"
+
+
+def name_width(doc: dict) -> int:
+    """The run-name column's width: the longest run name, at least 11."""
+    return max([11] + [len(r) for r in doc["runs"]])
+
+
+def results_table(doc: dict, phase: str, title: str) -> list[str]:
+    """One row per run: FLOPs, steps, lr, then every test metric (mean ± std over the phase's seeds)."""
+    w = name_width(doc)
+    head = f"{'run':<{w}} {'GFLOP/step':>10} {'steps':>6} {'TFLOP':>7} {'lr':>7} {'seeds':>5}  " + \
+        "  ".join(f"{c:>15}" for c, _ in COLUMNS)
+    lines = [title, head, "-" * len(head)]
+    for run in doc["runs"]:
+        jobs = jobs_in(doc, phase, run)
+        if not jobs:
+            continue
+        c = doc["configs"][run]
+        cells = [cell([j["eval"]["test"][key] for j in jobs],
+                      "*" if key.startswith("zeroshot") and not c["text_trained"] else " ") for _, key in COLUMNS]
+        steps = sorted({j["steps"] for j in jobs})
+        cut = " (cut short)" if any(j["train"]["cut_short"] for j in jobs) else ""
+        lines.append(f"{run:<{w}} {c['gflops_per_step']:>10.2f} {'/'.join(map(str, steps)):>6} "
+                     f"{c['gflops_per_step'] * steps[0] / 1e3:>7.1f} {jobs[0]['lr']:>7g} {len(jobs):>5}  "
+                     + "  ".join(cells) + cut)
+    return lines
+
+
+def sweep_table(doc: dict) -> list[str]:
+    jobs = jobs_in(doc, "sweep")
+    if not jobs:
+        return []
+    lrs = sorted({j["lr"] for j in jobs})
+    w = name_width(doc)
+    head = f"{'run':<{w}} {'steps':>6}  " + "  ".join(f"{f'lr {lr:g}':>10}" for lr in lrs) + "   chosen"
+    lines = [f"LR sweep: validation kNN top-1 % (pooled; {doc['val']['n']} images of the unlabeled pool, "
+             f"never the test set), seed {doc['seeds'][0]}", head, "-" * len(head)]
+    for run in doc["runs"]:
+        mine = {j["lr"]: j for j in jobs if j["config"] == run}
+        if not mine:
+            continue
+        best = (doc["lr"].get(run) or {}).get("lr")  # None: a partial bench, not chosen yet
+        cells = [f"{100 * mine[lr]['eval']['val'][SELECT_KEY]:>9.2f}{'*' if lr == best else ' '}" if lr in mine
+                 else f"{'-':>10}" for lr in lrs]
+        steps = next(iter(mine.values()))["steps"]
+        lines.append(f"{run:<{w}} {steps:>6}  " + "  ".join(cells) + (f"   {best:g}" if best else "   -"))
+    return lines
+
+
+def ablation_table(doc: dict) -> list[str]:
+    jobs = jobs_in(doc, "ablation")
+    if not jobs:
+        return []
+    run = doc["configs"][jobs[0]["config"]]["run"]
+    seed = jobs[0]["seed"]
+    full = next((j for j in jobs_in(doc, "seed", run) if j["seed"] == seed), None)
+    if full is None:
+        return [f"ablations of {run}: no full run at seed {seed}"]
+    head = f"{'config':<26} {'change':<34} {'GFLOP/step':>10} {'steps':>6} {'kNN pooled':>10} {'delta':>7} " \
+           f"{'zero-shot':>10} {'delta':>7}"
+    lines = [f"Ablations of {run} (seed {seed}, lr {full['lr']:g}, equal FLOPs to {doc['reference']}; test top-1 %, "
+             f"kNN pooled and zero-shot templates)", head, "-" * len(head)]
+    f = full["eval"]["test"]
+    zs = "zeroshot_top1/templates"
+    lines.append(f"{run:<26} {'(full)':<34} {doc['configs'][run]['gflops_per_step']:>10.2f} {full['steps']:>6} "
+                 f"{100 * f[SELECT_KEY]:>10.2f} {'':>7} {100 * f[zs]:>10.2f}")
+    for j in jobs:
+        c, e = doc["configs"][j["config"]], j["eval"]["test"]
+        meaningful = c["text_trained"] and doc["configs"][run]["text_trained"]
+        dz = f"{100 * (e[zs] - f[zs]):>+7.2f}" if meaningful else f"{'n/a':>7}"
+        cut = " (cut short)" if j["train"]["cut_short"] else ""
+        lines.append(f"{j['config']:<26} {c['change']:<34} {c['gflops_per_step']:>10.2f} {j['steps']:>6} "
+                     f"{100 * e[SELECT_KEY]:>10.2f} {100 * (e[SELECT_KEY] - f[SELECT_KEY]):>+7.2f} "
+                     f"{100 * e[zs]:>9.2f}{' ' if c['text_trained'] else '*'} {dz}{cut}")
+    return lines
+
+
+def versus_single_lines(doc: dict) -> list[str]:
+    """For every multi-objective run: its mean minus the best single-objective run's mean on kNN / zero-shot."""
+    means = {r: {k: statistics.fmean(j["eval"]["test"][k] for j in jobs_in(doc, "seed", r)) for _, k in COLUMNS}
+             for r in doc["runs"] if jobs_in(doc, "seed", r)}
+    singles = [r for r in means if len(doc["configs"][r]["objectives"]) == 1]
+    lines = []
+    for run in means:
+        if len(doc["configs"][run]["objectives"]) < 2:
+            continue
+        for label, key, text_only in (("kNN", SELECT_KEY, False), ("zero-shot", "zeroshot_top1/templates", True)):
+            if text_only and not doc["configs"][run]["text_trained"]:
+                continue
+            pool = [r for r in singles if not text_only or doc["configs"][r]["text_trained"]]
+            if pool:
+                best = max(pool, key=lambda r: means[r][key])
+                lines.append(f"{run} − best single-objective run ({best}) on {label}: "
+                             f"{100 * (means[run][key] - means[best][key]):+.1f} points")
+    return lines
+
+
+def report(doc: dict) -> str:
+    n = len(doc["seeds"])
+    parts = [results_table(doc, "seed", f"Equal training FLOPs (reference {doc['reference']} at "
+                                        f"{doc['reference_steps']} steps, batch {doc['batch_size']}); test top-1 %, "
+                                        f"mean ± sample std over {n} seed{'s' if n > 1 else ''} ({doc['seeds']})")]
+    parts[0] += ["* text tower never trained: zero-shot is meaningless (chance 10%). GFLOP/step: vlp.flops "
+                 "(FlopCounterMode: forward + teacher + backward + hooks); TFLOP: total training FLOPs."]
+    parts[0] += versus_single_lines(doc)
+    for extra in (sweep_table(doc), ablation_table(doc),
+                  results_table(doc, "equal-steps", f"Equal steps ({doc['reference_steps']} each, seed "
+                                                    f"{doc['seeds'][0]}); test top-1 %")):
+        if len(extra) > 3 or len(extra) == 1:  # a table with rows, or a one-line note
+            parts.append(extra)
+    taken = [j for j in doc["jobs"] if j.get("reused_from")]
+    if taken:
+        sources = sorted({j["reused_from"] for j in taken})
+        parts.append([f"{len(taken)} of {len(doc['jobs'])} trainings taken over (--reuse) from {'; '.join(sources)}: "
+                      + ", ".join(j["name"] for j in taken)])
+    return "\n\n".join("\n".join(p) for p in parts)
