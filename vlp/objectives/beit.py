@@ -121,7 +121,7 @@ class BEiTObjective(Objective):
 
     class Config(ObjectiveConfig):
         codebook_size: int = Field(512, gt=1)      # K visual words (BEiT's dVAE: 8192)
-        codebook: str | None = None                # a saved [K, D] codebook (a run's objectives.safetensors) instead of fitting one
+        codebook: str | None = None                # a saved [K, D] codebook to reuse (a run's objectives.safetensors)
         kmeans_iters: int = Field(20, ge=0)        # Lloyd iterations of the fit
         fit_patches: int = Field(65536, gt=0)      # at most this many patches of the first step (all ranks) fit it
         decoder_width: int = Field(128, gt=0)      # MAE's decoder (mask tokens, sin-cos positions): width
