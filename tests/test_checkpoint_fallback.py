@@ -41,3 +41,13 @@ def test_export_of_a_run_with_no_readable_checkpoint_fails_with_one_line(run_wit
     assert main(["export", "--checkpoint", str(run_dir), "--out", str(tmp_path / "export")]) != 0
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "unreadable" in err[0] and "no older one is left" in err[0], err
+
+
+def test_an_export_folder_without_its_config_is_named_as_such(tmp_path, capsys):
+    """#30: a missing open_clip_config.json said "no complete checkpoint"."""
+    folder = tmp_path / "export"
+    folder.mkdir()
+    (folder / "open_clip_model.safetensors").write_bytes(b"")
+    assert main(["eval", "--model", str(folder), "--task", "zeroshot", "--data", str(tmp_path), "--device", "cpu"]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "open_clip_config.json" in err[0], err

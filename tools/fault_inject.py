@@ -556,6 +556,35 @@ def stalled_stream(w: Work):
         f"{took:.0f} s; kill -9: {len(alive)}/{len(workers)} workers left, resume exit {again.returncode} (4: busy)"
 
 
+@case("30 corrupt latest checkpoint: export, eval, keep_last=1 resume",
+      "export and eval use the previous one; pruning keeps the good one")
+def corrupt_latest_readers(w: Work):
+    from vlp import checkpoint as ckpt_io
+
+    run_dir = w.root / "corrupt-readers"
+    shutil.copytree(w.trained(), run_dir)
+    weights = ckpt_io.list_checkpoints(run_dir)[-1] / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:len(weights.read_bytes()) // 2])
+    ex = run([*VLP, "export", "--checkpoint", run_dir, "--out", w.root / "corrupt-export"])
+    ev = run([*VLP, "eval", "--model", run_dir, "--task", "zeroshot", "--data", w.data / "test", "--device", "cpu",
+              "--max-samples", "20"])
+    tr = run([*TRAIN, "--config", w.config("corrupt-readers"), "train.steps=3", "train.save_every=1",
+              "train.keep_last=1", "--resume", "auto"])
+    kept = [p.name for p in ckpt_io.list_checkpoints(run_dir)]
+    return ex.returncode == ev.returncode == tr.returncode == 0 and kept == ["step_00000003"], \
+        f"export exit {ex.returncode}, eval exit {ev.returncode}, resume exit {tr.returncode}; checkpoints kept: {kept}"
+
+
+@case("30 resume with another model", "exit 2, one line naming both models")
+def resume_other_model(w: Work):
+    run_dir = w.root / "other-model"
+    shutil.copytree(w.trained(), run_dir)
+    proc = run([*TRAIN, "--config", w.config("other-model"), "model.name=vlp-tiny-vit", "train.steps=5",
+                "--resume", "auto"])
+    return proc.returncode == 2 and "another model" in tail(proc) and "falling back" not in proc.stderr, \
+        f"exit {proc.returncode}: {tail(proc)[:90]}"
+
+
 def stalled_config(w: Work, name: str, **data) -> Path:
     """A run whose unlabeled stream is a `pipe:` command that sends nothing and ignores SIGTERM (a hung mount, a
     stalled curl); each worker that starts it leaves a file in ROOT/NAME-started/."""
