@@ -19,7 +19,6 @@ both pipelines approach.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import platform
@@ -27,14 +26,18 @@ import random
 import statistics
 import subprocess
 import sys
-import tarfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from benchlib import REPO
+from benchlib.cifar import tar_jpegs
+from benchlib.cli import write_json
+from benchlib.images import synthetic_jpegs
+from benchlib.shards import cached
+from benchlib.wds_old import OLD_WDS, ensure_old_webdataset, pythonpath
+
 DEFAULT_CIFAR = REPO.parent / "shared" / "data" / "cifar10-train.tar.gz"
 DEFAULT_WDS_DIR = Path.home() / ".cache" / "vlp-bench" / "wds0286"
-WDS_OLD = "0.2.86"
 SIDES = ("vlp", "open_clip")
 LABELS = {
     "vlp": "vlp MixedBatches",
@@ -46,44 +49,6 @@ LABELS = {
 # --------------------------------------------------------------------------------------------- shards
 
 
-def _cifar_images(path: Path, n: int) -> list[tuple[bytes, str]]:
-    """n JPEGs from an ImageFolder tar.gz (train/<class>/*.jpg), spread evenly over the classes."""
-    by_class: dict[str, list[tuple[str, bytes]]] = {}
-    with tarfile.open(path) as tf:
-        for m in tf:
-            parts = m.name.split("/")
-            if not m.isreg() or len(parts) < 3 or not parts[-1].lower().endswith((".jpg", ".jpeg")):
-                continue
-            by_class.setdefault(parts[-2], []).append((m.name, tf.extractfile(m).read()))
-    classes = sorted(by_class)
-    for c in classes:
-        by_class[c].sort()
-    out, i = [], 0
-    while len(out) < n and any(by_class.values()):
-        c = classes[i % len(classes)]
-        if by_class[c]:
-            out.append((by_class[c].pop(0)[1], c))
-        i += 1
-    return out
-
-
-def _synthetic_images(n: int, size: int) -> list[tuple[bytes, str]]:
-    import numpy as np
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    out = []
-    for i in range(n):
-        c = i % 10
-        base = rng.integers(0, 255, (4, 4, 3), dtype=np.uint8)  # smooth-ish content compresses like photos
-        arr = np.asarray(Image.fromarray(base).resize((size, size), Image.BILINEAR), dtype=np.int16)
-        arr = np.clip(arr + rng.integers(-12, 12, arr.shape), 0, 255).astype(np.uint8)
-        buf = io.BytesIO()
-        Image.fromarray(arr).save(buf, format="JPEG", quality=90)
-        out.append((buf.getvalue(), f"class{c}"))
-    return out
-
-
 def make_shards(a) -> tuple[str, int, str]:
     """Write (or reuse) the benchmark shards; return (brace spec, samples, description)."""
     from vlp.shards import write_samples
@@ -92,33 +57,21 @@ def make_shards(a) -> tuple[str, int, str]:
         name, what = f"synthetic-{a.synthetic_size}px-{a.samples}-{a.shard_size}", f"synthetic {a.synthetic_size}px JPEGs"
     else:
         name, what = f"cifar10-{a.samples}-{a.shard_size}", f"CIFAR-10 train JPEGs from {a.cifar}"
-    out = Path(a.work_dir) / name
-    done = out / "done.json"
-    if done.is_file():
-        info = json.loads(done.read_text())
-        return info["spec"], info["samples"], what
-    images = _synthetic_images(a.samples, a.synthetic_size) if a.synthetic else _cifar_images(Path(a.cifar), a.samples)
-    random.Random(0).shuffle(images)
-    shards = write_samples(
-        ({"__key__": f"{i:07d}", "jpg": jpg, "txt": f"a photo of a {c}."} for i, (jpg, c) in enumerate(images)),
-        out, prefix="bench", maxcount=a.shard_size)
-    spec = str(out / f"bench-{{000000..{len(shards) - 1:06d}}}.tar")
-    done.write_text(json.dumps({"spec": spec, "samples": len(images)}))
-    return spec, len(images), what
 
+    def write(out: Path) -> dict:
+        if a.synthetic:  # smooth-ish content compresses like photos
+            jpgs = synthetic_jpegs(a.samples, (a.synthetic_size, a.synthetic_size), (4, 4), noise=12)
+            images = [(jpg, f"class{i % 10}") for i, jpg in enumerate(jpgs)]
+        else:
+            images = tar_jpegs(Path(a.cifar), a.samples)
+        random.Random(0).shuffle(images)
+        shards = write_samples(
+            ({"__key__": f"{i:07d}", "jpg": jpg, "txt": f"a photo of a {c}."} for i, (jpg, c) in enumerate(images)),
+            out, prefix="bench", maxcount=a.shard_size)
+        return {"spec": str(out / f"bench-{{000000..{len(shards) - 1:06d}}}.tar"), "samples": len(images)}
 
-def ensure_old_webdataset(wds_dir: Path) -> None:
-    """webdataset 0.2.86 in its own folder (no deps: numpy etc. must stay the machine's)."""
-    if (wds_dir / f"webdataset-{WDS_OLD}.dist-info").is_dir() and (wds_dir / "webdataset" / "__init__.py").is_file():
-        return
-    print(f"installing webdataset=={WDS_OLD} into {wds_dir} (once) ...", flush=True)
-    wds_dir.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(wds_dir),
-           f"webdataset=={WDS_OLD}"]
-    r = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    if r.returncode != 0:
-        sys.exit(f"could not install webdataset=={WDS_OLD} (open_clip_train's loader needs it):\n  {' '.join(cmd)}\n"
-                 f"{r.stderr.strip()[-2000:]}\nPass --wds-dir to a folder that already holds it.")
+    info = cached(Path(a.work_dir) / name, {"images": what, "samples": a.samples, "shard_size": a.shard_size}, write)
+    return info["spec"], info["samples"], what
 
 
 # --------------------------------------------------------------------------------------------- one measurement (child)
@@ -227,7 +180,7 @@ def child(a) -> None:
 def run_child(side: str, a, spec: str, samples: int) -> dict:
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     if side == "open_clip":
-        env["PYTHONPATH"] = os.pathsep.join([str(a.wds_dir)] + [p for p in [env.get("PYTHONPATH")] if p])
+        env["PYTHONPATH"] = pythonpath(a.wds_dir)
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", side, "--spec", spec, "--n", str(samples),
            "--model", a.model, "--batch-size", str(a.batch_size), "--batches", str(a.batches),
            "--warmup", str(a.warmup), "--workers", str(a.workers), "--shuffle", str(a.shuffle),
@@ -261,7 +214,7 @@ def parse(argv=None):
     p.add_argument("--repeats", type=int, default=3, help="alternating runs per pipeline")
     p.add_argument("--no-bare", action="store_true", help="skip the in-process decode+augment ceiling")
     p.add_argument("--work-dir", default=str(REPO / "bench_out" / "bench_data"), help="shards are cached here")
-    p.add_argument("--wds-dir", type=Path, default=DEFAULT_WDS_DIR, help=f"webdataset {WDS_OLD} install (--target)")
+    p.add_argument("--wds-dir", type=Path, default=DEFAULT_WDS_DIR, help=f"webdataset {OLD_WDS} install (--target)")
     p.add_argument("--out", default=str(REPO / "bench_out" / "bench_data.json"), help="JSON results")
     p.add_argument("--timeout", type=int, default=600, help="seconds per run")
     p.add_argument("--child", choices=SIDES + ("bare",), help=argparse.SUPPRESS)
@@ -285,7 +238,9 @@ def main(argv=None) -> int:
     t = time.perf_counter()
     spec, samples, what = make_shards(a)
     print(f"shards: {spec} ({samples} samples, {what}; {time.perf_counter() - t:.1f}s)", flush=True)
-    ensure_old_webdataset(a.wds_dir)
+    if ensure_old_webdataset(a.wds_dir) is None:
+        sys.exit(f"no webdataset=={OLD_WDS} in {a.wds_dir} (open_clip_train's loader needs it); pass --wds-dir to a "
+                 f"folder that holds it")
 
     runs: dict[str, list[dict]] = {s: [] for s in SIDES + ("bare",)}
     for r in range(a.repeats):
@@ -342,10 +297,7 @@ def main(argv=None) -> int:
                         "webdataset_open_clip": runs["open_clip"][0]["webdataset"], "cpus": os.cpu_count(),
                         "loadavg_end": load, "machine": platform.machine()},
     }
-    out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1) + "\n")
-    print(f"wrote {out}")
+    print(f"wrote {write_json(Path(a.out), report)}")
     return 0
 
 

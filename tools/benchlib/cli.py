@@ -6,7 +6,8 @@ import sys
 import time
 from pathlib import Path
 
-TOOL = Path(sys.argv[0]).stem  # the running tool, e.g. bench_quality: each log line names it
+_SCRIPT = Path(sys.argv[0]).resolve()
+TOOL = _SCRIPT.stem if _SCRIPT.parent == Path(__file__).resolve().parents[1] else "benchlib"  # e.g. bench_quality
 
 
 def log(msg: str) -> None:
