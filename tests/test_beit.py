@@ -102,6 +102,20 @@ def test_objective_fits_its_codebook_once_from_the_unmasked_images_and_scores_it
     assert set(obj.state_dict()) == {"codebook", "fitted"}  # what the task writes to objectives.safetensors
 
 
+def test_fit_uses_at_most_fit_patches_sampled_with_the_seed():
+    from vlp.data.sources import stream_seed
+
+    x = torch.randn(48, 12, generator=torch.Generator().manual_seed(6))
+    obj = BEiTObjective(patch=2, codebook_size=4, kmeans_iters=3, fit_patches=20, seed=9)
+    obj.fit(x)
+    pick = torch.randperm(48, generator=torch.Generator().manual_seed(stream_seed(9, "beit-fit-sample", 0)))[:20]
+    want, _ = kmeans(x[pick], 4, 3, torch.Generator().manual_seed(stream_seed(9, "beit-codebook")))
+    assert torch.equal(obj.codebook, want)
+    full = BEiTObjective(patch=2, codebook_size=4, kmeans_iters=3, seed=9)
+    full.fit(x)
+    assert not torch.equal(full.codebook, obj.codebook)
+
+
 def test_a_saved_codebook_is_used_as_is(tmp_path):
     book = torch.randn(5, 48)
     save_file({"beit.codebook": book}, str(tmp_path / "objectives.safetensors"))

@@ -152,10 +152,12 @@ class BEiTObjective(Objective):
             raise ValueError("objectives.beit: the image tower is not a ViT; BEiT predicts a code per patch token "
                              "(use an open_clip ViT config or drop the beit objective)")
         if ctx.cfg is not None and o.codebook is None:
-            patches = ctx.cfg.data.batch.total * ctx.world_size * ctx.grid[0] * ctx.grid[1]
-            if min(patches, o.fit_patches) < o.codebook_size:
+            local = ctx.cfg.data.batch.total * ctx.grid[0] * ctx.grid[1]
+            per_rank = min(local, max(1, o.fit_patches // ctx.world_size))
+            if per_rank * ctx.world_size < o.codebook_size:
                 raise ValueError(f"objectives.beit.codebook_size: {o.codebook_size} centroids, but the first step "
-                                 f"fits them on {min(patches, o.fit_patches)} patches; lower it or raise the batch")
+                                 f"fits them on {per_rank * ctx.world_size} patches; lower it or raise the batch "
+                                 f"(or fit_patches)")
         return cls(ctx.patch, o.codebook_size, o.codebook, o.kmeans_iters, o.fit_patches, o.decoder_width,
                    o.decoder_depth, o.decoder_heads, seed=ctx.cfg.seed if ctx.cfg is not None else 0)
 
@@ -179,17 +181,22 @@ class BEiTObjective(Objective):
 
     @torch.no_grad()
     def fit(self, patches: torch.Tensor) -> list[float]:
-        """Fit the codebook on ``patches [M, D]`` (this rank's), gathered from every rank; rank 0's result is
-        broadcast. Returns the k-means inertia curve."""
-        x = patches.reshape(-1, patches.shape[-1]).float().contiguous()
+        """Fit the codebook on ``patches [M, D]``: each rank's (at most ``fit_patches / world`` of them, sampled
+        with a generator seeded by (seed, rank)) gathered from every rank; rank 0's result is broadcast. Returns the
+        k-means inertia curve."""
+        x = patches.reshape(-1, patches.shape[-1]).float()
         distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        world, rank = (dist.get_world_size(), dist.get_rank()) if distributed else (1, 0)
+        per_rank = max(1, self.fit_patches // world)  # each rank's share, sampled before the gather
+        if x.shape[0] > per_rank:
+            pick = torch.Generator().manual_seed(stream_seed(self.seed, "beit-fit-sample", rank))
+            x = x[torch.randperm(x.shape[0], generator=pick)[:per_rank].to(x.device)]
+        x = x.contiguous()
         if distributed:
-            parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+            parts = [torch.empty_like(x) for _ in range(world)]
             dist.all_gather(parts, x)
             x = torch.cat(parts)
         g = torch.Generator().manual_seed(stream_seed(self.seed, "beit-codebook"))
-        if x.shape[0] > self.fit_patches:
-            x = x[torch.randperm(x.shape[0], generator=g)[:self.fit_patches].to(x.device)]
         centroids, inertia = kmeans(x, self.codebook.shape[0], self.kmeans_iters, g)
         centroids = centroids.to(self.codebook.device)
         if distributed:
