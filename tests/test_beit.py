@@ -135,6 +135,12 @@ def test_config_errors_name_the_key():
     too_many["objectives"]["beit"]["codebook_size"] = 100  # 4 rows x 16 patches = 64
     with pytest.raises(ConfigError, match="objectives.beit.codebook_size: 100 centroids, but .* 64 patches"):
         PretrainTask(config_from_dict(too_many, check_files=False))
+    # the default (512) is capped to the first step's patches, with a warning; a value set is not
+    default = copy.deepcopy(CFG)
+    del default["objectives"]["beit"]["codebook_size"]
+    task = PretrainTask(config_from_dict(default, check_files=False))
+    assert task.objectives["beit"][0].codebook.shape == (64, 8 * 8 * 3)
+    assert task.student.beit_decoder.decoder.pred.out_features == 64
 
 
 def test_head_decodes_the_shared_masked_pass_into_code_logits():

@@ -22,6 +22,7 @@ and a narrow decoder (MAE's, ``vlp.models.mae.MAEDecoder``, with mask tokens at 
 """
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
@@ -35,6 +36,8 @@ from vlp.data.sources import stream_seed
 from vlp.models.heads import Head
 from vlp.models.mae import MAEDecoder, patchify
 from vlp.objectives.base import Objective, ObjectiveConfig, register
+
+log = logging.getLogger("vlp.objectives.beit")
 
 
 def patch_features(images: torch.Tensor, patch: int) -> torch.Tensor:
@@ -120,7 +123,7 @@ class BEiTObjective(Objective):
     """Cross-entropy of the masked patches' predicted codes against the tokenizer's codes of the unmasked image."""
 
     class Config(ObjectiveConfig):
-        codebook_size: int = Field(512, gt=1)      # K visual words (BEiT's dVAE: 8192)
+        codebook_size: int = Field(512, gt=1)      # K words (BEiT: 8192); default: <= the first step's patches
         codebook: str | None = None                # a saved [K, D] codebook to reuse (a run's objectives.safetensors)
         kmeans_iters: int = Field(20, ge=0)        # Lloyd iterations of the fit
         fit_patches: int = Field(65536, gt=0)      # at most this many patches of the first step (all ranks) fit it
@@ -151,14 +154,18 @@ class BEiTObjective(Objective):
         if not ctx.is_vit:
             raise ValueError("objectives.beit: the image tower is not a ViT; BEiT predicts a code per patch token "
                              "(use an open_clip ViT config or drop the beit objective)")
+        k = o.codebook_size  # the default is capped to the patches of the first step; a value set is not
         if ctx.cfg is not None and o.codebook is None:
             local = ctx.cfg.data.batch.total * ctx.grid[0] * ctx.grid[1]
-            per_rank = min(local, max(1, o.fit_patches // ctx.world_size))
-            if per_rank * ctx.world_size < o.codebook_size:
-                raise ValueError(f"objectives.beit.codebook_size: {o.codebook_size} centroids, but the first step "
-                                 f"fits them on {per_rank * ctx.world_size} patches; lower it or raise the batch "
-                                 f"(or fit_patches)")
-        return cls(ctx.patch, o.codebook_size, o.codebook, o.kmeans_iters, o.fit_patches, o.decoder_width,
+            available = min(local, max(1, o.fit_patches // ctx.world_size)) * ctx.world_size
+            if available < k:
+                if "codebook_size" in o.model_fields_set:
+                    raise ValueError(f"objectives.beit.codebook_size: {k} centroids, but the first step fits them "
+                                     f"on {available} patches; lower it or raise the batch (or fit_patches)")
+                log.warning("objectives.beit: the first step holds %d patches, fewer than the default codebook_size "
+                            "%d: the codebook has %d words", available, k, available)
+                k = available
+        return cls(ctx.patch, k, o.codebook, o.kmeans_iters, o.fit_patches, o.decoder_width,
                    o.decoder_depth, o.decoder_heads, seed=ctx.cfg.seed if ctx.cfg is not None else 0)
 
     @classmethod
@@ -171,7 +178,9 @@ class BEiTObjective(Objective):
     @classmethod
     def card_settings(cls, o, cfg):
         return {"weight": o.weight, "mask_ratio": cfg.model.mask_ratio,
-                "tokenizer": o.codebook or f"k-means of normalized pixel patches, K={o.codebook_size}",
+                "tokenizer": o.codebook or ("k-means of normalized pixel patches, K="
+                                            + (str(o.codebook_size) if "codebook_size" in o.model_fields_set
+                                               else f"{o.codebook_size} or the first step's patches if fewer")),
                 "decoder": f"{o.decoder_depth} layers x {o.decoder_width}"}
 
     def heads(self, ctx):
