@@ -56,6 +56,10 @@ class SourceConfig(_Strict):
     weight: float = Field(1.0, gt=0)
     classnames: list[str] | str | None = None  # list, or a file (one name per line); default: classnames.txt beside the shards
     balance: Literal["none", "sqrt", "class"] = "none"  # labeled resampling for long tails (Mahajan et al. 2018)
+    # label noise for robustness experiments: this fraction of the labels (each label of a multi-label sample) replaced
+    # by a uniformly random other class, decided per (seed, source, sample key, position): the same in every worker,
+    # rank and resume. Needs class names. 0: labels as written
+    noise: float = Field(0.0, ge=0, lt=1)
     size: int | None = None  # samples; default: sizes.json beside the shards
 
     def shard_specs(self) -> list[str]:

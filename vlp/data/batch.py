@@ -13,6 +13,9 @@ A step's data is a pair ``(Batch, StreamMeta)``. ``Batch`` holds training tensor
                                  batch order), each group at its own size; cut from the same decode as ``image``
       hidden_label [B] long  a benchmark's withheld label of unlabeled rows (``hidden.cls``), -1 where absent;
                                  diagnostics only (pseudo-label accuracy), never read by a loss
+      labels    [B,K] long   every class of each row, padded with -1 (K: the most labels of a row in this batch);
+                                 only when a row of the batch is multi-label (``.cls`` with several ids, ``.tags``),
+                                 else None. A single-label row is ``[label, -1, ...]``; ``label`` holds each row's first
     StreamMeta
       bad       [S]  skipped samples so far per source, in this worker (cumulative)
       worker         the DataLoader worker that built the batch
@@ -75,6 +78,7 @@ class Batch:
     kind: torch.Tensor
     views: dict[str, torch.Tensor] = field(default_factory=dict)
     hidden_label: torch.Tensor | None = None
+    labels: torch.Tensor | None = None
 
     def __getitem__(self, key: str):
         if key not in _FIELDS:
@@ -88,13 +92,15 @@ class Batch:
         move = lambda t: t.to(device, non_blocking=non_blocking)  # noqa: E731
         return Batch(move(self.image), move(self.text), move(self.has_text), move(self.label), move(self.kind),
                      {k: move(v) for k, v in self.views.items()},
-                     None if self.hidden_label is None else move(self.hidden_label))
+                     None if self.hidden_label is None else move(self.hidden_label),
+                     None if self.labels is None else move(self.labels))
 
     def pin_memory(self) -> "Batch":
         return Batch(self.image.pin_memory(), self.text.pin_memory(), self.has_text.pin_memory(),
                      self.label.pin_memory(), self.kind.pin_memory(),
                      {k: v.pin_memory() for k, v in self.views.items()},
-                     None if self.hidden_label is None else self.hidden_label.pin_memory())
+                     None if self.hidden_label is None else self.hidden_label.pin_memory(),
+                     None if self.labels is None else self.labels.pin_memory())
 
     def __len__(self) -> int:
         return self.image.shape[0]
@@ -123,6 +129,8 @@ def flatten(batch: Batch, meta: StreamMeta | None = None) -> dict[str, torch.Ten
     """One flat dict of tensors (``views/<group>`` for views; meta fields as tensors), for inspection."""
     out = {name: getattr(batch, name) for name in ("image", "text", "has_text", "label", "kind")}
     out.update({f"views/{k}": v for k, v in batch.views.items()})
+    if batch.labels is not None:
+        out["labels"] = batch.labels
     if meta is not None:
         out.update(bad=meta.bad, worker=torch.tensor(meta.worker), stream=torch.tensor(meta.stream),
                    taken=torch.tensor(meta.taken))

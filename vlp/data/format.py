@@ -13,6 +13,11 @@ that count are:
 * label (``labeled``): ``cls`` holding a class index or a class name; when class names are known, ``txt`` may
   hold it instead. Reasons: ``"no label"``, ``"label not UTF-8"``, ``"unknown label"`` (neither an integer nor
   a known class name), ``"label out of range"`` (negative, or not below the number of known classes).
+* several labels (``labeled``; weak multi-label supervision, Mahajan et al. 2018): ``cls`` holding two or more class
+  indices separated by commas or spaces (``3,17,42``), or a ``tags`` member of class names (one per line or
+  comma-separated; needs the class names; with ``cls`` too, the tags follow its labels). The record then has
+  ``labels`` (the list, in order) and ``label`` its first. Reasons as above per label (a tag that is not a class
+  name: ``"unknown label"``), and ``"duplicate label"`` (a class twice in one sample).
 * ``unlabeled``: the image only; other keys are ignored, as they are for the other kinds, except an optional
   ``hidden.cls`` (a benchmark's withheld label): it becomes ``Batch.hidden_label``, read only to measure the
   accuracy of pseudo-labels, never by a loss.
@@ -41,11 +46,12 @@ CLASSNAMES_FILE = "classnames.txt"
 SIZES_FILE = "sizes.json"
 CLASS_COUNTS_FILE = "class_counts.json"
 HIDDEN_LABEL_KEY = "hidden.cls"
+TAGS_KEY = "tags"
 REASONS = ("no image", "no caption", "caption not UTF-8", "bad caption json", "empty caption", "no label",
-           "label not UTF-8", "unknown label", "label out of range", "corrupt image")
+           "label not UTF-8", "unknown label", "label out of range", "corrupt image", "duplicate label")
 
 __all__ = ["KINDS", "IMAGE_KEYS", "REASONS", "Rejected", "image_key", "parse_image", "parse_caption",
-           "parse_label", "parse_sample", "infer_kind", "decode_image", "check_image", "find_sidecar",
+           "parse_label", "parse_labels", "parse_sample", "infer_kind", "decode_image", "check_image", "find_sidecar",
            "read_lines", "load_classnames", "read_classnames", "check_classnames", "ClassnamesError",
            "MAX_ASPECT_RATIO", "ImageShapeError"]
 
@@ -128,9 +134,65 @@ def parse_label(sample: Mapping, classnames: Sequence[str] | None = None,
     return label
 
 
+_MULTI_IDS = re.compile(r"-?[0-9]+(?:\s*[,\s]\s*-?[0-9]+)+")  # two or more ASCII integers, "," or space between
+
+
+def is_multilabel(sample: Mapping) -> bool:
+    """Whether the sample carries several labels: a ``tags`` member, or ``cls`` with two or more integers."""
+    if TAGS_KEY in sample:
+        return True
+    try:
+        value = sample["cls"].decode("utf-8").strip() if "cls" in sample else ""
+    except (UnicodeDecodeError, AttributeError):
+        return False
+    return bool(_MULTI_IDS.fullmatch(value))
+
+
+def parse_labels(sample: Mapping, classnames: Sequence[str] | None = None,
+                 class_index: Mapping[str, int] | None = None) -> list[int] | Rejected:
+    """The class indices of a multi-label sample (weak supervision: hashtags, JFT-style noisy labels; Mahajan et
+    al. 2018): ``cls`` with several integers (``3,17,42`` or ``3 17 42``), then the class names of ``tags`` (one per
+    line or comma-separated). Each is judged as :func:`parse_label` judges one; a class twice: ``duplicate label``."""
+    if class_index is None:
+        class_index = {c: i for i, c in enumerate(classnames or [])}
+    labels: list[int] = []
+    if "cls" in sample:
+        try:
+            value = sample["cls"].decode("utf-8").strip()
+        except UnicodeDecodeError as exn:
+            return Rejected("label not UTF-8", f"cls: {exn}")
+        for part in (p for p in re.split(r"[,\s]+", value) if p):
+            one = parse_label({"cls": part.encode()}, classnames, class_index)
+            if isinstance(one, Rejected):
+                return one
+            labels.append(one)
+    if TAGS_KEY in sample:
+        try:
+            text = sample[TAGS_KEY].decode("utf-8")
+        except UnicodeDecodeError as exn:
+            return Rejected("label not UTF-8", f"{TAGS_KEY}: {exn}")
+        for tag in (t.strip() for t in re.split(r"[,\n]", text)):
+            if not tag:
+                continue
+            if tag not in class_index:
+                why = "not a class name" if class_index else "tags need class names (classnames.txt)"
+                return Rejected("unknown label", f"{TAGS_KEY} {tag[:40]!r}: {why}")
+            labels.append(class_index[tag])
+    if not labels:
+        return Rejected("no label", f"keys {_keys(sample)}")
+    seen: set[int] = set()
+    for label in labels:
+        if label in seen:
+            name = f" ({classnames[label]!r})" if classnames and label < len(classnames) else ""
+            return Rejected("duplicate label", f"class {label}{name} twice in {labels}")
+        seen.add(label)
+    return labels
+
+
 def parse_sample(sample: Mapping, kind: str, classnames: Sequence[str] | None = None,
                  class_index: Mapping[str, int] | None = None) -> dict | Rejected:
-    """``{"image": bytes, "text": str | None, "label": int}`` (label -1 unless labeled) for a sample of ``kind``."""
+    """``{"image": bytes, "text": str | None, "label": int}`` (label -1 unless labeled) for a sample of ``kind``;
+    a multi-label sample (:func:`is_multilabel`) adds ``labels`` (all its classes; ``label`` is the first)."""
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     image = parse_image(sample)
@@ -141,6 +203,11 @@ def parse_sample(sample: Mapping, kind: str, classnames: Sequence[str] | None = 
         record["text"] = parse_caption(sample)
         if isinstance(record["text"], Rejected):
             return record["text"]
+    elif kind == "labeled" and is_multilabel(sample):
+        labels = parse_labels(sample, classnames, class_index)
+        if isinstance(labels, Rejected):
+            return labels
+        record["label"], record["labels"] = labels[0], labels
     elif kind == "labeled":
         record["label"] = parse_label(sample, classnames, class_index)
         if isinstance(record["label"], Rejected):
@@ -152,8 +219,8 @@ def parse_sample(sample: Mapping, kind: str, classnames: Sequence[str] | None = 
 
 
 def infer_kind(sample: Mapping) -> str:
-    """A guess for when no kind is given: ``cls`` -> labeled, ``txt``/``json`` -> paired, else unlabeled."""
-    if "cls" in sample:
+    """A guess for when no kind is given: ``cls`` or ``tags`` -> labeled, ``txt``/``json`` -> paired, else unlabeled."""
+    if "cls" in sample or TAGS_KEY in sample:
         return "labeled"
     return "paired" if any(k in sample for k in CAPTION_KEYS) else "unlabeled"
 

@@ -135,6 +135,7 @@ class MixedBatches(IterableDataset):
             kind=torch.tensor([KIND_ID[r[0]] for r in rows], dtype=torch.long),
             views={name: torch.stack([torch.stack(v) for v in per_view]) for name, per_view in views.items()},
             hidden_label=torch.tensor([r[2].get("hidden_label", -1) for r in rows], dtype=torch.long),
+            labels=padded_labels([r[2] for r in rows]),
         )
 
     def _decode(self, source: Source, rec: dict, kind: str, worker: int, rows: list, i: int):
@@ -149,6 +150,16 @@ class MixedBatches(IterableDataset):
                 rows[i] = (kind, source, rec)
         raise NoUsableData(f"{kind} data: {MAX_CORRUPT_IN_A_ROW} corrupt images in a row (last from source "
                            f"{source.name}); check data.sources (vlp shards verify lists what is wrong)")
+
+
+def padded_labels(records: list[dict]) -> torch.Tensor | None:
+    """``Batch.labels``: each record's classes (``labels``, else ``[label]``, else none) padded with -1 to the most
+    of any row; None when no record is multi-label (single-label batches are as they always were)."""
+    if not any("labels" in r for r in records):
+        return None
+    rows = [r.get("labels", [r["label"]] if r["label"] >= 0 else []) for r in records]
+    width = max(len(r) for r in rows)
+    return torch.tensor([r + [-1] * (width - len(r)) for r in rows], dtype=torch.long)
 
 
 def _absorb_first_stop_signal(signum, frame) -> None:

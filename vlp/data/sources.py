@@ -1,6 +1,7 @@
 """One configured WebDataset source: shard list, rank/worker split, tar reading, shuffle, validation.
 
-A source yields light records ``{"key", "image": bytes, "text": str | None, "label": int}``; images are
+A source yields light records ``{"key", "image": bytes, "text": str | None, "label": int}`` (plus ``labels``, a
+list, for a multi-label sample); images are
 decoded later, by the mixer, only for batches that are really used (so resuming can fast-forward a stream
 without decoding it). Problems in the data never stop a run: each is skipped and counted per source, by reason.
 The sample format and the reasons are :mod:`vlp.data.format`'s (``vlp shards verify`` judges samples the same way).
@@ -73,6 +74,10 @@ class Source:
         self.to_global: list[int] | None = None  # own class index -> run's class index (None: the same)
         self.size = cfg.size if cfg.size is not None else self._size_from_sidecar()
         self.accept = self._balance_acceptance()
+        self.noise = cfg.noise if self.kind == "labeled" else 0.0
+        if self.noise and not self.own_classnames:
+            raise ValueError(f"source {self.name}: noise={cfg.noise} needs class names (classnames.txt or "
+                             f"classnames) to draw random classes from")
         self.bad = BadSamples()
         self._dry_shards: set[str] = set()  # shards read through without a usable record since the last one
 
@@ -91,7 +96,9 @@ class Source:
             return None
 
     def _balance_acceptance(self) -> dict[int, float] | None:
-        """Per-class acceptance probabilities that resample a long-tailed stream to n_c^(1/2) or uniform."""
+        """Per-class acceptance probabilities that resample a long-tailed stream to n_c^(1/2) or uniform. A
+        multi-label record (hashtags; Mahajan et al. 2018 resample them by 1/sqrt(frequency), ``class_counts.json``
+        counting each tag) is accepted with the mean of its labels' probabilities (:func:`acceptance`)."""
         if self.cfg.balance == "none" or self.kind != "labeled":
             return None
         found = find_sidecar(self.urls, CLASS_COUNTS_FILE)
@@ -135,7 +142,11 @@ class Source:
                     raise RuntimeError(
                         f"source {self.name}: {len(self.urls)} shards cannot be split over {world} ranks x "
                         f"{workers} workers without resampling; set data.resampled: true or write more shards")
-            yield from self._read(shards, rng, shuffle_buffer, endless=epochs is None)
+            if self.noise:
+                for record in self._read(shards, rng, shuffle_buffer, endless=epochs is None):
+                    yield self.add_noise(record, seed)
+            else:
+                yield from self._read(shards, rng, shuffle_buffer, endless=epochs is None)
             epoch += 1
             if resampled:
                 return
@@ -145,9 +156,30 @@ class Source:
         if shuffle_buffer > 1:
             records = wds.filters._shuffle(records, shuffle_buffer, min(100, shuffle_buffer), rng)
         for record in records:
-            if self.accept is not None and rng.random() >= self.accept.get(record["label"], 0.0):
+            if self.accept is not None and rng.random() >= acceptance(self.accept, record):
                 continue
             yield record
+
+    def add_noise(self, record: dict, seed: int) -> dict:
+        """The record with each label, with probability ``noise``, replaced by a class drawn uniformly from those
+        it does not hold (so that fraction of labels really changes). Decided by (seed, source, record key,
+        position) alone: the same record gets the same labels in every worker, rank, epoch and resume."""
+        labels = record.get("labels", [record["label"]])
+        n = len(self.classnames)
+        out = list(labels)
+        for pos in range(len(out)):
+            rng = random.Random(stream_seed(seed, "noise", self.index, record["key"], pos))
+            if rng.random() < self.noise:
+                held = set(out)
+                others = [c for c in range(n) if c not in held]
+                if others:
+                    out[pos] = others[rng.randrange(len(others))]
+        if out == list(labels):
+            return record
+        record = {**record, "label": out[0]}
+        if "labels" in record:
+            record["labels"] = out
+        return record
 
     def _shard_records(self, url: str, endless: bool) -> Iterator[dict]:
         """Valid records of one tar. One tar at a time: webdataset drops its end-of-shard marker when a tar breaks
@@ -187,7 +219,19 @@ class Source:
             for k in ("label", "hidden_label"):
                 if parsed.get(k, -1) >= 0:
                     parsed[k] = self.to_global[parsed[k]]
+            if "labels" in parsed:
+                parsed["labels"] = [self.to_global[c] for c in parsed["labels"]]
         return {"key": f"{sample.get('__url__', '')}/{key}", **parsed}
+
+
+def acceptance(accept: dict[int, float], record: dict) -> float:
+    """The probability that class-balanced resampling keeps ``record``: its class's, or for a multi-label record
+    the mean of its labels' (draw one of its tags, keep the image with that tag's probability; Mahajan et al. 2018
+    resample hashtags by 1/sqrt(frequency))."""
+    labels = record.get("labels")
+    if labels is None:
+        return accept.get(record["label"], 0.0)
+    return sum(accept.get(c, 0.0) for c in labels) / len(labels)
 
 
 def build_sources(cfgs: list[SourceConfig]) -> list[Source]:
