@@ -1,4 +1,4 @@
-"""``vlp shards {folder,captions,hf,inspect,verify}``: the offline shard tooling's command line."""
+"""``vlp shards {folder,captions,tags,hf,inspect,verify}``: the offline shard tooling's command line."""
 from __future__ import annotations
 
 import argparse
@@ -8,7 +8,7 @@ from typing import Any, Callable
 
 from vlp.data.format import KINDS
 from vlp.shards.inspect import inspect_shards, verify_shards
-from vlp.shards.write import write_captions, write_hf_dataset, write_image_folder
+from vlp.shards.write import write_captions, write_hf_dataset, write_image_folder, write_tags
 
 
 def _print_written(result: dict) -> None:
@@ -44,6 +44,15 @@ def _cmd_captions(args: argparse.Namespace) -> int:
         shuffle_seed=args.seed,
         image_size=args.image_size,
         resize_mode=args.resize_mode,
+    )
+    _print_written(result)
+    return 0
+
+
+def _cmd_tags(args: argparse.Namespace) -> int:
+    result = write_tags(
+        args.list, args.out, classnames=args.classnames, image_root=args.image_root, prefix=args.prefix,
+        maxcount=args.maxcount, shuffle_seed=args.seed, image_size=args.image_size, resize_mode=args.resize_mode,
     )
     _print_written(result)
     return 0
@@ -117,10 +126,10 @@ def _seed(value: int | None) -> int | None:
 
 
 def register_cli(subparsers: Any) -> argparse.ArgumentParser:
-    """Add ``shards {folder,captions,hf,inspect,verify}`` to a CLI's subparsers; each sets ``func(args) -> int``."""
+    """Add ``shards {folder,captions,tags,hf,inspect,verify}`` to a CLI's subparsers; each sets ``func(args) -> int``."""
     shards = subparsers.add_parser("shards", help="write, inspect and verify WebDataset shards",
                                    description="Write, inspect and verify WebDataset tar shards.")
-    sub = shards.add_subparsers(dest="shards_command", metavar="{folder,captions,hf,inspect,verify}")
+    sub = shards.add_subparsers(dest="shards_command", metavar="{folder,captions,tags,hf,inspect,verify}")
     sub.required = True
 
     def wrap(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
@@ -155,6 +164,16 @@ def register_cli(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--image-root", default=None, help="base for relative image paths (default: the table's folder)")
     _add_write_options(p, None)
     p.set_defaults(func=wrap(_cmd_captions))
+
+    p = sub.add_parser("tags", help="IMAGE<TAB>tag1,tag2 list -> multi-label labeled shards (weak supervision)")
+    p.add_argument("--list", required=True, help="lines IMAGE<TAB>tag1,tag2,... (# comments, blank lines skipped)")
+    p.add_argument("out")
+    p.add_argument("--classnames", default=None,
+                   help="class names file, one per line (default: the sorted union of the tags); lines with "
+                        "other tags are skipped and listed")
+    p.add_argument("--image-root", default=None, help="base for relative image paths (default: the list's folder)")
+    _add_write_options(p, 0)
+    p.set_defaults(func=wrap(_cmd_tags))
 
     p = sub.add_parser("hf", help="datasets.save_to_disk folder -> labeled / paired / unlabeled shards")
     p.add_argument("dataset")

@@ -14,7 +14,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
-from vlp.data.format import (KINDS, SIZES_FILE, Rejected, check_image, find_sidecar, image_key, infer_kind,
+from vlp.data.format import (CLASS_COUNTS_FILE, KINDS, SIZES_FILE, Rejected, check_image, find_sidecar, image_key, infer_kind,
                              load_classnames, parse_sample)
 
 
@@ -179,6 +179,37 @@ def guess_kind(shards: Sequence[str], n: int = 200) -> str:
     return next((k for k in ("labeled", "paired") if k in kinds), "unlabeled")
 
 
+def class_counts_problems(shards: Sequence[str], names: Sequence[str] | None, tally: Counter,
+                          all_ok: bool) -> list[tuple[str, str]]:
+    """``(file, problem)`` for a ``class_counts.json`` beside labeled shards that disagrees with the class names (a
+    class index that is not an integer, or not below the number of names) or, when the shards judged are all that
+    sizes.json beside them lists and every sample is good, with the labels they hold (``tally``: each label of a
+    multi-label sample counts, as :func:`vlp.shards.write.write_tags` counts them)."""
+    found = find_sidecar(shards, CLASS_COUNTS_FILE)
+    if found is None or names is None:
+        return []
+    try:
+        counts = json.loads(found.read_text())
+        counts = {int(k): int(v) for k, v in counts.items()}
+    except (OSError, ValueError, TypeError, AttributeError) as exn:
+        return [(str(found), f"{CLASS_COUNTS_FILE}: unreadable ({type(exn).__name__}: {str(exn)[:80]})")]
+    out = [(str(found), f"{CLASS_COUNTS_FILE}: class {k} is not among the {len(names)} class names")
+           for k in sorted(counts) if not 0 <= k < len(names)]
+    sizes = find_sidecar(shards, SIZES_FILE)
+    try:
+        listed = set(json.loads(sizes.read_text())) if sizes is not None and sizes.parent == found.parent else None
+    except (OSError, ValueError):
+        listed = None
+    if not out and all_ok and listed is not None and listed == {os.path.basename(s) for s in shards}:
+        wrong = [c for c in range(len(names)) if counts.get(c, 0) != tally.get(c, 0)]
+        if wrong:
+            c = wrong[0]
+            out.append((str(found), f"{CLASS_COUNTS_FILE}: {len(wrong)} class(es) counted differently from the "
+                                    f"shards' labels, e.g. class {c} ({names[c]!r}): {counts.get(c, 0)} listed, "
+                                    f"{tally.get(c, 0)} in the shards"))
+    return out
+
+
 def verify_shards(spec: str, kind: str | None = None,
                   classnames: Sequence[str] | str | os.PathLike | None = None) -> dict:
     """Read and judge every sample of every shard; truncated/unreadable shards are reported, never raised.
@@ -191,7 +222,8 @@ def verify_shards(spec: str, kind: str | None = None,
     Returns ``total`` (samples read), ``ok``, ``bad`` (samples training would skip), ``reasons`` (bad samples
     per reason, the keys of training's ``Source.bad.counts``), ``shard_errors`` (shard-level problems: read
     errors, truncation, sizes.json mismatches), ``bad_samples``: a list of ``(shard, key, reason)`` for both
-    (key None for shard-level problems), ``num_classes`` and ``clean``.
+    (key None for shard-level problems; ``class_counts.json`` problems, :func:`class_counts_problems`, count as
+    shard errors too), ``num_classes`` and ``clean``.
     """
     if kind is not None and kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
@@ -205,6 +237,7 @@ def verify_shards(spec: str, kind: str | None = None,
     reasons: Counter = Counter()
     bad_samples: list[tuple[str, str | None, str]] = []
     cache: dict[Path, dict] = {}
+    tally: Counter = Counter()
     for shard in shards:
         read_errors: list[str] = []
         count = 0
@@ -213,6 +246,9 @@ def verify_shards(spec: str, kind: str | None = None,
             rejected = judge_sample(sample, kind, names, class_index)
             if rejected is None:
                 ok += 1
+                if kind == "labeled":
+                    parsed = parse_sample(sample, kind, names, class_index)
+                    tally.update(parsed.get("labels", [parsed["label"]]))
             else:
                 reasons[rejected.reason] += 1
                 bad_samples.append((shard, sample.get("__key__"), str(rejected)))
@@ -226,6 +262,10 @@ def verify_shards(spec: str, kind: str | None = None,
             problems.append(f"sizes.json lists {listed} samples, read {count}")
         shard_errors += len(problems)
         bad_samples.extend((shard, None, p) for p in problems)
+    if kind == "labeled":
+        problems = class_counts_problems(shards, names, tally, ok == total and not shard_errors)
+        shard_errors += len(problems)
+        bad_samples.extend((where, None, p) for where, p in problems)
     bad = total - ok
     return {
         "spec": spec,

@@ -9,7 +9,8 @@ Samples: ``__key__`` (zero-padded running index), the image as JPEG bytes under 
 bytes unless resized; transparent images are composited on white, as a viewer shows them, not with the alpha channel
 dropped, which turns transparent pixels to whatever colour they hold, often black) and
 
-* labeled: ``cls`` (class index as ASCII text);
+* labeled: ``cls`` (class index as ASCII text; several, comma-separated, for a multi-label sample:
+  :func:`write_tags`, whose ``class_counts.json`` counts each label);
 * paired: ``txt`` (UTF-8 caption) and ``json`` (``{"caption", "key", "status": "success", "url"}``);
 * unlabeled: nothing else.
 
@@ -273,7 +274,9 @@ def _make_sample(
 ) -> dict:
     key = _key(index)
     sample: dict[str, Any] = {"__key__": key, "jpg": image_to_jpeg_bytes(image, resize)}
-    if kind == "labeled":
+    if kind == "labeled" and isinstance(label, (list, tuple)):  # multi-label: "3,17,42"
+        sample["cls"] = ",".join(str(int(c)) for c in label).encode("ascii")
+    elif kind == "labeled":
         sample["cls"] = str(int(label)).encode("ascii")
     elif kind == "paired":
         sample["txt"] = caption.encode("utf-8")
@@ -300,7 +303,7 @@ class _Collector:
                 self.skipped.append((source, f"{type(exn).__name__}: {exn}"))
                 continue
             if self.kind == "labeled":
-                self.class_counts[int(label)] += 1
+                self.class_counts.update(int(c) for c in (label if isinstance(label, (list, tuple)) else [label]))
             self.index += 1
             yield sample
 
@@ -389,6 +392,76 @@ def write_image_folder(
     shards = write_samples(collector.samples(records), out, prefix=prefix, maxcount=maxcount,
                            sidecars=collector.sidecars(classnames))
     return collector.result(out, shards, classnames)
+
+
+def read_tag_list(path: str | os.PathLike) -> list[tuple[str, list[str]]]:
+    """``IMAGE<TAB>tag1,tag2,...`` lines (blank lines and ``#`` comments skipped) -> ``[(image, [tags])]``, tags
+    stripped, in order. A line without a tab: ValueError naming it."""
+    rows = []
+    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        if "\t" not in line:
+            raise ValueError(f"{path}:{n}: want IMAGE<TAB>tag1,tag2,... (no tab in {line[:60]!r})")
+        image, tags = line.split("\t", 1)
+        rows.append((image.strip(), [t.strip() for t in tags.split(",") if t.strip()]))
+    return rows
+
+
+def write_tags(
+    tag_list: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    classnames: list[str] | str | os.PathLike | None = None,
+    image_root: str | os.PathLike | None = None,
+    prefix: str = "shard",
+    maxcount: int = 1000,
+    shuffle_seed: int | None = 0,
+    image_size: int | None = None,
+    resize_mode: str = "no",
+) -> dict:
+    """A tag list (``IMAGE<TAB>tag1,tag2`` lines, :func:`read_tag_list`) -> multi-label labeled shards for weak
+    supervision (hashtags; Mahajan et al. 2018): ``cls`` holds the tags' class indices, comma-separated, in the
+    line's order; ``classnames.txt`` names the classes, ``class_counts.json`` counts each tag's occurrences (what
+    ``balance: sqrt`` resamples by).
+
+    Classes: ``classnames`` (a list or a file, in that order), else the sorted union of the tags. Skipped and listed
+    under ``skipped``: a line whose image is missing or undecodable, with no tag, or (given ``classnames``) with a
+    tag that is not a class name. A tag repeated on a line counts once. Relative paths resolve against
+    ``image_root`` or the list's folder.
+    """
+    from vlp.data.format import read_classnames
+
+    rows = read_tag_list(tag_list)
+    base = Path(image_root) if image_root is not None else Path(tag_list).resolve().parent
+    if classnames is None:
+        classnames = sorted({t for _, tags in rows for t in tags})
+        if not classnames:
+            raise ValueError(f"no tags in {tag_list}")
+    elif isinstance(classnames, (str, os.PathLike)):
+        classnames = read_classnames(classnames)
+    classnames = check_classnames(classnames, "the tag classes")
+    index = {c: i for i, c in enumerate(classnames)}
+    if shuffle_seed is not None:
+        random.Random(shuffle_seed).shuffle(rows)
+    collector = _Collector("labeled", check_resize(image_size, resize_mode))
+
+    def records() -> Iterator[tuple[Any, list[int], None, str]]:
+        for image, tags in rows:
+            path = Path(image).expanduser()
+            path = path if path.is_absolute() else base / path
+            unknown = [t for t in tags if t not in index]
+            if not image or not path.is_file():
+                collector.skipped.append((str(path), "missing image file"))
+            elif not tags:
+                collector.skipped.append((str(path), "no tag"))
+            elif unknown:
+                collector.skipped.append((str(path), f"unknown tag(s) {unknown[:5]} (not in the class names)"))
+            else:
+                yield path, list(dict.fromkeys(index[t] for t in tags)), None, str(path)
+
+    shards = write_samples(collector.samples(records()), out_dir, prefix=prefix, maxcount=maxcount,
+                           sidecars=collector.sidecars(classnames))
+    return collector.result(Path(out_dir), shards, classnames)
 
 
 def read_table(table: Any, image_col: str = "image", caption_col: str = "caption"):
