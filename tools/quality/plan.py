@@ -1,13 +1,16 @@
-"""What the quality bench trains: the runs (``configs/bench/quality-<run>.yaml``), their ablations, and the jobs of
-the learning-rate sweep, the seeds, the ablations and equal steps, in execution order, with what each costs."""
+"""What the quality bench trains: the runs (``configs/bench/quality-<run>.yaml``) and their ablations with their
+FLOPs, each run's learning rate (given, or swept), and the jobs of the sweep, the seeds, the ablations and equal
+steps, in execution order, with what each costs."""
 from __future__ import annotations
 
+import argparse
 import copy
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from benchlib import REPO
-from benchlib.cli import log
-from benchlib.train import equal_flops_steps, validated
+from benchlib.cli import log, parse_list
+from benchlib.train import adapt_tree, equal_flops_steps, measure_flops, validated
 
 CONFIGS = REPO / "configs" / "bench"
 SELECT_KEY = "knn_top1/pooled"  # the sweep's selection metric, on the validation split
@@ -63,6 +66,58 @@ def ablation_trees(run: str, tree: dict) -> dict[str, tuple[dict, str]]:
             log(f"ablation {name} skipped: {err}")
             del out[name]
     return out
+
+
+def run_configs(p: argparse.ArgumentParser, args: argparse.Namespace, shards: Path,
+                batch: int) -> tuple[list[str], dict, dict]:
+    """(runs, trees, configs) of the command line: ``--runs`` (and the reference) and ``--ablate``'s ablations as
+    configs adapted to the bench; ``configs``: each one's run, change, objectives, batch, masking, model and FLOPs."""
+    runs = parse_list(args.runs) if args.runs else available_runs()
+    known = available_runs()
+    for r in runs + [args.reference] + ([args.ablate] if args.ablate else []):
+        if r not in known:
+            p.error(f"unknown run {r!r}: no configs/bench/quality-{r}.yaml (runs: {', '.join(known)})")
+    if args.ablate and args.ablate not in runs:
+        p.error(f"--ablate {args.ablate}: not among --runs")
+    adapt = lambda t: adapt_tree(t, shards, batch, args.mask_ratio, args.model, args.workers)  # noqa: E731
+    trees = {r: adapt(base_tree(r)) for r in dict.fromkeys(runs + [args.reference])}
+    configs = {r: {"run": r, "change": None} for r in trees}
+    if args.ablate:
+        for abl, (tree, change) in ablation_trees(args.ablate, base_tree(args.ablate)).items():
+            trees[abl] = adapt(tree)
+            configs[abl] = {"run": args.ablate, "change": change}
+    for c, v in configs.items():
+        cfg = validated(trees[c])
+        v.update(objectives=active_objectives(trees[c]), text_trained=text_trained(trees[c]),
+                 batch=cfg.data.batch.model_dump(), mask_ratio=cfg.model.mask_ratio, model=cfg.model.name)
+    measure_flops(configs, trees, args.flop_steps or (2 if args.quick else 10))
+    return runs, trees, configs
+
+
+def learning_rates(p: argparse.ArgumentParser, args: argparse.Namespace, runs: list[str],
+                   trees: dict) -> tuple[list[float], dict, dict, dict]:
+    """(lrs, lr_info, sweep, follow): the lrs a sweep tries; each run's lr and how it is set (``{"lr", "how"}``:
+    given, config, or another run's; runs without one are swept); run -> the lrs swept; run -> the run whose lr it
+    takes (``--lr RUN=@OTHER``)."""
+    given_text = dict(item.split("=", 1) for item in parse_list(args.lr))
+    follow = {k: v[1:] for k, v in given_text.items() if v.startswith("@")}
+    given = {k: float(v) for k, v in given_text.items() if k not in follow}
+    for r, other in follow.items():
+        if other not in runs or other in follow:
+            p.error(f"--lr {r}=@{other}: {other} is not a run of --runs that has its own lr")
+    lrs = parse_list(args.lrs, float) if args.lrs else None
+    lr_info: dict = {}
+    for r in runs:
+        if r in follow:
+            lr_info[r] = {"lr": None, "how": f"{follow[r]}'s"}
+        elif r in given:
+            lr_info[r] = {"lr": given[r], "how": "given"}
+        elif lrs is None and args.quick:
+            lr_info[r] = {"lr": float(trees[r]["optim"]["lr"]), "how": "config"}
+        elif lrs is not None and len(lrs) == 1:
+            lr_info[r] = {"lr": lrs[0], "how": "given"}
+    lrs = lrs or [5e-4, 1e-3, 2e-3]
+    return lrs, lr_info, {r: lrs for r in runs if r not in lr_info}, follow
 
 
 @dataclass

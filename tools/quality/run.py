@@ -18,10 +18,9 @@ from pathlib import Path
 from benchlib.cifar import CAPTION_TEMPLATES, DATA_TARBALL, prepare, prepare_val
 from benchlib.cli import log, parse_list, write_json
 from benchlib.evaluate import evaluate_run
-from benchlib.train import (adapt_tree, equal_flops_steps, job_tree, launch, measure_flops, seconds_per_step,
-                            validated)
-from quality.plan import (SELECT_KEY, Job, ablation_trees, active_objectives, available_runs, base_tree, beyond_edge,
-                          best_swept, job_costs, plan_jobs, print_plan, reused, text_trained)
+from benchlib.train import equal_flops_steps, job_tree, launch, seconds_per_step
+from quality.plan import (SELECT_KEY, Job, beyond_edge, best_swept, job_costs, learning_rates, plan_jobs, print_plan,
+                          reused, run_configs)
 from quality.report import report
 
 SAFETY = 1.15
@@ -52,49 +51,11 @@ def bench(p: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str] 
         print(f"bench_quality: {DATA_TARBALL} not found (needed for the validation split); skipping.")
         return 0
 
-    # ---- configs: runs, reference, ablations; FLOPs of each
-    runs = parse_list(args.runs) if args.runs else available_runs()
-    known = available_runs()
-    for r in runs + [args.reference] + ([args.ablate] if args.ablate else []):
-        if r not in known:
-            p.error(f"unknown run {r!r}: no configs/bench/quality-{r}.yaml (runs: {', '.join(known)})")
-    if args.ablate and args.ablate not in runs:
-        p.error(f"--ablate {args.ablate}: not among --runs")
+    # ---- configs (runs, reference, ablations; FLOPs of each), learning rates (given, single, or swept)
     batch = args.batch_size or (64 if args.quick else 128)
     seeds = parse_list(args.seeds, int) if args.seeds else ([0] if args.quick else [0, 1, 2])
-    adapt = lambda t: adapt_tree(t, shards, batch, args.mask_ratio, args.model, args.workers)  # noqa: E731
-    trees = {r: adapt(base_tree(r)) for r in dict.fromkeys(runs + [args.reference])}
-    configs = {r: {"run": r, "change": None} for r in trees}
-    if args.ablate:
-        for abl, (tree, change) in ablation_trees(args.ablate, base_tree(args.ablate)).items():
-            trees[abl] = adapt(tree)
-            configs[abl] = {"run": args.ablate, "change": change}
-    for c, v in configs.items():
-        cfg = validated(trees[c])
-        v.update(objectives=active_objectives(trees[c]), text_trained=text_trained(trees[c]),
-                 batch=cfg.data.batch.model_dump(), mask_ratio=cfg.model.mask_ratio, model=cfg.model.name)
-    measure_flops(configs, trees, args.flop_steps or (2 if args.quick else 10))
-
-    # ---- learning rates: given, single, or swept
-    given_text = dict(item.split("=", 1) for item in parse_list(args.lr))
-    follow = {k: v[1:] for k, v in given_text.items() if v.startswith("@")}
-    given = {k: float(v) for k, v in given_text.items() if k not in follow}
-    for r, other in follow.items():
-        if other not in runs or other in follow:
-            p.error(f"--lr {r}=@{other}: {other} is not a run of --runs that has its own lr")
-    lrs = parse_list(args.lrs, float) if args.lrs else None
-    lr_info: dict = {}
-    for r in runs:
-        if r in follow:
-            lr_info[r] = {"lr": None, "how": f"{follow[r]}'s"}
-        elif r in given:
-            lr_info[r] = {"lr": given[r], "how": "given"}
-        elif lrs is None and args.quick:
-            lr_info[r] = {"lr": float(trees[r]["optim"]["lr"]), "how": "config"}
-        elif lrs is not None and len(lrs) == 1:
-            lr_info[r] = {"lr": lrs[0], "how": "given"}
-    lrs = lrs or [5e-4, 1e-3, 2e-3]
-    sweep = {r: lrs for r in runs if r not in lr_info}
+    runs, trees, configs = run_configs(p, args, shards, batch)
+    lrs, lr_info, sweep, follow = learning_rates(p, args, runs, trees)
     chosen = {r: v["lr"] for r, v in lr_info.items() if v["lr"] is not None}
     ablations = [c for c in configs if configs[c]["change"]]
     make_plan = lambda s: plan_jobs(s, runs, args.reference, configs, sweep, chosen, seeds,  # noqa: E731
