@@ -5,13 +5,14 @@ cross-entropy between the prediction at position ``i`` and the code ``z_i`` the 
 *unmasked* image.
 
 Tokenizer: BEiT's DALL-E dVAE cannot be downloaded here, so the tokenizer is built in-project, a codebook of ``K``
-centroids (``codebook_size``, default 512) over per-patch normalized pixel patches (each patch minus its mean, over
-its standard deviation: MAE's ``norm_pix`` target, the patch normalization of Coates, Lee & Ng 2011's k-means
-features); a patch's code is its nearest centroid. The default fits it by k-means (random distinct patches as the
-initial centroids from a generator seeded by the run's seed, ``kmeans_iters`` Lloyd iterations) on the first
-training step's patches, gathered from every rank (at most ``fit_patches`` of them, sampled with the same
-generator) and broadcast from rank 0, so every rank holds the same codebook. It needs no download, no other run and
-no extra pass; it is saved with the run (``beit.codebook`` in ``objectives.safetensors``) and a resume keeps it.
+centroids (``codebook_size``, default 512, capped to the first step's patches) over per-patch normalized pixel
+patches (each patch minus its mean, over its standard deviation: MAE's ``norm_pix`` target, the patch normalization
+of Coates, Lee & Ng 2011's k-means features); a patch's code is its nearest centroid. The default fits it by k-means
+(random distinct patches as the initial centroids from a generator seeded by the run's seed, ``kmeans_iters`` Lloyd
+iterations) on the first training step's patches: each rank's share of ``fit_patches`` (sampled with a generator
+seeded by seed and rank), gathered from every rank; rank 0's result is broadcast, so every rank holds the same
+codebook. It is the default because it needs no download, no other run and no extra encoder pass; it is saved with
+the run (``beit.codebook`` in ``objectives.safetensors``) and a resume keeps it instead of refitting.
 ``codebook: PATH`` reuses a saved one instead (a safetensors file with ``codebook`` or a run's ``beit.codebook``).
 
 Departures: the k-means pixel-patch codebook instead of the DALL-E dVAE (coarser tokens: local intensity patterns,
