@@ -20,6 +20,7 @@ import logging
 import os
 import re
 import shutil
+import weakref
 from pathlib import Path
 
 from safetensors.torch import load_file
@@ -45,7 +46,8 @@ class RunDirBusy(RuntimeError):
     """Another live process trains into this output_dir."""
 
 
-_HELD: dict[str, "RunLock"] = {}  # run-dir locks this process holds, by lock file path
+# run-dir locks this process holds, by lock file path (weakly: a lock dropped unclosed closes its file, as before)
+_HELD: "weakref.WeakValueDictionary[str, RunLock]" = weakref.WeakValueDictionary()
 
 
 class RunLock:
