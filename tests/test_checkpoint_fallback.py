@@ -1,4 +1,6 @@
 """Reading a run whose latest checkpoint is corrupt: `vlp export` and `vlp eval` fall back as `--resume auto` does."""
+import shutil
+
 import pytest
 from safetensors.torch import load_file
 
@@ -51,3 +53,13 @@ def test_an_export_folder_without_its_config_is_named_as_such(tmp_path, capsys):
     assert main(["eval", "--model", str(folder), "--task", "zeroshot", "--data", str(tmp_path), "--device", "cpu"]) != 0
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "open_clip_config.json" in err[0], err
+
+
+def test_eval_of_a_checkpoint_pruned_by_its_live_run_says_so(run_with_corrupt_latest, demo_data, tmp_path, capsys):
+    """#30: `vlp eval` of a checkpoint that its live run pruned gave a confusing "no complete checkpoint" error."""
+    run_dir, older = run_with_corrupt_latest
+    shutil.rmtree(older)  # what the run's keep_last pruning does
+    assert main(["eval", "--model", str(older), "--task", "zeroshot", "--data", str(demo_data / "test"),
+                 "--device", "cpu"]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no longer exists" in err[0] and "train.keep_last" in err[0], err

@@ -128,6 +128,9 @@ def find_checkpoint(path: str | os.PathLike) -> Path:
     path = Path(path)
     if (path / STATE_FILE).is_file():
         return path
+    if not path.exists() and _STEP_DIR.match(path.name) and path.parent.name == "checkpoints":
+        raise FileNotFoundError(f"checkpoint {str(path)!r} no longer exists: a live run removes its older checkpoints "
+                                f"(train.keep_last); give the run folder for its latest, or copy a checkpoint aside")
     found = list_checkpoints(path)
     if not found:
         export = " (an export folder needs open_clip_config.json beside its weights)" if any(
