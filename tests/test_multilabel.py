@@ -300,3 +300,16 @@ def test_multilabel_run_trains_and_evaluates(tag_shards, demo_data, tmp_path):
     trainer.accelerator.end_training()
     with pytest.raises(Exception, match="drop objectives.supervised"):
         config_from_dict({**cfg, "objectives": {"multilabel": {"weight": 1.0}, "supervised": {"weight": 1.0}}})
+
+
+def test_supervised_objective_says_it_trains_multilabel_rows_on_their_first_label(caplog):
+    from vlp.objectives.supervised import SupervisedObjective
+
+    class B(dict):
+        labels = torch.tensor([[0, 2], [1, -1]])
+
+    logits = torch.tensor([[3.0, 0.0, 1.0], [0.0, 2.0, 0.0]])
+    with caplog.at_level("WARNING"):
+        loss, _ = SupervisedObjective()({"class_logits": logits}, B(label=torch.tensor([0, 1])))
+    assert loss.item() == pytest.approx(F.cross_entropy(logits, torch.tensor([0, 1])).item())
+    assert "first label only; objectives.multilabel" in caplog.text

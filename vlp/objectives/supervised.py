@@ -1,11 +1,15 @@
 """Supervised classification: cross-entropy of the classifier head on the labeled rows (label >= 0)."""
 from __future__ import annotations
 
+import logging
+
 import torch.nn.functional as F
 from pydantic import Field
 
 from vlp.models.heads import ClassifierHead
 from vlp.objectives.base import Objective, ObjectiveConfig, register
+
+log = logging.getLogger(__name__)
 
 
 @register("supervised")
@@ -37,6 +41,10 @@ class SupervisedObjective(Objective):
         return {"classifier": ClassifierHead(ctx.width, ctx.num_classes)}
 
     def forward(self, outputs, batch):
+        if getattr(batch, "labels", None) is not None and not getattr(self, "_warned_multilabel", False):
+            self._warned_multilabel = True
+            log.warning("objectives.supervised: multi-label rows (several ids in .cls, or .tags) train on their "
+                        "first label only; objectives.multilabel trains on all of them (Mahajan et al. 2018)")
         rows = batch["label"] >= 0
         logits, labels = outputs["class_logits"][rows], batch["label"][rows]
         loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.label_smoothing)
