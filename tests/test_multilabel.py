@@ -313,3 +313,26 @@ def test_supervised_objective_says_it_trains_multilabel_rows_on_their_first_labe
         loss, _ = SupervisedObjective()({"class_logits": logits}, B(label=torch.tensor([0, 1])))
     assert loss.item() == pytest.approx(F.cross_entropy(logits, torch.tensor([0, 1])).item())
     assert "first label only; objectives.multilabel" in caplog.text
+
+
+def test_noisy_multilabel_batches_resume_exactly(tag_shards):
+    """A resumed stream (start_batch) rebuilds the fresh run's later batches, noisy labels included."""
+    import torchvision.transforms as T
+
+    from vlp.config import DataConfig
+    from vlp.data.mixing import MixedBatches
+
+    data = DataConfig(sources=[SourceConfig(kind="labeled", shards=str(tag_shards / "*.tar"), noise=0.3,
+                                            balance="sqrt")], batch={"labeled": 6}, workers=0, shuffle_buffer=20)
+    make = lambda: MixedBatches(data, T.Compose([T.Resize(16), T.ToTensor()]),  # noqa: E731
+                                lambda texts: torch.zeros(len(texts), 4, dtype=torch.long), seed=3)
+    fresh = iter(make())
+    batches = [next(fresh)[0] for _ in range(4)]
+    assert all(b.labels.shape == (6, 3) for b in batches)
+    resumed = make()
+    resumed.start_batch = 2
+    it = iter(resumed)
+    for want in batches[2:]:
+        got = next(it)[0]
+        assert torch.equal(got.labels, want.labels) and torch.equal(got.label, want.label)
+        assert torch.equal(got.image, want.image)
