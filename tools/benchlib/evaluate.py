@@ -34,7 +34,7 @@ def pooled_and_embed(clip, loader):
                 labels.append(y)
     finally:
         visual.proj = proj
-
+    return torch.cat(pooled), torch.cat(embed), torch.cat(labels)
 
 
 def standardize(train, test):
