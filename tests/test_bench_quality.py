@@ -161,3 +161,24 @@ def test_parallel_jobs_wait_only_for_the_sweep_that_chooses_their_lr():
     running.pop("sweep-clip-lr0.001")
     assert start() == "clip-seed0" and chosen["clip"] == 1e-3  # the sweep is over: chosen, seeds go
     assert start() == "clip-seed1" and pending == []
+
+
+def test_bench_features_are_the_pooled_token_and_the_clip_embedding_of_one_pass(demo_data):
+    """The bench's probes read two features of one unmasked forward: the pooled token (before the projection) and
+    exactly what ``encode_image(normalize=True)`` returns."""
+    import torch
+
+    from benchlib.evaluate import pooled_and_embed
+    from vlp.data.transforms import eval_transform
+    from vlp.eval.data import labeled_loader
+    from vlp.models.factory import create_clip
+
+    torch.manual_seed(0)
+    clip = create_clip("vlp-test-vit")[0]
+    loader = labeled_loader(str(demo_data / "test"), eval_transform(clip), 32, 0)
+    pooled, embed, labels = pooled_and_embed(clip.eval(), loader)
+    images = torch.cat([x for x, _ in labeled_loader(str(demo_data / "test"), eval_transform(clip), 32, 0)])
+    assert pooled.shape == (len(images), 64) and embed.shape == (len(images), 32) and len(labels) == len(images)
+    with torch.no_grad():
+        torch.testing.assert_close(embed, clip.encode_image(images, normalize=True), rtol=1e-5, atol=1e-5)
+    assert clip.visual.proj is not None  # restored after the pass
