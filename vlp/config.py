@@ -127,6 +127,14 @@ class ModelConfig(_Strict):
     # fraction of image patches dropped in the shared training pass (FLIP / MAE); default (null): 0.75 when an
     # objective reconstructs masked patches (mae), else 0 (open_clip_train drops none unless asked)
     mask_ratio: float | None = Field(None, ge=0.0, lt=1.0)
+    # which patches the masked pass keeps: random (FLIP / MAE: uniform), or attention (A-CLIP, Yang et al. 2023;
+    # AttMask, Kakogeorgiou et al. 2022): the momentum teacher's last-block CLS-to-patch attention on the unmasked
+    # image (mean over heads, no grad) keeps the most-attended patches; needs a teacher (an objective that uses one,
+    # e.g. pseudolabel, or a teacher: section) and a ViT. The teacher pass is part of the step (and of its FLOPs)
+    mask_policy: Literal["random", "attention"] = "random"
+    # mask_policy attention: share of the kept patches drawn uniformly at random (seeded by seed, step, micro-batch,
+    # rank) from the rest instead of by attention; 0: A-CLIP's top-k, 1: exactly the random policy's patches
+    mask_random_fraction: float = Field(0.0, ge=0.0, le=1.0)
     clip_unmasked: bool = False  # run a separate unmasked image pass for the contrastive loss
     text: TextConfig = TextConfig()
     lock_image: bool = False  # LiT / open_clip_train --lock-image: freeze the image tower

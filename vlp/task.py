@@ -93,6 +93,30 @@ def teacher_config(cfg: Config, objectives) -> TeacherConfig | None:
     return None
 
 
+def attention_noise(scores: torch.Tensor, uniform: torch.Tensor, keep: int, random_fraction: float = 0.0) -> torch.Tensor:
+    """Masking noise ``[B, N]`` whose lowest ``keep`` values (what ``random_masking``'s argsort keeps) are the
+    ``keep - r`` patches of highest ``scores`` plus ``r = round(keep * random_fraction)`` patches of lowest
+    ``uniform`` noise among the rest: attention-guided masking (A-CLIP, Yang et al. 2023, keeps the EMA encoder's
+    most-attended tokens; AttMask, Kakogeorgiou et al. 2022, ranks by the teacher's CLS attention) with a random share
+    for diversity. The noise is a rank / N: first the top-scored patches (by descending score), then the random picks
+    (by ascending ``uniform``), then the rest (by descending score), so a pass keeping more or fewer patches (a
+    contrastive text-pass ratio) keeps a prefix of the same order. ``random_fraction`` 1 keeps exactly the patches
+    ``uniform`` itself would; ties in ``scores`` break by patch index."""
+    B, N = scores.shape
+    n_random = int(round(keep * random_fraction))
+    n_top = keep - n_random
+    by_score = torch.argsort(scores.float(), dim=1, descending=True, stable=True)
+    top = by_score[:, :n_top]
+    rest_noise = uniform.clone().scatter_(1, top, float("inf"))  # the top patches are not drawn again
+    picks = torch.argsort(rest_noise, dim=1, stable=True)[:, :n_random]
+    chosen = torch.zeros(B, N, dtype=torch.bool, device=scores.device)
+    chosen.scatter_(1, top, True).scatter_(1, picks, True)
+    tail = by_score[~torch.gather(chosen, 1, by_score)].reshape(B, N - keep)  # unchosen, by descending score
+    order = torch.cat([top, picks, tail], dim=1)  # order[b, i]: the patch ranked i
+    ranks = torch.empty_like(order).scatter_(1, order, torch.arange(N, device=order.device).expand(B, N))
+    return ranks.to(uniform.dtype) / N
+
+
 def transformer_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
     """The transformer blocks of every tower in ``model`` (open_clip's ``ResidualAttentionBlock``, timm's ``Block``)."""
     from open_clip.transformer import ResidualAttentionBlock
@@ -185,9 +209,18 @@ class PretrainTask:
         tcfg = teacher_config(cfg, objs)
         heads = tuple(h for o in objs for h in o.teacher_heads)
         self.teacher = MomentumTeacher(self.student, tcfg, cfg.train.steps, heads) if tcfg else None
+        if m.mask_policy == "attention":
+            if self.teacher is None:
+                raise ConfigError("model.mask_policy: attention ranks patches by the momentum teacher's attention, "
+                                  "but this run has no teacher (add a teacher: section, or an objective that uses one)")
+            if not self.student.is_vit:
+                raise ConfigError("model.mask_policy: attention needs a ViT image tower")
+            log.info("attention-guided masking (model.mask_policy): the teacher's CLS attention keeps patches, "
+                     "%g of them at random (model.mask_random_fraction)", m.mask_random_fraction)
         self.model: torch.nn.Module = self.student  # the wrapped student after prepare()
         self._cache: tuple[int, list[dict]] | None = None  # (step, per-micro-batch features) under accum_freq
         self._unwrap = lambda m: m
+        self._attn_noise: tuple[tuple[int, int], torch.Tensor] | None = None  # model.mask_policy attention
 
     # ---- distributed --------------------------------------------------------------------------------------
     def prepare(self, accelerator, optimizer, scheduler):
@@ -215,7 +248,16 @@ class PretrainTask:
         if not model.is_vit or (not self.cfg.model.mask_ratio and not text_ratio):
             return None
         g = torch.Generator().manual_seed(stream_seed(self.cfg.seed, "mask", step, micro, self.rank))
-        return torch.rand(batch["image"].shape[0], model.num_patches, generator=g).to(batch["image"].device)
+        noise = torch.rand(batch["image"].shape[0], model.num_patches, generator=g).to(batch["image"].device)
+        if self.cfg.model.mask_policy == "random":
+            return noise
+        key = (step, micro)  # train.accum_freq asks twice per micro-batch: one teacher pass (same weights, same map)
+        if self._attn_noise is None or self._attn_noise[0] != key:
+            with torch.no_grad():
+                scores = self.teacher.model.cls_patch_attention(batch["image"])
+            keep = max(1, int(round(model.num_patches * (1 - (self.cfg.model.mask_ratio or text_ratio)))))
+            self._attn_noise = key, attention_noise(scores, noise, keep, self.cfg.model.mask_random_fraction)
+        return self._attn_noise[1]
 
     def text_pass_ratio(self, step: int) -> float | None:
         """The contrastive rows' masking ratio at this step, where an objective sets one (None: shared pass)."""

@@ -35,6 +35,25 @@ def interpolate_pos_embed(pos: torch.Tensor, grid: tuple[int, int], new_grid: tu
     return torch.cat([pos[:1], patches.permute(0, 2, 3, 1).reshape(-1, pos.shape[-1])])
 
 
+def cls_attention(attn: nn.MultiheadAttention, x: torch.Tensor) -> torch.Tensor:
+    """The class token's attention to the patches in one ``nn.MultiheadAttention`` self-attention: ``x [B, 1+N, D]``
+    (batch first, the block's input after ``ln_1``; token 0 the class token) -> ``[B, N]``, softmax over all 1+N keys,
+    mean over heads, the patch columns: row 0 of ``attn(x, x, x, need_weights=True, average_attn_weights=True)[1]``
+    without the patch rows. open_clip's blocks call attention with ``need_weights=False``, so the map is recomputed
+    from ``in_proj_weight`` / ``in_proj_bias``: q of the class token against k of every token (AttMask, Kakogeorgiou
+    et al. 2022, Sec. 3; DINO's ``get_last_selfattention``)."""
+    if attn.in_proj_weight is None:
+        raise ValueError("cls_attention: needs a packed in_proj_weight (query, key and value of one width)")
+    B, L, D = x.shape
+    H = attn.num_heads
+    w_q, w_k = attn.in_proj_weight[:D], attn.in_proj_weight[D:2 * D]
+    b_q, b_k = (attn.in_proj_bias[:D], attn.in_proj_bias[D:2 * D]) if attn.in_proj_bias is not None else (None, None)
+    q = F.linear(x[:, :1], w_q, b_q).reshape(B, 1, H, D // H).transpose(1, 2)  # [B, H, 1, d]
+    k = F.linear(x, w_k, b_k).reshape(B, L, H, D // H).transpose(1, 2)  # [B, H, L, d]
+    weights = torch.softmax((q * (D // H) ** -0.5) @ k.transpose(-2, -1), dim=-1)  # [B, H, 1, L]
+    return weights.mean(dim=1)[:, 0, 1:]
+
+
 class VLPModel(nn.Module):
     def __init__(self, clip: nn.Module, cfg: ModelConfig, heads: dict[str, nn.Module] | None = None,
                  use_text: bool = True):
@@ -90,6 +109,13 @@ class VLPModel(nn.Module):
         not the model's (DINO's local crops) get the positional embedding interpolated to their grid.
         """
         v = self.clip.visual
+        x = v.transformer(self._embed(images, ids_keep))
+        pooled, tokens = v._pool(x)
+        return pooled, tokens
+
+    def _embed(self, images: torch.Tensor, ids_keep: torch.Tensor | None) -> torch.Tensor:
+        """The ViT's input tokens ``[B, 1+keep, W]``: patch embeds + positions, the kept ones, the class token, ln_pre."""
+        v = self.clip.visual
         x = v.conv1(images)
         grid = tuple(x.shape[-2:])
         x = x.reshape(x.shape[0], x.shape[1], -1).permute(0, 2, 1)
@@ -101,10 +127,24 @@ class VLPModel(nn.Module):
         if ids_keep is not None:
             x = torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
         cls = (v.class_embedding + pos[0]).to(x.dtype).expand(x.shape[0], 1, -1)
-        x = v.ln_pre(torch.cat([cls, x], dim=1))
-        x = v.transformer(x)
-        pooled, tokens = v._pool(x)
-        return pooled, tokens
+        return v.ln_pre(torch.cat([cls, x], dim=1))
+
+    def cls_patch_attention(self, images: torch.Tensor) -> torch.Tensor:
+        """``[B, N]``: the last block's class-token-to-patch attention (mean over heads) on the unmasked images, the
+        score ``model.mask_policy: attention`` ranks patches by (AttMask; A-CLIP). Runs every block but the last
+        one's attention output and MLP, which the map does not need."""
+        if not self.is_vit:
+            raise ValueError("cls_patch_attention: needs a ViT image tower")
+        t = self.clip.visual.transformer
+        x = self._embed(images, None)
+        batch_first = getattr(t, "batch_first", True)
+        if not batch_first:
+            x = x.transpose(0, 1)
+        for block in t.resblocks[:-1]:
+            x = block(x)
+        last = t.resblocks[-1]
+        h = last.ln_1(x)
+        return cls_attention(last.attn, h if batch_first else h.transpose(0, 1))
 
     def encode_pooled(self, images: torch.Tensor) -> torch.Tensor:
         """Pooled pre-projection feature of unmasked images (any tower): what views and the teacher read."""
