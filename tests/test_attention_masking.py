@@ -161,3 +161,19 @@ def test_trainer_steps_with_attention_masking(demo_data, tmp_path):
     result = Trainer(config_from_dict(cfg)).fit()
     assert result["step"] == 3
     assert all(torch.isfinite(torch.tensor(float(result[k]))) for k in ("loss/contrastive", "loss/pseudolabel"))
+
+
+def test_accum_freq_grad_pass_reuses_the_cache_pass_mask():
+    task = _task()
+    task.student.train()
+    batches = [_batch(task, 0), _batch(task, 1)]
+    fresh = [task.masking_noise(b, 7, j) for j, b in enumerate(batches)]
+    task.cache_features(batches, step=7)
+    calls = []
+    hook = task.teacher.model.clip.visual.conv1.register_forward_hook(lambda *a: calls.append(1))
+    reused = [task.masking_noise(b, 7, j) for j, b in enumerate(batches)]
+    hook.remove()
+    assert not calls  # no second teacher pass
+    assert all(torch.equal(a, b) for a, b in zip(fresh, reused))
+    loss, _ = task.training_forward(batches[1], 7, micro=1)
+    assert torch.isfinite(loss)

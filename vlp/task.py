@@ -220,7 +220,9 @@ class PretrainTask:
         self.model: torch.nn.Module = self.student  # the wrapped student after prepare()
         self._cache: tuple[int, list[dict]] | None = None  # (step, per-micro-batch features) under accum_freq
         self._unwrap = lambda m: m
-        self._attn_noise: tuple[tuple[int, int], torch.Tensor] | None = None  # model.mask_policy attention
+        # model.mask_policy attention under train.accum_freq: (step, {micro: noise}) from cache_features, so the grad
+        # pass reuses its teacher pass (the teacher changes only after the optimizer step)
+        self._attn_noise: tuple[int, dict[int, torch.Tensor]] = (-1, {})
 
     # ---- distributed --------------------------------------------------------------------------------------
     def prepare(self, accelerator, optimizer, scheduler):
@@ -251,13 +253,12 @@ class PretrainTask:
         noise = torch.rand(batch["image"].shape[0], model.num_patches, generator=g).to(batch["image"].device)
         if self.cfg.model.mask_policy == "random":
             return noise
-        key = (step, micro)  # train.accum_freq asks twice per micro-batch: one teacher pass (same weights, same map)
-        if self._attn_noise is None or self._attn_noise[0] != key:
-            with torch.no_grad():
-                scores = self.teacher.model.cls_patch_attention(batch["image"])
-            keep = max(1, int(round(model.num_patches * (1 - (self.cfg.model.mask_ratio or text_ratio)))))
-            self._attn_noise = key, attention_noise(scores, noise, keep, self.cfg.model.mask_random_fraction)
-        return self._attn_noise[1]
+        if self._attn_noise[0] == step and micro in self._attn_noise[1]:  # train.accum_freq: cache_features made it
+            return self._attn_noise[1][micro]
+        with torch.no_grad():
+            scores = self.teacher.model.cls_patch_attention(batch["image"])
+        keep = max(1, int(round(model.num_patches * (1 - (self.cfg.model.mask_ratio or text_ratio)))))
+        return attention_noise(scores, noise, keep, self.cfg.model.mask_random_fraction)
 
     def text_pass_ratio(self, step: int) -> float | None:
         """The contrastive rows' masking ratio at this step, where an objective sets one (None: shared pass)."""
@@ -287,12 +288,17 @@ class PretrainTask:
         keys = {k for o, _ in self.objectives.values() for k in o.accumulates}
         text_ratio = self.text_pass_ratio(step)
         cache = []
+        self._attn_noise = (-1, {})
         with torch.no_grad():
             for micro, batch in enumerate(batches):
-                out = self.model(batch, noise=self.masking_noise(batch, step, micro, text_ratio), text_ratio=text_ratio)
+                noise = self.masking_noise(batch, step, micro, text_ratio)
+                if self.cfg.model.mask_policy == "attention":
+                    self._attn_noise[1][micro] = noise
+                out = self.model(batch, noise=noise, text_ratio=text_ratio)
                 cache.append({k: out[k].detach() for k in keys if k in out} |
                              {k: batch[k] for k in ("label", "has_text", "kind")})
         self._cache = (step, cache)
+        self._attn_noise = (step, self._attn_noise[1])
 
     def _combine_accumulated(self, outputs: dict, batch, micro: int) -> tuple[torch.Tensor, dict]:
         """The step's loss share of micro-batch ``micro`` under ``accum_freq``, scaled so that the trainer's mean
