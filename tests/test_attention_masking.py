@@ -6,8 +6,8 @@ import torch
 from torch import nn
 
 from conftest import run_config
+from test_pseudolabel import _batch  # the same 8-row mixed batch (two of each kind, four unlabeled)
 from vlp.config import ConfigError, config_from_dict
-from vlp.data.batch import Batch
 from vlp.models.mae import random_masking
 from vlp.models.model import cls_attention
 from vlp.task import PretrainTask, attention_noise
@@ -30,17 +30,6 @@ def _task(policy: str = "attention", objectives: dict | None = None, **model) ->
     task = PretrainTask(config_from_dict(_tree(policy, objectives, **model), check_files=False), classnames=CLASSES)
     task.on_train_start()
     return task
-
-
-def _batch(task, seed=0) -> Batch:
-    g = torch.Generator().manual_seed(seed)
-    kind = torch.tensor([0, 0, 1, 1, 2, 2, 2, 2])
-    texts = ["a cat on a mat", "two dogs", "a photo of a ship.", "a photo of a cat.", "", "", "", ""]
-    b = Batch(image=torch.randn(8, 3, 32, 32, generator=g), text=task.tokenizer(texts), has_text=kind < 2,
-              label=torch.tensor([-1, -1, 2, 0, -1, -1, -1, -1]), kind=kind,
-              views={"pseudolabel": torch.randn(1, 4, 3, 32, 32, generator=g)})
-    b.text[~b.has_text] = 0
-    return b
 
 
 @pytest.mark.parametrize("bias", [True, False])

@@ -79,11 +79,18 @@ class MAEDecoder(Head):
 
     def head_forward(self, model, outputs, batch) -> dict:
         """Reads the shared pass's visible tokens; writes ``mae_pred`` and ``mae_mask`` (all ones unmasked)."""
-        tokens = outputs["tokens"]
-        ids_restore = outputs.get("ids_restore")
-        if ids_restore is None:
-            ids_restore = torch.arange(tokens.shape[1], device=tokens.device).expand(tokens.shape[0], -1)
-        mask = outputs.get("mask")
-        if mask is None:
-            mask = torch.ones(tokens.shape[:2], device=tokens.device)
+        tokens, ids_restore, mask = visible_layout(outputs)
         return {"mae_pred": self(tokens, ids_restore), "mae_mask": mask}
+
+
+def visible_layout(outputs: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The shared pass's visible tokens, the order that restores the full patch sequence and the mask (1 =
+    masked); an unmasked pass is the identity order with every patch marked (the whole image is the target)."""
+    tokens = outputs["tokens"]
+    ids_restore = outputs.get("ids_restore")
+    if ids_restore is None:
+        ids_restore = torch.arange(tokens.shape[1], device=tokens.device).expand(tokens.shape[0], -1)
+    mask = outputs.get("mask")
+    if mask is None:
+        mask = torch.ones(tokens.shape[:2], device=tokens.device)
+    return tokens, ids_restore, mask

@@ -35,7 +35,7 @@ from torch import nn
 
 from vlp.data.sources import stream_seed
 from vlp.models.heads import Head
-from vlp.models.mae import MAEDecoder, patchify
+from vlp.models.mae import MAEDecoder, patchify, visible_layout
 from vlp.objectives.base import Objective, ObjectiveConfig, register
 
 log = logging.getLogger("vlp.objectives.beit")
@@ -99,13 +99,7 @@ class BEiTHead(Head):
         nn.init.zeros_(self.decoder.pred.bias)
 
     def head_forward(self, model, outputs, batch) -> dict:
-        tokens = outputs["tokens"]
-        ids_restore = outputs.get("ids_restore")
-        if ids_restore is None:
-            ids_restore = torch.arange(tokens.shape[1], device=tokens.device).expand(tokens.shape[0], -1)
-        mask = outputs.get("mask")
-        if mask is None:
-            mask = torch.ones(tokens.shape[:2], device=tokens.device)
+        tokens, ids_restore, mask = visible_layout(outputs)
         return {"beit/logits": self.decoder(tokens, ids_restore), "beit/mask": mask}
 
 
