@@ -13,7 +13,7 @@ from test_train import _metrics
 from vlp.config import config_from_dict
 from vlp.data.batch import Batch
 from vlp.objectives.base import BuildContext
-from vlp.objectives.context import ContextObjective, context_geometry, cut_patches, drop_colors
+from vlp.objectives.context import ContextObjective, context_geometry, drop_colors
 from vlp.task import PretrainTask
 from vlp.train import Trainer
 

@@ -1,9 +1,6 @@
 """#16: meet open_clip users where they are (label spaces, pretrained checkpoints, accum_freq, CLI, logs, export)."""
 import json
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
