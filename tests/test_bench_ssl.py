@@ -14,7 +14,7 @@ import bench_ssl  # noqa: E402
 
 def test_every_method_config_validates_with_the_bench_shards_and_batch(tmp_path):
     assert {"simclr", "mocov3", "byol", "dino", "swav", "rotation", "jigsaw", "colorization", "context", "mae",
-            "supervised", "random"} <= set(bench_ssl.METHODS)
+            "beit", "supervised", "random"} <= set(bench_ssl.METHODS)
     for method, (config, paper) in bench_ssl.METHODS.items():
         assert paper
         if config is None:
