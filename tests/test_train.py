@@ -14,6 +14,7 @@ import torch
 from conftest import REPO, run_config, write_config
 from vlp import checkpoint as ckpt_io
 from vlp.config import config_from_dict
+from vlp.data.mixing import live_children
 from vlp.train import NonFiniteLoss, Trainer, param_groups, warmup_cosine
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
@@ -227,19 +228,6 @@ def test_killed_run_resumes_to_identical_losses(demo_data, tmp_path):
             assert resumed[step][key] == pytest.approx(reference[step][key], rel=1e-5, abs=1e-6), (step, key)
 
 
-def _children(pid: int) -> list[int]:
-    """The live (not zombie) child processes of ``pid``."""
-    out = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            state, ppid = stat.read_text().rsplit(")", 1)[1].split()[:2]
-        except (OSError, IndexError, ValueError):
-            continue
-        if int(ppid) == pid and state != "Z":
-            out.append(int(stat.parent.name))
-    return out
-
-
 def _running(pid: int) -> bool:
     try:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
@@ -267,7 +255,7 @@ def test_sigkill_with_two_workers_then_resume_at_once_gives_the_uninterrupted_lo
     deadline = time.time() + 240
     while not ckpt_io.list_checkpoints(run_dir) and time.time() < deadline and proc.poll() is None:
         time.sleep(0.01)
-    workers = _children(proc.pid)
+    workers = live_children(proc.pid)
     proc.kill()
     proc.wait()
     assert len(workers) == 2, workers
@@ -342,7 +330,7 @@ def test_sigkill_of_a_stalled_run_takes_its_workers_along(demo_data, tmp_path):
     """#30: after a SIGKILL of the trainer, workers stuck in a stalled read lived on (holding the run lock)."""
     proc, run_dir = _start_stalled_run(demo_data, tmp_path)
     try:
-        workers = _children(proc.pid)
+        workers = live_children(proc.pid)
         proc.kill()
         proc.wait()
         deadline = time.time() + 30  # they get SIGKILL the moment the trainer dies; 30 s is slack, not a race

@@ -536,6 +536,8 @@ def sigkill_resume_at_once(w: Work):
 @case("30 a stream that sends nothing (2 DataLoader workers)",
       "exit 7 naming data.timeout_s; SIGTERM: exit 143; kill -9: workers gone, folder free")
 def stalled_stream(w: Work):
+    from vlp.data.mixing import live_children
+
     timed = run([*TRAIN, "--config", stalled_config(w, "stall-timeout", timeout_s=5)], timeout=240)
     proc = start_stalled(w, "stall-term")
     os.killpg(proc.pid, signal.SIGTERM)
@@ -544,7 +546,7 @@ def stalled_stream(w: Work):
     took = time.time() - t0
     kill_group(proc)
     proc = start_stalled(w, "stall-kill")
-    workers = children(proc.pid)
+    workers = live_children(proc.pid)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     time.sleep(1)  # the workers get SIGKILL the moment the trainer dies; the second is for this report's check
@@ -603,19 +605,6 @@ def start_stalled(w: Work, name: str) -> subprocess.Popen:
                             stderr=subprocess.DEVNULL, start_new_session=True)
     wait_for(lambda: len(list((w.root / f"{name}-started").iterdir())) >= 2, proc)
     return proc
-
-
-def children(pid: int) -> list[int]:
-    """The live (not zombie) child processes of ``pid``."""
-    out = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            state, ppid = stat.read_text().rsplit(")", 1)[1].split()[:2]
-        except (OSError, IndexError, ValueError):
-            continue
-        if int(ppid) == pid and state != "Z":
-            out.append(int(stat.parent.name))
-    return out
 
 
 def running(pid: int) -> bool:

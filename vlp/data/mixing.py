@@ -222,7 +222,7 @@ def close_loader(it, kill: bool = False) -> None:
     previous = signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     try:
         for w in getattr(it, "_workers", ()):
-            for child in _children(w.pid):
+            for child in live_children(w.pid):
                 try:
                     os.kill(child, signal.SIGKILL)
                 except ProcessLookupError:
@@ -233,15 +233,16 @@ def close_loader(it, kill: bool = False) -> None:
         signal.signal(signal.SIGCHLD, previous if previous is not None else signal.SIG_DFL)
 
 
-def _children(pid: int | None) -> list[int]:
-    """The child processes of ``pid`` (Linux's /proc; none elsewhere)."""
+def live_children(pid: int | None) -> list[int]:
+    """The live (not zombie) child processes of ``pid`` (Linux's /proc; none elsewhere)."""
     out = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
-            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
-                out.append(int(stat.parent.name))
+            state, ppid = stat.read_text().rsplit(")", 1)[1].split()[:2]
         except (OSError, IndexError, ValueError):
             continue
+        if int(ppid) == pid and state != "Z":
+            out.append(int(stat.parent.name))
     return out
 
 
