@@ -140,6 +140,15 @@ def find_checkpoint(path: str | os.PathLike) -> Path:
     return found[-1]
 
 
+def newest_first(path: str | os.PathLike) -> list[Path]:
+    """The checkpoints a resume or a reader tries, in order: ``path`` itself when it is one, else a run's complete
+    checkpoints newest first (a corrupt latest one falls back to the one before), else :func:`find_checkpoint`'s."""
+    path = Path(path)
+    if (path / STATE_FILE).is_file():
+        return [path]
+    return list(reversed(list_checkpoints(path))) or [find_checkpoint(path)]
+
+
 class CheckpointUnreadable(ValueError):
     """No checkpoint of a run can be read (corrupt or truncated files)."""
 
@@ -150,7 +159,7 @@ def readable_checkpoint(path: str | os.PathLike) -> Path:
     path = Path(path)
     if (path / STATE_FILE).is_file():
         return path
-    found = list(reversed(list_checkpoints(path))) or [find_checkpoint(path)]
+    found = newest_first(path)
     for i, ckpt in enumerate(found):
         try:
             check_readable(ckpt)

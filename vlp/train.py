@@ -182,10 +182,8 @@ class Trainer:
         if latest and not ckpt_io.list_checkpoints(target):
             log.info("resume=%s: no checkpoint in %s, starting fresh", resume, target)
             return
-        if (target / ckpt_io.STATE_FILE).is_file():
-            candidates = [target]
-        else:  # newest first: a checkpoint corrupted after it was published falls back to the previous one
-            candidates = list(reversed(ckpt_io.list_checkpoints(target))) or [ckpt_io.find_checkpoint(target)]
+        # newest first: a checkpoint corrupted after it was published falls back to the previous one
+        candidates = ckpt_io.newest_first(target)
         for i, path in enumerate(candidates):
             try:
                 self._check_same_model(path)
