@@ -15,16 +15,13 @@ schedule). Masking noise is seeded by (seed, step, micro-batch, rank), so a resu
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
-import os
 
 import torch
 
 from vlp.config import Config, ConfigError, TeacherConfig
 from vlp.data.batch import ViewGroup, merge_view_groups
-from vlp.data.sources import stream_seed
-from vlp.data.format import SIZES_FILE, find_sidecar
+from vlp.data.sources import sidecar_size, stream_seed
 from vlp.models.factory import create_clip, run_clip_options
 from vlp.models.model import VLPModel
 from vlp.models.teacher import MomentumTeacher
@@ -57,15 +54,11 @@ def dataset_size(cfg: Config) -> int | None:
 
     total = 0
     for src in cfg.data.sources:
-        if src.size is None:
-            urls = [u for spec in src.shard_specs() for u in expand_shards(spec)]
-            found = find_sidecar(urls, SIZES_FILE)
-            sizes = json.loads(found.read_text()) if found else {}
-            if not urls or any(os.path.basename(u) not in sizes for u in urls):
-                return None
-            total += sum(int(sizes[os.path.basename(u)]) for u in urls)
-        else:
-            total += src.size
+        size = src.size if src.size is not None else sidecar_size(
+            [u for spec in src.shard_specs() for u in expand_shards(spec)])
+        if size is None:
+            return None
+        total += size
     return total
 
 

@@ -56,6 +56,18 @@ class BadSamples:
         return sum(self.counts.values())
 
 
+def sidecar_size(urls: list[str]) -> int | None:
+    """Samples in ``urls`` by the ``sizes.json`` beside them; None without one, or when it misses a shard."""
+    found = find_sidecar(urls, SIZES_FILE)
+    if not found:
+        return None
+    sizes = json.loads(found.read_text())
+    try:
+        return sum(int(sizes[os.path.basename(u)]) for u in urls)
+    except KeyError:
+        return None
+
+
 class Source:
     """A dataset of one kind, read from its shards (see :class:`vlp.config.SourceConfig`)."""
 
@@ -72,7 +84,7 @@ class Source:
         self.own_classnames = self.classnames = self._classnames()
         self.class_index = {c: i for i, c in enumerate(self.own_classnames or [])}
         self.to_global: list[int] | None = None  # own class index -> run's class index (None: the same)
-        self.size = cfg.size if cfg.size is not None else self._size_from_sidecar()
+        self.size = cfg.size if cfg.size is not None else sidecar_size(self.urls)
         self.accept = self._balance_acceptance()
         self.noise = cfg.noise if self.kind == "labeled" else 0.0
         if self.noise and not self.own_classnames:
@@ -84,16 +96,6 @@ class Source:
     # ---- metadata ---------------------------------------------------------------------------------------
     def _classnames(self) -> list[str] | None:
         return load_classnames(self.urls, self.cfg.classnames)
-
-    def _size_from_sidecar(self) -> int | None:
-        found = find_sidecar(self.urls, SIZES_FILE)
-        if not found:
-            return None
-        sizes = json.loads(found.read_text())
-        try:
-            return sum(int(sizes[os.path.basename(u)]) for u in self.urls)
-        except KeyError:
-            return None
 
     def _balance_acceptance(self) -> dict[int, float] | None:
         """Per-class acceptance probabilities that resample a long-tailed stream to n_c^(1/2) or uniform. A
