@@ -27,10 +27,10 @@ from vlp.config import (
     BatchConfig,
     DataConfig,
     SourceConfig,
-    check_shards,
     config_from_dict,
     load_config,
 )
+from vlp.data.format import check_shards
 from vlp.data.batch import flatten
 from vlp.data.mixing import KIND_ID, MixedBatches, make_loader
 from vlp.data.shards import write_class_files, write_samples

@@ -110,7 +110,7 @@ def _bare(a, spec, transform, tokenizer) -> dict:
     import torch
     import webdataset as wds
 
-    from vlp.config import expand_shards
+    from vlp.data.format import expand_shards
     from vlp.data.transforms import decode_image, decode_side
 
     samples = []

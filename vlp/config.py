@@ -7,47 +7,26 @@ Every mistake is reported before any work starts, as one line naming the key or 
 """
 from __future__ import annotations
 
-import glob
 import math
 import os
 import re
-import typing
 from pathlib import Path
 from typing import Any, Literal
 
-import braceexpand
 import yaml
-from pydantic import (BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator,
-                      model_validator)
+from pydantic import Field, SerializeAsAny, ValidationError, field_validator, model_validator
 
-KINDS = ("paired", "labeled", "unlabeled")
+from vlp.data.format import KINDS, Kind, check_shards, expand_shards, is_local
+from vlp.strict import ConfigError, StrictModel
+
 MASKING_OBJECTIVES = ("mae",)  # objectives that need masked patches: model.mask_ratio defaults to 0.75 with them
-Kind = Literal["paired", "labeled", "unlabeled"]
-
-
-class ConfigError(ValueError):
-    """A configuration problem, with the offending key or file in the message."""
 
 
 class KeyedError(ValueError):
     """Raised inside validation with a message that already starts with the key (``objectives.mae.x: ...``)."""
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-    @model_validator(mode="before")
-    @classmethod
-    def _null_is_default(cls, data):
-        """``key: null`` (``train.steps=null``) on a key that cannot be null means its default, as if unset."""
-        if isinstance(data, dict):
-            nullable = {n for n, f in cls.model_fields.items()
-                        if f.annotation is None or type(None) in typing.get_args(f.annotation)}
-            data = {k: v for k, v in data.items() if v is not None or k in nullable or k not in cls.model_fields}
-        return data
-
-
-class SourceConfig(_Strict):
+class SourceConfig(StrictModel):
     """One WebDataset: a shard spec (brace expansion, ``::``-separated specs, local paths or URLs)."""
 
     name: str = ""
@@ -67,7 +46,7 @@ class SourceConfig(_Strict):
         return [s for spec in specs for s in spec.split("::") if s]
 
 
-class BatchConfig(_Strict):
+class BatchConfig(StrictModel):
     """Samples of each kind in every step's batch, per process (the composition is the same on every rank)."""
 
     paired: int = Field(0, ge=0)
@@ -79,7 +58,7 @@ class BatchConfig(_Strict):
         return self.paired + self.labeled + self.unlabeled
 
 
-class DataConfig(_Strict):
+class DataConfig(StrictModel):
     sources: list[SourceConfig]
     batch: BatchConfig
     workers: int = Field(2, ge=0)
@@ -112,12 +91,12 @@ class DataConfig(_Strict):
         return v
 
 
-class TextConfig(_Strict):
+class TextConfig(StrictModel):
     lock: bool = False  # LiT: freeze the text tower
     lock_unlocked_layers: int = 0
 
 
-class ModelConfig(_Strict):
+class ModelConfig(StrictModel):
     name: str = "vlp-tiny-vit"  # open_clip config name, configs/models/<name>.json, or a path to a JSON file
     # open_clip weights to start from (open_clip_train's --pretrained): a folder (a `vlp export`, or any folder
     # holding open_clip_config.json + open_clip_model.safetensors; model.name then defaults to its config), a
@@ -161,13 +140,7 @@ class ModelConfig(_Strict):
         return data
 
 
-class ObjectiveConfig(_Strict):
-    """Base of every objective's own config (``Objective.Config``): its weight in the summed loss."""
-
-    weight: float = Field(1.0, ge=0)
-
-
-class TeacherConfig(_Strict):
+class TeacherConfig(StrictModel):
     """The momentum teacher (an EMA of the student; BYOL, MoCo v3, DINO): tau from ``tau`` to ``tau_end``
     along a cosine (as solo-learn's ``MomentumUpdater``) or constant. ``scope``: ``image`` tracks the image tower,
     its projection and the heads objectives name; ``all`` tracks every parameter (an EMA of the whole model)."""
@@ -178,7 +151,7 @@ class TeacherConfig(_Strict):
     scope: Literal["image", "all"] = "image"
 
 
-class OptimConfig(_Strict):
+class OptimConfig(StrictModel):
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.05, ge=0)
     betas: tuple[float, float] = (0.9, 0.98)
@@ -197,7 +170,7 @@ class OptimConfig(_Strict):
     fused: bool = True  # torch's single-kernel AdamW (CPU and CUDA); false: the multi-tensor (foreach) one
 
 
-class TrainConfig(_Strict):
+class TrainConfig(StrictModel):
     steps: int = Field(1000, gt=0)
     # open_clip_train's --epochs / --train-num-samples instead of steps: steps = ceil(epochs * num_samples /
     # global batch), resolved when the run starts (the world size is known then) and logged
@@ -255,7 +228,7 @@ class TrainConfig(_Strict):
         return self.grad_accum * self.accum_freq
 
 
-class LogConfig(_Strict):
+class LogConfig(StrictModel):
     """Where metrics go besides metrics.jsonl and TensorBoard (``output_dir/tb``)."""
 
     wandb: bool = False  # open_clip_train --report-to wandb (needs the wandb package)
@@ -272,14 +245,14 @@ class LogConfig(_Strict):
         return self
 
 
-class ZeroShotEvalConfig(_Strict):
+class ZeroShotEvalConfig(StrictModel):
     shards: str
     classnames: list[str] | str | None = None
     templates: list[str] | str | None = None
     max_samples: int | None = None
 
 
-class KnnEvalConfig(_Strict):
+class KnnEvalConfig(StrictModel):
     """Weighted kNN (DINO's protocol) on image features: needs no text tower, so it monitors SSL-only runs."""
 
     shards: str                          # labeled evaluation shards
@@ -291,7 +264,7 @@ class KnnEvalConfig(_Strict):
     feature: Literal["auto", "embed", "pooled"] = "auto"
 
 
-class EvalConfig(_Strict):
+class EvalConfig(StrictModel):
     """In-training evaluation; every task registered in ``vlp.eval.tasks`` that has a section here runs."""
 
     zeroshot: ZeroShotEvalConfig | None = None
@@ -302,12 +275,12 @@ class EvalConfig(_Strict):
         return {name: spec for name in ("zeroshot", "knn") if (spec := getattr(self, name)) is not None}
 
 
-class Config(_Strict):
+class Config(StrictModel):
     output_dir: str = "runs/default"
     seed: int = 0
     model: ModelConfig = ModelConfig()
     data: DataConfig
-    objectives: dict[str, SerializeAsAny[ObjectiveConfig]]
+    objectives: dict[str, SerializeAsAny[StrictModel]]  # name -> that objective's own Config (vlp.objectives)
     teacher: TeacherConfig | None = None  # default: built when an objective uses one (or optim.ema_decay)
     optim: OptimConfig = OptimConfig()
     train: TrainConfig = TrainConfig()
@@ -318,7 +291,7 @@ class Config(_Strict):
     @classmethod
     def _objective_configs(cls, v):
         """Each objective's own ``Config`` validates its section, so errors name ``objectives.<name>.<key>``."""
-        from vlp.objectives import OBJECTIVES
+        from vlp.objectives.base import OBJECTIVES, ObjectiveConfig
 
         if not isinstance(v, dict):
             return v
@@ -361,7 +334,7 @@ class Config(_Strict):
                 raise ValueError(f"data.batch.{kind}: {getattr(b, kind)} samples asked but no source of kind '{kind}'")
         if b.total == 0:
             raise ValueError("data.batch: every kind is 0")
-        from vlp.objectives import OBJECTIVES
+        from vlp.objectives.base import OBJECTIVES
 
         for name, o in self.objectives.items():
             if o.weight > 0:
@@ -372,49 +345,6 @@ class Config(_Strict):
         if self.optim.ema_decay is not None and self.teacher is not None:
             raise KeyedError("optim.ema_decay: set teacher.tau (with teacher.schedule: constant) instead of both")
         return self
-
-
-def expand_shards(spec: str | os.PathLike | list) -> list[str]:
-    """Shard paths/URLs of a spec, in order: ``::`` separates several specs (a list is several too), braces
-    expand, local globs expand, and a folder means its ``*.tar`` files (or those of its ``test/`` folder, the
-    clip_benchmark layout)."""
-    if isinstance(spec, (list, tuple)):
-        return [u for s in spec for u in expand_shards(s)]
-    urls = []
-    for part in (p.strip() for p in str(spec).split("::")):
-        for url in braceexpand.braceexpand(part) if part else ():
-            if "://" not in url and os.path.isdir(url):
-                tars = sorted(glob.glob(os.path.join(url, "*.tar")))
-                urls.extend(tars or sorted(glob.glob(os.path.join(url, "test", "*.tar"))))
-            elif "://" not in url and any(ch in url for ch in "*?["):
-                urls.extend(sorted(glob.glob(url)))
-            else:
-                urls.append(url)
-    return urls
-
-
-def _is_local(url: str) -> bool:
-    return "://" not in url and not url.startswith("pipe:")
-
-
-def check_shards(key: str, spec: str | list[str]) -> list[str]:
-    """Expand a shard spec and fail, naming the key and the path, when a local shard does not exist."""
-    specs = [spec] if isinstance(spec, str) else list(spec)
-    parts = [p.strip() for s in specs for p in str(s).split("::") if p.strip()]
-    if not parts:
-        raise ConfigError(f"{key}: no file matches {spec!r}")
-    urls = []
-    for part in parts:  # each `::` part must match: a typo in one would silently drop that dataset
-        found = expand_shards(part)
-        if not found:
-            where = f" (one of the '::' parts of {spec!r})" if len(parts) > 1 else ""
-            raise ConfigError(f"{key}: no file matches {part!r}{where}")
-        urls.extend(found)
-    missing = [u for u in urls if _is_local(u) and not os.path.exists(u)]
-    if missing:
-        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise ConfigError(f"{key}: no such shard {missing[0]!r}{more}")
-    return urls
 
 
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
@@ -490,7 +420,7 @@ def config_from_dict(tree: dict, base_dir: str | os.PathLike = ".", check_files:
 
 
 def _absolute_specs(specs: list[str], base_dir) -> list[str]:
-    return [s if not _is_local(s) or os.path.isabs(s) else str(Path(base_dir) / s) for s in specs]
+    return [s if not is_local(s) or os.path.isabs(s) else str(Path(base_dir) / s) for s in specs]
 
 
 def load_config(path: str | os.PathLike, overrides: list[str] = (), check_files: bool = True) -> Config:

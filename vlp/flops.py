@@ -22,7 +22,8 @@ import torch
 from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
-from vlp.config import KINDS, Config
+from vlp.config import Config
+from vlp.data.format import KINDS
 from vlp.data.batch import KIND_ID, Batch
 from vlp.data.transforms import resolve_templates
 

@@ -50,7 +50,7 @@ def _fmt(values) -> str:
 def dataset_size(cfg: Config) -> int | None:
     """Samples in all sources (each source's ``size``, else the ``sizes.json`` beside its shards); None when
     one is unknown."""
-    from vlp.config import expand_shards
+    from vlp.data.format import expand_shards
 
     total = 0
     for src in cfg.data.sources:

@@ -32,7 +32,7 @@ from typing import Callable
 
 import torch
 
-from vlp.config import KINDS
+from vlp.data.format import KINDS
 
 KIND_ID = {k: i for i, k in enumerate(KINDS)}
 

@@ -30,15 +30,21 @@ Parsers return the value, or a :class:`Rejected` whose ``reason`` is the key of 
 """
 from __future__ import annotations
 
+import glob
 import io
 import json
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Literal, Mapping, Sequence
 
-from vlp.config import KINDS
+import braceexpand
+
+from vlp.strict import ConfigError
+
+KINDS = ("paired", "labeled", "unlabeled")  # the three kinds of data, in the order rows are grouped
+Kind = Literal["paired", "labeled", "unlabeled"]
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "bmp", "ppm", "tif", "tiff")
 CAPTION_KEYS = ("txt", "json")
@@ -50,7 +56,7 @@ TAGS_KEY = "tags"
 REASONS = ("no image", "no caption", "caption not UTF-8", "bad caption json", "empty caption", "no label",
            "label not UTF-8", "unknown label", "label out of range", "corrupt image", "duplicate label")
 
-__all__ = ["KINDS", "IMAGE_KEYS", "REASONS", "Rejected", "image_key", "parse_image", "parse_caption",
+__all__ = ["KINDS", "Kind", "expand_shards", "check_shards", "is_local", "IMAGE_KEYS", "REASONS", "Rejected", "image_key", "parse_image", "parse_caption",
            "parse_label", "parse_labels", "parse_sample", "infer_kind", "decode_image", "check_image", "find_sidecar",
            "read_lines", "load_classnames", "read_classnames", "check_classnames", "ClassnamesError",
            "MAX_ASPECT_RATIO", "ImageShapeError"]
@@ -325,3 +331,46 @@ def load_classnames(urls: Sequence[str], given: Sequence[str] | str | os.PathLik
         return check_classnames(given)
     found = find_sidecar(urls, CLASSNAMES_FILE)
     return read_classnames(found) if found else None
+
+
+def expand_shards(spec: str | os.PathLike | list) -> list[str]:
+    """Shard paths/URLs of a spec, in order: ``::`` separates several specs (a list is several too), braces
+    expand, local globs expand, and a folder means its ``*.tar`` files (or those of its ``test/`` folder, the
+    clip_benchmark layout)."""
+    if isinstance(spec, (list, tuple)):
+        return [u for s in spec for u in expand_shards(s)]
+    urls = []
+    for part in (p.strip() for p in str(spec).split("::")):
+        for url in braceexpand.braceexpand(part) if part else ():
+            if "://" not in url and os.path.isdir(url):
+                tars = sorted(glob.glob(os.path.join(url, "*.tar")))
+                urls.extend(tars or sorted(glob.glob(os.path.join(url, "test", "*.tar"))))
+            elif "://" not in url and any(ch in url for ch in "*?["):
+                urls.extend(sorted(glob.glob(url)))
+            else:
+                urls.append(url)
+    return urls
+
+
+def is_local(url: str) -> bool:
+    return "://" not in url and not url.startswith("pipe:")
+
+
+def check_shards(key: str, spec: str | list[str]) -> list[str]:
+    """Expand a shard spec and fail, naming the key and the path, when a local shard does not exist."""
+    specs = [spec] if isinstance(spec, str) else list(spec)
+    parts = [p.strip() for s in specs for p in str(s).split("::") if p.strip()]
+    if not parts:
+        raise ConfigError(f"{key}: no file matches {spec!r}")
+    urls = []
+    for part in parts:  # each `::` part must match: a typo in one would silently drop that dataset
+        found = expand_shards(part)
+        if not found:
+            where = f" (one of the '::' parts of {spec!r})" if len(parts) > 1 else ""
+            raise ConfigError(f"{key}: no file matches {part!r}{where}")
+        urls.extend(found)
+    missing = [u for u in urls if is_local(u) and not os.path.exists(u)]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise ConfigError(f"{key}: no such shard {missing[0]!r}{more}")
+    return urls

@@ -20,7 +20,8 @@ from typing import Callable, Iterator
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from vlp.config import KINDS, DataConfig
+from vlp.config import DataConfig
+from vlp.data.format import KINDS
 from vlp.data.batch import KIND_ID, Batch, StreamMeta, ViewGroup, merge_view_groups
 from vlp.data.sources import NoUsableData, Source, build_sources, stream_seed
 from vlp.data.transforms import decode_image, decode_side

@@ -16,13 +16,16 @@ import os
 import random
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import webdataset as wds
 
-from vlp.config import SourceConfig, expand_shards
-from vlp.data.format import CLASS_COUNTS_FILE, SIZES_FILE, Rejected, find_sidecar, load_classnames, parse_sample
+from vlp.data.format import (CLASS_COUNTS_FILE, SIZES_FILE, Rejected, expand_shards, find_sidecar, load_classnames,
+                             parse_sample)
 from vlp.data.format import IMAGE_KEYS, read_lines  # noqa: F401  (re-exported for older imports)
+
+if TYPE_CHECKING:
+    from vlp.config import SourceConfig
 
 log = logging.getLogger(__name__)
 

@@ -37,7 +37,7 @@ def _split_specs(spec: str | os.PathLike | Sequence) -> list[str]:
 
 def expand_urls(spec: str | os.PathLike | Sequence) -> list[str]:
     """The shard paths/URLs a spec names, in order (see :func:`vlp.config.expand_shards`)."""
-    from vlp.config import expand_shards
+    from vlp.data.format import expand_shards
 
     urls = expand_shards(spec)
     if not urls:

@@ -29,9 +29,15 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from vlp.config import ObjectiveConfig
+from vlp.strict import StrictModel
 
 OBJECTIVES: dict[str, type["Objective"]] = {}
+
+
+class ObjectiveConfig(StrictModel):
+    """Base of every objective's own config (``Objective.Config``): its weight in the summed loss."""
+
+    weight: float = Field(1.0, ge=0)
 
 
 class RowsConfig(ObjectiveConfig):

@@ -20,7 +20,7 @@ from vlp.data.format import (CLASS_COUNTS_FILE, KINDS, SIZES_FILE, Rejected, che
 
 def expand_spec(spec: str | Iterable[str]) -> list[str]:
     """Shard spec -> shard paths (see :func:`vlp.config.expand_shards`)."""
-    from vlp.config import expand_shards
+    from vlp.data.format import expand_shards
 
     return expand_shards(spec if isinstance(spec, str) else list(spec))
 
