@@ -93,6 +93,37 @@ def _cmd_config(args) -> int:
     return 0
 
 
+def paper_of(module_doc: str) -> str:
+    """The citation an objective's module docstring opens with: its first parenthesis naming a year
+    (``SimCLR (Chen et al. 2020, "A Simple Framework ...")``), else the docstring's first sentence."""
+    import re
+
+    doc = " ".join((module_doc or "").split())
+    found = re.search(r"\(([^()]*\b(?:19|20)\d\d\b[^()]*)\)", doc)
+    return found.group(1) if found else doc.split(". ")[0].rstrip(".")
+
+
+def _cmd_objectives(args) -> int:
+    """``vlp objectives``: every registered objective (``objectives.<name>`` in a run config), its module, the rows it
+    trains on by default (``any``: every row of the step), whether it uses the momentum teacher, and its paper."""
+    import importlib
+
+    from vlp.objectives import OBJECTIVES
+
+    rows = []
+    for name, cls in sorted(OBJECTIVES.items()):
+        module = importlib.import_module(cls.__module__)
+        field = cls.Config.model_fields.get("kinds")  # rows the user picks (this default), or the class's fixed ones
+        kinds = field.get_default(call_default_factory=True) if field else getattr(cls, "kinds", ())
+        rows.append((name, cls.__module__, ",".join(kinds) or "any",
+                     "yes" if getattr(cls, "uses_teacher", False) else "no", paper_of(module.__doc__)))
+    head = ("objective", "module", "rows", "teacher", "paper")
+    widths = [max(len(r[i]) for r in rows + [head]) for i in range(4)]
+    for row in [head] + rows:
+        print("  ".join(c.ljust(w) for c, w in zip(row[:4], widths)) + "  " + row[4])
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vlp", description="Vision-language pretraining on mixed data.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -121,6 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the JSON Schema of the run config")
     p.add_argument("--no-files", action="store_true", help="do not check that the shards exist")
     p.set_defaults(func=_cmd_config)
+
+    p = sub.add_parser("objectives", help="every training objective, its default rows and its paper")
+    p.set_defaults(func=_cmd_objectives)
 
     from vlp.shards import register_cli as shards_cli
     from vlp.eval.cli import register_cli as eval_cli
