@@ -8,7 +8,7 @@
 - ``hub``: ``push_to_hub``.
 - ``cli``: ``vlp export`` (``register_cli``, ``export_checkpoint``).
 """
-from vlp.export.card import KIND_ORDER, card_from_run, render_model_card
+from vlp.export.card import card_from_run, render_model_card
 from vlp.export.clip import export_model, relocate_export
 from vlp.export.cli import export_checkpoint, export_cli, register_cli
 from vlp.export.common import (CONFIG_NAME, PICKLE_SUFFIXES, VISION_ARCHITECTURE, VISION_CONFIG_NAME,
@@ -22,5 +22,5 @@ __all__ = [
     "create_timm_vision_tower", "load_timm_vision_tower", "render_model_card", "card_from_run", "push_to_hub",
     "export_checkpoint", "export_cli", "register_cli", "hf_source_name",
     "CONFIG_NAME", "WEIGHTS_NAME", "VISION_WEIGHTS_NAME", "VISION_CONFIG_NAME", "VISION_ARCHITECTURE", "TIMM_SUBDIR",
-    "TIMM_ARCHITECTURE", "PICKLE_SUFFIXES", "DEFAULT_COMMIT_MESSAGE", "KIND_ORDER",
+    "TIMM_ARCHITECTURE", "PICKLE_SUFFIXES", "DEFAULT_COMMIT_MESSAGE",
 ]

@@ -6,9 +6,9 @@ import re
 from pathlib import Path
 from typing import Any
 
+from vlp.data.format import KINDS
 from vlp.export.common import _clean_model_cfg, _is_hf_text, hf_source_name
 
-KIND_ORDER = ("paired", "labeled", "unlabeled")
 _EVAL_PREFIXES = ("zeroshot/", "retrieval/", "probe/", "linear_probe/", "eval/", "knn/")
 
 
@@ -193,8 +193,8 @@ def _data_section(card: dict) -> str:
                 row.append(s.get("samples_seen") if s.get("samples_seen") is not None else "")
             rows.append(row)
         out.append(_table(header, rows) + "\n")
-    kinds = [k for k in KIND_ORDER if k in batch or k in seen] + \
-            [k for k in list(batch) + list(seen) if k not in KIND_ORDER]
+    kinds = [k for k in KINDS if k in batch or k in seen] + \
+            [k for k in list(batch) + list(seen) if k not in KINDS]
     kinds = [k for k in dict.fromkeys(kinds) if batch.get(k) or seen.get(k)]  # drop kinds not in the mix
     if kinds:
         total = sum(int(batch.get(k, 0) or 0) for k in kinds)
@@ -312,7 +312,7 @@ def card_from_run(cfg, info: dict | None = None, license: str | None = None, rep
                 share = s.weight / sum(o.weight for o in same_kind)
                 entry["samples_seen"] = f"~{round(seen[s.kind] * share)} (by weight)"
         sources.append(entry)
-    batch = {k: getattr(cfg.data.batch, k) for k in KIND_ORDER}
+    batch = {k: getattr(cfg.data.batch, k) for k in KINDS}
 
     from vlp.objectives import OBJECTIVES
 
