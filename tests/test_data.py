@@ -1,6 +1,6 @@
 """vlp.data: real shards -> Source -> MixedBatches -> real DataLoader workers, asserted on values.
 
-Shards are written with ``vlp.data.shards.write_samples`` from small PIL JPEGs whose colour encodes their class,
+Shards are written with ``vlp.shards.write_samples`` from small PIL JPEGs whose colour encodes their class,
 batches go through the real open_clip tokenizer and train transform of the tiny test model (32 px).
 """
 import os
@@ -33,7 +33,7 @@ from vlp.config import (
 from vlp.data.format import check_shards
 from vlp.data.batch import flatten
 from vlp.data.mixing import KIND_ID, MixedBatches, make_loader
-from vlp.data.shards import write_class_files, write_samples
+from vlp.shards import write_class_files, write_samples
 from vlp.data.sources import Source
 from vlp.data.transforms import train_transform
 from vlp.models.factory import create_clip
@@ -731,7 +731,8 @@ def test_jpegs_are_decoded_at_the_reduced_scale_the_crops_allow(tmp_path):
     from PIL import Image
     from torchvision import transforms as T
 
-    from vlp.data.transforms import decode_image, decode_side
+    from vlp.data.format import decode_image
+    from vlp.data.transforms import decode_side
 
     crop = T.Compose([T.RandomResizedCrop(64, scale=(0.5, 1.0)), T.ToTensor()])
     assert decode_side([crop]) == math.ceil(64 / math.sqrt(0.5 * 0.75)) == 105

@@ -427,7 +427,7 @@ def _train_read(spec, kind):
 def test_verify_and_training_agree_on_image_keys(tmp_path):
     import torch
 
-    from vlp.data.transforms import decode_image  # what the mixer decodes batches with
+    from vlp.data.format import decode_image  # what the mixer decodes batches with
     from vlp.eval.data import labeled_loader
 
     buf = io.BytesIO()

@@ -110,8 +110,8 @@ def _bare(a, spec, transform, tokenizer) -> dict:
     import torch
     import webdataset as wds
 
-    from vlp.data.format import expand_shards
-    from vlp.data.transforms import decode_image, decode_side
+    from vlp.data.format import decode_image, expand_shards
+    from vlp.data.transforms import decode_side
 
     samples = []
     for url in expand_shards(spec):

@@ -21,10 +21,10 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from vlp.config import DataConfig
-from vlp.data.format import KINDS
+from vlp.data.format import KINDS, decode_image
 from vlp.data.batch import KIND_ID, Batch, StreamMeta, ViewGroup, merge_view_groups
 from vlp.data.sources import NoUsableData, Source, build_sources, stream_seed
-from vlp.data.transforms import decode_image, decode_side
+from vlp.data.transforms import decode_side
 
 
 MAX_CORRUPT_IN_A_ROW = 1000

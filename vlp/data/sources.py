@@ -22,7 +22,6 @@ import webdataset as wds
 
 from vlp.data.format import (CLASS_COUNTS_FILE, SIZES_FILE, Rejected, expand_shards, find_sidecar, load_classnames,
                              parse_sample)
-from vlp.data.format import IMAGE_KEYS, read_lines  # noqa: F401  (re-exported for older imports)
 
 if TYPE_CHECKING:
     from vlp.config import SourceConfig

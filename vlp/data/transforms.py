@@ -6,7 +6,7 @@ import os
 import open_clip
 from open_clip.transform import AugmentationCfg
 
-from vlp.data.format import decode_image, read_lines  # noqa: F401  (decode_image: the mixer's import)
+from vlp.data.format import read_lines
 
 TEMPLATE_PRESETS = {
     "photo": ["a photo of a {c}."],
@@ -55,11 +55,11 @@ def image_size_of(model) -> int:
 
 
 def decode_side(transforms) -> int | None:
-    """The short side an image may be decoded at (:func:`decode_image`'s ``min_side``) without any of ``transforms``
-    seeing fewer pixels than it outputs: for ``RandomResizedCrop(size, scale, ratio)`` the smallest crop (area
-    ``scale[0]``, the most elongated ``ratio``) still spans ``size`` pixels, ``size / sqrt(scale[0] * r)`` with
-    ``r = min(ratio[0], 1 / ratio[1])``; for ``Resize(size)``, ``size``. The largest over ``transforms``; None (decode
-    whole) when one starts with any other geometry or none is known."""
+    """The short side an image may be decoded at (:func:`vlp.data.format.decode_image`'s ``min_side``) without any
+    of ``transforms`` seeing fewer pixels than it outputs: for ``RandomResizedCrop(size, scale, ratio)`` the
+    smallest crop (area ``scale[0]``, the most elongated ``ratio``) still spans ``size`` pixels,
+    ``size / sqrt(scale[0] * r)`` with ``r = min(ratio[0], 1 / ratio[1])``; for ``Resize(size)``, ``size``. The largest
+    over ``transforms``; None (decode whole) when one starts with any other geometry or none is known."""
     import math
 
     from torchvision import transforms as T

@@ -1,6 +1,4 @@
-"""``vlp zeroshot build|predict`` and ``vlp eval`` (any task of :data:`vlp.eval.tasks.EVAL_TASKS`).
-
-:func:`evaluate` is :func:`vlp.eval.tasks.evaluate`, re-exported."""
+"""``vlp zeroshot build|predict`` and ``vlp eval`` (any task of :data:`vlp.eval.tasks.EVAL_TASKS`)."""
 from __future__ import annotations
 
 import argparse
@@ -11,7 +9,7 @@ from pathlib import Path
 import torch
 
 from vlp.eval.data import find_classnames, find_templates
-from vlp.eval.tasks import EVAL_TASKS, evaluate, get_eval_task  # noqa: F401  (evaluate: re-exported)
+from vlp.eval.tasks import EVAL_TASKS, evaluate, get_eval_task
 from vlp.eval.zeroshot import build_classifier, load_classifier, predict, save_classifier
 
 
