@@ -1,5 +1,8 @@
 """Build open_clip CLIP models from a config name, a JSON file, an export folder or a vlp checkpoint.
 
+``model.pretrained`` (:func:`create_clip`'s ``pretrained``) may be open_clip weights (an export folder, a weight
+file, an open_clip tag) or a vlp run / checkpoint folder (:func:`vlp_checkpoint`: the student's ``clip.*``).
+
 Names resolve in order: a path to a ``.json`` file; ``configs/models/<name>.json`` (from the working directory,
 then from the vlp source tree); an open_clip built-in config name. ``hf_model_name`` /
 ``hf_tokenizer_name`` in a text config may name an installed package that ships a model folder through
@@ -127,7 +130,16 @@ def preprocess_config(name: str | None = None, pretrained: str | None = None, im
         out.update(next((of_json(p) for p in found if p.is_file()), {}))
     if pretrained:
         folder = Path(pretrained).expanduser()
-        if folder.is_dir():
+        try:
+            ckpt = vlp_checkpoint(folder)
+        except ValueError:  # a run without a readable checkpoint: loading its weights says so, not this
+            ckpt = None
+        if ckpt is not None:  # a vlp run: the mean / std it trained with
+            from vlp.checkpoint import read_run_config
+
+            m = read_run_config(ckpt).model
+            out.update({k: tuple(v) for k, v in (("mean", m.image_mean), ("std", m.image_std)) if v is not None})
+        elif folder.is_dir():
             out.update(of_json(folder / EXPORT_CONFIG))
         elif not folder.is_file() and name and (tag := open_clip.get_pretrained_cfg(name, pretrained)):
             out.update(tag)
@@ -162,9 +174,15 @@ def create_clip(name_or_cfg: str | dict, pretrained_text: bool = True, pretraine
         model = open_clip.create_model(_register(model_cfg), pretrained=None, pretrained_text=pretrained_text,
                                        force_preprocess_cfg=preprocess or None)
         if pretrained:
-            path = pretrained_checkpoint(pretrained, name)
+            ckpt = vlp_checkpoint(pretrained)
+            path = str(ckpt) if ckpt is not None else pretrained_checkpoint(pretrained, name)
             try:
-                open_clip.load_checkpoint(model, path, strict=True, weights_only=True)
+                if ckpt is not None:  # a vlp run or checkpoint: its student's clip.* weights (heads dropped)
+                    from vlp.checkpoint import clip_state_dict
+
+                    model.load_state_dict(clip_state_dict(ckpt), strict=True)
+                else:
+                    open_clip.load_checkpoint(model, path, strict=True, weights_only=True)
             except (RuntimeError, AssertionError, KeyError) as err:  # missing / unexpected keys, shapes
                 first = (str(err) or type(err).__name__).strip().splitlines()
                 raise ValueError(f"model.pretrained: {path} does not fit model.name {name_or_cfg!r}: "
@@ -182,9 +200,29 @@ def run_clip_options(cfg) -> dict:
             "siglip": c is not None and c.weight > 0 and getattr(c, "loss", "clip") == "siglip"}
 
 
+def vlp_checkpoint(spec: str | os.PathLike) -> Path | None:
+    """The checkpoint ``model.pretrained`` names when it is a vlp run folder (its newest readable checkpoint:
+    :func:`vlp.checkpoint.readable_checkpoint`, as ``--resume auto`` picks) or a vlp checkpoint folder
+    (``checkpoints/step_N``); None for anything else (an export folder, a weight file, an open_clip tag). This is
+    how a second stage starts from a first (LiT: ``model.pretrained: runs/<stage-1 run>``, ``model.lock_image``)
+    without a ``vlp export`` in between; the student's weights are loaded, not the momentum teacher's."""
+    from vlp.checkpoint import STATE_FILE, readable_checkpoint
+
+    path = Path(spec).expanduser()
+    if not path.is_dir() or (path / EXPORT_CONFIG).is_file():
+        return None
+    if (path / STATE_FILE).is_file() or (path / "checkpoints").is_dir():
+        try:
+            return readable_checkpoint(path)
+        except (FileNotFoundError, ValueError) as err:  # a run folder without a complete, readable checkpoint
+            raise ValueError(f"model.pretrained: {path} is a vlp run folder, but {err}") from None
+    return None
+
+
 def pretrained_checkpoint(spec: str, model_name: str | None = None) -> str:
     """The weight file ``model.pretrained`` names: a file itself; in a folder, open_clip's weight file
-    (:data:`WEIGHT_FILES`); else an open_clip pretrained tag of ``model_name`` (downloaded by open_clip)."""
+    (:data:`WEIGHT_FILES`); else an open_clip pretrained tag of ``model_name`` (downloaded by open_clip). A vlp run
+    or checkpoint folder is :func:`vlp_checkpoint`'s, read before this."""
     path = Path(spec).expanduser()
     if path.is_file():
         return str(path)
