@@ -72,6 +72,11 @@ class DataConfig(StrictModel):
     scale: tuple[float, float] = (0.5, 1.0)  # RandomResizedCrop scale range
     # JPEGs decoded at libjpeg's reduced scales (Pillow draft) when every crop still gets the pixels it outputs
     draft_decode: bool = True
+    # where JPEGs are decoded and augmented: cpu (data workers: Pillow + open_clip's transform), or device (workers
+    # read the header and draw the crop; the trainer decodes with torchvision's decode_jpeg on its device, then
+    # crops, resizes, flips and normalizes there). Other formats, and rows of kinds an objective takes extra views
+    # of, stay on the CPU path (vlp.data.device_decode)
+    decode: Literal["cpu", "device"] = "cpu"
 
     @field_validator("scale")
     @classmethod
