@@ -263,7 +263,7 @@ def test_config_error_lines_without_pydantic_noise():
 
 
 def test_progress_bar_shows_every_loss():
-    from vlp.train import bar_postfix
+    from vlp.train_log import bar_postfix
 
     m = {"loss/total": 1.5, "loss/contrastive": 1.0, "loss/mae": 0.25, "lr": 3e-4, "samples_per_s": 812.4,
          "grad_norm": 2.0}
@@ -541,7 +541,7 @@ def test_in_training_zeroshot_equals_vlp_eval_on_the_same_weights_and_shards(dem
     for key in ("top1", "top5"):
         assert training[f"zeroshot/{key}"] == pytest.approx(evaluated[key], abs=1e-9), key
     from vlp.eval.tasks import zeroshot_labels
-    from vlp.eval.data import read_lines
+    from vlp.data.format import read_lines
     shards = str(demo_data / "test" / "*.tar")
     assert zeroshot_labels(shards, default_templates=["{c}"])[1] == \
         read_lines(demo_data / "test" / "zeroshot_classification_templates.txt")

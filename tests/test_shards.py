@@ -16,6 +16,7 @@ import webdataset as wds
 from PIL import Image
 
 from vlp import shards as S
+from vlp.data.format import expand_shards
 
 # class -> dominant colour channel; "digit" images are grey (sklearn digits)
 COLOURS = {"ant": (220, 20, 20), "cat": (20, 200, 20), "zebra": (20, 20, 220)}
@@ -47,7 +48,7 @@ def _class_of_pixels(jpg_bytes):
 
 def _read(spec):
     """Every sample of the shards, via a real webdataset pipeline."""
-    urls = S.expand_spec(spec)
+    urls = expand_shards(spec)
     return list(wds.WebDataset(urls, shardshuffle=False, empty_check=False))
 
 

@@ -4,7 +4,8 @@ A *spec* names shards: a tar file, a brace pattern (``data/shard-{000000..000009
 ``*.tar`` files (or a ``test/`` sub-folder of them, as clip_benchmark writes), or several of these joined by
 ``::``. Each sample has an image under one of :data:`vlp.data.format.IMAGE_KEYS` (training's format) and either
 ``cls`` (the class index as ASCII text) or ``txt`` (one caption per line). ``classnames.txt`` and
-``zeroshot_classification_templates.txt`` lie beside the shards or in their parent folder.
+``zeroshot_classification_templates.txt`` lie beside the shards or in their parent folder
+(:func:`vlp.data.format.find_sidecar`).
 """
 from __future__ import annotations
 
@@ -16,8 +17,8 @@ import braceexpand
 import torch
 import webdataset as wds
 
-from vlp.data.format import (CLASSNAMES_FILE, IMAGE_KEYS, check_classnames, decode_image, read_classnames,
-                             read_lines)
+from vlp.data.format import (CLASSNAMES_FILE, IMAGE_KEYS, decode_image, expand_shards, find_sidecar, is_local,
+                             load_classnames, read_lines)
 
 TEMPLATES_FILE = "zeroshot_classification_templates.txt"
 DATASET_TYPE_FILE = "dataset_type.txt"
@@ -36,59 +37,43 @@ def _split_specs(spec: str | os.PathLike | Sequence) -> list[str]:
 
 
 def expand_urls(spec: str | os.PathLike | Sequence) -> list[str]:
-    """The shard paths/URLs a spec names, in order (see :func:`vlp.config.expand_shards`)."""
-    from vlp.data.format import expand_shards
-
+    """:func:`vlp.data.format.expand_shards`, and FileNotFoundError when the spec names no shard."""
     urls = expand_shards(spec)
     if not urls:
         raise FileNotFoundError(f"no shards match data spec {spec!r}")
     return urls
 
 
-def _shard_dirs(spec) -> list[Path]:
-    """Folders where metadata files may lie: the shard folders (or spec folders) and their parents."""
-    dirs: list[Path] = []
+def _sidecar_anchors(spec) -> list[str]:
+    """Per ``::`` part, paths whose folder and its parent :func:`~vlp.data.format.find_sidecar` searches: a
+    folder's own files and those of its ``test/`` folder (clip_benchmark), else the part's first file (its braces
+    expanded, not its globs: the files need not exist)."""
+    anchors: list[str] = []
     for part in _split_specs(spec):
         part = part.strip()
         if os.path.isdir(part):
-            base = [Path(part), Path(part) / "test"]
+            anchors += [os.path.join(part, "*.tar"), os.path.join(part, "test", "*.tar")]
         else:
-            first = next(iter(braceexpand.braceexpand(part)), part)
-            base = [Path(first).parent]
-        for d in base:
-            for c in (d, d.parent):
-                if c not in dirs:
-                    dirs.append(c)
-    return dirs
+            anchors.append(next(iter(braceexpand.braceexpand(part)), part))
+    return anchors
 
 
 def find_metadata_file(spec, filename: str) -> Path | None:
-    for d in _shard_dirs(spec):
-        if (d / filename).is_file():
-            return d / filename
-    return None
+    """The file ``filename`` beside the shards of ``spec`` or one folder up, if any."""
+    return find_sidecar(_sidecar_anchors(spec), filename)
 
 
 def find_classnames(spec=None, given: str | os.PathLike | Sequence[str] | None = None) -> list[str]:
-    """Class names: ``given`` (a list, or a file with one name per line), else ``classnames.txt`` near ``spec``."""
-    if given is not None and not isinstance(given, (str, os.PathLike)):
-        return check_classnames(given)
-    if given is not None:
-        if not os.path.isfile(given):
-            raise FileNotFoundError(f"classnames file {given} not found")
-        return read_classnames(given)
-    if spec is None:
+    """Class names (:func:`vlp.data.format.load_classnames`): ``given`` (a list, or a file with one name per line),
+    else ``classnames.txt`` near ``spec``; FileNotFoundError when there are none."""
+    if isinstance(given, (str, os.PathLike)) and not os.path.isfile(given):
+        raise FileNotFoundError(f"classnames file {given} not found")
+    if given is None and spec is None:
         raise ValueError("no class names given and no data spec to look beside")
-    path = find_metadata_file(spec, CLASSNAMES_FILE)
-    if path is None:
+    names = load_classnames(_sidecar_anchors(spec) if given is None else [], given)
+    if names is None:
         raise FileNotFoundError(f"no {CLASSNAMES_FILE} beside the shards of {spec!r} (pass classnames)")
-    return read_classnames(path)
-
-
-def template_presets() -> dict[str, list[str]]:
-    from vlp.data.transforms import template_presets
-
-    return template_presets()
+    return names
 
 
 def find_templates(spec=None, given: str | os.PathLike | Sequence[str] | None = None) -> list[str]:
@@ -132,7 +117,7 @@ def first_sample_keys(spec) -> set[str] | None:
         url = expand_urls(spec)[0]
     except FileNotFoundError:
         return None
-    if "://" in url or url.startswith("pipe:") or not os.path.isfile(url):
+    if not is_local(url) or not os.path.isfile(url):
         return None
     keys, first = set(), None
     try:

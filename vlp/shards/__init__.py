@@ -4,13 +4,13 @@ Training never imports this package; the sample format it writes and checks is :
 """
 from vlp.data.format import IMAGE_KEYS, KINDS, ClassnamesError
 from vlp.shards.cli import register_cli
-from vlp.shards.inspect import (check_sample, expand_spec, inspect_shards, iter_shard, judge_sample,
+from vlp.shards.inspect import (check_sample, inspect_shards, iter_shard, judge_sample,
                                 tar_structure_error, verify_shards)
 from vlp.shards.write import (IMAGE_EXTENSIONS, JPEG_QUALITY, KEY_WIDTH, find_image_folder, image_to_jpeg_bytes,
                               load_hf_dataset, read_table, shard_pattern, write_captions, write_class_files,
                               write_hf_dataset, write_image_folder, write_samples)
 
-__all__ = ["ClassnamesError", "IMAGE_EXTENSIONS", "IMAGE_KEYS", "JPEG_QUALITY", "KEY_WIDTH", "KINDS", "check_sample", "expand_spec",
+__all__ = ["ClassnamesError", "IMAGE_EXTENSIONS", "IMAGE_KEYS", "JPEG_QUALITY", "KEY_WIDTH", "KINDS", "check_sample",
            "find_image_folder", "image_to_jpeg_bytes", "inspect_shards", "iter_shard", "judge_sample",
            "load_hf_dataset", "read_table", "register_cli", "shard_pattern", "tar_structure_error", "verify_shards",
            "write_captions", "write_class_files", "write_hf_dataset", "write_image_folder", "write_samples"]

@@ -12,17 +12,10 @@ import os
 import tarfile
 from collections import Counter
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
-from vlp.data.format import (CLASS_COUNTS_FILE, KINDS, SIZES_FILE, Rejected, check_image, find_sidecar, image_key, infer_kind,
-                             load_classnames, parse_sample)
-
-
-def expand_spec(spec: str | Iterable[str]) -> list[str]:
-    """Shard spec -> shard paths (see :func:`vlp.config.expand_shards`)."""
-    from vlp.data.format import expand_shards
-
-    return expand_shards(spec if isinstance(spec, str) else list(spec))
+from vlp.data.format import (CLASS_COUNTS_FILE, KINDS, SIZES_FILE, Rejected, check_image, expand_shards, find_sidecar,
+                             image_key, infer_kind, is_local, load_classnames, parse_sample)
 
 
 def _sizes_for(shard: str, cache: dict[Path, dict]) -> int | None:
@@ -107,8 +100,8 @@ def _shard_name(shard: str) -> str:
 
 def inspect_shards(spec: str, n_preview: int = 3) -> dict:
     """Summary of a shard spec: shards, samples, extension counts, sizes.json total, classes, first samples."""
-    shards = expand_spec(spec)
-    missing = [s for s in shards if "://" not in s and not s.startswith("pipe:") and not os.path.exists(s)]
+    shards = expand_shards(spec)
+    missing = [s for s in shards if is_local(s) and not os.path.exists(s)]
     if not shards or missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise FileNotFoundError(f"no such shard {missing[0]!r}{more}" if missing else f"no shards match {spec!r}")
@@ -227,7 +220,7 @@ def verify_shards(spec: str, kind: str | None = None,
     """
     if kind is not None and kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-    shards = expand_spec(spec)
+    shards = expand_shards(spec)
     names = load_classnames(shards, classnames)
     guessed = kind is None
     kind = kind or guess_kind(shards)
