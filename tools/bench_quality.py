@@ -25,7 +25,23 @@ supervised      labeled (B)                                   cross-entropy head
 ssl             labeled + paired + unlabeled as images (B)    DINO, 2 global + 2 local crops
 mixed-v1        paired + labeled + unlabeled (B in total)     CLIP/UniCL + MAE + CE, 75% masking
 mixed           paired + labeled + unlabeled (B in total)     UniCL + teacher pseudo-labels + CE, 50%
+lit             stage 1: labeled + unlabeled (B);             stage 1: CE + MAE, 75% masking;
+                stage 2: paired (B)                           stage 2: CLIP, image tower locked (LiT)
 =============== ============================================= =====================================
+
+Two-stage runs (LiT, Zhai et al. 2022). A config whose ``model.pretrained`` is ``bench_out/quality/runs/FIRST``
+(``quality-lit.yaml``: ``lit-tower``) is the second stage of a run whose first stage is ``quality-FIRST.yaml``
+(which is then no row of its own). Per seed the bench trains the first stage, then the second with
+``model.pretrained`` set to that run folder (the image tower locked: ``model.lock_image``), and evaluates the
+second. The two stages together spend the same training FLOPs as every other run: the first ``F`` of them, the
+second the rest (each stage's steps from its own GFLOP/step, counted by ``vlp.flops``, where a locked tower costs its
+forward only). ``F`` is ``--first-stage-share``; by default the share of the reference run's FLOPs per step that its
+rows of the first stage's kinds cost (for mixed: its labeled + unlabeled rows, the image-only ones, against its
+captioned rows; counted by ``vlp.flops`` on the reference config without its other rows), or 50/50 when the
+reference has no such rows or nothing else. Each stage has its own lr: the first stage's sweep selects on the
+validation kNN (as every run); the second stage's sweep starts from the first stage at the first seed and its
+chosen lr, and selects on the validation zero-shot (templates), since a locked image tower leaves kNN on the pooled
+feature unchanged. The report gives both stages (steps, GFLOP/step, TFLOP, lr) under the headline table.
 
 A run trains its text tower iff an active objective reads text (the contrastive one) and the text tower is not
 locked; zero-shot numbers of the others are printed but marked meaningless (chance is 10%).
@@ -93,6 +109,7 @@ Usage::
     python tools/bench_quality.py --ablate mixed --plan-only  # FLOPs, calibration and the plan, no training
     python tools/bench_quality.py --report-only bench_out/quality/results.json
     python tools/bench_quality.py --steps 250,1000,2500 --runs clip,mixed --parallel 4   # the curve
+    python tools/bench_quality.py --runs clip,mixed,lit --steps 250     # LiT's two stages against the one-stage mix
     python tools/bench_quality.py --prepare-only            # write the shards configs/cifar10-mixed.yaml reads
 """
 from __future__ import annotations
@@ -111,7 +128,7 @@ from quality.report import report
 from quality.run import bench
 
 # the bench's pieces, still reachable as bench_quality.X (tests/test_bench_quality.py)
-from quality.plan import SELECT_KEY, beyond_edge, plan_jobs, reused  # noqa: E402,F401,I001
+from quality.plan import SELECT_KEY, beyond_edge, plan_jobs, reused, stage_steps, two_stage_steps  # noqa: E402,F401,I001
 from quality.report import COLUMNS  # noqa: E402,F401
 from quality.run import next_ready, reusable_records  # noqa: E402,F401
 
@@ -135,6 +152,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runs", default=None, help=f"comma-separated configs/bench/quality-RUN.yaml (default: all: "
                                                 f"{','.join(available_runs())})")
     p.add_argument("--reference", default="mixed", help="run whose step count is --steps; others match its FLOPs")
+    p.add_argument("--first-stage-share", type=float, default=None, metavar="F",
+                   help="a two-stage run (lit): the share of its FLOPs its first stage spends (default: the "
+                        "reference's FLOP share of the rows of the first stage's kinds, e.g. mixed's image-only rows; "
+                        "50/50 when that is undefined)")
     p.add_argument("--budget-minutes", type=float, default=55.0,
                    help="wall-clock budget of the whole bench; sets the reference's steps (default: 55)")
     p.add_argument("--steps", default=None,
@@ -179,6 +200,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--steps {args.steps}: each budget a positive step count, once")
     if args.parallel < 1:
         p.error("--parallel: at least 1")
+    if args.first_stage_share is not None and not 0 < args.first_stage_share < 1:
+        p.error("--first-stage-share: a fraction between 0 and 1")
     if args.report_only:
         docs = [json.loads(Path(path).read_text()) for path in args.report_only]
         print("\n\n".join(report(d) for d in docs) if len(docs) == 1 else curve.curve_report(docs, report))

@@ -16,8 +16,36 @@ CONFIGS = REPO / "configs" / "bench"
 SELECT_KEY = "knn_top1/pooled"  # the sweep's selection metric, on the validation split
 
 
-def available_runs() -> list[str]:
+# A second stage names its first stage by model.pretrained: this prefix + the first stage's config name
+# (configs/bench/quality-lit.yaml: bench_out/quality/runs/lit-tower); the bench trains that config first and puts
+# its run folder there.
+STAGE_PREFIX = "bench_out/quality/runs/"
+# a second stage whose image tower is locked cannot change kNN on the pooled feature: its sweep selects on this
+STAGE2_SELECT_KEY = "zeroshot_top1/templates"
+
+
+def all_configs() -> list[str]:
     return sorted(p.stem[len("quality-"):] for p in CONFIGS.glob("quality-*.yaml"))
+
+
+def first_stage(tree: dict) -> str | None:
+    """The bench config a second stage starts from (its ``model.pretrained`` is ``STAGE_PREFIX`` + that name), or
+    None for a one-stage run."""
+    pre = str((tree.get("model") or {}).get("pretrained") or "")
+    name = pre[len(STAGE_PREFIX):].strip("/") if pre.startswith(STAGE_PREFIX) else ""
+    return name if name and (CONFIGS / f"quality-{name}.yaml").is_file() else None
+
+
+def first_stages() -> dict[str, str]:
+    """First-stage config -> the two-stage run that starts from it (``lit-tower`` -> ``lit``)."""
+    return {first: run for run in all_configs() if (first := first_stage(base_tree(run)))}
+
+
+def available_runs() -> list[str]:
+    """The bench's runs (rows): every ``configs/bench/quality-RUN.yaml`` except the first stages of two-stage runs,
+    which train only as part of theirs."""
+    firsts = first_stages()
+    return [r for r in all_configs() if r not in firsts]
 
 
 def base_tree(run: str) -> dict:
@@ -27,6 +55,43 @@ def base_tree(run: str) -> dict:
     if not path.is_file():
         raise SystemExit(f"no config {path} (runs: {', '.join(available_runs())})")
     return yaml.safe_load(path.read_text())
+
+
+def without_pretrained(tree: dict) -> dict:
+    """A second stage's config with its placeholder ``model.pretrained`` dropped: what FLOPs and calibration are
+    measured on (the weights do not change the arithmetic; ``lock_image`` stays)."""
+    if not first_stage(tree):
+        return tree
+    tree = copy.deepcopy(tree)
+    del tree["model"]["pretrained"]
+    return tree
+
+
+def first_stage_share(reference_tree: dict, first_tree: dict, flop_steps: int) -> tuple[float, str]:
+    """The default share of a two-stage run's FLOPs that its first stage spends: the share of the reference run's
+    training FLOPs per step that its rows of the first stage's kinds cost (mixed: its labeled + unlabeled rows,
+    image-only, against its captioned rows), counted by ``vlp.flops`` on the reference config without its other
+    rows. 0.5 when the reference has no rows of those kinds, or nothing else. Returns (share, how)."""
+    from benchlib.cifar import CLASSNAMES
+    from vlp.config import ConfigError
+    from vlp.flops import training_flops_per_step
+
+    kinds = {k for k, n in first_tree["data"]["batch"].items() if n}
+    batch = reference_tree["data"]["batch"]
+    keep = {k: n for k, n in batch.items() if n and k in kinds}
+    if not keep or sum(keep.values()) == sum(n for n in batch.values() if n):
+        return 0.5, "50/50 (the reference has no rows of the first stage's kinds, or only them)"
+    part = copy.deepcopy(reference_tree)
+    part["data"]["batch"] = keep
+    part["data"]["sources"] = [s for s in part["data"]["sources"] if s.get("kind", "paired") in kinds]
+    try:
+        counted = [training_flops_per_step(validated(t), CLASSNAMES, steps=flop_steps)
+                   for t in (part, reference_tree)]
+    except (ConfigError, ValueError) as err:
+        return 0.5, f"50/50 (the reference without its other rows does not train: {err})"
+    share = round(counted[0] / counted[1], 4)
+    return share, (f"the reference's FLOP share of its {'+'.join(sorted(keep))} rows ({sum(keep.values())} of "
+                   f"{sum(batch.values())} rows: {counted[0] / 1e9:.2f} of {counted[1] / 1e9:.2f} GFLOP/step)")
 
 
 def active_objectives(tree: dict) -> list[str]:
@@ -73,25 +138,68 @@ def run_configs(p: argparse.ArgumentParser, args: argparse.Namespace, shards: Pa
     """(runs, trees, configs) of the command line: ``--runs`` (and the reference) and ``--ablate``'s ablations as
     configs adapted to the bench; ``configs``: each one's run, change, objectives, batch, masking, model and FLOPs."""
     runs = parse_list(args.runs) if args.runs else available_runs()
-    known = available_runs()
+    known, firsts = available_runs(), first_stages()
     for r in runs + [args.reference] + ([args.ablate] if args.ablate else []):
+        if r in firsts:
+            p.error(f"{r!r} is the first stage of the two-stage run {firsts[r]!r}, not a run of its own: "
+                    f"--runs {firsts[r]}")
         if r not in known:
             p.error(f"unknown run {r!r}: no configs/bench/quality-{r}.yaml (runs: {', '.join(known)})")
     if args.ablate and args.ablate not in runs:
         p.error(f"--ablate {args.ablate}: not among --runs")
+    if args.ablate and first_stage(base_tree(args.ablate)):
+        p.error(f"--ablate {args.ablate}: a two-stage run has no ablations here")
+    if first_stage(base_tree(args.reference)):
+        p.error(f"--reference {args.reference}: a two-stage run cannot be the reference")
     adapt = lambda t: adapt_tree(t, shards, batch, args.mask_ratio, args.model, args.workers)  # noqa: E731
-    trees = {r: adapt(base_tree(r)) for r in dict.fromkeys(runs + [args.reference])}
+    trees = {}
+    for r in dict.fromkeys(runs + [args.reference]):
+        if first := first_stage(base_tree(r)):  # a two-stage run: its first stage's config comes with it
+            trees[first] = adapt(base_tree(first))
+        trees[r] = adapt(base_tree(r))
     configs = {r: {"run": r, "change": None} for r in trees}
     if args.ablate:
         for abl, (tree, change) in ablation_trees(args.ablate, base_tree(args.ablate)).items():
             trees[abl] = adapt(tree)
             configs[abl] = {"run": args.ablate, "change": change}
+    flop_steps = args.flop_steps or (2 if args.quick else 10)
     for c, v in configs.items():
         cfg = validated(trees[c])
         v.update(objectives=active_objectives(trees[c]), text_trained=text_trained(trees[c]),
                  batch=cfg.data.batch.model_dump(), mask_ratio=cfg.model.mask_ratio, model=cfg.model.name)
-    measure_flops(configs, trees, args.flop_steps or (2 if args.quick else 10))
+    measure_flops(configs, {c: without_pretrained(t) for c, t in trees.items()}, flop_steps)
+    for r in runs:
+        if first := first_stage(trees[r]):
+            if args.first_stage_share is not None:
+                share, how = args.first_stage_share, "given (--first-stage-share)"
+            else:
+                share, how = first_stage_share(trees[args.reference], trees[first], flop_steps)
+            log(f"{r}: two stages, {first} then {r}; the first spends {share:.4g} of the FLOPs: {how}")
+            configs[first]["stage_of"] = r
+            # the run's own objectives are both stages' (a two-stage run is never a single-objective row)
+            configs[r].update(stages=[first, r], first_stage_share=share, first_stage_share_how=how,
+                              select=STAGE2_SELECT_KEY if validated(trees[r]).model.lock_image else SELECT_KEY,
+                              objectives=list(dict.fromkeys(configs[first]["objectives"] + configs[r]["objectives"])))
     return runs, trees, configs
+
+
+def stage_steps(steps: int, reference: str, configs: dict) -> dict[str, int]:
+    """Steps of every config at ``steps`` reference steps: a one-stage config matches the reference's FLOPs; the two
+    stages of a two-stage run split them, ``first_stage_share`` to the first (:func:`two_stage_steps`)."""
+    ref = configs[reference]["gflops_per_step"]
+    out = {c: equal_flops_steps(steps, ref, v["gflops_per_step"]) for c, v in configs.items()}
+    for run, v in configs.items():
+        if v.get("stages"):
+            first = v["stages"][0]
+            out[first], out[run] = two_stage_steps(steps * ref, v["first_stage_share"],
+                                                   configs[first]["gflops_per_step"], v["gflops_per_step"])
+    return out
+
+
+def two_stage_steps(budget_gflops: float, share: float, first_gflops: float, second_gflops: float) -> tuple[int, int]:
+    """(first, second) stage steps: ``share`` of the budget's FLOPs to the first stage, the rest to the second."""
+    return (max(1, round(share * budget_gflops / first_gflops)),
+            max(1, round((1 - share) * budget_gflops / second_gflops)))
 
 
 def learning_rates(p: argparse.ArgumentParser, args: argparse.Namespace, runs: list[str],
@@ -107,7 +215,7 @@ def learning_rates(p: argparse.ArgumentParser, args: argparse.Namespace, runs: l
             p.error(f"--lr {r}=@{other}: {other} is not a run of --runs that has its own lr")
     lrs = parse_list(args.lrs, float) if args.lrs else None
     lr_info: dict = {}
-    for r in runs:
+    for r in with_stages(runs, trees):
         if r in follow:
             lr_info[r] = {"lr": None, "how": f"{follow[r]}'s"}
         elif r in given:
@@ -117,12 +225,24 @@ def learning_rates(p: argparse.ArgumentParser, args: argparse.Namespace, runs: l
         elif lrs is not None and len(lrs) == 1:
             lr_info[r] = {"lr": lrs[0], "how": "given"}
     lrs = lrs or [5e-4, 1e-3, 2e-3]
-    return lrs, lr_info, {r: lrs for r in runs if r not in lr_info}, follow
+    return lrs, lr_info, {r: lrs for r in with_stages(runs, trees) if r not in lr_info}, follow
+
+
+def with_stages(runs: list[str], trees: dict) -> list[str]:
+    """``runs`` with the first stage of each two-stage run just before it: every config that has its own lr."""
+    out = []
+    for r in runs:
+        if first := first_stage(trees[r]):
+            out.append(first)
+        out.append(r)
+    return list(dict.fromkeys(out))
 
 
 @dataclass
 class Job:
-    """One training + evaluation. ``lr`` None: the lr chosen for ``lr_of`` (known after the sweep)."""
+    """One training + evaluation. ``lr`` None: the lr chosen for ``lr_of`` (known after the sweep). ``init_of``: the
+    job whose run this one starts from (a second stage: its first stage's job of the same seed), which must finish
+    first; ``init``: that run's key once it has (what it trained: config, seed, lr, steps)."""
 
     name: str
     config: str
@@ -131,10 +251,13 @@ class Job:
     steps: int
     phases: list[str] = field(default_factory=list)
     lr_of: str = ""
+    init_of: str = ""
+    init: tuple | None = None
 
     def key(self, lr: float | None = None):
         """Jobs with equal keys train the same thing: the later one reuses the earlier one's result."""
-        return self.config, self.seed, self.lr if lr is None else lr, self.steps
+        own = self.config, self.seed, self.lr if lr is None else lr, self.steps
+        return own + ((tuple(self.init) if self.init else ("after", self.init_of)),) if self.init_of else own
 
 
 def plan_jobs(steps: int, runs: list[str], reference: str, configs: dict, sweep: dict[str, list[float]],
@@ -143,37 +266,44 @@ def plan_jobs(steps: int, runs: list[str], reference: str, configs: dict, sweep:
     """Every job of the bench in execution order: sweep, seeds, ablations, equal-steps (see ``tools/bench_quality.py``'s docstring).
     ``follow``: run -> the run whose chosen lr it trains at (``--lr RUN=@OTHER``)."""
     follow = follow or {}
-    ref = configs[reference]["gflops_per_step"]
-    eq = {c: equal_flops_steps(steps, ref, v["gflops_per_step"]) for c, v in configs.items()}
+    eq = stage_steps(steps, reference, configs)
     s0 = seeds[0]
     jobs = []
     for run, lrs in sweep.items():
         n = max(1, round(eq[run] * fraction))
-        jobs += [Job(f"sweep-{run}-lr{lr:g}", run, s0, lr, n, ["sweep"]) for lr in lrs]
+        # a second stage's sweep starts from its first stage at the first seed and that stage's chosen lr
+        init = f"{configs[run]['stages'][0]}-seed{s0}" if configs[run].get("stages") else ""
+        jobs += [Job(f"sweep-{run}-lr{lr:g}", run, s0, lr, n, ["sweep"], init_of=init) for lr in lrs]
     for run in runs:
-        lr_of = follow.get(run, run)
-        jobs += [Job(f"{run}-seed{seed}", run, seed, chosen.get(lr_of), eq[run], ["seed"], lr_of)
-                 for seed in (seeds[:1] if run in one_seed else seeds)]
+        stages = configs[run].get("stages") or [run]
+        for seed in (seeds[:1] if run in one_seed else seeds):
+            init = ""
+            for config in stages:  # a two-stage run: its first stage, then the second from it, per seed
+                lr_of = follow.get(config, config)
+                jobs.append(Job(f"{config}-seed{seed}", config, seed, chosen.get(lr_of), eq[config],
+                                ["seed" if config == run else "stage1"], lr_of, init_of=init))
+                init = jobs[-1].name
     for name in ablations:
         run = configs[name]["run"]
         jobs.append(Job(f"{name}-seed{s0}", name, s0, chosen.get(run), eq[name], ["ablation"], run))
-    if equal_steps:
-        jobs += [Job(f"{run}-steps{steps}", run, s0, chosen.get(run), steps, ["equal-steps"], run) for run in runs]
+    if equal_steps:  # one-stage runs only: a two-stage run's steps are its stages'
+        jobs += [Job(f"{run}-steps{steps}", run, s0, chosen.get(run), steps, ["equal-steps"], run) for run in runs
+                 if not configs[run].get("stages")]
     return jobs
 
 
-def best_swept(swept: list[dict]) -> dict:
-    """The sweep run with the best validation kNN (pooled)."""
-    return max(swept, key=lambda j: j["eval"]["val"][SELECT_KEY])
+def best_swept(swept: list[dict], key: str = SELECT_KEY) -> dict:
+    """The sweep run with the best validation ``key`` (kNN pooled; a locked-tower second stage: zero-shot)."""
+    return max(swept, key=lambda j: j["eval"]["val"][key])
 
 
-def beyond_edge(swept: list[dict]) -> float | None:
+def beyond_edge(swept: list[dict], key: str = SELECT_KEY) -> float | None:
     """The next lr to sweep when the best validation lr is the smallest or largest swept: one step of the grid's
     ratio beyond it (3 significant digits). None when the best lies inside the swept range."""
     lrs = sorted({j["lr"] for j in swept})
     if len(lrs) < 2:
         return None
-    best = best_swept(swept)["lr"]
+    best = best_swept(swept, key)["lr"]
     if best == lrs[0]:
         return float(f"{best * lrs[0] / lrs[1]:.3g}")
     if best == lrs[-1]:
@@ -204,6 +334,7 @@ def print_plan(jobs: list[Job], reuse: list[bool], costs: list[float] | None, co
         lr = f"{j.lr:g}" if j.lr is not None else "chosen"
         tf = configs[j.config]["gflops_per_step"] * j.steps / 1e3
         est = "reused" if reuse[i] else (f"{costs[i] / 60:.1f}" if costs else "")
-        print(f"{j.name:<34} {j.config:<24} {j.seed:>4} {lr:>8} {j.steps:>6} {tf:>8.2f} {est:>8}")
+        print(f"{j.name:<34} {j.config:<24} {j.seed:>4} {lr:>8} {j.steps:>6} {tf:>8.2f} {est:>8}"
+              + (f"  (from {j.init_of})" if j.init_of else ""))
     n = reuse.count(False)
     print(f"{n} trainings + evaluations" + (f", estimated {sum(costs) / 60:.1f} min" if costs else ""), flush=True)

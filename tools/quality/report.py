@@ -31,11 +31,10 @@ def name_width(doc: dict) -> int:
 
 
 def results_table(doc: dict, phase: str, title: str) -> list[str]:
-    """One row per run: FLOPs, steps, lr, then every test metric (mean ± std over the phase's seeds)."""
+    """One row per run: FLOPs, steps, lr, then every test metric (mean ± std over the phase's seeds). A two-stage
+    run's row gives both stages: GFLOP/step, steps and lr as ``first+second`` / ``first/second``, TFLOP their sum."""
     w = name_width(doc)
-    head = f"{'run':<{w}} {'GFLOP/step':>10} {'steps':>6} {'TFLOP':>7} {'lr':>7} {'seeds':>5}  " + \
-        "  ".join(f"{c:>15}" for c, _ in COLUMNS)
-    lines = [title, head, "-" * len(head)]
+    rows = []
     for run in doc["runs"]:
         jobs = jobs_in(doc, phase, run)
         if not jobs:
@@ -44,32 +43,97 @@ def results_table(doc: dict, phase: str, title: str) -> list[str]:
         cells = [cell([j["eval"]["test"][key] for j in jobs],
                       "*" if key.startswith("zeroshot") and not c["text_trained"] else " ") for _, key in COLUMNS]
         steps = sorted({j["steps"] for j in jobs})
-        cut = " (cut short)" if any(j["train"]["cut_short"] for j in jobs) else ""
-        lines.append(f"{run:<{w}} {c['gflops_per_step']:>10.2f} {'/'.join(map(str, steps)):>6} "
-                     f"{c['gflops_per_step'] * steps[0] / 1e3:>7.1f} {jobs[0]['lr']:>7g} {len(jobs):>5}  "
-                     + "  ".join(cells) + cut)
+        cut = " (cut short)" if any(j["train"]["cut_short"] or (j.get("init") or {}).get("cut_short")
+                                    for j in jobs) else ""
+        gf, st, lr = f"{c['gflops_per_step']:.2f}", "/".join(map(str, steps)), f"{jobs[0]['lr']:g}"
+        tflops = c["gflops_per_step"] * steps[0] / 1e3
+        if c.get("stages") and jobs[0].get("init"):
+            first, init = doc["configs"][c["stages"][0]], jobs[0]["init"]
+            gf = f"{first['gflops_per_step']:.1f}+{c['gflops_per_step']:.1f}"
+            st, lr = f"{init['steps']}+{st}", f"{init['lr']:g}/{lr}"
+            tflops += first["gflops_per_step"] * init["steps"] / 1e3
+        rows.append((run, gf, st, f"{tflops:.1f}", lr, len(jobs), cells, cut))
+    ws, wl = max([6] + [len(r[2]) for r in rows]), max([7] + [len(r[4]) for r in rows])
+    head = f"{'run':<{w}} {'GFLOP/step':>10} {'steps':>{ws}} {'TFLOP':>7} {'lr':>{wl}} {'seeds':>5}  " + \
+        "  ".join(f"{c:>15}" for c, _ in COLUMNS)
+    lines = [title, head, "-" * len(head)]
+    for run, gf, st, tf, lr, n, cells, cut in rows:
+        lines.append(f"{run:<{w}} {gf:>10} {st:>{ws}} {tf:>7} {lr:>{wl}} {n:>5}  " + "  ".join(cells) + cut)
     return lines
 
 
+def stages_table(doc: dict) -> list[str]:
+    """Each two-stage run's stages: config, objectives, GFLOP/step, steps, TFLOP, share of the run's FLOPs, lr (how
+    chosen), and per seed the first stage's test kNN (pooled) beside the final model's (equal when the second stage
+    locks the image tower)."""
+    lines = []
+    for run in doc["runs"]:
+        c = doc["configs"][run]
+        jobs = jobs_in(doc, "seed", run)
+        if not c.get("stages") or not jobs or not jobs[0].get("init"):
+            continue
+        first, init = c["stages"][0], jobs[0]["init"]
+        f = doc["configs"][first]
+        head = f"{'stage':<8} {'config':<16} {'objectives':<24} {'GFLOP/step':>10} {'steps':>6} {'TFLOP':>7} " \
+               f"{'share':>6} {'lr':>8}  lr chosen by"
+        if not lines:
+            lines.append("Two-stage runs: each stage's training FLOPs (the two sum to the budget), steps and lr")
+        lines += [f"{run}: first stage {first}, then {run} from its run folder; first-stage share "
+                  f"{c['first_stage_share']:.4g}: {c.get('first_stage_share_how', '')}", head, "-" * len(head)]
+        total = f["gflops_per_step"] * init["steps"] + c["gflops_per_step"] * jobs[0]["steps"]
+        lr_how = {first: (doc["lr"].get(first) or {}).get("how", "-"), run: (doc["lr"].get(run) or {}).get("how", "-")}
+        select = {first: "val kNN pooled", run: f"val {c.get('select', SELECT_KEY)}"}
+        for i, (name, cfg, steps, lr) in enumerate(((first, f, init["steps"], init["lr"]),
+                                                    (run, c, jobs[0]["steps"], jobs[0]["lr"]))):
+            g = cfg["gflops_per_step"]
+            objectives = ", ".join(doc["configs"][name]["objectives"]) if i == 0 else \
+                ", ".join(o for o in c["objectives"] if o not in f["objectives"])
+            how = f"{lr_how[name]} ({select[name]})" if lr_how[name] == "sweep" else lr_how[name]
+            lines.append(f"{i + 1:<8} {name:<16} {objectives:<24} {g:>10.2f} {steps:>6} {g * steps / 1e3:>7.2f} "
+                         f"{g * steps / total:>6.3f} {lr:>8g}  {how}")
+        def first_knn(j):  # the first stage's record (the seed's job, or the sweep run it reused)
+            i = j["init"]
+            return next((100 * r["eval"]["test"][SELECT_KEY] for r in doc["jobs"] if (r["config"], r["seed"], r["lr"],
+                         r["steps"]) == (i["config"], i["seed"], i["lr"], i["steps"])), None)
+
+        knn = [(j["seed"], 100 * j["eval"]["test"][SELECT_KEY], first_knn(j)) for j in jobs]
+        lines.append("test kNN pooled, first stage / final, per seed: " + ", ".join(
+            f"seed {s}: {'-' if a is None else f'{a:.2f}'} / {b:.2f}" for s, b, a in knn))
+        lines.append("")
+    return lines[:-1] if lines else []
+
+
 def sweep_table(doc: dict) -> list[str]:
+    """The validation metric of every swept lr per run (a two-stage run: its first stage's row, then its own; the
+    second stage of a locked tower selects on validation zero-shot, marked)."""
     jobs = jobs_in(doc, "sweep")
     if not jobs:
         return []
     lrs = sorted({j["lr"] for j in jobs})
-    w = name_width(doc)
+    order = []
+    for run in doc["runs"]:
+        order += doc["configs"][run].get("stages") or [run]
+    w = max([name_width(doc)] + [len(r) + 2 for r in order])
     head = f"{'run':<{w}} {'steps':>6}  " + "  ".join(f"{f'lr {lr:g}':>10}" for lr in lrs) + "   chosen"
     lines = [f"LR sweep: validation kNN top-1 % (pooled; {doc['val']['n']} images of the unlabeled pool, "
              f"never the test set), seed {doc['seeds'][0]}", head, "-" * len(head)]
-    for run in doc["runs"]:
+    notes = []
+    for run in dict.fromkeys(order):
         mine = {j["lr"]: j for j in jobs if j["config"] == run}
         if not mine:
             continue
+        key = doc["configs"][run].get("select", SELECT_KEY)
+        name = run + (" †" if key != SELECT_KEY else "")
+        if key != SELECT_KEY:
+            init = next(iter(mine.values())).get("init") or {}
+            notes.append(f"† {run}: validation {key} (its image tower is locked: kNN pooled is its first stage's), "
+                         f"from {init.get('name', 'its first stage')}" + (f" (lr {init['lr']:g})" if init else ""))
         best = (doc["lr"].get(run) or {}).get("lr")  # None: a partial bench, not chosen yet
-        cells = [f"{100 * mine[lr]['eval']['val'][SELECT_KEY]:>9.2f}{'*' if lr == best else ' '}" if lr in mine
+        cells = [f"{100 * mine[lr]['eval']['val'][key]:>9.2f}{'*' if lr == best else ' '}" if lr in mine
                  else f"{'-':>10}" for lr in lrs]
         steps = next(iter(mine.values()))["steps"]
-        lines.append(f"{run:<{w}} {steps:>6}  " + "  ".join(cells) + (f"   {best:g}" if best else "   -"))
-    return lines
+        lines.append(f"{name:<{w}} {steps:>6}  " + "  ".join(cells) + (f"   {best:g}" if best else "   -"))
+    return lines + notes
 
 
 def ablation_table(doc: dict) -> list[str]:
@@ -128,7 +192,7 @@ def report(doc: dict) -> str:
     parts[0] += ["* text tower never trained: zero-shot is meaningless (chance 10%). GFLOP/step: vlp.flops "
                  "(FlopCounterMode: forward + teacher + backward + hooks); TFLOP: total training FLOPs."]
     parts[0] += versus_single_lines(doc)
-    for extra in (sweep_table(doc), ablation_table(doc),
+    for extra in (stages_table(doc), sweep_table(doc), ablation_table(doc),
                   results_table(doc, "equal-steps", f"Equal steps ({doc['reference_steps']} each, seed "
                                                     f"{doc['seeds'][0]}); test top-1 %")):
         if len(extra) > 3 or len(extra) == 1:  # a table with rows, or a one-line note

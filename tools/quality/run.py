@@ -18,9 +18,9 @@ from pathlib import Path
 from benchlib.cifar import CAPTION_TEMPLATES, DATA_TARBALL, prepare, prepare_val
 from benchlib.cli import log, parse_list, write_json
 from benchlib.evaluate import evaluate_run
-from benchlib.train import equal_flops_steps, job_tree, launch, seconds_per_step
+from benchlib.train import job_tree, launch, seconds_per_step
 from quality.plan import (SELECT_KEY, Job, beyond_edge, best_swept, job_costs, learning_rates, plan_jobs, print_plan,
-                          reused, run_configs)
+                          reused, run_configs, stage_steps, with_stages, without_pretrained)
 from quality.report import report
 
 SAFETY = 1.15
@@ -71,7 +71,8 @@ def bench(p: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str] 
     if args.steps or args.quick:
         steps = args.steps or 10
     else:
-        calib = {"runs": calibrate(runs, trees, runs_dir, batch)}
+        calib = {"runs": calibrate(with_stages(runs, trees), {c: without_pretrained(t) for c, t in trees.items()},
+                                   runs_dir, batch)}
         c = calib["runs"]
 
         def sps(cfg_name):  # an ablation: its run's seconds per step scaled by their FLOPs
@@ -99,9 +100,8 @@ def bench(p: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str] 
     jobs = make_plan(steps)
     reuse = reused(jobs, sweep)
     costs = job_costs(jobs, sweep, cost) if calib else None
-    for cname, v in configs.items():
-        v["equal_flops_steps"] = equal_flops_steps(steps, configs[args.reference]["gflops_per_step"],
-                                                   v["gflops_per_step"])
+    for cname, n in stage_steps(steps, args.reference, configs).items():
+        configs[cname]["equal_flops_steps"] = n
     doc = results_doc(args, argv, info, n_val, runs, seeds, lrs, steps, batch, configs, lr_info, calib)
     prior = reusable_records([Path(r) for r in args.reuse], doc)
     reuse = [r or (j.lr is not None and j.key() in prior) for j, r in zip(jobs, reuse)]
@@ -123,18 +123,20 @@ def bench(p: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str] 
     def choose_lr(run: str) -> Job | None:
         """The sweep of ``run`` is over: one more sweep job past the edge, or None once its lr is chosen."""
         swept = [j for j in doc["jobs"] if "sweep" in j["phases"] and j["config"] == run]
-        further = beyond_edge(swept)
+        key = configs[run].get("select", SELECT_KEY)
+        further = beyond_edge(swept, key)
         if further is not None and extended.get(run, 0) < args.sweep_extend:
             extended[run] = extended.get(run, 0) + 1
             log(f"{run}: the best lr is at the edge of the sweep; sweeping lr {further:g} too")
-            extra = Job(f"sweep-{run}-lr{further:g}", run, swept[0]["seed"], further, swept[0]["steps"], ["sweep"])
+            extra = Job(f"sweep-{run}-lr{further:g}", run, swept[0]["seed"], further, swept[0]["steps"], ["sweep"],
+                        init_of=(swept[0].get("init") or {}).get("name", ""))
             if cost:
                 cost_of[extra.name] = cost(run, extra.steps)
             return extra
-        best = best_swept(swept)
+        best = best_swept(swept, key)
         chosen[run] = best["lr"]
         lr_info[run] = {"lr": best["lr"], "how": "sweep"}
-        log(f"{run}: lr {best['lr']:g} chosen (validation kNN {100 * best['eval']['val'][SELECT_KEY]:.2f})")
+        log(f"{run}: lr {best['lr']:g} chosen (validation {key} {100 * best['eval']['val'][key]:.2f})")
         return None
 
     def train_and_evaluate(job: Job, tree: dict, limit: float | None) -> tuple[dict, dict]:
@@ -149,52 +151,71 @@ def bench(p: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str] 
             f"{100 * ev['test'][SELECT_KEY]:.2f}, zero-shot {100 * ev['test']['zeroshot_top1/templates']:.2f}; "
             f"val kNN {100 * ev['val'][SELECT_KEY]:.2f}")
         gf = configs[job.config]["gflops_per_step"]
+        own = round(gf * train["steps_done"] / 1e3, 3)
+        init = init_of(job)
         return {"name": job.name, "config": job.config, "phases": list(job.phases), "seed": job.seed,
                 "lr": job.lr, "steps": job.steps, "warmup": tree["optim"]["warmup_steps"],
-                "gflops_per_step": gf, "total_tflops": round(gf * train["steps_done"] / 1e3, 3),
+                # a second stage: the whole run's FLOPs (its first stage's too); stage_tflops: this stage's
+                "gflops_per_step": gf, "total_tflops": round(own + (init["total_tflops"] if init else 0), 3),
+                **({"stage_tflops": own, "init": init} if init else {}), "run_dir": str(runs_dir / job.name),
                 "train": {"steps_done": train["steps_done"], "cut_short": train["cut_short"],
                           "wall_s": train["wall_s"],
                           "samples_per_s": round(batch / sps_run, 2) if sps_run else None,
                           "final_losses": {k: v for k, v in train["last"].items() if k.startswith("loss/")}},
                 "eval": ev}
 
+    def init_of(job: Job) -> dict | None:
+        """What a second stage started from: its first stage's record, in short."""
+        if not job.init_of:
+            return None
+        rec = finished[job.init_of]
+        return {"name": job.init_of, "config": rec["config"], "seed": rec["seed"], "lr": rec["lr"],
+                "steps": rec["steps"], "total_tflops": rec["total_tflops"], "run_dir": rec.get("run_dir"),
+                "cut_short": rec["train"]["cut_short"]}
+
     def save() -> None:  # after every job: a partial bench keeps its results
         doc["total_minutes"] = round((time.time() - t_start) / 60, 2)
         write_json(out, doc)
 
     done: dict = {}  # job key -> its record in doc["jobs"]
+    finished: dict = {}  # job name -> its record (a second stage reads its first stage's run folder from it)
     extended: dict[str, int] = {}
     eval_lock = threading.Lock()
     pending, running = list(jobs), {}  # running: future -> (job, tree)
     with ThreadPoolExecutor(max_workers=args.parallel) as pool:
         while pending or running:
-            job = next_ready(pending, running, chosen, choose_lr)
+            job = next_ready(pending, running, chosen, choose_lr, finished)
             if job is not None and len(running) < args.parallel:
                 if job.config in follow:
                     lr_info[job.config] = {"lr": job.lr, "how": f"{job.lr_of}'s (sweep)"}
                 if job.key() in done:
                     done[job.key()]["phases"] += [ph for ph in job.phases if ph not in done[job.key()]["phases"]]
+                    finished[job.name] = done[job.key()]
                     log(f"{job.name}: same training as {done[job.key()]['name']}, reused")
                     continue
-                if job.key() in prior:
+                if job.key() in prior and (not configs[job.config].get("stage_of")
+                                           or has_checkpoint(prior[job.key()][1].get("run_dir"))):
                     source, old = prior[job.key()]
                     record = {**copy.deepcopy(old), "name": job.name, "phases": list(job.phases),
                               "reused_from": old.get("reused_from", source)}
                     doc["jobs"].append(record)
-                    done[job.key()] = record
+                    done[job.key()] = finished[job.name] = record
                     log(f"{job.name}: taken over from {source} ({old['name']}): test kNN "
                         f"{100 * old['eval']['test'][SELECT_KEY]:.2f}, val kNN "
                         f"{100 * old['eval']['val'][SELECT_KEY]:.2f}")
                     save()
                     continue
                 tree = job_tree(trees[job.config], runs_dir / job.name, job.steps, job.lr, job.seed, log_every)
+                if job.init_of:  # a second stage starts from its first stage's run folder
+                    tree["model"]["pretrained"] = finished[job.init_of]["run_dir"]
                 limit = None
                 if deadline is not None:  # keep the bench inside the budget: what is left is shared by expected time
                     rest = sum(cost_of.get(j.name, 0.0) for j in pending + [r[0] for r in running.values()])
                     mine = cost_of.get(job.name) or cost(job.config, job.steps)
                     limit = max(60.0, (deadline - time.time()) * args.parallel * mine / max(rest + mine, 1e-9))
                 log(f"training {job.name}: {job.steps} steps, lr {job.lr:g}, seed {job.seed}, batch "
-                    f"{tree['data']['batch']}" + (f", time limit {limit:.0f} s" if limit else "")
+                    f"{tree['data']['batch']}" + (f", from {job.init_of}" if job.init_of else "")
+                    + (f", time limit {limit:.0f} s" if limit else "")
                     + (f" ({len(running) + 1} running)" if args.parallel > 1 else ""))
                 running[pool.submit(train_and_evaluate, job, tree, limit)] = (job, tree)
                 continue
@@ -208,7 +229,7 @@ def bench(p: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str] 
                 train, ev = fut.result()
                 record = record_of(job, tree, train, ev)
                 doc["jobs"].append(record)
-                done[job.key()] = record
+                done[job.key()] = finished[job.name] = record
                 save()
     doc["lr"] = lr_info
     save()
@@ -218,14 +239,23 @@ def bench(p: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str] 
     return 0
 
 
-def next_ready(pending: list[Job], running: dict, chosen: dict[str, float], choose_lr) -> Job | None:
+def next_ready(pending: list[Job], running: dict, chosen: dict[str, float], choose_lr,
+               finished: dict | None = None) -> Job | None:
     """Take the first job of ``pending`` that can start now, in plan order: its lr is known (given, or its run's
-    sweep is over and chosen: ``choose_lr(run)`` may instead return one more sweep job, which is taken first), and no
-    running job trains the same thing (it then reuses that one's result). None when every pending job waits."""
+    sweep is over and chosen: ``choose_lr(run)`` may instead return one more sweep job, which is taken first), the
+    job it starts from (``init_of``, a second stage's first stage) is among ``finished`` (name -> record; its key
+    becomes the job's ``init``), and no running job trains the same thing (it then reuses that one's result). None
+    when every pending job waits."""
+    finished = finished or {}
     busy = {j.key() for j, _ in running.values()}
     sweeping = {j.config for j, _ in running.values() if "sweep" in j.phases}
     sweeping |= {j.config for j in pending if "sweep" in j.phases and j.lr is not None}
     for i, job in enumerate(pending):
+        if job.init_of:
+            if job.init_of not in finished:
+                continue
+            rec = finished[job.init_of]
+            job.init = (rec["config"], rec["seed"], rec["lr"], rec["steps"])
         if job.lr is None:
             if job.lr_of not in chosen:
                 if job.lr_of in sweeping:
@@ -260,8 +290,18 @@ def reusable_records(paths: list[Path], doc: dict) -> dict[tuple, tuple[str, dic
                 continue
             if abs(was["gflops_per_step"] - now["gflops_per_step"]) > 1e-3 * now["gflops_per_step"]:
                 continue
-            out[(rec["config"], rec["seed"], rec["lr"], rec["steps"])] = (f"{path} of {old['created']}", rec)
+            key = (rec["config"], rec["seed"], rec["lr"], rec["steps"])
+            if rec.get("init"):  # a second stage: the same only from the same first stage
+                i = rec["init"]
+                key += ((i["config"], i["seed"], i["lr"], i["steps"]),)
+            out[key] = (f"{path} of {old['created']}", rec)
     return out
+
+
+def has_checkpoint(run_dir: str | None) -> bool:
+    """A first stage's run taken over from an earlier bench serves a second stage only while its folder holds a
+    checkpoint."""
+    return bool(run_dir) and any((Path(run_dir) / "checkpoints").glob("step_*"))
 
 
 def results_doc(args, argv, info, n_val, runs, seeds, lrs, steps, batch, configs, lr_info, calib) -> dict:
@@ -272,10 +312,16 @@ def results_doc(args, argv, info, n_val, runs, seeds, lrs, steps, batch, configs
         flop_steps, configs {name: {run, change, objectives, text_trained, batch, mask_ratio, model,
                                     gflops_per_step, forward_gflops {part: GFLOPs}, equal_flops_steps}},
         lr {run: {lr, how: sweep|given|config}}, calibration, plan {estimated_minutes, jobs},
-        jobs [{name, config, phases [sweep|seed|ablation|equal-steps], seed, lr, steps, warmup, gflops_per_step,
-               total_tflops, train {steps_done, cut_short, wall_s, samples_per_s, final_losses},
-               eval {test {knn_top1/*, linear_top1/*, zeroshot_top1/*, n, n_probe_train}, val {...}, eval_s}}],
+        jobs [{name, config, phases [sweep|seed|stage1|ablation|equal-steps], seed, lr, steps, warmup,
+               gflops_per_step, total_tflops, run_dir, train {steps_done, cut_short, wall_s, samples_per_s,
+               final_losses}, eval {test {knn_top1/*, linear_top1/*, zeroshot_top1/*, n, n_probe_train}, val {...},
+               eval_s}}],
         total_minutes
+
+    A two-stage run's config has ``stages`` [first, second], ``first_stage_share`` (and how it was set) and
+    ``select`` (its sweep's validation key); its first stage's config has ``stage_of``. A second stage's job has
+    ``init`` {name, config, seed, lr, steps, total_tflops, run_dir, cut_short} (the first stage it started from),
+    ``stage_tflops`` (its own) and ``total_tflops`` of both stages.
 
     A job serving several phases (the sweep run at the chosen lr is the first seed's run when the sweep is full
     length) is one record with several phases."""
