@@ -17,6 +17,7 @@ import yaml
 from pydantic import Field, SerializeAsAny, ValidationError, field_validator, model_validator
 
 from vlp.data.format import KINDS, Kind, check_shards, expand_shards, is_local
+from vlp.eval.config import EvalConfig
 from vlp.strict import ConfigError, StrictModel
 
 MASKING_OBJECTIVES = ("mae",)  # objectives that need masked patches: model.mask_ratio defaults to 0.75 with them
@@ -248,36 +249,6 @@ class LogConfig(StrictModel):
             raise KeyedError("log.wandb: the wandb package is not installed (pip install wandb), "
                              "or set log.wandb: false")
         return self
-
-
-class ZeroShotEvalConfig(StrictModel):
-    shards: str
-    classnames: list[str] | str | None = None
-    templates: list[str] | str | None = None
-    max_samples: int | None = None
-
-
-class KnnEvalConfig(StrictModel):
-    """Weighted kNN (DINO's protocol) on image features: needs no text tower, so it monitors SSL-only runs."""
-
-    shards: str                          # labeled evaluation shards
-    train_shards: str | None = None      # labeled shards for the kNN memory (default: a split of ``shards``)
-    k: int = Field(20, gt=0)
-    max_samples: int | None = None
-    # embed: encode_image; pooled: the ViT's pooled token before the projection; auto: pooled when no objective
-    # trains the text side (the projection stays untrained there), else embed
-    feature: Literal["auto", "embed", "pooled"] = "auto"
-
-
-class EvalConfig(StrictModel):
-    """In-training evaluation; every task registered in ``vlp.eval.tasks`` that has a section here runs."""
-
-    zeroshot: ZeroShotEvalConfig | None = None
-    knn: KnnEvalConfig | None = None
-    batch_size: int = Field(256, gt=0)
-
-    def tasks(self) -> dict:
-        return {name: spec for name in ("zeroshot", "knn") if (spec := getattr(self, name)) is not None}
 
 
 class Config(StrictModel):
