@@ -627,7 +627,7 @@ def test_degenerate_settings_fail_as_one_line_naming_the_key(data, key, value, e
 
 def test_unwritable_output_dir_fails_before_any_work(data, tmp_path):
     """An output_dir that cannot take files (here under a regular file, which stops root too) is a config error."""
-    from vlp.train import _check_writable
+    from vlp.run_dir import check_writable as _check_writable
 
     blocker = tmp_path / "a-file"
     blocker.write_text("")

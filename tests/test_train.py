@@ -15,6 +15,7 @@ from conftest import REPO, run_config, write_config
 from vlp import checkpoint as ckpt_io
 from vlp.config import config_from_dict
 from vlp.data.mixing import live_children
+from vlp.run_dir import RunDirBusy, lock_run_dir
 from vlp.train import NonFiniteLoss, Trainer, param_groups, warmup_cosine
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
@@ -261,7 +262,7 @@ def test_sigkill_with_two_workers_then_resume_at_once_gives_the_uninterrupted_lo
     assert len(workers) == 2, workers
     killed_at = ckpt_io.read_run_info(run_dir)["step"]
     assert killed_at < steps, "the run finished before it could be killed"
-    ckpt_io.lock_run_dir(run_dir).close()  # free the moment the trainer is gone: no worker holds it
+    lock_run_dir(run_dir).close()  # free the moment the trainer is gone: no worker holds it
     resume = subprocess.run([sys.executable, "-m", "vlp.train", "--config", str(path), "--resume", "auto"], env=ENV,
                             capture_output=True, text=True, timeout=300)
     assert resume.returncode == 0, resume.stderr[-3000:]
@@ -323,7 +324,7 @@ def test_sigterm_ends_a_stalled_run_and_frees_the_folder(demo_data, tmp_path):
     err = proc.stderr.read()
     assert code == 128 + signal.SIGTERM, err[-3000:]
     assert "a stream stalls" in err, err[-3000:]
-    ckpt_io.lock_run_dir(run_dir).close()
+    lock_run_dir(run_dir).close()
 
 
 def test_sigkill_of_a_stalled_run_takes_its_workers_along(demo_data, tmp_path):
@@ -340,7 +341,7 @@ def test_sigkill_of_a_stalled_run_takes_its_workers_along(demo_data, tmp_path):
     finally:
         _end_group(proc)
     assert workers and not alive, (workers, alive)
-    ckpt_io.lock_run_dir(run_dir).close()
+    lock_run_dir(run_dir).close()
 
 
 def test_nonfinite_loss_step_is_skipped_and_counted(demo_data, tmp_path):
@@ -500,7 +501,7 @@ def test_fresh_run_into_a_used_output_dir_and_two_live_runs_are_refused(demo_dat
     run_dir = tmp_path / "run"
     cfg = config_from_dict(run_config(demo_data, run_dir, data={"workers": 0}, train={"steps": 2, "save_every": 2}))
     first = Trainer(cfg)
-    with pytest.raises(ckpt_io.RunDirBusy, match="in use by a running training"):
+    with pytest.raises(RunDirBusy, match="in use by a running training"):
         Trainer(cfg)  # while `first` holds the folder
     first.fit()  # releases it
     assert [p.name for p in ckpt_io.list_checkpoints(run_dir)] == ["step_00000002"]

@@ -16,7 +16,6 @@ import datetime
 import json
 import logging
 import math
-import os
 import shutil
 import signal
 import sys
@@ -34,6 +33,7 @@ from vlp.config import KINDS, Config, ConfigError, dump_config, load_config
 from vlp.data.mixing import POLL_S, MixedBatches, close_loader, is_poll_timeout, make_loader
 from vlp.data.sources import NoUsableData, build_sources
 from vlp.data.transforms import eval_transform, resolve_templates, train_transform
+from vlp.run_dir import RunDirBusy, check_writable, lock_run_dir
 from vlp.task import PretrainTask
 
 log = logging.getLogger("vlp.train")
@@ -93,17 +93,6 @@ class DataTimeout(RuntimeError):
 STOP_GRACE_S = 10.0
 
 
-def _check_writable(run_dir: Path) -> None:
-    """output_dir must take files (checked before any work, not at the first checkpoint)."""
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / f".vlp-write-test-{os.getpid()}"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as err:
-        raise ConfigError(f"output_dir: {run_dir} is not writable ({err.strerror or err})") from None
-
-
 def trackers(cfg: Config) -> list:
     """TensorBoard always (``output_dir/tb``); wandb with ``log.wandb`` (project ``log.wandb_project``)."""
     out: list = ["tensorboard"]
@@ -134,7 +123,7 @@ class Trainer:
                               f"classes of the labeled data ({', '.join(self.classnames[:5])}...); leave it unset "
                               f"to size the head from the class names")
         if acc.is_main_process:
-            _check_writable(self.run_dir)
+            check_writable(self.run_dir)
         found = ckpt_io.list_checkpoints(self.run_dir)
         if found and not resume:  # a fresh run here would be pruned by, and mixed with, the old run's checkpoints
             raise ConfigError(f"output_dir: {self.run_dir} holds checkpoints of an earlier run (latest "
@@ -169,7 +158,7 @@ class Trainer:
         self.eval_metrics: dict[str, float] = {}
         self._stop_signal: int | None = None
         if acc.is_main_process:  # one live run per output_dir (taken after the config and model built cleanly)
-            self._run_lock = ckpt_io.lock_run_dir(self.run_dir)
+            self._run_lock = lock_run_dir(self.run_dir)
         if resume:
             self._resume(resume)
         self.task.on_train_start()
@@ -674,7 +663,7 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
-    except ckpt_io.RunDirBusy as err:
+    except RunDirBusy as err:
         print(f"error: {err}", file=sys.stderr)
         return 4
     try:
