@@ -9,6 +9,7 @@ from conftest import REPO
 
 sys.path.insert(0, str(REPO / "tools"))
 import bench_quality  # noqa: E402
+import quality.plan as quality_plan  # noqa: E402
 
 CONFIG = {"objectives": ["contrastive"], "text_trained": True, "batch": {"paired": 128}, "mask_ratio": 0.5,
           "model": "vlp-tiny-vit", "change": None, "run": "clip", "gflops_per_step": 59.7}
@@ -182,3 +183,119 @@ def test_bench_features_are_the_pooled_token_and_the_clip_embedding_of_one_pass(
     with torch.no_grad():
         torch.testing.assert_close(embed, clip.encode_image(images, normalize=True), rtol=1e-5, atol=1e-5)
     assert clip.visual.proj is not None  # restored after the pass
+
+
+def lit_configs():
+    """mixed (the reference), and the two-stage lit: lit-tower (first stage) then lit (second, locked tower)."""
+    return {"mixed": dict(CONFIG, run="mixed", gflops_per_step=65.83,
+                          objectives=["contrastive", "pseudolabel", "supervised"]),
+            "lit-tower": dict(CONFIG, run="lit-tower", gflops_per_step=35.2, objectives=["mae", "supervised"],
+                              text_trained=False, stage_of="lit"),
+            "lit": dict(CONFIG, run="lit", gflops_per_step=41.9, stages=["lit-tower", "lit"], first_stage_share=0.6,
+                        select="zeroshot_top1/templates", objectives=["mae", "supervised", "contrastive"])}
+
+
+def test_a_two_stage_run_spends_the_budget_between_its_stages():
+    """lit's two stages sum to the reference's FLOPs (each stage's steps from its own GFLOP/step; rounding: half a
+    step of each), the first stage spending its share; a one-stage run matches the reference alone."""
+    configs = lit_configs()
+    for steps, share in ((250, 0.6), (250, 0.5), (1000, 0.625), (7, 0.3)):
+        configs["lit"]["first_stage_share"] = share
+        eq = bench_quality.stage_steps(steps, "mixed", configs)
+        budget = steps * configs["mixed"]["gflops_per_step"]
+        g1, g2 = configs["lit-tower"]["gflops_per_step"], configs["lit"]["gflops_per_step"]
+        assert abs(eq["lit-tower"] * g1 + eq["lit"] * g2 - budget) <= (g1 + g2) / 2
+        assert abs(eq["lit-tower"] * g1 - share * budget) <= g1 / 2
+        assert eq["mixed"] == steps
+    assert bench_quality.two_stage_steps(250 * 65.83, 0.6, 35.2, 41.9) == (281, 157)
+
+
+def test_two_stage_plan_first_stage_then_second_from_it_each_with_its_own_sweep():
+    """The plan of --runs mixed,lit: lit-tower's sweep, lit's sweep (from lit-tower at the first seed and its chosen
+    lr), then per seed lit-tower and lit from it; the chosen sweep runs are the first seed's runs."""
+    configs = lit_configs()
+    sweep = {"lit-tower": [5e-4, 1e-3], "lit": [5e-4, 1e-3]}
+    jobs = bench_quality.plan_jobs(250, ["mixed", "lit"], "mixed", configs, sweep, {"mixed": 5e-4}, [0, 1], 1.0, [],
+                                   True)
+    got = [(j.name, j.config, j.seed, j.lr, j.steps, j.init_of, j.phases) for j in jobs]
+    assert got == [
+        ("sweep-lit-tower-lr0.0005", "lit-tower", 0, 5e-4, 281, "", ["sweep"]),
+        ("sweep-lit-tower-lr0.001", "lit-tower", 0, 1e-3, 281, "", ["sweep"]),
+        ("sweep-lit-lr0.0005", "lit", 0, 5e-4, 157, "lit-tower-seed0", ["sweep"]),
+        ("sweep-lit-lr0.001", "lit", 0, 1e-3, 157, "lit-tower-seed0", ["sweep"]),
+        ("mixed-seed0", "mixed", 0, 5e-4, 250, "", ["seed"]), ("mixed-seed1", "mixed", 1, 5e-4, 250, "", ["seed"]),
+        ("lit-tower-seed0", "lit-tower", 0, None, 281, "", ["stage1"]),
+        ("lit-seed0", "lit", 0, None, 157, "lit-tower-seed0", ["seed"]),
+        ("lit-tower-seed1", "lit-tower", 1, None, 281, "", ["stage1"]),
+        ("lit-seed1", "lit", 1, None, 157, "lit-tower-seed1", ["seed"]),
+        ("mixed-steps250", "mixed", 0, 5e-4, 250, "", ["equal-steps"])]  # no equal-steps row for two stages
+    assert bench_quality.reused(jobs, sweep) == [False] * 6 + [True, True, False, False, True]
+
+
+def test_a_second_stage_waits_for_its_first_and_its_sweep_selects_on_zero_shot():
+    """next_ready: a second stage starts only once its first stage's job has finished (then its key names what that
+    trained); the second stage's sweep picks the lr of the best validation zero-shot (kNN of a locked tower does not
+    move), the first stage's the best kNN."""
+    configs = lit_configs()
+    sweep = {"lit-tower": [5e-4, 1e-3], "lit": [5e-4, 1e-3]}
+    jobs = bench_quality.plan_jobs(250, ["lit"], "mixed", configs, sweep, {}, [0], 1.0, [], False)
+    pending, running, chosen, finished = list(jobs), {}, {}, {}
+
+    def choose(run):
+        chosen[run] = 1e-3
+        return None
+
+    def start():
+        job = bench_quality.next_ready(pending, running, chosen, choose, finished)
+        if job is not None:
+            running[job.name] = (job, None)
+        return job
+
+    assert [start().name, start().name, start()] == ["sweep-lit-tower-lr0.0005", "sweep-lit-tower-lr0.001", None]
+    for name in list(running):
+        job, _ = running.pop(name)
+        finished[name] = {"config": job.config, "seed": job.seed, "lr": job.lr, "steps": job.steps}
+    seed0 = start()  # lit-tower's sweep is over: its lr is chosen and its first seed may go (it reuses the sweep run)
+    assert seed0.name == "lit-tower-seed0" and chosen["lit-tower"] == 1e-3 and start() is None
+    running.pop(seed0.name)
+    finished[seed0.name] = finished["sweep-lit-tower-lr0.001"]
+    second = start()
+    assert second.name == "sweep-lit-lr0.0005" and second.key() == ("lit", 0, 5e-4, 157, ("lit-tower", 0, 1e-3, 281))
+
+    def swept(*pairs):
+        return [{"lr": lr, "eval": {"val": {"knn_top1/pooled": 0.4, "zeroshot_top1/templates": z}}} for lr, z in pairs]
+    assert quality_plan.best_swept(swept((5e-4, 0.30), (1e-3, 0.35)),
+                                                 "zeroshot_top1/templates")["lr"] == 1e-3
+    assert bench_quality.beyond_edge(swept((5e-4, 0.30), (1e-3, 0.35)), "zeroshot_top1/templates") == 2e-3
+
+
+def test_report_prints_the_two_stage_row_and_its_stages():
+    configs = lit_configs()
+    configs["lit"]["first_stage_share_how"] = "the reference's FLOP share of its labeled+unlabeled rows"
+    test = {k: 0.4 for _, k in bench_quality.COLUMNS}
+    first = {"name": "lit-tower-seed0", "config": "lit-tower", "phases": ["sweep", "stage1"], "seed": 0, "lr": 1e-3,
+             "steps": 281, "train": {"cut_short": False},
+             "eval": {"test": dict(test), "val": {"knn_top1/pooled": 0.38, "zeroshot_top1/templates": 0.1}}}
+    init = {"name": "lit-tower-seed0", "config": "lit-tower", "seed": 0, "lr": 1e-3, "steps": 281, "cut_short": False}
+    second = {"name": "lit-seed0", "config": "lit", "phases": ["sweep", "seed"], "seed": 0, "lr": 5e-4, "steps": 157,
+              "init": init, "train": {"cut_short": False},
+              "eval": {"test": dict(test), "val": {"knn_top1/pooled": 0.38, "zeroshot_top1/templates": 0.35}}}
+    mixed = {"name": "mixed-seed0", "config": "mixed", "phases": ["seed"], "seed": 0, "lr": 5e-4, "steps": 250,
+             "train": {"cut_short": False}, "eval": {"test": {k: 0.3 for _, k in bench_quality.COLUMNS}, "val": {}}}
+    doc = {**SETTINGS, "runs": ["mixed", "lit"], "seeds": [0], "reference": "mixed", "reference_steps": 250,
+           "configs": configs, "jobs": [mixed, first, second],
+           "lr": {"mixed": {"lr": 5e-4, "how": "given"}, "lit-tower": {"lr": 1e-3, "how": "sweep"},
+                  "lit": {"lr": 5e-4, "how": "sweep"}}}
+    text = bench_quality.report(doc)
+    row = next(line for line in text.splitlines() if line.startswith("lit "))
+    assert row.split()[:6] == ["lit", "35.2+41.9", "281+157", "16.5", "0.001/0.0005", "1"]
+    assert "16.5" in next(line for line in text.splitlines() if line.startswith("mixed "))
+    assert "lit − best single-objective run" not in text  # no single-objective run in this doc
+    assert "first-stage share 0.6: the reference's FLOP share of its labeled+unlabeled rows" in text
+    stage_rows = [line.split() for line in text.splitlines() if line.startswith(("1 ", "2 "))]
+    assert [r[:2] for r in stage_rows] == [["1", "lit-tower"], ["2", "lit"]]
+    assert "seed 0: 40.00 / 40.00" in text
+    sweep = {line.split()[0]: line.split() for line in text.split("LR sweep")[1].splitlines()[3:5]}
+    assert sweep["lit-tower"][1:] == ["281", "-", "38.00*", "0.001"]
+    assert sweep["lit"][1:] == ["†", "157", "35.00*", "-", "0.0005"]
+    assert "† lit: validation zeroshot_top1/templates (its image tower is locked" in text
