@@ -15,8 +15,9 @@ from conftest import REPO, run_config, write_config
 from vlp import checkpoint as ckpt_io
 from vlp.config import config_from_dict
 from vlp.data.mixing import live_children
+from vlp.optim import param_groups, warmup_cosine
 from vlp.run_dir import RunDirBusy, lock_run_dir
-from vlp.train import NonFiniteLoss, Trainer, param_groups, warmup_cosine
+from vlp.train import NonFiniteLoss, Trainer
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
 LAUNCH_2 = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",

@@ -171,7 +171,9 @@ def test_plain_log_line_has_an_eta_and_logs_the_lr_of_the_step_taken(demo_data, 
 
     from conftest import run_config
     from vlp.config import config_from_dict
-    from vlp.train import Trainer, log_line, warmup_cosine
+    from vlp.optim import warmup_cosine
+    from vlp.train import Trainer
+    from vlp.train_log import log_line
 
     tree = run_config(demo_data, tmp_path / "run", data={"workers": 0, "batch": {"paired": 4}},
                       optim={"lr": 1e-3, "warmup_steps": 3},

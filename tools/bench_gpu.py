@@ -121,7 +121,7 @@ def bench_vlp(recipe: str, cfg, device: torch.device, args, peak: float | None) 
     """vlp's training step of one recipe: per-part seconds (median over the timed steps), FLOPs, MFU, memory."""
     from vlp.flops import count_training_flops, synthetic_batch
     from vlp.task import PretrainTask
-    from vlp.train import param_groups
+    from vlp.optim import param_groups
 
     torch.manual_seed(0)
     task = PretrainTask(cfg, 0, 1, CLASSNAMES if recipe == "mixed" else None)

@@ -12,10 +12,9 @@ accelerate's sharded state, and in-training evaluation runs on a gathered copy o
 from __future__ import annotations
 
 import argparse
-import datetime
+import contextlib
 import json
 import logging
-import math
 import shutil
 import signal
 import sys
@@ -30,11 +29,14 @@ from safetensors.torch import load_file, save_file
 
 from vlp import checkpoint as ckpt_io
 from vlp.config import KINDS, Config, ConfigError, dump_config, load_config
-from vlp.data.mixing import POLL_S, MixedBatches, close_loader, is_poll_timeout, make_loader
+from vlp.data.mixing import POLL_S, MixedBatches, close_loader, make_loader
 from vlp.data.sources import NoUsableData, build_sources
 from vlp.data.transforms import eval_transform, resolve_templates, train_transform
+from vlp.data_wait import STOP_GRACE_S, DataTimeout, next_batch
+from vlp.optim import build_optimizer, warmup_cosine
 from vlp.run_dir import RunDirBusy, check_writable, lock_run_dir
 from vlp.task import PretrainTask
+from vlp.train_log import Progress, flat_hparams, quiet_library_logs, trackers
 
 log = logging.getLogger("vlp.train")
 
@@ -42,29 +44,6 @@ log = logging.getLogger("vlp.train")
 def save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
     """A state dict as safetensors (detached, on the CPU, contiguous)."""
     save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path))
-
-
-NO_DECAY_NAMES = ("bias", "embedding", "logit_scale", "logit_bias", "mask_token", "pos_embed")
-
-
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups: decay on weight matrices only; none on biases, norms, embeddings, logit scale."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        (no_decay if p.ndim < 2 or any(k in name for k in NO_DECAY_NAMES) else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def warmup_cosine(warmup: int, total: int, min_ratio: float = 0.0):
-    """LR multiplier: linear warmup from ~0, then cosine decay to ``min_ratio`` at ``total``."""
-    def f(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
-        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-    return f
 
 
 class CheckpointWriteError(RuntimeError):
@@ -82,26 +61,6 @@ class CheckpointWriteError(RuntimeError):
 
 class NonFiniteLoss(RuntimeError):
     pass
-
-
-class DataTimeout(RuntimeError):
-    """No batch came from the data loader within ``data.timeout_s`` (a stalled stream: a hung mount, ``pipe:curl``)."""
-
-
-# after a stop signal, how long the trainer still waits for the batch in flight (so ranks can agree to checkpoint
-# together) before it gives a stalled stream up
-STOP_GRACE_S = 10.0
-
-
-def trackers(cfg: Config) -> list:
-    """TensorBoard always (``output_dir/tb``); wandb with ``log.wandb`` (project ``log.wandb_project``)."""
-    out: list = ["tensorboard"]
-    if cfg.log.wandb:
-        from accelerate.tracking import WandBTracker
-
-        out.append(WandBTracker(cfg.log.wandb_project, name=cfg.log.name or Path(cfg.output_dir).name,
-                                dir=str(cfg.output_dir)))
-    return out
 
 
 class Trainer:
@@ -144,11 +103,7 @@ class Trainer:
             from vlp.task import fsdp_ready
 
             fsdp_ready(self.task.student)  # before the optimizer takes the parameters
-        o = cfg.optim
-        optimizer = torch.optim.AdamW(param_groups(self.task.student, o.weight_decay), lr=o.lr, betas=o.betas,
-                                      eps=o.eps, fused=o.fused or None)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, warmup_cosine(o.warmup_steps, cfg.train.steps, o.min_lr_ratio))
+        optimizer, scheduler = build_optimizer(self.task.student, cfg.optim, cfg.train.steps)
         self.model, self.optimizer, self.scheduler = self.task.prepare(acc, optimizer, scheduler)
 
         self.step = 0
@@ -157,6 +112,7 @@ class Trainer:
         self.last_metrics: dict[str, float] = {}
         self.eval_metrics: dict[str, float] = {}
         self._stop_signal: int | None = None
+        self._stop_time: float | None = None  # when the first stop signal came (time.monotonic)
         if acc.is_main_process:  # one live run per output_dir (taken after the config and model built cleanly)
             self._run_lock = lock_run_dir(self.run_dir)
         if resume:
@@ -251,10 +207,10 @@ class Trainer:
         """Say which settings differ from the checkpoint's run (a resumed run is only the same run when none do, and
         a changed world size or worker count restarts the data streams): one warning, and a metrics.jsonl record."""
         try:
-            before = _flat_hparams(ckpt_io.read_run_config(path))
+            before = flat_hparams(ckpt_io.read_run_config(path))
         except Exception:  # an old checkpoint without a readable config: nothing to compare
             return
-        now = _flat_hparams(self.cfg)
+        now = flat_hparams(self.cfg)
         changed = {k: [before.get(k), now.get(k)] for k in sorted(set(before) | set(now))
                    if before.get(k) != now.get(k) and not k.startswith(RESUME_FREE)}
         if state.get("world_size") not in (None, self.world):
@@ -352,7 +308,7 @@ class Trainer:
                 self.task.cache_features(batches, self.step)
         for micro, batch in enumerate(batches):
             sync = micro == n - 1
-            ctx = acc.no_sync(self.model) if not sync and self.world > 1 else _nullcontext()
+            ctx = acc.no_sync(self.model) if not sync and self.world > 1 else contextlib.nullcontext()
             with ctx, acc.autocast():
                 loss, metrics = self.compute_loss(batch, micro)
             if not self._all_finite(loss):
@@ -410,55 +366,25 @@ class Trainer:
             self._stop_signal = int(flag.item())
         return bool(flag.item() > 0)
 
-    def _next_batch(self, loader):
-        """The loader's next ``(batch, meta)``. Raises :class:`DataTimeout` after ``data.timeout_s`` without one;
-        None when a stop signal came and ``STOP_GRACE_S`` more passed without one. With ``data.workers: 0`` the
-        main process reads the shards itself and waits as long as a read blocks."""
-        if self.cfg.data.workers == 0:
-            return next(loader)
-        start = time.monotonic()
-        while True:
-            try:
-                return next(loader)
-            except RuntimeError as err:
-                if not is_poll_timeout(err):
-                    raise
-            now = time.monotonic()
-            if self._stop_signal and now - getattr(self, "_stop_time", now) >= STOP_GRACE_S:
-                return None
-            if now - start >= self.cfg.data.timeout_s:
-                raise DataTimeout(
-                    f"no batch from the data loader in {now - start:.0f} s (data.timeout_s: "
-                    f"{self.cfg.data.timeout_s:g}): a stream stalls (a hung mount, a pipe: command that sends "
-                    f"nothing); the latest checkpoint is kept: fix the source, then --resume auto")
-
     def fit(self) -> dict:
         cfg, acc = self.cfg, self.accelerator
         tc = cfg.train
         if acc.is_main_process:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             dump_config(cfg, self.run_dir / ckpt_io.CONFIG_FILE)
-        acc.init_trackers("tb", config=_flat_hparams(cfg))
+        acc.init_trackers("tb", config=flat_hparams(cfg))
         self._install_signal_handlers()
         loader = iter(make_loader(self.dataset, cfg.data.workers, poll_s=POLL_S))
         stalled = False
         try:  # on any exit (an error from a worker included) the workers are shut down here: they absorb the
             # first SIGTERM, which is all multiprocessing's exit handler would send them before joining forever
-            per_step = {k: getattr(cfg.data.batch, k) * tc.micro_batches * self.world for k in KINDS}
-            bar = None
-            # a bar only on a terminal (a log file gets no carriage returns); otherwise a plain line every log_every
-            plain = acc.is_main_process and not (tc.progress and sys.stderr.isatty())
-            if acc.is_main_process and not plain:
-                from tqdm.auto import tqdm
-                bar = tqdm(total=tc.steps, initial=self.step, desc="train", dynamic_ncols=True)
-            consecutive_bad, window_t, window_wait, window_steps = 0, 0.0, 0.0, 0
-            fit_t0, fit_step0 = time.perf_counter(), self.step  # for the plain line's ETA
-            metrics_path = self.run_dir / "metrics.jsonl"
+            progress = Progress(self)
+            consecutive_bad = 0
             while self.step < tc.steps:
                 t0 = time.perf_counter()
                 batches = []
                 for _ in range(tc.micro_batches):
-                    item = self._next_batch(loader)
+                    item = next_batch(loader, cfg.data, lambda: self._stop_time)
                     if item is None:
                         break
                     batch, meta = item
@@ -488,34 +414,8 @@ class Trainer:
                     consecutive_bad = 0
                 self.step += 1
                 for k in KINDS:
-                    self.samples_seen[k] += per_step[k]
-                dt = time.perf_counter() - t0
-                window_t += dt
-                window_wait += t_data
-                window_steps += 1
-                if metrics is not None and (self.step % tc.log_every == 0 or self.step == tc.steps):
-                    rate = window_steps * sum(per_step.values()) / window_t
-                    metrics.update({
-                        "samples_per_s": rate,
-                        "data_wait_frac": window_wait / window_t,
-                        "nonfinite_steps": self.bad_steps_total,
-                        **{f"samples_per_s/{k}": window_steps * per_step[k] / window_t for k in KINDS if per_step[k]},
-                        **{f"bad_samples/{name}": n for name, n in self.bad_samples().items()},
-                    })
-                    self.last_metrics = metrics
-                    acc.log({f"train/{k}": v for k, v in metrics.items()}, step=self.step)
-                    if acc.is_main_process:
-                        with metrics_path.open("a") as f:
-                            f.write(json.dumps({"step": self.step, **metrics}) + "\n")
-                        if plain:
-                            eta = (tc.steps - self.step) * (time.perf_counter() - fit_t0) / (self.step - fit_step0)
-                            log.info("step %d/%d %s", self.step, tc.steps, log_line(metrics, eta))
-                    window_t = window_wait = 0.0
-                    window_steps = 0
-                if bar is not None:
-                    bar.update(1)
-                    if self.last_metrics:
-                        bar.set_postfix(bar_postfix(self.last_metrics), refresh=False)
+                    self.samples_seen[k] += progress.per_step[k]
+                progress.step(metrics, time.perf_counter() - t0, t_data)
                 if tc.eval_every and self.step % tc.eval_every == 0 and self.step < tc.steps:
                     self.evaluate()
                 stop = self._should_stop()
@@ -531,8 +431,7 @@ class Trainer:
             raise
         finally:
             close_loader(loader, kill=stalled)
-        if bar is not None:
-            bar.close()
+        progress.close()
         acc.end_training()
         self.release()
         return {"step": self.step, **self.last_metrics, **self.eval_metrics}
@@ -590,58 +489,15 @@ class Trainer:
         return self.eval_metrics
 
 
-def log_line(metrics: dict, eta_s: float | None = None) -> str:
-    """``loss/total 1.234 loss/contrastive 0.9 ... lr 3e-4 samples/s 812 eta 0:03:05``: the plain progress line
-    (the bar's ETA for a log file; ``eta_s``: seconds left)."""
-    losses = " ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k.startswith("loss/"))
-    eta = "" if eta_s is None else f" eta {datetime.timedelta(seconds=round(eta_s))}"
-    return f"{losses} lr {metrics['lr']:.3g} samples/s {metrics['samples_per_s']:.0f}{eta}"
-
-
-def bar_postfix(metrics: dict) -> dict:
-    """The progress bar's fields: every loss (``total``, ``contrastive``, ...), lr, samples/s."""
-    out = {k.split("/", 1)[1]: f"{v:.3f}" for k, v in metrics.items() if k.startswith("loss/")}
-    return {**out, "lr": f"{metrics['lr']:.2g}", "sps": f"{metrics['samples_per_s']:.0f}"}
-
-
-def quiet_library_logs() -> None:
-    """accelerate's INFO lines on every checkpoint ("Saving current state to ...", "Model weights saved in ...")
-    and open_clip's (filtered where vlp builds models) are noise in a training log; their warnings stay."""
-    logging.getLogger("accelerate").setLevel(logging.WARNING)
-
-
 def _model_summary(model_cfg: dict) -> str:
     v = model_cfg.get("vision_cfg", {})
     return (f"embed_dim {model_cfg.get('embed_dim')}, vision width {v.get('width')} x {v.get('layers')} layers, "
             f"image {v.get('image_size')}")
 
 
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
-
-
 # settings a resumed run may change without changing what it trains (how long, how often it logs, saves, evaluates)
 RESUME_FREE = ("output_dir", "train.steps", "train.log_every", "train.save_every", "train.keep_last",
                "train.eval_every", "train.progress", "eval.")
-
-
-def _flat_hparams(cfg: Config) -> dict:
-    out = {}
-
-    def walk(prefix, node):
-        if isinstance(node, dict):
-            for k, v in node.items():
-                walk(f"{prefix}.{k}" if prefix else str(k), v)
-        elif isinstance(node, (int, float, str, bool)):
-            out[prefix] = node
-        else:
-            out[prefix] = str(node)
-    walk("", cfg.model_dump(mode="json"))
-    return out
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
