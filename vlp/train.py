@@ -15,48 +15,28 @@ import argparse
 import contextlib
 import json
 import logging
-import shutil
 import signal
 import sys
 import time
 from pathlib import Path
 
 import torch
-import yaml
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, gather_object, set_seed
-from safetensors.torch import load_file, save_file
+from accelerate.utils import DistributedType, set_seed
 
 from vlp import checkpoint as ckpt_io
+from vlp.checkpointer import Checkpointer, CheckpointWriteError
 from vlp.config import KINDS, Config, ConfigError, dump_config, load_config
 from vlp.data.mixing import POLL_S, MixedBatches, close_loader, make_loader
 from vlp.data.sources import NoUsableData, build_sources
 from vlp.data.transforms import eval_transform, resolve_templates, train_transform
 from vlp.data_wait import STOP_GRACE_S, DataTimeout, next_batch
-from vlp.optim import build_optimizer, warmup_cosine
+from vlp.optim import build_optimizer
 from vlp.run_dir import RunDirBusy, check_writable, lock_run_dir
 from vlp.task import PretrainTask
 from vlp.train_log import Progress, flat_hparams, quiet_library_logs, trackers
 
 log = logging.getLogger("vlp.train")
-
-
-def save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    """A state dict as safetensors (detached, on the CPU, contiguous)."""
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path))
-
-
-class CheckpointWriteError(RuntimeError):
-    """A checkpoint could not be written (its partial folder is removed; earlier checkpoints are untouched)."""
-
-    def __init__(self, tmp: Path, err: Exception):
-        try:
-            free = f"{shutil.disk_usage(tmp.parent).free / 2**20:.0f} MiB free"
-        except OSError:
-            free = "free space unknown"
-        super().__init__(f"could not write checkpoint {tmp.name.removesuffix('.tmp')} in {tmp.parent} "
-                         f"({type(err).__name__}: {str(err).strip()[:200]}; {free}); the partial checkpoint is "
-                         f"removed and earlier checkpoints are intact: free space, then --resume auto")
 
 
 class NonFiniteLoss(RuntimeError):
@@ -75,6 +55,7 @@ class Trainer:
         acc = self.accelerator
         self.rank, self.world = acc.process_index, acc.num_processes
         self._run_lock = None
+        self.checkpointer = Checkpointer(self)
         self.sources = build_sources(cfg.data.sources)
         self.classnames = next((s.classnames for s in self.sources if s.kind == "labeled" and s.classnames), None)
         if cfg.model.num_classes and self.classnames and cfg.model.num_classes < len(self.classnames):
@@ -83,10 +64,7 @@ class Trainer:
                               f"to size the head from the class names")
         if acc.is_main_process:
             check_writable(self.run_dir)
-        found = ckpt_io.list_checkpoints(self.run_dir)
-        if found and not resume:  # a fresh run here would be pruned by, and mixed with, the old run's checkpoints
-            raise ConfigError(f"output_dir: {self.run_dir} holds checkpoints of an earlier run (latest "
-                              f"{found[-1].name}); continue it with --resume auto, or pick another output_dir")
+        self.checkpointer.check_fresh(resume)
         set_seed(cfg.seed + self.rank)
 
         self.task = PretrainTask(cfg, self.rank, self.world, self.classnames)
@@ -116,176 +94,13 @@ class Trainer:
         if acc.is_main_process:  # one live run per output_dir (taken after the config and model built cleanly)
             self._run_lock = lock_run_dir(self.run_dir)
         if resume:
-            self._resume(resume)
+            self.checkpointer.resume(resume)
         self.task.on_train_start()
         self.dataset.start_batch = self.step * cfg.train.micro_batches
-
-    # ---- checkpoints --------------------------------------------------------------------------------------
-    def _resume(self, resume: str) -> None:
-        latest = resume in ("auto", "latest")  # open_clip_train's --resume latest: the same
-        target = self.run_dir if latest else Path(resume)
-        if latest and not ckpt_io.list_checkpoints(target):
-            log.info("resume=%s: no checkpoint in %s, starting fresh", resume, target)
-            return
-        # newest first: a checkpoint corrupted after it was published falls back to the previous one
-        candidates = ckpt_io.newest_first(target)
-        for i, path in enumerate(candidates):
-            try:
-                self._check_same_model(path)
-                self._load_checkpoint(path)
-                return
-            except ConfigError:
-                raise
-            except Exception as err:  # truncated or corrupt files: safetensors, torch, json raise many types
-                if i == len(candidates) - 1:
-                    raise RuntimeError(f"checkpoint {path} is unreadable ({err!r}) and no older one is left") from err
-                aside = self._set_aside(path)
-                log.warning("checkpoint %s is unreadable (%r)%s; falling back to %s", path, err,
-                            f", set aside as {aside.name}" if aside else "", candidates[i + 1])
-
-    def _set_aside(self, path: Path) -> Path | None:
-        """Rename an unreadable checkpoint of this run out of the checkpoint list (kept for a look): left in place,
-        pruning would keep it, as the newest, and delete the good ones the resumed run writes (main process)."""
-        if not self.accelerator.is_main_process or path.parent != self.run_dir / "checkpoints":
-            return None
-        aside = path.with_name(f"{path.name}.unreadable")
-        shutil.rmtree(aside, ignore_errors=True)
-        try:
-            path.rename(aside)
-        except OSError:  # another rank's view, a read-only folder: leave it
-            return None
-        return aside
-
-    def _check_same_model(self, path: Path) -> None:
-        """A checkpoint of another model cannot be resumed: a config error, not an "unreadable" fallback."""
-        try:
-            before = json.loads((path / ckpt_io.STATE_FILE).read_text()).get("model_cfg")
-        except (OSError, ValueError):  # unreadable: the load says so
-            return
-        if before is not None and before != json.loads(json.dumps(self.model_cfg)):
-            raise ConfigError(f"--resume: {path} was trained with another model ({_model_summary(before)}; this "
-                              f"config: {_model_summary(self.model_cfg)}); resume with the run's own config, or "
-                              f"start a fresh run in another output_dir")
-
-    def _load_checkpoint(self, path: Path) -> None:
-        state = json.loads((path / ckpt_io.STATE_FILE).read_text())
-        extra = {f.stem: load_file(str(f)) for f in sorted(path.glob("*.safetensors")) if f.stem in self.task.EXTRA_STATE}
-        self.accelerator.load_state(str(path))
-        self.step = state["step"]
-        self.samples_seen = state["samples_seen"]
-        self.bad_steps_total = state.get("nonfinite_steps", 0)
-        self.eval_metrics = state.get("eval", {})
-        self._bad_base = state.get("bad_samples", {})
-        exact = state.get("world_size") == self.world and state.get("data_workers") == self.cfg.data.workers
-        if exact:
-            taken = state.get("data_taken", {}).get(str(self.rank), {})
-            self.dataset.start_taken = {int(k): v for k, v in taken.items()}
-        self._report_changes(path, state, exact)
-        self.task.load_extra_state(extra)
-        own = path / ckpt_io.PER_PROCESS_FILE.format(rank=self.rank)
-        if state.get("world_size") == self.world and own.is_file():  # another world size keeps rank 0's buffers
-            self.task.load_per_process_state(load_file(str(own)))
-        log.info("resumed from %s at step %d", path, self.step)
-        self._log_schedule_change(path)
-
-    def _log_schedule_change(self, path: Path) -> None:
-        """A resumed run with another train.steps: the step-indexed schedules (warmup + cosine lr, teacher tau,
-        unmasked tail) follow the new total, as open_clip_train rebuilds its cosine for a new --epochs; say so."""
-        try:
-            before = yaml.safe_load((path / ckpt_io.CONFIG_FILE).read_text())["train"]["steps"]
-        except Exception:  # an older or hand-made checkpoint: nothing to compare
-            return
-        now, o = self.cfg.train.steps, self.cfg.optim
-        if before != now:
-            old_lr = o.lr * warmup_cosine(o.warmup_steps, before, o.min_lr_ratio)(self.step)
-            log.warning("train.steps %d -> %d on resume: the warmup + cosine lr schedule (and the teacher's tau) is "
-                        "rebuilt for %d steps, as open_clip_train does for a new --epochs; at step %d the lr is %.3g "
-                        "(it was %.3g on the old schedule)", before, now, now, self.step,
-                        self.scheduler.get_last_lr()[0], old_lr)
-
-    def _report_changes(self, path: Path, state: dict, exact: bool) -> None:
-        """Say which settings differ from the checkpoint's run (a resumed run is only the same run when none do, and
-        a changed world size or worker count restarts the data streams): one warning, and a metrics.jsonl record."""
-        try:
-            before = flat_hparams(ckpt_io.read_run_config(path))
-        except Exception:  # an old checkpoint without a readable config: nothing to compare
-            return
-        now = flat_hparams(self.cfg)
-        changed = {k: [before.get(k), now.get(k)] for k in sorted(set(before) | set(now))
-                   if before.get(k) != now.get(k) and not k.startswith(RESUME_FREE)}
-        if state.get("world_size") not in (None, self.world):
-            changed["world_size"] = [state["world_size"], self.world]
-        if not changed:
-            return
-        lines = ", ".join(f"{k}: {a} -> {b}" for k, (a, b) in changed.items())
-        log.warning("resuming %s with changed settings: %s%s", path, lines,
-                    "" if exact else "; the data streams restart (exact resume needs the same world size and "
-                                     "data.workers)")
-        if self.accelerator.is_main_process:
-            with (self.run_dir / "metrics.jsonl").open("a") as f:
-                f.write(json.dumps({"step": self.step, "resume_changes": changed, "exact_data_resume": exact}) + "\n")
-
-    def save(self) -> Path:
-        """Write a checkpoint for the current step atomically; every rank must call it."""
-        acc = self.accelerator
-        final = ckpt_io.checkpoint_dir(self.run_dir, self.step)
-        tmp = final.with_name(final.name + ".tmp")
-        acc.wait_for_everyone()
-        # every rank's exact stream positions (records consumed per stream and kind, replacements included)
-        mine = [getattr(self, "_data_taken", {})]
-        taken = gather_object(mine) if self.world > 1 else mine
-        bad = self.bad_samples()
-        try:
-            acc.save_state(str(tmp))
-            own = self.task.per_process_state() if self.world > 1 else {}
-            if own:  # every rank the same objectives: all write, then all wait, before rank 0 publishes
-                tmp.mkdir(parents=True, exist_ok=True)
-                save_tensors(own, tmp / ckpt_io.PER_PROCESS_FILE.format(rank=self.rank))
-                acc.wait_for_everyone()
-            full = self.full_state_dict()  # collective under FSDP: every rank takes part
-            if acc.is_main_process:
-                self.data_taken = {str(r): {str(k): v for k, v in t.items()} for r, t in enumerate(taken)}
-                dump_config(self.cfg, tmp / ckpt_io.CONFIG_FILE)
-                if full is not None:  # FSDP: accelerate wrote pytorch_model_fsdp*; the gathered weights beside it
-                    save_tensors(full, tmp / ckpt_io.MODEL_WEIGHTS[0])
-                for stem, tensors in self.task.extra_state().items():
-                    if tensors:
-                        save_tensors(tensors, tmp / f"{stem}.safetensors")
-                ckpt_io.write_state(tmp, {**self.state_dict(), "bad_samples": bad})
-                ckpt_io.publish(tmp, final, self.cfg.train.keep_last)
-        except Exception as err:  # disk full, quota, file size limit: torch, safetensors and json raise many types
-            shutil.rmtree(tmp, ignore_errors=True)  # a half-written checkpoint would keep the disk full
-            raise CheckpointWriteError(tmp, err) from err
-        acc.wait_for_everyone()
-        return final
 
     @property
     def fsdp(self) -> bool:
         return self.accelerator.distributed_type == DistributedType.FSDP
-
-    def full_state_dict(self) -> dict | None:
-        """Under FSDP: the student's whole state dict gathered to rank 0 (CPU, clean key names; ``{}`` on other
-        ranks); every rank must call it. None otherwise (accelerate's ``model.safetensors`` is already whole)."""
-        if not self.fsdp:
-            return None
-        state = self.accelerator.get_state_dict(self.model)
-        return ckpt_io.clean_state(state) if self.accelerator.is_main_process else {}
-
-    def state_dict(self) -> dict:
-        return {
-            "step": self.step,
-            "samples_seen": self.samples_seen,
-            "nonfinite_steps": self.bad_steps_total,
-            "metrics": self.last_metrics,
-            "eval": self.eval_metrics,
-            "model_cfg": self.model_cfg,
-            "data": [{"name": s.name, "kind": s.kind, "shards": s.cfg.shards, "size": s.size} for s in self.sources],
-            "batch": self.cfg.data.batch.model_dump(),
-            "objectives": {k: v.model_dump(mode="json") for k, v in self.cfg.objectives.items()},
-            "world_size": self.world,
-            "data_workers": self.cfg.data.workers,
-            "data_taken": getattr(self, "data_taken", {}),
-        }
 
     # ---- one step -------------------------------------------------------------------------------------------
     def compute_loss(self, batch, micro: int) -> tuple[torch.Tensor, dict]:
@@ -404,7 +219,7 @@ class Trainer:
                                 self.step, consecutive_bad, self.bad_steps_total)
                     acc.log({"train/nonfinite_steps": self.bad_steps_total}, step=self.step)
                     if consecutive_bad >= tc.max_bad_steps:
-                        self.save()
+                        self.checkpointer.save()
                         raise NonFiniteLoss(
                             f"{consecutive_bad} consecutive steps had a non-finite loss at step {self.step}; "
                             f"the last good state is saved in {ckpt_io.find_checkpoint(self.run_dir)}. "
@@ -422,7 +237,7 @@ class Trainer:
                 if stop or self.step % tc.save_every == 0 or self.step == tc.steps:
                     if self.step == tc.steps and cfg.eval.tasks():
                         self.evaluate()
-                    self.save()
+                    self.checkpointer.save()
                 if stop:
                     log.warning("signal %s: checkpoint saved at step %d, exiting", self._stop_signal, self.step)
                     break
@@ -441,7 +256,7 @@ class Trainer:
         whole when no micro-batch of the next step was taken); ranks cannot agree on a save without data."""
         done = (ckpt_io.checkpoint_dir(self.run_dir, self.step) / ckpt_io.STATE_FILE).is_file()
         if self.world == 1 and whole_step and self.step and not done:
-            self.save()
+            self.checkpointer.save()
         saved = ckpt_io.list_checkpoints(self.run_dir)
         log.warning("signal %s: no batch came in %.0f s more (a stream stalls); %s, exiting", self._stop_signal,
                     STOP_GRACE_S, f"latest checkpoint {saved[-1].name}" if saved else "no checkpoint yet")
@@ -462,7 +277,7 @@ class Trainer:
             specs["knn"] = specs["knn"].model_copy(
                 update={"feature": "embed" if self.task.student.use_text else "pooled"})
         acc = self.accelerator
-        full = self.full_state_dict()  # FSDP: rank 0 evaluates a whole copy (every rank helps gather it)
+        full = self.checkpointer.full_state_dict()  # FSDP: rank 0 evaluates a whole copy (every rank helps gather it)
         if acc.is_main_process:
             from vlp.eval.tasks import run_training_eval
 
@@ -487,17 +302,6 @@ class Trainer:
                 f.write(json.dumps({"step": self.step, **self.eval_metrics}) + "\n")
         acc.wait_for_everyone()
         return self.eval_metrics
-
-
-def _model_summary(model_cfg: dict) -> str:
-    v = model_cfg.get("vision_cfg", {})
-    return (f"embed_dim {model_cfg.get('embed_dim')}, vision width {v.get('width')} x {v.get('layers')} layers, "
-            f"image {v.get('image_size')}")
-
-
-# settings a resumed run may change without changing what it trains (how long, how often it logs, saves, evaluates)
-RESUME_FREE = ("output_dir", "train.steps", "train.log_every", "train.save_every", "train.keep_last",
-               "train.eval_every", "train.progress", "eval.")
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
