@@ -22,7 +22,8 @@ from vlp.eval import data as evdata  # noqa: E402
 from vlp.eval.cli import normalize_task, register_cli  # noqa: E402
 from vlp.eval.probe import extract_features, knn_eval, linear_probe, split_train_test  # noqa: E402
 from vlp.eval.retrieval import extract_retrieval_features, retrieval_eval, retrieval_recall  # noqa: E402
-from vlp.eval.tasks import EVAL_TASKS, evaluate, get_eval_task, register_eval_task, run_training_eval  # noqa: E402
+from vlp.eval.in_training import run_training_eval  # noqa: E402
+from vlp.eval.tasks import EVAL_TASKS, evaluate, get_eval_task, register_eval_task  # noqa: E402
 from vlp.eval.zeroshot import (build_classifier, load_classifier, predict, save_classifier,  # noqa: E402
                                zeroshot_eval)
 from vlp.models.factory import create_clip, image_transforms  # noqa: E402

@@ -1,9 +1,11 @@
 """The trainer: ``accelerate launch -m vlp.train --config configs/X.yaml [key=value ...]``.
 
 Accelerate owns devices, DDP, mixed precision and state saving; :class:`vlp.task.PretrainTask` owns the step
-(student, objectives, momentum teacher, masking). The trainer holds the loop: the mixed-data stream, AdamW with
-decay only on weight matrices, warmup + cosine, accumulation, clipping, atomic keep-last-K checkpoints with exact
-resume, non-finite-loss guards, signal-safe exits and logging. It has no objective-specific line.
+(student, objectives, momentum teacher, masking). The trainer holds the loop: the mixed-data stream, accumulation,
+clipping, non-finite-loss guards and signal-safe exits. AdamW with decay only on weight matrices and warmup + cosine
+are :mod:`vlp.optim`'s; atomic keep-last-K checkpoints with exact resume :class:`vlp.checkpointer.Checkpointer`'s;
+progress and metrics :mod:`vlp.train_log`'s; in-training evaluation :mod:`vlp.eval.in_training`'s. It has no
+objective-specific line.
 
 Under FSDP (``configs/accelerate/fsdp.yaml``) the student's 0-dim parameters become [1] before the optimizer
 (``vlp.task.fsdp_ready``), each checkpoint adds the gathered full weights as ``model.safetensors`` beside
@@ -31,6 +33,7 @@ from vlp.data.mixing import POLL_S, MixedBatches, close_loader, make_loader
 from vlp.data.sources import NoUsableData, build_sources
 from vlp.data.transforms import eval_transform, resolve_templates, train_transform
 from vlp.data_wait import STOP_GRACE_S, DataTimeout, next_batch
+from vlp.eval.in_training import evaluate_student
 from vlp.optim import build_optimizer
 from vlp.run_dir import RunDirBusy, check_writable, lock_run_dir
 from vlp.task import PretrainTask
@@ -101,6 +104,10 @@ class Trainer:
     @property
     def fsdp(self) -> bool:
         return self.accelerator.distributed_type == DistributedType.FSDP
+
+    def evaluate(self) -> dict:
+        """The configured eval tasks on the student: :func:`vlp.eval.in_training.evaluate_student`."""
+        return evaluate_student(self)
 
     # ---- one step -------------------------------------------------------------------------------------------
     def compute_loss(self, batch, micro: int) -> tuple[torch.Tensor, dict]:
@@ -266,42 +273,6 @@ class Trainer:
         if self._run_lock is not None:
             self._run_lock.close()
             self._run_lock = None
-
-    def evaluate(self) -> dict:
-        """The configured eval tasks (``eval.zeroshot``, ``eval.knn``...) on the student (main process; others
-        wait); metrics are ``<task>/<metric>``."""
-        specs = self.cfg.eval.tasks()
-        if not specs:
-            return {}
-        if "knn" in specs and specs["knn"].feature == "auto":
-            specs["knn"] = specs["knn"].model_copy(
-                update={"feature": "embed" if self.task.student.use_text else "pooled"})
-        acc = self.accelerator
-        full = self.checkpointer.full_state_dict()  # FSDP: rank 0 evaluates a whole copy (every rank helps gather it)
-        if acc.is_main_process:
-            from vlp.eval.tasks import run_training_eval
-
-            if full is not None:
-                from vlp.models.factory import create_clip, run_clip_options
-
-                clip = create_clip(self.cfg.model.name, pretrained_text=False, **run_clip_options(self.cfg))[0]
-                clip.load_state_dict(ckpt_io._clip_part(full), strict=True)
-                clip.to(acc.device)
-            else:
-                clip = acc.unwrap_model(self.model).clip
-            was_training = clip.training
-            clip.eval()
-            self.eval_metrics = run_training_eval(
-                clip, self.tokenizer, self.eval_preprocess, specs, device=acc.device,
-                batch_size=self.cfg.eval.batch_size, default_classnames=self.classnames,
-                default_templates=self.templates)
-            clip.train(was_training)
-            acc.log({f"eval/{k}": v for k, v in self.eval_metrics.items()}, step=self.step)
-            log.info("step %d eval: %s", self.step, self.eval_metrics)
-            with (self.run_dir / "metrics.jsonl").open("a") as f:
-                f.write(json.dumps({"step": self.step, **self.eval_metrics}) + "\n")
-        acc.wait_for_everyone()
-        return self.eval_metrics
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:

@@ -1,5 +1,5 @@
 """The evaluation-task registry: one :class:`EvalTask` entry per task; :func:`evaluate` and
-:func:`run_training_eval` dispatch through it.
+:func:`vlp.eval.in_training.run_training_eval` dispatch through it.
 
 A task is a function ``run(model, tokenizer, preprocess, data, *, device, batch_size, workers, max_samples,
 **options) -> dict`` registered with :func:`register_eval_task`. ``model`` is the bare open_clip model, already
@@ -14,10 +14,9 @@ the ones it uses and takes ``**_`` for the rest::
 """
 from __future__ import annotations
 
-import inspect
 import os
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Callable
 
 import torch
 
@@ -213,62 +212,4 @@ def run_linear_probe(model, tokenizer, preprocess, data, *, device, batch_size, 
                                             test_fraction=test_fraction, seed=seed)
     metrics = linear_probe(tr_f, tr_l, te_f, te_l, C=C, seed=seed)
     metrics["n_train"] = int(tr_f.shape[0])
-    return metrics
-
-
-# ---------------------------------------------------------------------------------------------- in training
-
-_EVALUATE_OPTIONS = frozenset(p.name for p in inspect.signature(evaluate).parameters.values()
-                              if p.kind is p.KEYWORD_ONLY)
-
-
-def _task_options(task: EvalTask) -> set[str]:
-    """The keywords ``task`` accepts: :func:`evaluate`'s plus those its ``run`` names."""
-    params = inspect.signature(task.run).parameters.values()
-    named = set(_EVALUATE_OPTIONS) | {p.name for p in params if p.kind is p.KEYWORD_ONLY}
-    return named - {"device", "train_data"}  # given by run_training_eval (train_data as train_shards)
-
-
-def _as_dict(settings) -> dict[str, Any]:
-    if hasattr(settings, "model_dump"):  # a pydantic config section
-        return settings.model_dump()
-    return dict(settings)
-
-
-def run_training_eval(clip_model, tokenizer, preprocess, specs: Mapping[str, Any], *, device, batch_size: int,
-                      default_classnames=None, default_templates=None) -> dict[str, float]:
-    """Run each configured eval task; metrics named ``<task>/<metric>`` (numbers only), e.g. ``zeroshot/top1``,
-    ``knn/top1``.
-
-    ``specs`` maps a task name (or alias) to its settings, a dict or a pydantic section (``None``: skipped):
-    ``shards`` (required), ``train_shards`` (tasks with ``uses_train_data``), ``classnames`` and ``templates``
-    (unset: the shards' files first, then ``default_classnames``/``default_templates``, as
-    :func:`zeroshot_labels`), and any other :func:`evaluate` option
-    (``max_samples``, ``k``, ``T``, ``C``, ``test_fraction``, ``seed``, ``ks``, ``batch_size`` ...). Unset
-    (``None``) settings take :func:`evaluate`'s defaults. Image-only tasks (``needs_text=False``, e.g. ``knn``)
-    never touch the text tower, so they suit models trained without one.
-    """
-    metrics: dict[str, float] = {}
-    for name, settings in specs.items():
-        if settings is None:
-            continue
-        task = get_eval_task(name)
-        opts = {k: v for k, v in _as_dict(settings).items()
-                if v is not None and not (k in ("classnames", "templates") and not v)}  # empty: unset
-        shards = opts.pop("shards", None)
-        if not shards:
-            raise ValueError(f"eval.{name}: no shards")
-        train_shards = opts.pop("train_shards", None)
-        if train_shards and not task.uses_train_data:
-            raise ValueError(f"eval.{name}: task {task.name} takes no train_shards")
-        unknown = sorted(set(opts) - _task_options(task))
-        if unknown:
-            raise ValueError(f"eval.{name}: unknown setting(s) {', '.join(unknown)}")
-        if task.needs_text and tokenizer is None:
-            raise ValueError(f"eval.{name}: task {task.name} needs a text tower (no tokenizer given)")
-        opts.update(default_classnames=default_classnames, default_templates=default_templates)
-        opts.setdefault("batch_size", batch_size)
-        result = evaluate(clip_model, tokenizer, preprocess, task.name, shards, device=device,
-                          train_data=train_shards, **opts)
-        metrics.update({f"{task.name}/{k}": v for k, v in result.items() if isinstance(v, (int, float))})
     return metrics
