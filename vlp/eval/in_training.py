@@ -21,14 +21,12 @@ log = logging.getLogger("vlp.train")  # the training run's log: its eval line ke
 def evaluate_student(trainer) -> dict:
     """The configured eval tasks on a :class:`vlp.train.Trainer`'s student (main process; others wait); metrics
     are ``<task>/<metric>``, kept as ``trainer.eval_metrics``, logged as ``eval/<task>/<metric>`` and appended to
-    ``metrics.jsonl``."""
-    cfg = trainer.cfg
-    specs = cfg.eval.tasks()
+    ``metrics.jsonl``. Each task's settings are first fitted to the student
+    (:meth:`vlp.eval.config.TaskConfig.for_model`)."""
+    cfg, student = trainer.cfg, trainer.task.student
+    specs = {name: spec.for_model(student) for name, spec in cfg.eval.tasks().items()}
     if not specs:
         return {}
-    if "knn" in specs and specs["knn"].feature == "auto":
-        specs["knn"] = specs["knn"].model_copy(
-            update={"feature": "embed" if trainer.task.student.use_text else "pooled"})
     acc = trainer.accelerator
     full = trainer.checkpointer.full_state_dict()  # FSDP: rank 0 evaluates a whole copy (every rank helps gather it)
     if acc.is_main_process:
