@@ -19,7 +19,8 @@ from vlp.data.mixing import make_loader, padded_labels
 from vlp.data.sources import Source, acceptance
 from vlp.objectives.multilabel import (MultiLabelObjective, bce_multilabel_loss, mean_average_precision, multi_hot,
                                        precision_at_1, softmax_multilabel_loss)
-from vlp.shards.write import write_samples, write_tags
+from vlp.shards.readers import write_tags
+from vlp.shards.write import write_samples
 
 DIGITS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 EXTRA = ["even", "odd", "small", "large"]

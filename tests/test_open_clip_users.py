@@ -24,7 +24,7 @@ def two_label_orders(tmp_path_factory):
     `vlp shards hf` (ClassLabel order: cat dog ant bee): index 0 means ant in one, cat in the other."""
     import datasets
 
-    from vlp.shards.write import write_hf_dataset, write_image_folder
+    from vlp.shards.readers import write_hf_dataset, write_image_folder
 
     root = tmp_path_factory.mktemp("labels")
     for name in ("cat", "ant", "bee"):

@@ -8,7 +8,7 @@ from typing import Any, Callable
 
 from vlp.data.format import KINDS
 from vlp.shards.inspect import inspect_shards, verify_shards
-from vlp.shards.write import write_captions, write_hf_dataset, write_image_folder, write_tags
+from vlp.shards.readers import write_captions, write_hf_dataset, write_image_folder, write_tags
 
 
 def _print_written(result: dict) -> None:

@@ -177,7 +177,7 @@ def class_counts_problems(shards: Sequence[str], names: Sequence[str] | None, ta
     """``(file, problem)`` for a ``class_counts.json`` beside labeled shards that disagrees with the class names (a
     class index that is not an integer, or not below the number of names) or, when the shards judged are all that
     sizes.json beside them lists and every sample is good, with the labels they hold (``tally``: each label of a
-    multi-label sample counts, as :func:`vlp.shards.write.write_tags` counts them)."""
+    multi-label sample counts, as :func:`vlp.shards.readers.write_tags` counts them)."""
     found = find_sidecar(shards, CLASS_COUNTS_FILE)
     if found is None or names is None:
         return []
