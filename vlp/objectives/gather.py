@@ -4,6 +4,8 @@
   SLIP's ``GatherLayer``): the backward sums each rank's gradient for this rank's rows, so a loss that is a mean over
   the local rows, averaged by DDP, has the gradient of the same loss over the whole global batch in one process.
 - :func:`gather_nograd`: every rank's rows as constants (MoCo v3's ``concat_all_gather``: the teacher's keys).
+- :func:`all_reduce_sum`: a statistic summed over the ranks, in place, no gradient (DINO's center, SwAV's Sinkhorn
+  sums, FlexMatch's and colorization's counts); :func:`broadcast`: rank ``src``'s tensor on every rank.
 
 - :class:`GlobalBatchNorm1d`: BatchNorm over every rank's rows, statistics all-reduced with their gradient (torch's
   ``SyncBatchNorm``, which refuses CPU tensors, for any device and backend).
@@ -41,6 +43,22 @@ def gather_nograd(x: torch.Tensor) -> torch.Tensor:
     parts = [torch.empty_like(x) for _ in range(world)]
     dist.all_gather(parts, x.contiguous())
     return torch.cat(parts, dim=0)
+
+
+@torch.no_grad()
+def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
+    """``x``, summed over the ranks in place (``dist.all_reduce``); returned for chaining."""
+    if rank_and_world()[1] > 1:
+        dist.all_reduce(x)
+    return x
+
+
+@torch.no_grad()
+def broadcast(x: torch.Tensor, src: int = 0) -> torch.Tensor:
+    """``x``, overwritten in place by rank ``src``'s; returned for chaining."""
+    if rank_and_world()[1] > 1:
+        dist.broadcast(x, src)
+    return x
 
 
 class GlobalBatchNorm1d(nn.BatchNorm1d):
