@@ -1,48 +1,69 @@
 #!/usr/bin/env python
-"""GPU training step of vlp's recipes against open_clip_train's: samples/s, step breakdown, peak memory, MFU, and
-the CPU cores the data loader needs to keep up.
+"""GPU training step and end-to-end training of vlp's recipes against open_clip's: samples/s, step breakdown, peak
+memory, MFU, the data-loader wait, and the CPU cores the loader needs to keep up.
 
 Recipes (``configs/bench/throughput-{clip,flip,mixed}.yaml``, with ``--model`` and ``--batch-size``): CLIP-only
 unmasked, FLIP (CLIP on the 75%-masked pass) and the mixed recipe (CLIP/UniCL + MAE + supervised, one 75%-masked
 pass; batch split paired 1/2, labeled 1/8, unlabeled 3/8).
 
-vlp's step runs in this process on one device, on a synthetic batch of the recipe's exact composition
-(``vlp.flops.synthetic_batch``: real tokenized text, labels, every view group), timed in four parts with
-``torch.cuda.synchronize()`` between them: ``data`` (the host batch, pinned, copied to the device), ``forward``
-(``task.training_forward`` under autocast), ``backward`` (plus the task's after-backward hooks), ``optimizer``
-(AdamW step, zero_grad, the task's after-step hooks: logit-scale clamp, teacher EMA). On a GPU: bf16 autocast,
-fused AdamW, optional ``--compile`` (``torch.compile`` of the student) and ``--grad-checkpointing`` (open_clip's
-``set_grad_checkpointing``); attention is open_clip's ``nn.MultiheadAttention(need_weights=False)``, which runs
-``F.scaled_dot_product_attention`` (flash / memory-efficient kernels on GPU). On CPU: fp32, fused AdamW (torch's
-CPU kernel), the tiny model.
+**Step rows** (``--rows clip,flip,mixed,open_clip``), in this process on one device, each on a synthetic batch of
+the recipe's exact composition (``vlp.flops.synthetic_batch``: real tokenized text, labels, every view group), timed
+in four parts with ``torch.cuda.synchronize()`` between them (on CPU: plain wall time): ``data`` (the pinned host
+batch copied to the device), ``forward``, ``backward``, ``optimizer``; median over the steps after ``--warmup``.
 
-MFU = FLOPs per step / step seconds / device peak. FLOPs: one step counted by ``FlopCounterMode``
-(``vlp.flops.count_training_flops``: forward, teacher, backward, hooks; matmuls and attention) on the same model
-and batch. Peak: dense bf16 tensor-core TFLOP/s from ``PEAK_BF16`` (H100 SXM 989, H200 989, A100 312, L4 121, ...);
-on CPU, against a measured fp32 matmul rate (``cpu matmul``), marked as such.
+- vlp: ``task.training_forward`` under autocast, backward and the task's after-backward hooks, fused AdamW with
+  vlp's parameter groups and the task's after-step hooks (logit-scale clamp, teacher EMA). ``--compile``: vlp's
+  ``train.compile`` (each transformer block compiled, ``vlp.task.compile_blocks``); ``--grad-checkpointing``:
+  open_clip's ``set_grad_checkpointing``.
+- ``open_clip``: open_clip_train's own step, in process (``benchlib.openclip.OpenClipStep``): the model, ClipLoss,
+  AdamW (no decay on gains and biases, not fused, as open_clip_train builds it), cosine schedule, autocast and input
+  dtype that ``open_clip_train.main`` builds from the command line the end-to-end run gets (``--precision amp_bf16``
+  on GPU: no GradScaler; ``--torchcompile`` with ``--compile``), and ``train_one_epoch``'s step body, on the CLIP-only
+  recipe's batch (the same images and tokens). open_clip_train's TF32 and cuDNN settings apply to this row only.
+  This replaces the earlier row read from open_clip_train's log as ``Batch (t) - Data (t)``: open_clip_train never
+  synchronizes inside a step, so that difference left out the GPU work that overlaps its next data wait (on one
+  H200 it read 43% MFU against the 22% of the same step synchronized). It is not a compute time and is not shown.
 
-open_clip_train: the real trainer (``python -m open_clip_train.main`` through ``benchlib.openclip.run_openclip``,
-as in ``tools/bench_throughput.py``: webdataset 0.2.86, CIFAR-10 shards from ``../shared/data/cifar10-train.tar.gz``)
-on the same model, batch and precision (``amp_bf16`` on GPU, ``--grad-checkpointing`` / ``--torchcompile`` when
-asked), in the same run. Its samples/s comes from its own ``Batch (t)`` log lines after ``--warmup``; ``compute``
-leaves out its ``Data (t)`` wait, which is what vlp's in-process step (no loader) compares with. Skipped when the
-tarball is missing or with ``--no-open-clip-train``.
+MFU = FLOPs per step / step seconds / device peak. FLOPs: one step counted by ``FlopCounterMode`` (vlp:
+``vlp.flops.count_training_flops``, forward, teacher, backward, hooks; open_clip: forward, loss, backward), matmuls
+and attention, on the same model and batch: the CLIP-only and open_clip rows count the same FLOPs
+(``tests/test_bench_gpu.py``). Peak: dense bf16 tensor-core TFLOP/s from ``PEAK_BF16`` (H100 SXM 989, H200 989,
+A100 312, L4 121, ...); on CPU, against a measured fp32 matmul rate (``cpu matmul``), marked as such.
 
-Loader: the real ``MixedBatches`` (decode + open_clip's train transform + tokenization, one process, one thread)
-over JPEG shards written once (``--loader-images`` images of 320x240, smooth random content) at ``--image-size``
-px, with each recipe's composition and view groups: images/s per core, and the cores needed to feed the measured
-vlp step (samples/s / images/s per core).
+**End to end** (``--e2e vlp_mixed,vlp_clip,open_clip_train``): both trainers as subprocesses on the same real
+shards: CIFAR-10 JPEGs (``../shared/data/cifar10-train.tar.gz``) resized to the model's input size and re-encoded
+(``--e2e-images`` of them, written once as paired / labeled / unlabeled shards), with the same ``--workers`` data
+workers, the same machine and cores, run one after the other. ``python -m vlp.train`` with the throughput config
+(bf16 on GPU, ``train.compile`` with ``--compile``), and ``python -m open_clip_train.main`` through
+``benchlib.openclip.run_openclip`` (webdataset 0.2.86, ``amp_bf16``, ``--torchcompile`` with ``--compile``). Each
+for ``--e2e-steps`` steps, logging every ``--e2e-log-every``; samples/s over the windows after ``--e2e-warmup``
+from each trainer's own log (vlp's ``metrics.jsonl``, open_clip_train's ``Batch (t)`` lines: wall time between step
+ends, so honest end to end). Columns: the loader wait each trainer logs (vlp: seconds waiting for the next batch,
+after a step that synchronized; open_clip_train: its ``Data (t)``, which also holds the GPU catching up on the step
+it queued, so an upper bound), ``outside step``, the same estimate for both: 1 - the in-process step's seconds /
+the end-to-end step's seconds (loader wait, syncs, logging, launch gaps; on a GPU, its idle share), MFU from the
+same FLOP counts, and each row's samples/s over open_clip_train's.
+
+**Loader** (``--no-loader`` to skip): the real ``MixedBatches`` (decode + open_clip's train transform +
+tokenization, one process, one thread) over JPEG shards written once (``--loader-images`` images of 320x240,
+smooth random content) at ``--loader-size`` px, with each recipe's composition and view groups: images/s per core,
+and the cores needed to feed the measured vlp step (samples/s / images/s per core).
+
+The results JSON is rewritten after every row, so a run stopped part-way keeps what finished; ``--report-only
+A.json [B.json ...]`` prints the tables of one or more results files (e.g. the eager and the compiled run).
 
 Usage::
 
-    python tools/bench_gpu.py                                    # CPU: tiny model, batch 64, a few steps
+    python tools/bench_gpu.py --quick                            # CPU smoke: tiny model, a few steps, every part
     python tools/bench_gpu.py --model ViT-B-16 --image-size 224 --batch-size 256 --steps 30 --warmup 10 \\
         --workers 12 [--compile] [--grad-checkpointing]          # a GPU (configs/laion-vitb16-mixed.yaml's model)
+    bash tools/gpu_bench.sh run                                  # all of it on a lent GPU machine, one call
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import io
 import json
 import os
 import resource
@@ -54,14 +75,22 @@ from pathlib import Path
 import torch
 
 from benchlib import REPO
-from benchlib.cifar import CLASSNAMES, DATA_TARBALL, ensure_cifar, subset_shards
-from benchlib.cli import log, write_json
+from benchlib.cifar import CLASSNAMES, DATA_TARBALL, by_class, ensure_cifar
+from benchlib.cli import log, parse_list, write_json
 from benchlib.images import synthetic_jpegs
-from benchlib.openclip import run_openclip
-from benchlib.shards import cached
+from benchlib.openclip import OpenClipStep, run_openclip
+from benchlib.process import run_subprocess
+from benchlib.shards import cached, class_files
 from benchlib.wds_old import OLD_WDS, ensure_old_webdataset
 
 RECIPES = {"clip": "CLIP-only (unmasked)", "flip": "FLIP (75% masked)", "mixed": "mixed CLIP+MAE+sup (75% masked)"}
+STEP_ROWS = {**{r: f"vlp {label}" for r, label in RECIPES.items()},
+             "open_clip": "open_clip step (synchronized)"}
+# end-to-end contenders: (recipe whose FLOPs and in-process step they match, label)
+E2E = {"vlp_mixed": ("mixed", "vlp mixed CLIP+MAE+sup (75% masked)"),
+       "vlp_clip": ("clip", "vlp CLIP-only (unmasked)"),
+       "vlp_flip": ("flip", "vlp FLIP (75% masked)"),
+       "open_clip_train": ("open_clip", "open_clip_train")}
 # dense bf16 tensor-core peak, TFLOP/s (vendor spec sheets, no sparsity); first match on the device name wins
 PEAK_BF16 = [("H100 PCIe", 756), ("H100 NVL", 835), ("H100", 989), ("H200", 989), ("GH200", 989), ("B200", 2250),
              ("A100", 312), ("A800", 312), ("L40S", 362), ("L40", 181), ("L4", 121), ("A10G", 70), ("A10", 125),
@@ -87,7 +116,7 @@ def device_peak(device: torch.device) -> tuple[float | None, str]:
 
 
 def model_json(name: str, image_size: int | None, out_dir: Path) -> Path:
-    """The model config as a JSON file (image size overridden), so vlp and open_clip_train build the same model."""
+    """The model config as a JSON file (image size overridden), so vlp and open_clip build the same model."""
     from vlp.models.factory import resolve_model_config
 
     cfg = copy.deepcopy(resolve_model_config(name))
@@ -100,8 +129,12 @@ def model_json(name: str, image_size: int | None, out_dir: Path) -> Path:
     return path
 
 
-def recipe_config(recipe: str, model: Path, batch: int, steps: int):
-    from vlp.config import config_from_dict
+def image_size_of(mjson: Path) -> int:
+    size = json.loads(mjson.read_text())["vision_cfg"]["image_size"]
+    return size if isinstance(size, int) else size[0]
+
+
+def recipe_tree(recipe: str, model: Path, batch: int, steps: int) -> dict:
     import yaml
 
     tree = yaml.safe_load((REPO / "configs" / "bench" / f"throughput-{recipe}.yaml").read_text())
@@ -109,7 +142,13 @@ def recipe_config(recipe: str, model: Path, batch: int, steps: int):
     tree["data"]["batch"] = ({"paired": batch // 2, "labeled": batch // 8, "unlabeled": batch - batch // 2 - batch // 8}
                              if recipe == "mixed" else {"paired": batch})
     tree["train"]["steps"] = steps
-    return config_from_dict(tree, check_files=False)
+    return tree
+
+
+def recipe_config(recipe: str, model: Path, batch: int, steps: int):
+    from vlp.config import config_from_dict
+
+    return config_from_dict(recipe_tree(recipe, model, batch, steps), check_files=False)
 
 
 def _sync(device):
@@ -117,14 +156,29 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def bench_vlp(recipe: str, cfg, device: torch.device, args, peak: float | None) -> dict:
-    """vlp's training step of one recipe: per-part seconds (median over the timed steps), FLOPs, MFU, memory."""
-    from vlp.flops import count_training_flops, synthetic_batch
+def _peak_mem(device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _row(label: str, batch: int, parts: dict[str, list[float]], flops: float, peak: float | None, device,
+         **extra) -> dict:
+    med = {k: statistics.median(v) for k, v in parts.items()}
+    step_s = sum(med.values())
+    return {"label": label, "batch": batch, "samples_per_s": batch / step_s, "step_s": step_s, "parts_s": med,
+            "gflop_per_step": flops / 1e9, "mfu": flops / step_s / peak if peak else None,
+            "peak_mem_mb": _peak_mem(device), **extra}
+
+
+def vlp_task(recipe: str, cfg, device: torch.device, args):
+    """The recipe's task on ``device`` (teacher and objectives too) and its synthetic batch (on the host)."""
+    from vlp.flops import synthetic_batch
     from vlp.task import PretrainTask
-    from vlp.optim import param_groups
 
     torch.manual_seed(0)
-    task = PretrainTask(cfg, 0, 1, CLASSNAMES if recipe == "mixed" else None)
+    classnames = CLASSNAMES if recipe == "mixed" else None
+    task = PretrainTask(cfg, 0, 1, classnames)
     task.student.to(device)
     if task.teacher is not None:
         task.teacher.to(device)
@@ -132,12 +186,31 @@ def bench_vlp(recipe: str, cfg, device: torch.device, args, peak: float | None) 
         obj.to(device)
     if args.grad_checkpointing:
         task.student.clip.set_grad_checkpointing(True)
-    host = synthetic_batch(task, CLASSNAMES if recipe == "mixed" else None)
-    if device.type == "cuda":
-        host = host.pin_memory() if hasattr(host, "pin_memory") else host
+    return task, synthetic_batch(task, classnames)
+
+
+def _pinned(x, device):
+    return x.pin_memory() if device.type == "cuda" and hasattr(x, "pin_memory") else x
+
+
+def bench_vlp(recipe: str, cfg, device: torch.device, args, peak: float | None) -> tuple[dict, object]:
+    """vlp's training step of one recipe: per-part seconds (median over the timed steps), FLOPs, MFU, memory.
+    Returns the row and the host batch it ran on."""
+    from vlp.flops import count_training_flops
+    try:
+        from vlp.optim import param_groups
+    except ImportError:  # before vlp.optim
+        from vlp.train import param_groups
+
+    task, host = vlp_task(recipe, cfg, device, args)
+    host = _pinned(host, device)
     flops = count_training_flops(task, host.to(device), steps=1)
-    if args.compile:
-        task.model = torch.compile(task.student)
+    if args.compile:  # what train.compile does (vlp.task.PretrainTask.prepare)
+        from vlp.task import compile_blocks
+
+        compile_blocks(task.student)
+        if task.teacher is not None:
+            compile_blocks(task.teacher)
     task.on_train_start()
     o = cfg.optim
     try:
@@ -174,43 +247,172 @@ def bench_vlp(recipe: str, cfg, device: torch.device, args, peak: float | None) 
                 parts[k].append(v)
         if not torch.isfinite(loss):
             raise RuntimeError(f"{recipe}: non-finite loss at step {step}")
-    med = {k: statistics.median(v) for k, v in parts.items()}
-    step_s = sum(med.values())
-    mem = (torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda"
-           else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-    return {"label": f"vlp {RECIPES[recipe]}", "batch": len(host), "samples_per_s": len(host) / step_s,
-            "step_s": step_s, "parts_s": med, "gflop_per_step": flops / 1e9,
-            "mfu": flops / step_s / peak if peak else None, "peak_mem_mb": mem,
-            "view_groups": [g.name for g in task.view_groups]}
+    row = _row(STEP_ROWS[recipe] + (", compiled" if args.compile else ""), len(host), parts, flops, peak, device,
+               view_groups=[g.name for g in task.view_groups])
+    return row, host
 
 
-def bench_open_clip_train(mjson: Path, device: torch.device, args, cache: Path, flops: float | None,
-                          peak: float | None) -> dict | None:
-    train_root = ensure_cifar(cache / "cache")
-    if train_root is None:
-        log(f"open_clip_train skipped: {DATA_TARBALL} not found")
-        return None
-    shards = cache / "throughput" / "shards"
-    subset_shards(train_root, shards, args.oc_images)
-    wds_dir = ensure_old_webdataset(cache / "cache" / f"webdataset-{OLD_WDS}")
-    if wds_dir is None:
-        log("open_clip_train skipped: no webdataset 0.2.86")
-        return None
+def bench_open_clip(mjson: Path, host, device: torch.device, args, peak: float | None) -> dict:
+    """open_clip_train's step in process (``benchlib.openclip.OpenClipStep``) on ``host``'s images and tokens,
+    timed as vlp's rows are; open_clip_train's TF32 / cuDNN settings (its main sets them) for this row only."""
+    precision = "amp_bf16" if device.type == "cuda" else "fp32"
     extra = (("--grad-checkpointing",) if args.grad_checkpointing else ()) + (("--torchcompile",) if args.compile else ())
-    res = run_openclip(shards, cache / "gpu" / "open_clip_train", wds_dir, args, model_json=mjson,
-                       precision="amp_bf16" if device.type == "cuda" else "fp32", workers=args.workers, extra=extra)
-    used = [w for w in res["windows"] if w[0] > args.warmup]
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.benchmark)
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.benchmark = True, True
+    try:
+        oc = OpenClipStep(mjson, device, args.steps, len(host), precision, extra)
+        images, texts = _pinned(host.image, device), _pinned(host.text, device)
+        flops = oc.count_flops(images, texts)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        parts = {"data": [], "forward": [], "backward": [], "optimizer": []}
+        for step in range(args.steps):
+            secs, loss = oc.step(step, images, texts, lambda: _sync(device))
+            if step >= args.warmup:
+                for k, v in zip(parts, secs):
+                    parts[k].append(v)
+            if not torch.isfinite(loss):
+                raise RuntimeError(f"open_clip: non-finite loss at step {step}")
+        label = STEP_ROWS["open_clip"] + (", torch.compile" if args.compile else "")
+        return _row(label, len(host), parts, flops, peak, device, precision=precision,
+                    command_line=" ".join(oc.argv))
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.benchmark = saved
+
+
+# ---------------------------------------------------------------------------------------------- end to end
+
+
+def _resized_jpeg(job: tuple[str, int]) -> bytes:
+    from PIL import Image
+
+    path, size = job
+    with Image.open(path) as im:
+        out = io.BytesIO()
+        im.convert("RGB").resize((size, size), Image.BICUBIC).save(out, format="JPEG", quality=90)
+    return out.getvalue()
+
+
+def e2e_shards(train_root: Path, out: Path, n_images: int, size: int, seed: int = 0) -> Path:
+    """The first ``n_images`` CIFAR-10 images (stratified, seeded) at ``size`` px (bicubic, JPEG quality 90; the
+    original bytes at 32 px) as paired / labeled / unlabeled shards, written once (benchlib.shards.cached)."""
+    import random
+    from multiprocessing import Pool
+
+    from vlp.shards import write_samples
+
+    def write(folder: Path) -> dict:
+        classes, paths_of = by_class(train_root)
+        rng = random.Random(seed)
+        chosen = []
+        for y in sorted(paths_of):
+            paths = sorted(paths_of[y])
+            rng.shuffle(paths)
+            chosen += [(p, y) for p in paths[: n_images // len(paths_of)]]
+        rng.shuffle(chosen)
+        t0 = time.time()
+        if size == 32:
+            jpgs = [Path(p).read_bytes() for p, _ in chosen]
+        else:
+            with Pool(min(16, os.cpu_count() or 1)) as pool:
+                jpgs = pool.map(_resized_jpeg, [(str(p), size) for p, _ in chosen], chunksize=64)
+        log(f"{len(chosen)} CIFAR-10 images at {size} px ({sum(map(len, jpgs)) / len(jpgs) / 1024:.1f} KiB each, "
+            f"{time.time() - t0:.0f} s) -> paired / labeled / unlabeled shards in {folder}")
+
+        def samples(kind):
+            for i, ((_, y), jpg) in enumerate(zip(chosen, jpgs)):
+                s = {"__key__": f"{i:09d}", "jpg": jpg}
+                if kind == "paired":
+                    s["txt"] = f"a photo of a {classes[y]}."
+                elif kind == "labeled":
+                    s["cls"] = str(y)
+                yield s
+
+        for kind in ("paired", "labeled", "unlabeled"):
+            write_samples(samples(kind), folder / kind, prefix="cifar10", maxcount=1000)
+        class_files(folder / "labeled", classes, [y for _, y in chosen])
+        return {"images": len(chosen), "size": size}
+
+    cached(out, {"n_images": n_images, "size": size, "seed": seed, "version": 1}, write)
+    return out
+
+
+def windows_rate(windows: list[tuple[int, int, float, float]], batch: int, warmup: int) -> dict | None:
+    """``windows``: (first step, last step, step seconds, data seconds), steps 1-based. samples/s, step seconds and
+    the loader-wait share over the windows that start after ``warmup``; None when there are none."""
+    used = [w for w in windows if w[0] > warmup]
     steps = sum(last - first + 1 for first, last, _, _ in used)
-    total, data = sum(w[2] for w in used), sum(w[3] for w in used)
-    if not steps:
+    t, d = sum(w[2] for w in used), sum(w[3] for w in used)
+    if not steps or t <= 0:
         return None
-    step_s = (total - data) / steps
-    return {"label": "open_clip_train (same model, CLIP)", "batch": args.batch_size,
-            "samples_per_s": args.batch_size / step_s, "step_s": step_s,
-            "with_data_samples_per_s": args.batch_size * steps / total, "data_wait_frac": data / total,
-            "gflop_per_step": flops / 1e9 if flops else None,
-            "mfu": flops / step_s / peak if flops and peak else None, "peak_mem_mb": None,
-            "peak_rss_mb": res["peak_rss_mb"]}
+    return {"samples_per_s": batch * steps / t, "step_s": t / steps, "loader_wait_frac": d / t, "steps_measured": steps}
+
+
+def vlp_windows(metrics_path: Path, batch: int) -> list[tuple[int, int, float, float]]:
+    """vlp's ``metrics.jsonl`` windows: ``samples_per_s`` and ``data_wait_frac`` per ``log_every`` steps."""
+    windows, prev = [], 0
+    for line in metrics_path.read_text().splitlines():
+        m = json.loads(line)
+        if "samples_per_s" not in m:
+            continue
+        n = m["step"] - prev
+        t = n * batch / m["samples_per_s"]
+        windows.append((prev + 1, m["step"], t, t * m["data_wait_frac"]))
+        prev = m["step"]
+    return windows
+
+
+def run_vlp_e2e(recipe: str, mjson: Path, shards: Path, run_dir: Path, device, args) -> dict:
+    """``python -m vlp.train`` on the shards with the recipe's throughput config."""
+    import shutil
+
+    import yaml
+
+    tree = recipe_tree(recipe, mjson, args.batch_size, args.e2e_steps)
+    tree["output_dir"] = str(run_dir)
+    for src in tree["data"]["sources"]:
+        src["shards"] = str(shards / src["kind"] / "*.tar")
+    tree["data"]["workers"] = args.workers
+    tree["train"].update(log_every=args.e2e_log_every, precision="bf16" if device.type == "cuda" else "no",
+                         compile=bool(args.compile))
+    tree["model"]["grad_checkpointing"] = bool(args.grad_checkpointing)
+    shutil.rmtree(run_dir, ignore_errors=True)
+    run_dir.mkdir(parents=True)
+    cfg = run_dir / "bench_config.yaml"
+    cfg.write_text(yaml.safe_dump(tree, sort_keys=False))
+    env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    res = run_subprocess([sys.executable, "-m", "vlp.train", "--config", str(cfg)], run_dir / "stdout.log", env, REPO)
+    if res["rc"] != 0 or not (run_dir / "metrics.jsonl").is_file():
+        tail = (run_dir / "stdout.log").read_text()[-2500:]
+        raise RuntimeError(f"vlp {recipe} failed (exit {res['rc']}):\n{tail}")
+    res["windows"] = vlp_windows(run_dir / "metrics.jsonl", args.batch_size)
+    return res
+
+
+def e2e_row(name: str, res: dict, args, step_rows: dict, peak: float | None) -> dict | None:
+    """One end-to-end row: the trainer's rate after warm-up, its logged loader wait, the GPU idle share estimated
+    against the in-process step of the same work (``step_rows``), MFU from that step's FLOPs."""
+    rate = windows_rate(res["windows"], args.batch_size, args.e2e_warmup)
+    if rate is None:
+        return None
+    ref = step_rows.get(E2E[name][0]) or {}
+    gflop, step_s = ref.get("gflop_per_step"), ref.get("step_s")
+    return {"label": E2E[name][1], **rate, "gflop_per_step": gflop,
+            "mfu": gflop * 1e9 / rate["step_s"] / peak if gflop and peak else None,
+            "in_process_step_s": step_s, "idle_frac": 1 - step_s / rate["step_s"] if step_s else None,
+            "wall_s": res["wall_s"], "peak_rss_mb": res["peak_rss_mb"], "peak_tree_pss_mb": res["peak_tree_pss_mb"],
+            "workers": args.workers}
+
+
+def e2e_ratios(e2e: dict) -> dict:
+    """Each row's samples/s over open_clip_train's (None without an open_clip_train row), set in place."""
+    base = e2e.get("open_clip_train", {}).get("samples_per_s")
+    for row in e2e.values():
+        row["ratio_vs_open_clip_train"] = row["samples_per_s"] / base if base else None
+    return e2e
+
+
+# ---------------------------------------------------------------------------------------------- loader
 
 
 def write_loader_shards(out: Path, n: int) -> Path:
@@ -242,6 +444,7 @@ def bench_loader(recipe: str, cfg, shards: Path, image_size: int, batches: int) 
     """Images/s of the real MixedBatches in this process on one thread: decode, train transform, tokenization."""
     import open_clip
 
+    from vlp.config import config_from_dict
     from vlp.data.mixing import MixedBatches
     from vlp.data.transforms import resolve_templates
     from vlp.task import PretrainTask
@@ -249,8 +452,6 @@ def bench_loader(recipe: str, cfg, shards: Path, image_size: int, batches: int) 
     tree = cfg.model_dump(mode="json")
     for src in tree["data"]["sources"]:
         src["shards"] = str(shards / src["kind"] / "*.tar")
-    from vlp.config import config_from_dict
-
     cfg = config_from_dict(tree)
     task = PretrainTask(cfg, 0, 1, CLASSNAMES if recipe == "mixed" else None)
     v = task.student.clip.visual
@@ -274,97 +475,236 @@ def bench_loader(recipe: str, cfg, shards: Path, image_size: int, batches: int) 
     return {"images_per_s_per_core": n / dt, "image_size": image_size, "batch": ds.batch_size}
 
 
+# ---------------------------------------------------------------------------------------------- report
+
+
+def _pct(x) -> str:
+    return f"{100 * x:>5.1f}%" if x is not None else f"{'n/a':>6}"
+
+
+def step_table(docs: list[dict]) -> list[str]:
+    cpu = any(d["device"] == "cpu" for d in docs)
+    mfu_head = "MFU*" if cpu else "MFU"
+    head = (f"{'step (in process, synchronized)':<48} {'samples/s':>10} {'step ms':>8} {'data':>6} {'fwd':>6} "
+            f"{'bwd':>6} {'opt':>6} {'GFLOP':>9} {mfu_head:>6} {'peak MB':>8}")
+    lines = [head, "-" * len(head)]
+    for d in docs:
+        for s in d.get("steps", {}).values():
+            p = s["parts_s"]
+            cols = " ".join(f"{1000 * p[k]:>6.1f}" for k in ("data", "forward", "backward", "optimizer"))
+            lines.append(f"{s['label']:<48} {s['samples_per_s']:>10.1f} {1000 * s['step_s']:>8.1f} {cols} "
+                         f"{s['gflop_per_step']:>9.1f} {_pct(s['mfu'])} {s['peak_mem_mb']:>8.0f}")
+    d = docs[0]
+    a = d["args"]
+    lines.append(f"device: {d['peak']}; model {d['model']}, batch {a['batch_size']}; median step over steps "
+                 f"{a['warmup'] + 1}..{a['steps']}; peak MB: "
+                 f"{'process max RSS (cumulative)' if cpu else 'max allocated'}")
+    if cpu:
+        lines.append("* CPU: fp32, MFU against the measured fp32 matmul rate above, not a spec peak")
+    return lines
+
+
+def e2e_table(doc: dict) -> list[str]:
+    e2e, a = doc.get("e2e", {}), doc["args"]
+    if not e2e:
+        return []
+    workers = f"{a['workers']} worker{'s' if a['workers'] != 1 else ''}"
+    head = (f"{'end to end (' + workers + ', same shards)':<40} {'samples/s':>10} {'step ms':>8} "
+            f"{'loader wait':>11} {'outside step':>12} {'MFU':>6} {'vs open_clip_train':>18}")
+    lines = [head, "-" * len(head)]
+    for name, r in e2e.items():
+        ratio = f"{r['ratio_vs_open_clip_train']:.2f}x" if r.get("ratio_vs_open_clip_train") else "-"
+        wait = _pct(r["loader_wait_frac"]) + ("^" if name == "open_clip_train" else " ")
+        lines.append(f"{r['label']:<40} {r['samples_per_s']:>10.1f} {1000 * r['step_s']:>8.1f} {wait:>11} "
+                     f"{_pct(r['idle_frac']):>12} {_pct(r['mfu'])} {ratio:>18}")
+    lines.append(f"{doc['model']}, batch {a['batch_size']}, steps {a['e2e_warmup'] + 1}..{a['e2e_steps']} of "
+                 f"{a['e2e_steps']} (log every {a['e2e_log_every']}), {doc.get('e2e_images')} CIFAR-10 images at "
+                 f"{doc.get('e2e_size')} px; each trainer's own log")
+    lines.append("outside step = 1 - in-process step / end-to-end step: loader wait, syncs, logging, launch gaps "
+                 f"(on a GPU: the GPU's idle share){'; steps from ' + doc['steps_from'] if doc.get('steps_from') else ''}")
+    if "open_clip_train" in e2e:
+        lines.append("^ open_clip_train's Data (t): the wait for its loader plus the GPU finishing the step it queued "
+                     "(it syncs at .item() after the timer restarts): an upper bound")
+    return lines
+
+
+def loader_lines(doc: dict) -> list[str]:
+    loader = doc.get("loader", {})
+    if not loader:
+        return []
+    first = next(iter(loader.values()))
+    lines = [f"loader (real MixedBatches, 1 process, 1 thread, {first['image_size']} px, 320x240 JPEGs): "
+             "decode + augment + tokenize"]
+    for r, s in loader.items():
+        feed = f" -> {s['cores_needed']:>6.1f} cores to feed {s['fed_samples_per_s']:.0f} samples/s" \
+            if s.get("cores_needed") else ""
+        lines.append(f"  {RECIPES[r]:<34} {s['images_per_s_per_core']:>8.1f} images/s per core{feed}")
+    return lines
+
+
+def report(docs: list[dict]) -> str:
+    out = []
+    if any(d.get("steps") for d in docs):
+        out += step_table(docs) + [""]
+    for d in docs:
+        for part in (loader_lines(d), e2e_table(d)):
+            if part:
+                out += part + [""]
+    return "\n".join(out)
+
+
+# ---------------------------------------------------------------------------------------------- main
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="open_clip name or JSON (default: vlp-tiny-vit on CPU, ViT-B-16 on GPU)")
     p.add_argument("--image-size", type=int, default=None, help="model image size (default: the model's)")
-    p.add_argument("--loader-size", type=int, default=224, help="loader bench image size (default: 224)")
     p.add_argument("--batch-size", type=int, default=None, help="images per step (default: 64 CPU, 256 GPU)")
-    p.add_argument("--steps", type=int, default=None, help="steps per recipe (default: 8 CPU, 30 GPU)")
+    p.add_argument("--steps", type=int, default=None, help="steps per step row (default: 8 CPU, 30 GPU)")
     p.add_argument("--warmup", type=int, default=None, help="untimed first steps (default: 3 CPU, 10 GPU)")
-    p.add_argument("--recipes", default=",".join(RECIPES), help=f"subset of {','.join(RECIPES)}")
-    p.add_argument("--compile", action="store_true", help="torch.compile the student (and open_clip_train's model)")
+    p.add_argument("--rows", default=",".join(STEP_ROWS), help=f"step rows, subset of {','.join(STEP_ROWS)} ('' none)")
+    p.add_argument("--compile", action="store_true", help="vlp's train.compile; open_clip_train's --torchcompile")
     p.add_argument("--grad-checkpointing", action="store_true", help="open_clip's set_grad_checkpointing (both)")
-    p.add_argument("--workers", type=int, default=None, help="open_clip_train data workers (default: 1 CPU, 8 GPU)")
-    p.add_argument("--no-open-clip-train", action="store_true", help="skip the open_clip_train run")
-    p.add_argument("--oc-images", type=int, default=2000, help="CIFAR-10 images in open_clip_train's shards")
+    p.add_argument("--e2e", default="vlp_mixed,vlp_clip,open_clip_train",
+                   help=f"end-to-end runs, subset of {','.join(E2E)} ('' none)")
+    p.add_argument("--workers", type=int, default=None, help="data workers of both trainers (default: 1 CPU, 12 GPU)")
+    p.add_argument("--e2e-steps", type=int, default=None, help="steps per end-to-end run (default: 8 CPU, 40 GPU)")
+    p.add_argument("--e2e-warmup", type=int, default=None, help="end-to-end steps left out (default: 3 CPU, 10 GPU)")
+    p.add_argument("--e2e-log-every", type=int, default=None, help="log window, both trainers (default: 1 CPU, 5 GPU)")
+    p.add_argument("--e2e-images", type=int, default=None, help="CIFAR-10 images in the shards (default: 1000 CPU, 5000 GPU)")
+    p.add_argument("--steps-from", default=None, metavar="JSON",
+                   help="a results file whose step rows give the end-to-end rows' FLOPs and in-process step")
+    p.add_argument("--no-loader", action="store_true", help="skip the loader section")
+    p.add_argument("--loader-size", type=int, default=224, help="loader bench image size (default: 224)")
     p.add_argument("--loader-images", type=int, default=400, help="JPEGs written for the loader bench")
     p.add_argument("--loader-batches", type=int, default=4, help="batches timed per recipe in the loader bench")
+    p.add_argument("--quick", action="store_true", help="CPU smoke: batch 32, 4 steps (2 warm-up), 6 end-to-end "
+                   "steps (2 warm-up), 300 images, a small loader bench")
     p.add_argument("--cache-dir", default=str(REPO / "bench_out"), help="shards, runs (default: bench_out/)")
     p.add_argument("--out", default=None, help="results JSON (default: CACHE/gpu/results.json)")
+    p.add_argument("--report-only", nargs="+", metavar="JSON", help="print the tables of these results files")
     args = p.parse_args(argv)
+    if args.report_only:
+        print(report([json.loads(Path(f).read_text()) for f in args.report_only]))
+        return 0
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
+    q = args.quick
     args.model = args.model or ("ViT-B-16" if cuda else "vlp-tiny-vit")
-    args.batch_size = args.batch_size or (256 if cuda else 64)
-    args.steps = args.steps or (30 if cuda else 8)
-    args.warmup = args.warmup if args.warmup is not None else (10 if cuda else 3)
-    args.workers = args.workers or (8 if cuda else 1)
-    if args.steps <= args.warmup:
+    args.batch_size = args.batch_size or (256 if cuda else 32 if q else 64)
+    args.steps = args.steps or (30 if cuda else 4 if q else 8)
+    args.warmup = args.warmup if args.warmup is not None else (10 if cuda else 2 if q else 3)
+    args.workers = args.workers or (12 if cuda else 1)
+    args.e2e_steps = args.e2e_steps or (40 if cuda else 6 if q else 8)
+    args.e2e_warmup = args.e2e_warmup if args.e2e_warmup is not None else (10 if cuda else 2 if q else 3)
+    args.e2e_log_every = args.e2e_log_every or (5 if cuda else 1)
+    args.e2e_images = args.e2e_images or (5000 if cuda else 300 if q else 1000)
+    if q:
+        args.loader_images, args.loader_batches = min(args.loader_images, 100), min(args.loader_batches, 1)
+    rows = parse_list(args.rows)
+    e2e_names = parse_list(args.e2e)
+    for name, known, given in (("--rows", STEP_ROWS, rows), ("--e2e", E2E, e2e_names)):
+        if set(given) - set(known):
+            p.error(f"{name}: unknown {sorted(set(given) - set(known))}; choose from {','.join(known)}")
+    if rows and args.steps <= args.warmup:
         p.error("--steps must exceed --warmup")
+    if e2e_names and (args.e2e_steps - args.e2e_warmup < args.e2e_log_every or args.e2e_warmup % args.e2e_log_every):
+        p.error("--e2e-warmup must be a multiple of --e2e-log-every, and --e2e-steps exceed it by a window")
+    if args.batch_size < 8:
+        p.error("--batch-size must be at least 8 (the mixed batch is split 1/2, 1/8, 3/8)")
     if args.compile and not cuda:
-        log("--compile on CPU: compiling a whole training step takes minutes here")
-    recipes = [r.strip() for r in args.recipes.split(",") if r.strip()]
+        log("--compile on CPU: compiling takes minutes here")
     cache = Path(args.cache_dir).resolve()
     mjson = model_json(args.model, args.image_size, cache / "gpu" / "models")
     peak, peak_desc = device_peak(device)
-    log(f"{device} ({peak_desc}); model {mjson.stem}, batch {args.batch_size}, {args.steps} steps "
-        f"({args.warmup} warm-up); torch {torch.__version__}, {torch.get_num_threads()} threads, "
-        f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs; compile={args.compile}, "
-        f"grad_checkpointing={args.grad_checkpointing}")
-
-    rows = {}
-    for r in recipes:
-        cfg = recipe_config(r, mjson, args.batch_size, args.steps)
-        rows[r] = bench_vlp(r, cfg, device, args, peak)
-        log(f"vlp {r}: {rows[r]['samples_per_s']:.1f} samples/s, {rows[r]['gflop_per_step']:.1f} GFLOP/step")
-    if not args.no_open_clip_train:
-        flops = rows["clip"]["gflop_per_step"] * 1e9 if "clip" in rows else None
-        oc = bench_open_clip_train(mjson, device, args, cache, flops, peak)
-        if oc:
-            rows["open_clip_train"] = oc
-            log(f"open_clip_train: {oc['samples_per_s']:.1f} samples/s computing, "
-                f"{oc['with_data_samples_per_s']:.1f} with its data wait ({100 * oc['data_wait_frac']:.0f}%)")
-    loader_shards = write_loader_shards(cache / "gpu" / "loader_shards", args.loader_images)
-    loader = {}
-    for r in recipes:
-        loader[r] = bench_loader(r, recipe_config(r, mjson, args.batch_size, args.steps), loader_shards,
-                                 args.loader_size, args.loader_batches)
-        loader[r]["cores_needed"] = rows[r]["samples_per_s"] / loader[r]["images_per_s_per_core"]
-
-    print()
-    mfu_head = "MFU" if device.type == "cuda" else "MFU*"
-    head = (f"{'step':<40} {'samples/s':>10} {'step ms':>8} {'data':>6} {'fwd':>6} {'bwd':>6} {'opt':>6} "
-            f"{'GFLOP':>8} {mfu_head:>6} {'peak MB':>8}")
-    print(head)
-    print("-" * len(head))
-    for r, s in rows.items():
-        parts = s.get("parts_s")
-        cols = " ".join(f"{1000 * parts[k]:>6.1f}" for k in ("data", "forward", "backward", "optimizer")) if parts \
-            else f"{'(its own loop)':>27}"
-        mfu = f"{100 * s['mfu']:>5.1f}%" if s["mfu"] is not None else f"{'n/a':>6}"
-        mem = f"{s['peak_mem_mb']:>8.0f}" if s["peak_mem_mb"] is not None else f"{'-':>8}"
-        gf = f"{s['gflop_per_step']:>8.1f}" if s["gflop_per_step"] else f"{'-':>8}"
-        print(f"{s['label']:<40} {s['samples_per_s']:>10.1f} {1000 * s['step_s']:>8.1f} {cols} {gf} {mfu} {mem}")
-    if "open_clip_train" in rows:
-        oc = rows["open_clip_train"]
-        print(f"open_clip_train with its data wait ({args.workers} workers): {oc['with_data_samples_per_s']:.1f} "
-              f"samples/s ({100 * oc['data_wait_frac']:.0f}% waiting); its row above excludes the wait")
-    print(f"device: {peak_desc}; median step over steps {args.warmup + 1}..{args.steps}; batch {args.batch_size}; "
-          f"peak MB: {'max allocated' if cuda else 'process max RSS (cumulative)'}")
-    if device.type != "cuda":
-        print("* CPU: fp32, MFU against the measured fp32 matmul rate above, not a spec peak")
-    print()
-    print(f"loader (real MixedBatches, 1 process, 1 thread, {args.loader_size} px, 320x240 JPEGs): decode + augment + tokenize")
-    for r, s in loader.items():
-        print(f"  {RECIPES[r]:<34} {s['images_per_s_per_core']:>8.1f} images/s per core -> "
-              f"{s['cores_needed']:>6.1f} cores to feed {rows[r]['samples_per_s']:.0f} samples/s")
-    doc = {"benchmark": "bench_gpu", "device": str(device), "peak": peak_desc, "model": mjson.stem,
-           "args": vars(args), "rows": rows, "loader": loader, "torch": torch.__version__,
-           "load_average": os.getloadavg()[0]}
+    log(f"{device} ({peak_desc}); model {mjson.stem}, batch {args.batch_size}; torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs; "
+        f"compile={args.compile}, grad_checkpointing={args.grad_checkpointing}")
     out = Path(args.out) if args.out else cache / "gpu" / "results.json"
-    print(f"wrote {write_json(out, doc, default=str)}")
+    doc = {"benchmark": "bench_gpu", "device": str(device), "peak": peak_desc, "model": mjson.stem,
+           "args": vars(args), "torch": torch.__version__, "steps": {}, "loader": {}, "e2e": {}}
+
+    def save():
+        doc["load_average"] = os.getloadavg()[0]
+        write_json(out, doc, default=str)
+
+    hosts = {}
+    for r in rows:
+        if r == "open_clip":
+            continue
+        doc["steps"][r], hosts[r] = bench_vlp(r, recipe_config(r, mjson, args.batch_size, args.steps), device, args, peak)
+        log(f"vlp {r}: {doc['steps'][r]['samples_per_s']:.1f} samples/s, {doc['steps'][r]['gflop_per_step']:.1f} GFLOP/step")
+        save()
+    if "open_clip" in rows:
+        host = hosts.get("clip") or vlp_task("clip", recipe_config("clip", mjson, args.batch_size, args.steps),
+                                            torch.device("cpu"), args)[1]
+        doc["steps"]["open_clip"] = row = bench_open_clip(mjson, host, device, args, peak)
+        log(f"open_clip step (synchronized): {row['samples_per_s']:.1f} samples/s, {row['gflop_per_step']:.1f} GFLOP/step")
+        save()
+
+    if not args.no_loader and any(r in RECIPES for r in rows):
+        loader_shards = write_loader_shards(cache / "gpu" / "loader_shards", args.loader_images)
+        for r in (r for r in rows if r in RECIPES):
+            s = bench_loader(r, recipe_config(r, mjson, args.batch_size, args.steps), loader_shards,
+                             args.loader_size, args.loader_batches)
+            fed = doc["steps"][r]["samples_per_s"]
+            doc["loader"][r] = {**s, "fed_samples_per_s": fed, "cores_needed": fed / s["images_per_s_per_core"]}
+            save()
+
+    if e2e_names:
+        step_rows = dict(doc["steps"])
+        if args.steps_from:
+            step_rows = {**json.loads(Path(args.steps_from).read_text())["steps"], **step_rows}
+            doc["steps_from"] = args.steps_from
+        for name in e2e_names:  # FLOPs of a recipe no step row measured: counted here, on the device
+            recipe = E2E[name][0]
+            if recipe not in step_rows and recipe in RECIPES:
+                task, host = vlp_task(recipe, recipe_config(recipe, mjson, args.batch_size, 1), device, args)
+                from vlp.flops import count_training_flops
+
+                step_rows[recipe] = {"gflop_per_step": count_training_flops(task, host.to(device), steps=1) / 1e9,
+                                     "step_s": None}
+        if "open_clip" not in step_rows and "clip" in step_rows:  # the same count (tests/test_bench_gpu.py)
+            step_rows["open_clip"] = {**step_rows["clip"], "step_s": None}
+        train_root = ensure_cifar(cache / "cache")
+        if train_root is None:
+            log(f"end-to-end runs skipped: {DATA_TARBALL} not found")
+        else:
+            size = image_size_of(mjson)
+            shards = e2e_shards(train_root, cache / "gpu" / f"e2e-shards-{size}px-{args.e2e_images}",
+                                args.e2e_images, size)
+            doc.update(e2e_images=args.e2e_images, e2e_size=size)
+            runs = cache / "gpu" / "e2e-runs"
+            for name in e2e_names:
+                t0 = time.time()
+                if name == "open_clip_train":
+                    wds_dir = ensure_old_webdataset(cache / "cache" / f"webdataset-{OLD_WDS}")
+                    if wds_dir is None:
+                        log("open_clip_train skipped: no webdataset 0.2.86")
+                        continue
+                    extra = (("--grad-checkpointing",) if args.grad_checkpointing else ()) + \
+                        (("--torchcompile",) if args.compile else ())
+                    res = run_openclip(shards, runs / name, wds_dir, args, model_json=mjson,
+                                       precision="amp_bf16" if cuda else "fp32", workers=args.workers, extra=extra,
+                                       log_every=args.e2e_log_every, steps=args.e2e_steps)
+                else:
+                    res = run_vlp_e2e(E2E[name][0], mjson, shards, runs / name, device, args)
+                row = e2e_row(name, res, args, step_rows, peak)
+                if row is None:
+                    log(f"{name}: no timed window after warm-up")
+                    continue
+                doc["e2e"][name] = row
+                e2e_ratios(doc["e2e"])
+                log(f"{name}: {row['samples_per_s']:.1f} samples/s end to end, loader wait "
+                    f"{100 * row['loader_wait_frac']:.0f}% ({time.time() - t0:.0f} s)")
+                save()
+
+    print()
+    print(report([doc]))
+    save()
+    print(f"wrote {out}")
     return 0
 
 
