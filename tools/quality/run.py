@@ -223,8 +223,8 @@ def bench(p: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str] 
                 pending.insert(0, job)
             if not running:
                 raise RuntimeError(f"bench_quality: no job can start ({[j.name for j in pending]})")
-            finished, _ = wait(running, return_when=FIRST_COMPLETED)
-            for fut in finished:
+            completed, _ = wait(running, return_when=FIRST_COMPLETED)
+            for fut in completed:
                 job, tree = running.pop(fut)
                 train, ev = fut.result()
                 record = record_of(job, tree, train, ev)
