@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from vlp.config import DataConfig
 from vlp.data.format import KINDS, decode_image
 from vlp.data.batch import KIND_ID, Batch, StreamMeta, ViewGroup, merge_view_groups
+from vlp.data.device_decode import DevicePlanner, DeviceRow, PendingImages
 from vlp.data.sources import NoUsableData, Source, build_sources, stream_seed
 from vlp.data.transforms import decode_side
 
@@ -51,6 +52,10 @@ class MixedBatches(IterableDataset):
         # the short side JPEGs are decoded at: what the base transform and every view still need (None: whole)
         self.decode_side = decode_side([transform] + [t for g in self.view_groups for t in g.transforms]) \
             if cfg.draft_decode else None
+        # data.decode device: JPEG rows of kinds without views are only planned here (header, crop), decoded on the
+        # trainer's device (vlp.data.device_decode); the other rows take the CPU path below
+        self.planner = DevicePlanner.for_mixer(transform, self.view_groups) if cfg.decode == "device" else None
+        self._source_index = {id(s): n for n, s in enumerate(self.sources)}
         self.start_batch = 0  # global batches already consumed (set before iterating to resume)
         self.start_taken: dict[int, list[int]] = {}  # per stream: records consumed per kind (exact resume)
         if labels_as_text:
@@ -115,8 +120,12 @@ class MixedBatches(IterableDataset):
         images, texts, has_text = [], [], []
         views: dict[str, list[list[torch.Tensor]]] = {g.name: [[] for _ in g.transforms] for g in self.view_groups}
         for i, (kind, source, rec) in enumerate(rows):
-            image = self._decode(source, rec, kind, worker, rows, i)
-            images.append(self.transform(image))
+            image = self._decode(source, rec, kind, worker, rows, i,
+                                 self.planner is not None and kind not in self.planner.cpu_kinds)
+            if isinstance(image, DeviceRow):  # decoded on the trainer's device; no view group covers its kind
+                images.append((image, self._source_index[id(rows[i][1])], rows[i][2]["key"]))
+            else:
+                images.append(self.transform(image))
             for g in self.view_groups:  # every view of this row from the same decode
                 if kind in g.kinds:
                     for v, t in enumerate(g.transforms):
@@ -129,7 +138,7 @@ class MixedBatches(IterableDataset):
         tokens = self.tokenizer(texts)
         tokens[~torch.tensor(has_text)] = 0
         return Batch(
-            image=torch.stack(images),
+            image=PendingImages.pack(self.planner.recipe, images) if self.planner else torch.stack(images),
             text=tokens,
             has_text=torch.tensor(has_text),
             label=torch.tensor([r[2]["label"] for r in rows], dtype=torch.long),
@@ -139,11 +148,16 @@ class MixedBatches(IterableDataset):
             labels=padded_labels([r[2] for r in rows]),
         )
 
-    def _decode(self, source: Source, rec: dict, kind: str, worker: int, rows: list, i: int):
+    def _decode(self, source: Source, rec: dict, kind: str, worker: int, rows: list, i: int,
+                on_device: bool = False):
         """Decode a row's image; a corrupt one is counted and replaced by the next record of its kind (a source
-        whose images are all corrupt is an error after ``MAX_CORRUPT_IN_A_ROW``, not an endless loop)."""
+        whose images are all corrupt is an error after ``MAX_CORRUPT_IN_A_ROW``, not an endless loop).
+        ``on_device``: a JPEG the device decodes is only planned (a :class:`DeviceRow`)."""
         for _ in range(MAX_CORRUPT_IN_A_ROW):
             try:
+                planned = self.planner.plan(rec["image"]) if on_device else None
+                if planned is not None:
+                    return planned
                 return decode_image(rec["image"], self.decode_side)
             except Exception as exn:  # PIL raises many types for bad data
                 source.bad.add("corrupt image", f"{source.name}/{rec['key']}: {exn!r}"[:200])
