@@ -29,6 +29,7 @@ from accelerate.utils import DistributedType, set_seed
 from vlp import checkpoint as ckpt_io
 from vlp.checkpointer import Checkpointer, CheckpointWriteError
 from vlp.config import KINDS, Config, ConfigError, dump_config, load_config
+from vlp.data.device_decode import DeviceDecoder
 from vlp.data.mixing import POLL_S, MixedBatches, close_loader, make_loader
 from vlp.data.sources import NoUsableData, build_sources
 from vlp.data.transforms import eval_transform, resolve_templates, train_transform
@@ -78,6 +79,7 @@ class Trainer:
             cfg.data, train_transform(clip, cfg.data.scale, cfg.data.augment), self.tokenizer, cfg.seed, self.rank,
             self.world, self.templates, labels_as_text=self.task.labels_as_text, sources=self.sources,
             view_groups=self.task.view_groups)
+        self.device_decoder = DeviceDecoder([s.name for s in self.sources])  # data.decode: device
         self.eval_preprocess = eval_transform(clip)
 
         if self.fsdp:
@@ -210,6 +212,7 @@ class Trainer:
                     if item is None:
                         break
                     batch, meta = item
+                    batch = self.device_decoder(batch, meta, acc.device)  # data.decode device: the JPEGs decode here
                     self._track_stream(meta)
                     batches.append(batch.to(acc.device, non_blocking=True))
                 if len(batches) < tc.micro_batches:  # stopped while a stream stalls
