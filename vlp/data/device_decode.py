@@ -393,12 +393,14 @@ class DeviceDecoder:
         self.source_names = list(source_names)
         self.failed: dict[int, torch.Tensor] = {}  # worker -> cumulative count per source
         self.logged = 0
+        self.rows = 0  # rows decoded on the device so far
 
     def __call__(self, batch, meta, device):
         p = batch.image
         if not isinstance(p, PendingImages):
             return batch
         image, failed = decode_pending(p, device)
+        self.rows += len(p.device_rows) - len(failed)
         batch = dataclasses.replace(batch, image=image)
         if failed:
             counts = self.failed.setdefault(meta.worker, torch.zeros(len(meta.bad), dtype=torch.long))
