@@ -263,7 +263,7 @@ def test_config_error_lines_without_pydantic_noise():
 
 
 def test_progress_bar_shows_every_loss():
-    from vlp.train import bar_postfix
+    from vlp.train_log import bar_postfix
 
     m = {"loss/total": 1.5, "loss/contrastive": 1.0, "loss/mae": 0.25, "lr": 3e-4, "samples_per_s": 812.4,
          "grad_norm": 2.0}
