@@ -56,10 +56,10 @@ TAGS_KEY = "tags"
 REASONS = ("no image", "no caption", "caption not UTF-8", "bad caption json", "empty caption", "no label",
            "label not UTF-8", "unknown label", "label out of range", "corrupt image", "duplicate label")
 
-__all__ = ["KINDS", "Kind", "expand_shards", "check_shards", "is_local", "IMAGE_KEYS", "REASONS", "Rejected", "image_key", "parse_image", "parse_caption",
-           "parse_label", "parse_labels", "parse_sample", "infer_kind", "decode_image", "check_image", "find_sidecar",
-           "read_lines", "load_classnames", "read_classnames", "check_classnames", "ClassnamesError",
-           "MAX_ASPECT_RATIO", "ImageShapeError"]
+__all__ = ["KINDS", "Kind", "expand_shards", "check_shards", "is_local", "IMAGE_KEYS", "REASONS", "Rejected",
+           "image_key", "parse_image", "parse_caption", "parse_label", "parse_labels", "parse_sample", "infer_kind",
+           "decode_image", "to_rgb", "check_image", "find_sidecar", "read_lines", "load_classnames", "read_classnames",
+           "check_classnames", "ClassnamesError", "MAX_ASPECT_RATIO", "ImageShapeError"]
 
 
 @dataclass(frozen=True)
@@ -239,9 +239,9 @@ class ImageShapeError(ValueError):
 
 
 def decode_image(data: bytes, min_side: int | None = None):
-    """Decode image bytes fully to an RGB PIL image (raises on corrupt or truncated data). Transparency (RGBA, LA,
-    PA, palette transparency) is composited on white, as the shard writers do, not dropped (``convert("RGB")``
-    alone turns transparent pixels into whatever colour they store, often black).
+    """Decode image bytes fully to an RGB PIL image (raises on corrupt or truncated data). Transparency is composited
+    on white (:func:`to_rgb`), as the shard writers do, not dropped (``convert("RGB")`` alone turns transparent pixels
+    into whatever colour they store, often black).
 
     ``min_side``: a JPEG is decoded at the smallest of libjpeg's scales 1/2, 1/4, 1/8 (Pillow's ``draft``) that
     keeps both sides at least ``min_side`` (:func:`vlp.data.transforms.decode_side` says what the transforms need);
@@ -257,12 +257,19 @@ def decode_image(data: bytes, min_side: int | None = None):
         if min_side and img.format == "JPEG" and min(w, h) >= 2 * min_side:
             img.draft("RGB", (min_side, min_side))
         img.load()
-        if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (img.mode == "P" and "transparency" in img.info):
-            rgba = img.convert("RGBA")
-            out = Image.new("RGB", rgba.size, (255, 255, 255))
-            out.paste(rgba, mask=rgba.getchannel("A"))
-            return out
-        return img.convert("RGB")
+        return to_rgb(img)
+
+
+def to_rgb(img):
+    """An RGB copy of a PIL image, transparency (RGBA, LA, PA, palette transparency) composited on white."""
+    from PIL import Image
+
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        out = Image.new("RGB", rgba.size, (255, 255, 255))
+        out.paste(rgba, mask=rgba.getchannel("A"))
+        return out
+    return img.convert("RGB")
 
 
 def check_image(data: bytes, key: str = "image") -> Rejected | None:

@@ -23,56 +23,32 @@ def _print_written(result: dict) -> None:
             print(f"  ... and {result['num_skipped'] - 20} more")
 
 
+def _write_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The writers' shared keywords, from :func:`_add_write_options`' flags."""
+    return dict(prefix=args.prefix, maxcount=args.maxcount, shuffle_seed=args.seed, image_size=args.image_size,
+                resize_mode=args.resize_mode)
+
+
 def _cmd_folder(args: argparse.Namespace) -> int:
-    result = write_image_folder(
-        args.root, args.out, kind=args.kind, prefix=args.prefix, maxcount=args.maxcount, shuffle_seed=args.seed,
-        image_size=args.image_size, resize_mode=args.resize_mode,
-    )
-    _print_written(result)
+    _print_written(write_image_folder(args.root, args.out, kind=args.kind, **_write_options(args)))
     return 0
 
 
 def _cmd_captions(args: argparse.Namespace) -> int:
-    result = write_captions(
-        args.table,
-        args.out,
-        image_col=args.image_col,
-        caption_col=args.caption_col,
-        image_root=args.image_root,
-        prefix=args.prefix,
-        maxcount=args.maxcount,
-        shuffle_seed=args.seed,
-        image_size=args.image_size,
-        resize_mode=args.resize_mode,
-    )
-    _print_written(result)
+    _print_written(write_captions(args.table, args.out, image_col=args.image_col, caption_col=args.caption_col,
+                                  image_root=args.image_root, **_write_options(args)))
     return 0
 
 
 def _cmd_tags(args: argparse.Namespace) -> int:
-    result = write_tags(
-        args.list, args.out, classnames=args.classnames, image_root=args.image_root, prefix=args.prefix,
-        maxcount=args.maxcount, shuffle_seed=args.seed, image_size=args.image_size, resize_mode=args.resize_mode,
-    )
-    _print_written(result)
+    _print_written(write_tags(args.list, args.out, classnames=args.classnames, image_root=args.image_root,
+                              **_write_options(args)))
     return 0
 
 
 def _cmd_hf(args: argparse.Namespace) -> int:
-    result = write_hf_dataset(
-        args.dataset,
-        args.out,
-        image_col=args.image_col,
-        label_col=args.label_col,
-        caption_col=args.caption_col,
-        split=args.split,
-        prefix=args.prefix,
-        maxcount=args.maxcount,
-        shuffle_seed=args.seed,
-        image_size=args.image_size,
-        resize_mode=args.resize_mode,
-    )
-    _print_written(result)
+    _print_written(write_hf_dataset(args.dataset, args.out, image_col=args.image_col, label_col=args.label_col,
+                                    caption_col=args.caption_col, split=args.split, **_write_options(args)))
     return 0
 
 

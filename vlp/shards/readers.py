@@ -2,9 +2,9 @@
 (:func:`write_image_folder`), a tag list (:func:`write_tags`), a table of captions (:func:`write_captions`), a Hugging
 Face dataset (:func:`write_hf_dataset`).
 
-Each reads its input into ``(image, label, caption, source)`` records and writes them with :mod:`vlp.shards.write`
-(:class:`~vlp.shards.write.Collector`, :func:`~vlp.shards.write.write_samples`: the layout, the resize modes and the
-all-or-nothing swap described there); an input it cannot use is skipped and listed under ``skipped``.
+Each reads its input into ``(image, label, caption, source)`` records and writes them with
+:meth:`vlp.shards.write.Collector.write` (the layout, resize modes and all-or-nothing swap of :mod:`vlp.shards.write`);
+an input it cannot use is skipped and listed under ``skipped``.
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from vlp.data.format import IMAGE_KEYS, KINDS, check_classnames, read_classnames
-from vlp.shards.write import Collector, check_resize, write_samples
+from vlp.shards.write import Collector, check_resize
 
 IMAGE_EXTENSIONS = tuple(f".{k}" for k in IMAGE_KEYS)  # image files the folder writers pick up
 
@@ -80,9 +80,7 @@ def write_image_folder(
         random.Random(shuffle_seed).shuffle(items)
     collector = Collector(kind, check_resize(image_size, resize_mode))
     records = ((path, label, None, str(path)) for path, label in items)
-    shards = write_samples(collector.samples(records), out, prefix=prefix, maxcount=maxcount,
-                           sidecars=collector.sidecars(classnames))
-    return collector.result(out, shards, classnames)
+    return collector.write(records, out, prefix, maxcount, classnames)
 
 
 def read_tag_list(path: str | os.PathLike) -> list[tuple[str, list[str]]]:
@@ -148,9 +146,7 @@ def write_tags(
             else:
                 yield path, list(dict.fromkeys(index[t] for t in tags)), None, str(path)
 
-    shards = write_samples(collector.samples(records()), out_dir, prefix=prefix, maxcount=maxcount,
-                           sidecars=collector.sidecars(classnames))
-    return collector.result(Path(out_dir), shards, classnames)
+    return collector.write(records(), out_dir, prefix, maxcount, classnames)
 
 
 def read_table(table: Any, image_col: str = "image", caption_col: str = "caption"):
@@ -221,8 +217,7 @@ def write_captions(
                 continue
             yield path, None, str(caption), str(path)
 
-    shards = write_samples(collector.samples(records()), out_dir, prefix=prefix, maxcount=maxcount)
-    return collector.result(Path(out_dir), shards)
+    return collector.write(records(), out_dir, prefix, maxcount)
 
 
 def load_hf_dataset(dataset: Any, split: str | None = None):
@@ -339,6 +334,4 @@ def write_hf_dataset(
                 caption = str(caption)
             yield image, label, caption, source
 
-    shards = write_samples(collector.samples(records()), out_dir, prefix=prefix, maxcount=maxcount,
-                           sidecars=collector.sidecars(classnames))
-    return collector.result(Path(out_dir), shards, classnames)
+    return collector.write(records(), out_dir, prefix, maxcount, classnames)

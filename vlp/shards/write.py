@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 from vlp.data.format import (CLASS_COUNTS_FILE, CLASSNAMES_FILE, MAX_ASPECT_RATIO, SIZES_FILE, ImageShapeError,
-                             check_classnames)
+                             check_classnames, to_rgb)
 
 log = logging.getLogger(__name__)
 
@@ -121,15 +121,8 @@ def _check_shape(im: Any) -> None:
 
 
 def _flatten(im: Any) -> Any:
-    """RGB; an alpha channel (RGBA, LA, PA, palette transparency) is composited on white."""
-    from PIL import Image
-
-    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (im.mode == "P" and "transparency" in im.info):
-        im = im.convert("RGBA")
-        background = Image.new("RGB", im.size, (255, 255, 255))
-        background.paste(im, mask=im.getchannel("A"))
-        return background
-    return im if im.mode == "RGB" else im.convert("RGB")
+    """RGB: ``im`` itself if RGB, else :func:`vlp.data.format.to_rgb` (transparency composited on white)."""
+    return im if im.mode == "RGB" else to_rgb(im)
 
 
 def _pil_to_jpeg(im: Any) -> bytes:
@@ -307,6 +300,13 @@ class Collector:
         if self.kind != "labeled":
             return None
         return lambda: _class_files(classnames, self.class_counts)
+
+    def write(self, records: Iterable[tuple[Any, int | None, str | None, str]], out_dir: str | os.PathLike,
+              prefix: str, maxcount: int, classnames: list[str] | None = None) -> dict:
+        """:func:`write_samples` of ``records`` (labeled: with the class files), then :meth:`result`."""
+        shards = write_samples(self.samples(records), out_dir, prefix=prefix, maxcount=maxcount,
+                               sidecars=self.sidecars(classnames))
+        return self.result(Path(out_dir), shards, classnames)
 
     def result(self, out_dir: Path, shards: list[str], classnames: list[str] | None = None) -> dict:
         if self.skipped:
