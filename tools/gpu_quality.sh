@@ -16,30 +16,18 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 mode=${1:-run}
 shift || true
-WHEELS=(open_clip_torch==3.3.0 webdataset==1.0.2 braceexpand==0.1.7 pydantic==2.13.4 pydantic_core==2.46.4
-        annotated_types==0.7.0 typing_inspection==0.4.2 ftfy==6.3.1 wcwidth==0.7.0)
+source tools/device_env.sh  # the wheels, their download here and install there (shared with tools/gpu_bench.sh)
 
 case "$mode" in
 prepare)
-  grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude
-  rm -rf .whl && mkdir -p .whl .device-data
-  python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-    --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
-    --platform manylinux2014_x86_64 -d .whl "${WHEELS[@]}"
-  cp "${VLP_CIFAR_TARBALL:-../shared/data/cifar10-train.tar.gz}" .device-data/cifar10-train.tar.gz
-  du -sh .whl .device-data
+  device_prepare
   ;;
 run)
   OUT=${OUT:-bench_out/gpu-quality}
   mkdir -p "$OUT"
   OUT=$(cd "$OUT" && pwd)
   repo=$PWD
-  if ! python3 -c "import open_clip, webdataset, pydantic, ftfy" 2>/dev/null; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-  fi
-  export PYTHONPATH=$repo${PYTHONPATH:+:$PYTHONPATH} HF_HUB_OFFLINE=1
-  if [ -f .device-data/cifar10-train.tar.gz ]; then export VLP_CIFAR_TARBALL=${VLP_CIFAR_TARBALL:-$PWD/.device-data/cifar10-train.tar.gz}; fi
+  device_install
   work=${WORK:-/tmp/vlp-gpu-quality}
   (python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else '')"; nproc) > "$OUT/bench.log" 2>&1
   # 3 seeds for the headline pair (clip, mixed), 1 for supervised; both at lr 5e-4 (the sweeps' choice at 250 steps
