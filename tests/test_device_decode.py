@@ -4,7 +4,6 @@ the same bad-sample counts, exact resume, and real training runs. The device her
 ``decode_jpeg(device="cpu")``); on CUDA the same code runs nvJPEG."""
 import io
 import math
-import os
 from collections import Counter
 from pathlib import Path
 
@@ -429,23 +428,27 @@ def test_training_with_device_decode_resumes_exactly(demo_data, tmp_path):
     assert cpu["loss/total"] == pytest.approx(reference[1]["loss/total"], rel=0.02)
 
 
-if os.environ.get("VLP_DEVICE_DECODE_CUDA"):  # the GPU check (README): nvJPEG against Pillow, same boxes
-    def test_cuda_recipe_against_the_cpu_recipe(photos):
-        transform = oc_transform(scale=(0.08, 1.0))
-        recipe = DeviceRecipe.from_transform(transform)
-        torch.manual_seed(0)
-        worst_mean = worst_max = 0.0
-        for name, data in photos.items():
-            rows, expected = [], []
-            for k in range(24):
-                box = T.RandomResizedCrop.get_params(Image.open(io.BytesIO(data)), [0.08, 1.0], [3 / 4, 4 / 3])
-                rows.append(DeviceRow(data, *box, flip=bool(k % 2)))
-                expected.append(cpu_recipe(data, box, bool(k % 2), transform))
-            pending = PendingImages.pack(recipe, [(r, 0, "k") for r in rows])
-            got, failed = decode_pending(pending, "cuda")
-            diff = (got.cpu() - torch.stack(expected)).abs()
-            print(f"cuda {name:32s} mean {diff.mean():.5f} max {diff.max():.4f} ({diff.max() / LEVEL:.1f} levels)")
-            worst_mean, worst_max = max(worst_mean, float(diff.mean())), max(worst_max, float(diff.max()))
-            assert failed == []
-        print(f"cuda worst: mean {worst_mean:.5f} max {worst_max:.4f}")
-        assert worst_mean < 0.02
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (nvJPEG)")
+def test_cuda_recipe_against_the_cpu_recipe(photos):
+    """The GPU check: nvJPEG + the device recipe on CUDA against Pillow + open_clip's transform, the same boxes as the
+    CPU test; prints the figures the README quotes. nvJPEG's IDCT and chroma upsampling are not libjpeg's."""
+    transform = oc_transform(scale=(0.08, 1.0))
+    recipe = DeviceRecipe.from_transform(transform)
+    torch.manual_seed(0)
+    worst_mean = worst_max = 0.0
+    for name, data in photos.items():
+        rows, expected = [], []
+        for k in range(24):
+            box = T.RandomResizedCrop.get_params(Image.open(io.BytesIO(data)), [0.08, 1.0], [3 / 4, 4 / 3])
+            rows.append(DeviceRow(data, *box, flip=bool(k % 2)))
+            expected.append(cpu_recipe(data, box, bool(k % 2), transform))
+        pending = PendingImages.pack(recipe, [(r, 0, "k") for r in rows])
+        got, failed = decode_pending(pending, "cuda")
+        assert failed == [] and got.is_cuda
+        diff = (got.cpu() - torch.stack(expected)).abs()
+        q999 = float(torch.quantile(diff.flatten(), 0.999))
+        print(f"cuda {name:30s} mean {diff.mean():.5f} ({diff.mean() / LEVEL:.2f} levels)  99.9% {q999 / LEVEL:.1f}  "
+              f"max {diff.max() / LEVEL:.1f} levels")
+        worst_mean, worst_max = max(worst_mean, float(diff.mean())), max(worst_max, float(diff.max()))
+    print(f"cuda worst: mean {worst_mean:.5f}, max {worst_max:.4f} ({worst_max / LEVEL:.1f} levels)")
+    assert worst_mean < 0.02

@@ -33,13 +33,16 @@ MEAN = (0.48145466, 0.4578275, 0.40821073)
 STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-def timed(fn, n_images: int, repeats: int) -> list[float]:
-    fn()  # warm-up
-    out = []
+def timed(fns: dict, n_images: int, repeats: int) -> dict[str, list[float]]:
+    """images/s of each function, repeats interleaved (a load that comes and goes hits every row alike)."""
+    for fn in fns.values():
+        fn()  # warm-up
+    out: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        out.append(n_images / (time.perf_counter() - t0))
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            out[name].append(n_images / (time.perf_counter() - t0))
     return out
 
 
@@ -77,19 +80,19 @@ def bench_size(a, px: int, transform, tokenizer) -> dict:
         if a.device.startswith("cuda"):
             torch.cuda.synchronize()
 
-    rows = {"cpu full": timed(cpu(None), n, a.repeats), "cpu draft": timed(cpu(side), n, a.repeats),
-            "device: worker side": timed(worker_side, n, a.repeats),
-            f"device: device side ({a.device})": timed(device_side, n, a.repeats)}
-
     with tempfile.TemporaryDirectory() as tmp:  # the real mixer, one worker's work in this process
         write_samples(({"__key__": f"{i:05d}", "jpg": j, "txt": f"a photo of thing {i}"}
                        for i, j in enumerate(jpegs * 4)), Path(tmp), maxcount=64)
+        mixers = {}
         for decode in ("cpu", "device"):
             cfg = DataConfig.model_validate({"sources": [{"name": "p", "kind": "paired", "shards": f"{tmp}/*.tar"}],
                                              "batch": {"paired": a.batch}, "shuffle_buffer": 64, "decode": decode})
-            it = iter(make_loader(MixedBatches(cfg, transform, tokenizer, seed=0), 0))
-            rows[f"mixer {decode}"] = timed(lambda: [next(it) for _ in range(a.batches)], n, a.repeats)
-        decoder, (batch, meta) = DeviceDecoder(), next(it)
+            mixers[decode] = iter(make_loader(MixedBatches(cfg, transform, tokenizer, seed=0), 0))
+        rows = timed({"cpu full": cpu(None), "cpu draft": cpu(side), "device: worker side": worker_side,
+                      f"device: device side ({a.device})": device_side,
+                      "mixer cpu": lambda: [next(mixers["cpu"]) for _ in range(a.batches)],
+                      "mixer device": lambda: [next(mixers["device"]) for _ in range(a.batches)]}, n, a.repeats)
+        decoder, (batch, meta) = DeviceDecoder(), next(mixers["device"])
         assert decoder(batch, meta, a.device).image.shape == (a.batch, 3, a.image_size, a.image_size)
     return {"jpeg_px": px, "decode_side": side, "rows": {k: {"median": statistics.median(v), "runs": v}
                                                          for k, v in rows.items()}}

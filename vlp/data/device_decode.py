@@ -48,7 +48,7 @@ resizes in two 8-bit passes (rounded and clipped between them), the device in on
 pixels differ by 0.0018-0.0024 on average (0.12-0.16 of an 8-bit level), 99.9% of them by at most 2 levels and a
 few sharp-edge pixels by up to 11 (the test's bounds: mean < 0.01, max < 16 levels). nvJPEG's IDCT and chroma
 upsampling differ from libjpeg's by a few levels more: measured by that test's CUDA variant on a GPU
-(``VLP_DEVICE_DECODE_CUDA=1``).
+(it runs where CUDA is).
 """
 from __future__ import annotations
 
