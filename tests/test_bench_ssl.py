@@ -109,3 +109,35 @@ def test_set_overrides_one_methods_config_and_shows_in_the_table(tmp_path):
     for bad in ("swav", "mocov3:optim.lr=1", "random:optim.lr=1", "swav:optim.lr"):
         with pytest.raises(SystemExit, match="--set"):
             bench_ssl.parse_sets([bad], ["simclr", "swav", "random"])
+
+
+def test_a_swept_lr_is_chosen_on_validation_knn_never_on_test():
+    def run(val, test):
+        return {"eval": {"val": {"knn_top1/pooled": val}, "test": {"knn_top1/pooled": test}}}
+    lr, best = bench_ssl.choose_lr({1e-3: run(0.30, 0.50), 5e-4: run(0.35, 0.20), 2e-4: run(0.10, 0.60)})
+    assert lr == 5e-4 and best["eval"]["test"]["knn_top1/pooled"] == 0.20
+
+
+def test_table_gives_the_binomial_standard_error_of_each_top1():
+    assert bench_ssl.pct_se(0.3, 5000) == f"30.0 ± {100 * (0.3 * 0.7 / 5000) ** 0.5:.1f}" == "30.0 ± 0.6"
+    doc = {"reference": "simclr", "runs": {"simclr": {
+        "lr": 5e-4, "swept": [2e-4, 5e-4], "steps": 4, "steps_done": 4, "gflops_per_step": 10.0,
+        "eval": {"input": "lightness", "val": {"knn_top1/pooled": 0.31},
+                 "test": {"n": 5000, "knn_top1/pooled": 0.3, "linear_top1/pooled": 0.5}}}}}
+    row = bench_ssl.table(doc).splitlines()[2]
+    assert "| 0.0005 of 0.0002/0.0005 | 31.0 | 30.0 ± 0.6 | 50.0 ± 0.7 |" in row and "(lightness input)" in row
+
+
+def test_lightness_input_is_colorizations_student_input_before_normalization():
+    import torch
+    from PIL import Image
+    from torchvision import transforms
+
+    from vlp.objectives.colorization import lightness_image
+
+    preprocess = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.5,) * 3, (0.25,) * 3)])
+    image = Image.fromarray((torch.rand(8, 8, 3) * 255).to(torch.uint8).numpy())
+    grey = bench_ssl.lightness_preprocess(preprocess)(image)
+    expected = (lightness_image(transforms.ToTensor()(image)) - 0.5) / 0.25
+    assert torch.allclose(grey, expected, atol=1e-6)
+    assert torch.allclose(grey[0], grey[1], atol=1e-5) and torch.allclose(grey[1], grey[2], atol=1e-5)

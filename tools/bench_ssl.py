@@ -20,9 +20,14 @@ freezes keep their fraction of the run, the teacher's time constant 1 / (1 - tau
 vlp.train`` subprocess each (``--parallel N``: N at once), stopped (SIGTERM, checkpointed, marked cut short) past its
 share of ``--max-minutes``.
 
-Evaluation (bench_quality's: ``benchlib.evaluate.evaluate_run``, on ``pooled``, the ViT's pooled token before the
+Evaluation (bench_quality's: ``benchlib.evaluate.evaluate_clip``, on ``pooled``, the ViT's pooled token before the
 CLIP projection): kNN top-1 (k=20, T=0.07) and linear-probe top-1 (logistic regression on standardized features),
-both fit on the 10% labeled split (4,500 images) and measured on the 5,000 test images.
+both fit on the 10% labeled split (4,500 images) and measured on the 5,000 test images (± in the table: the binomial
+standard error); kNN also on ``--val`` images of the unlabeled pool (labels restored, as bench_quality's validation
+split), which alone choose the lr of a swept method (``--lrs``). A method whose student sees a transformed image is
+evaluated on that input too (``EVAL_INPUT``): colorization on the grey of each image's lightness, as Zhang et al.
+(2016, Sec. 3.2) evaluate their features on grayscale input; that input is its row's, colour is kept in the JSON, and
+the random-init row is evaluated on both.
 
 Output: one markdown table on stdout; ``bench_out/ssl/results.json`` (``--out``), written after every run.
 
@@ -31,6 +36,7 @@ Usage::
     python tools/bench_ssl.py                             # every method, 300 SimCLR steps at batch 64 (~75 min, 2 cores)
     python tools/bench_ssl.py --methods simclr,swav --budget 50
     python tools/bench_ssl.py --methods mocov3 --lr mocov3=1e-4 --out bench_out/ssl/mocov3-lr1e-4.json
+    python tools/bench_ssl.py --methods random,colorization --lrs colorization=2e-4/5e-4/1.5e-3   # best val kNN
     python tools/bench_ssl.py --methods swav --set swav:objectives.swav.projector_norm=layer --out bench_out/ssl/swav-ln.json
     python tools/bench_ssl.py --quick                       # smoke run: 6,000 images, batch 32, 6 steps
     python tools/bench_ssl.py --report-only bench_out/ssl/results.json
@@ -47,9 +53,9 @@ import time
 from pathlib import Path
 
 from benchlib import REPO
-from benchlib.cifar import DATA_TARBALL, prepare
+from benchlib.cifar import DATA_TARBALL, prepare, prepare_val
 from benchlib.cli import log, parse_list, write_json
-from benchlib.evaluate import evaluate_clip, evaluate_run
+from benchlib.evaluate import evaluate_clip
 from benchlib.train import adapt_tree, equal_flops_steps, job_tree, launch, measure_flops
 
 # method -> (config under configs/, paper); "random" has no config: the untrained model
@@ -69,6 +75,9 @@ METHODS = {
     "supervised": ("bench/quality-supervised.yaml", "cross-entropy on the labeled split"),
 }
 KEYS = ("knn_top1/pooled", "linear_top1/pooled")
+# methods whose student sees a transformed image, evaluated on that input too (the row's headline) beside colour:
+# colorization encodes the L channel (Zhang et al. 2016 evaluate their features on grayscale input, Sec. 3.2)
+EVAL_INPUT = {"colorization": "lightness"}
 
 
 def run_tree(method: str, shards: Path, batch: int, workers: int | None = None,
@@ -139,7 +148,30 @@ def config_cell(method: str, run: dict) -> str:
     return f"`configs/{METHODS[method][0]}`" + (f" +{sets}" if sets else "")
 
 
-def evaluate_random(model: str, shards: Path, seed: int) -> dict:
+def lightness_preprocess(preprocess):
+    """``preprocess`` with the image replaced by the neutral grey of its lightness (colorization's student input,
+    ``vlp.objectives.colorization.lightness_image``) before normalization."""
+    from torchvision import transforms
+
+    from vlp.objectives.colorization import lightness_image
+
+    steps = list(preprocess.transforms)
+    at = next(i for i, t in enumerate(steps) if isinstance(t, transforms.Normalize))
+    return transforms.Compose(steps[:at] + [transforms.Lambda(lightness_image)] + steps[at:])
+
+
+def evaluate(clip, tokenizer, preprocess, shards: Path, val: Path | None, inputs: tuple[str, ...]) -> dict:
+    """``evaluate_clip`` once per input: ``colour`` (the images as they are) and, where asked, ``lightness``;
+    ``{"test", "val"}`` are the first input's, every input's are under ``"inputs"``."""
+    t0 = time.time()
+    runs = {name: evaluate_clip(clip, tokenizer, lightness_preprocess(preprocess) if name == "lightness" else
+                                preprocess, shards, val) for name in inputs}
+    out = {**runs[inputs[0]], "input": inputs[0], "inputs": runs}
+    out["eval_s"] = round(time.time() - t0, 1)
+    return out
+
+
+def evaluate_random(model: str, shards: Path, val: Path | None, seed: int, inputs: tuple[str, ...]) -> dict:
     import torch
 
     from vlp.models.factory import create_clip, image_transforms
@@ -147,24 +179,33 @@ def evaluate_random(model: str, shards: Path, seed: int) -> dict:
     torch.manual_seed(seed)
     clip, _, tokenizer = create_clip(model, pretrained_text=False)
     clip.eval()
-    t0 = time.time()
-    out = evaluate_clip(clip, tokenizer, image_transforms(clip)[1], shards)
-    out["eval_s"] = round(time.time() - t0, 1)
-    return out
+    return evaluate(clip, tokenizer, image_transforms(clip)[1], shards, val, inputs)
 
 
-def run_all(methods: list[str], job, parallel: int = 1):
-    """``(method, job(i, method))`` for each method, in the order they finish: one at a time, or ``parallel`` at
+def evaluate_trained(run_dir: Path, shards: Path, val: Path | None, inputs: tuple[str, ...]) -> dict:
+    import torch
+
+    from vlp.models.factory import load_clip
+
+    torch.manual_seed(0)
+    clip, _, tokenizer, preprocess = load_clip(run_dir)
+    if torch.cuda.is_available():
+        clip = clip.cuda()
+    return evaluate(clip, tokenizer, preprocess, shards, val, inputs)
+
+
+def run_all(jobs: list, job, parallel: int = 1):
+    """``(item, job(i, item))`` for each item of ``jobs`` (a method, or a method and its lr), in the order they finish: one at a time, or ``parallel`` at
     once (threads, each waiting on its training subprocess: a tiny ViT leaves a GPU mostly idle, so several runs
     share it, and the CPU cores make their views)."""
     if parallel <= 1:
-        for i, m in enumerate(methods):
+        for i, m in enumerate(jobs):
             yield m, job(i, m)
         return
     from concurrent.futures import ThreadPoolExecutor, as_completed
 
     with ThreadPoolExecutor(parallel) as pool:
-        futures = {pool.submit(job, i, m): m for i, m in enumerate(methods)}
+        futures = {pool.submit(job, i, m): m for i, m in enumerate(jobs)}
         for f in as_completed(futures):
             yield futures[f], f.result()
 
@@ -188,22 +229,39 @@ def merge_results(docs: list[dict]) -> dict:
     return merged
 
 
+def pct_se(p: float, n: int | None) -> str:
+    """A top-1 as a percentage with its binomial standard error, ``100 sqrt(p (1 - p) / n)``."""
+    return f"{100 * p:.1f} ± {100 * (p * (1 - p) / n) ** 0.5:.1f}" if n else f"{100 * p:.1f}"
+
+
 def table(doc: dict) -> str:
+    """One row per method (a swept method: its lr of best validation kNN), ranked by test kNN; ± is the binomial
+    standard error over the test images."""
     ref = doc["reference"]
-    lines = ["| method | config | GFLOP/step | steps | total TFLOP | kNN top-1 | linear top-1 | train s |",
-             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| method | config | GFLOP/step | steps | total TFLOP | lr | val kNN | kNN top-1 | linear top-1 | train s |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     rows = sorted(doc["runs"].items(), key=lambda kv: -kv[1]["eval"]["test"][KEYS[0]] if "eval" in kv[1] else 1)
     for m, r in rows:
         if "eval" not in r:
             continue
-        t = r["eval"]["test"]
+        t, v = r["eval"]["test"], r["eval"].get("val")
+        n = t.get("n")
         gf = r.get("gflops_per_step")
         cut = f" of {r['steps']} (cut short)" if r.get("steps_done", 0) < r.get("steps", 0) else ""
-        cfg = config_cell(m, r)
+        cfg = config_cell(m, r) + (f" ({r['eval']['input']} input)" if r["eval"].get("input", "colour") != "colour"
+                                   else "")
+        lr = f"{r['lr']:g}" + (f" of {'/'.join(f'{x:g}' for x in r['swept'])}" if r.get("swept") else "") \
+            if r.get("lr") else "-"
         lines.append(f"| {m}{' (reference)' if m == ref else ''} | {cfg} | {f'{gf:.1f}' if gf is not None else '-'} | "
-                     f"{r.get('steps_done', 0)}{cut} | {gf * r['steps_done'] / 1e3 if gf else 0:.1f} | "
-                     f"{100 * t[KEYS[0]]:.1f} | {100 * t[KEYS[1]]:.1f} | {r.get('wall_s', 0):.0f} |")
+                     f"{r.get('steps_done', 0)}{cut} | {gf * r['steps_done'] / 1e3 if gf else 0:.1f} | {lr} | "
+                     f"{f'{100 * v[KEYS[0]]:.1f}' if v else '-'} | {pct_se(t[KEYS[0]], n)} | {pct_se(t[KEYS[1]], n)} | "
+                     f"{r.get('wall_s', 0):.0f} |")
     return "\n".join(lines)
+
+
+def choose_lr(entries: dict[float, dict]) -> tuple[float, dict]:
+    """The lr whose run has the best validation kNN (the test split chooses nothing)."""
+    return max(entries.items(), key=lambda kv: kv[1]["eval"]["val"][KEYS[0]])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -221,6 +279,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="DataLoader workers per run instead of the configs' (on a GPU the multi-crop views are the "
                         "bottleneck: give them the CPU cores)")
     p.add_argument("--lr", default="", help="METHOD=LR,...: these methods' lr instead of their config's")
+    p.add_argument("--lrs", default="", metavar="METHOD=LR/LR/...,...",
+                   help="sweep: train these methods at each lr; the row is the lr of best validation kNN (--val)")
+    p.add_argument("--val", type=int, default=2000,
+                   help="validation images (class-stratified, from the unlabeled pool, as bench_quality's): kNN on "
+                        "them chooses a swept lr; 0: none")
     p.add_argument("--set", action="append", default=[], metavar="METHOD:KEY=VALUE",
                    help="a dotted config override for one method, e.g. swav:objectives.swav.epsilon=0.05 "
                         "(repeatable; shown in the table's config column)")
@@ -249,8 +312,11 @@ def main(argv: list[str] | None = None) -> int:
     if unknown or args.reference == "random":
         raise SystemExit(f"unknown method(s) {unknown or ['random (as reference)']}; known: {', '.join(METHODS)}")
     lrs = {k: float(v) for k, v in (item.split("=", 1) for item in parse_list(args.lr))}
-    if set(lrs) - set(methods):
-        raise SystemExit(f"--lr names method(s) not run: {sorted(set(lrs) - set(methods))}")
+    sweeps = {k: [float(x) for x in v.split("/")] for k, v in (item.split("=", 1) for item in parse_list(args.lrs))}
+    if set(lrs) - set(methods) or set(sweeps) - set(methods) or set(lrs) & set(sweeps):
+        raise SystemExit(f"--lr / --lrs name method(s) not run, or both name one: {sorted(set(lrs) | set(sweeps))}")
+    if sweeps and not args.val:
+        raise SystemExit("--lrs chooses on the validation split: give --val > 0")
     sets = parse_sets(args.set, methods)
     if args.quick:
         args.budget, args.batch_size, args.flop_steps, args.split = min(args.budget, 6), 32, 1, "small"
@@ -264,6 +330,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench_ssl: {DATA_TARBALL} not found; skipping (nothing to benchmark).")
         return 0
     out_dir = cache / ("ssl-quick" if args.quick else "ssl")
+    val = None
+    if args.val:
+        val = shards.parent / "val"
+        if prepare_val(cache / "cache", val, info, min(args.val, 500) if small else args.val) is None:
+            val = None
     out_path = Path(args.out) if args.out else out_dir / "results.json"
     out_path.parent.mkdir(parents=True, exist_ok=True)
 
@@ -287,24 +358,30 @@ def main(argv: list[str] | None = None) -> int:
     plan = {m: equal_flops_steps(args.budget, ref_flops, configs[m]["gflops_per_step"]) for m in trained}
     log("plan: " + ", ".join(f"{m} {plan[m]} steps ({configs[m]['gflops_per_step']:.1f} GFLOP/step)" for m in trained))
 
-    def train_and_evaluate(m: str, limit: float | None) -> dict:
+    inputs = {m: ("colour",) if m not in EVAL_INPUT else (EVAL_INPUT[m], "colour") for m in methods}
+    inputs["random"] = tuple(dict.fromkeys(["colour"] + [i for m in methods for i in inputs[m]]))
+    jobs = [(m, lr) for m in methods for lr in sweeps.get(m, [None])]
+
+    def train_and_evaluate(job: tuple[str, float | None], limit: float | None) -> dict:
+        m, lr = job
         entry: dict = {"config": METHODS[m][0], "paper": METHODS[m][1], "overrides": sets.get(m, [])}
         if m == "random":
-            entry.update(steps_done=0, eval=evaluate_random(trees[args.reference]["model"]["name"], shards,
-                                                            args.seed))
+            entry.update(steps_done=0, eval=evaluate_random(trees[args.reference]["model"]["name"], shards, val,
+                                                            args.seed, inputs[m]))
             return entry
         steps = plan[m]
-        tree = job_tree(compress_schedule(trees[m], steps), out_dir / "runs" / m, steps,
-                        lrs.get(m, trees[m]["optim"]["lr"]), args.seed, log_every=max(1, steps // 10))
-        log(f"{m}: {steps} steps" + (f" (at most {limit:.0f} s)" if limit else ""))
-        res = launch(tree, out_dir / "runs" / m, limit)
+        run_dir = out_dir / "runs" / (m if lr is None else f"{m}-lr{lr:g}")
+        tree = job_tree(compress_schedule(trees[m], steps), run_dir, steps,
+                        lr or lrs.get(m, trees[m]["optim"]["lr"]), args.seed, log_every=max(1, steps // 10))
+        log(f"{m}: {steps} steps at lr {tree['optim']['lr']:g}" + (f" (at most {limit:.0f} s)" if limit else ""))
+        res = launch(tree, run_dir, limit)
         entry.update(steps=steps, steps_done=res["steps_done"], cut_short=res["cut_short"], wall_s=res["wall_s"],
                      gflops_per_step=configs[m]["gflops_per_step"], lr=tree["optim"]["lr"],
                      warmup=tree["optim"]["warmup_steps"], teacher_tau=(tree.get("teacher") or {}).get("tau"),
                      schedule={k: v for o in tree["objectives"].values() for k, v in (o or {}).items()
                                if k in STEP_KNOBS},
                      final_losses={k: v for k, v in res["last"].items() if k.startswith("loss/")})
-        entry["eval"] = evaluate_run(out_dir / "runs" / m, shards)
+        entry["eval"] = evaluate_trained(run_dir, shards, val, inputs[m])
         return entry
 
     def time_limit(i: int) -> float | None:
@@ -312,18 +389,25 @@ def main(argv: list[str] | None = None) -> int:
         if not args.max_minutes:
             return None
         left = args.max_minutes * 60 - (time.time() - t_start)
-        share = 1 if args.parallel > 1 else len([x for x in methods[i:] if x != "random"])
+        share = 1 if args.parallel > 1 else len([x for x, _ in jobs[i:] if x != "random"])
         return max(60.0, left / max(1, share) - 30)
 
-    def record(m: str, entry: dict) -> None:
-        t = entry["eval"]["test"]
-        log(f"{m}: kNN {100 * t[KEYS[0]]:.1f}, linear {100 * t[KEYS[1]]:.1f} (eval {entry['eval']['eval_s']} s)")
-        doc["runs"][m] = entry
+    def record(job: tuple[str, float | None], entry: dict) -> None:
+        m, lr = job
+        t, v = entry["eval"]["test"], entry["eval"].get("val")
+        log(f"{m}{f' lr {lr:g}' if lr else ''}: kNN {100 * t[KEYS[0]]:.1f}, linear {100 * t[KEYS[1]]:.1f}"
+            + (f", val kNN {100 * v[KEYS[0]]:.1f}" if v else "") + f" (eval {entry['eval']['eval_s']} s)")
+        if lr is None:
+            doc["runs"][m] = entry
+        else:  # the row: the lr of best validation kNN among those done
+            doc.setdefault("sweeps", {}).setdefault(m, {})[f"{lr:g}"] = entry
+            best = choose_lr(doc["sweeps"][m])[1]
+            doc["runs"][m] = {**best, "swept": sorted(float(x) for x in doc["sweeps"][m])}
         doc["total_minutes"] = round((time.time() - t_start) / 60, 1)
         write_json(out_path, doc)
 
-    for m, entry in run_all(methods, lambda i, m: train_and_evaluate(m, time_limit(i)), args.parallel):
-        record(m, entry)
+    for job, entry in run_all(jobs, lambda i, job: train_and_evaluate(job, time_limit(i)), args.parallel):
+        record(job, entry)
     print(table(doc))
     log(f"results: {out_path} ({doc['total_minutes']} min)")
     return 0
