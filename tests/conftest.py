@@ -60,10 +60,14 @@ def write_config(path: Path, cfg: dict) -> Path:
 
 def student(clip, model_cfg, num_classes: int = 0, use_mae: bool = True, **mae):
     """The student the trainer builds for CLIP (+ MAE) (+ supervised with ``num_classes``), from real objectives."""
-    from vlp.objectives import ContrastiveObjective, MAEObjective, SupervisedObjective
+    from vlp.objectives.base import BuildContext
+    from vlp.objectives.contrastive import ContrastiveObjective
+    from vlp.objectives.reconstruction import MAEObjective
+    from vlp.objectives.supervised import SupervisedObjective
     from vlp.task import build_student
 
     patch = clip.visual.patch_size[0] if hasattr(clip.visual, "patch_size") else None
-    objectives = [ContrastiveObjective()] + ([MAEObjective(patch, **mae)] if use_mae else []) + \
+    mae_objective = MAEObjective(MAEObjective.Config(**mae), BuildContext(cfg=None, patch=patch))
+    objectives = [ContrastiveObjective()] + ([mae_objective] if use_mae else []) + \
         ([SupervisedObjective()] if num_classes else [])
     return build_student(clip, model_cfg, objectives, num_classes=num_classes)

@@ -8,8 +8,7 @@ from torch import nn
 from conftest import run_config
 from test_pseudolabel import _batch  # the same 8-row mixed batch (two of each kind, four unlabeled)
 from vlp.config import ConfigError, config_from_dict
-from vlp.models.mae import random_masking
-from vlp.models.model import cls_attention
+from vlp.models.model import cls_attention, random_masking
 from vlp.task import PretrainTask, attention_noise
 
 CLASSES = ["cat", "dog", "ship"]

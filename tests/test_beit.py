@@ -13,8 +13,9 @@ from conftest import run_config
 from test_train import _metrics
 from vlp.config import ConfigError, config_from_dict
 from vlp.data.batch import Batch
-from vlp.models.mae import patchify
+from vlp.objectives.base import BuildContext
 from vlp.objectives.beit import BEiTObjective, assign, beit_loss, kmeans, patch_features
+from vlp.objectives.masked_decoder import patchify
 from vlp.task import PretrainTask
 from vlp.train import Trainer
 
@@ -82,7 +83,8 @@ def test_kmeans_is_deterministic_lowers_the_inertia_and_finds_separated_clusters
 
 def test_objective_fits_its_codebook_once_from_the_unmasked_images_and_scores_its_codes():
     g = torch.Generator().manual_seed(4)
-    obj = BEiTObjective(patch=4, codebook_size=8, kmeans_iters=5, seed=7)
+    obj = BEiTObjective(BEiTObjective.Config(codebook_size=8, kmeans_iters=5),
+                        BuildContext(cfg=None, patch=4, is_vit=True, seed=7))
     images = torch.randn(3, 3, 16, 16, generator=g)
     logits = torch.randn(3, 16, 8, generator=g)
     mask = (torch.rand(3, 16, generator=g) < 0.75).float()
@@ -90,7 +92,8 @@ def test_objective_fits_its_codebook_once_from_the_unmasked_images_and_scores_it
     assert obj.fitted == 1 and set(metrics) == {"acc", "codes_used"}
     x = patch_features(images, 4)
     # the codebook is k-means of the batch's normalized pixel patches (every patch, masked or not), seeded by the seed
-    again = BEiTObjective(patch=4, codebook_size=8, kmeans_iters=5, seed=7)
+    again = BEiTObjective(BEiTObjective.Config(codebook_size=8, kmeans_iters=5),
+                          BuildContext(cfg=None, patch=4, is_vit=True, seed=7))
     again.fit(x)
     assert torch.equal(again.codebook, obj.codebook)
     codes = torch.cdist(x.reshape(-1, 48).double(), obj.codebook.double()).argmin(1).reshape(3, 16)
@@ -106,12 +109,14 @@ def test_fit_uses_at_most_fit_patches_sampled_with_the_seed():
     from vlp.data.sources import stream_seed
 
     x = torch.randn(48, 12, generator=torch.Generator().manual_seed(6))
-    obj = BEiTObjective(patch=2, codebook_size=4, kmeans_iters=3, fit_patches=20, seed=9)
+    obj = BEiTObjective(BEiTObjective.Config(codebook_size=4, kmeans_iters=3, fit_patches=20),
+                        BuildContext(cfg=None, patch=2, is_vit=True, seed=9))
     obj.fit(x)
     pick = torch.randperm(48, generator=torch.Generator().manual_seed(stream_seed(9, "beit-fit-sample", 0)))[:20]
     want, _ = kmeans(x[pick], 4, 3, torch.Generator().manual_seed(stream_seed(9, "beit-codebook")))
     assert torch.equal(obj.codebook, want)
-    full = BEiTObjective(patch=2, codebook_size=4, kmeans_iters=3, seed=9)
+    full = BEiTObjective(BEiTObjective.Config(codebook_size=4, kmeans_iters=3),
+                         BuildContext(cfg=None, patch=2, is_vit=True, seed=9))
     full.fit(x)
     assert not torch.equal(full.codebook, obj.codebook)
 
@@ -119,11 +124,13 @@ def test_fit_uses_at_most_fit_patches_sampled_with_the_seed():
 def test_a_saved_codebook_is_used_as_is(tmp_path):
     book = torch.randn(5, 48)
     save_file({"beit.codebook": book}, str(tmp_path / "objectives.safetensors"))
-    obj = BEiTObjective(patch=4, codebook=str(tmp_path / "objectives.safetensors"))
+    obj = BEiTObjective(BEiTObjective.Config(codebook=str(tmp_path / "objectives.safetensors")),
+                        BuildContext(cfg=None, patch=4, is_vit=True))
     assert obj.fitted == 1 and torch.equal(obj.codebook, book)
     save_file({"codebook": torch.randn(5, 12)}, str(tmp_path / "small.safetensors"))
     with pytest.raises(ValueError, match=r"need \[K, 48\]"):
-        BEiTObjective(patch=4, codebook=str(tmp_path / "small.safetensors"))
+        BEiTObjective(BEiTObjective.Config(codebook=str(tmp_path / "small.safetensors")),
+                      BuildContext(cfg=None, patch=4, is_vit=True))
 
 
 def test_config_errors_name_the_key():
@@ -192,7 +199,8 @@ def _fit_on_rank(rank, path, halves):
     import torch.distributed as dist
 
     dist.init_process_group("gloo", init_method=f"file://{path}", rank=rank, world_size=2)
-    obj = BEiTObjective(patch=4, codebook_size=8, kmeans_iters=5, seed=3)
+    obj = BEiTObjective(BEiTObjective.Config(codebook_size=8, kmeans_iters=5),
+                        BuildContext(cfg=None, patch=4, is_vit=True, seed=3))
     obj.fit(halves[rank])
     torch.save(obj.state_dict(), f"{path}.rank{rank}")
     dist.destroy_process_group()
@@ -203,7 +211,8 @@ def test_two_ranks_fit_the_codebook_of_the_gathered_patches(tmp_path):
     of them."""
     x = torch.randn(2, 40, 48, generator=torch.Generator().manual_seed(5))
     torch.multiprocessing.spawn(_fit_on_rank, args=(str(tmp_path / "pg"), [x[0], x[1]]), nprocs=2)
-    single = BEiTObjective(patch=4, codebook_size=8, kmeans_iters=5, seed=3)
+    single = BEiTObjective(BEiTObjective.Config(codebook_size=8, kmeans_iters=5),
+                           BuildContext(cfg=None, patch=4, is_vit=True, seed=3))
     single.fit(x.reshape(-1, 48))
     for rank in range(2):
         state = torch.load(tmp_path / f"pg.rank{rank}")

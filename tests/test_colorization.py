@@ -96,10 +96,12 @@ def test_loss_is_the_papers_rebalanced_soft_encoded_cross_entropy():
     assert float((smooth * wq).sum()) == pytest.approx(1.0)
     assert obj.batches == 1 and set(metrics) == {"acc"}
     # lambda = 1: every weight is 1, the loss is the plain soft-encoded cross-entropy; rebalance off: the same
-    flat = ColorizationObjective(rebalance_lambda=1.0)({"colorization/logits": logits, "colorization/ab": ab}, None)[0]
+    flat_obj = ColorizationObjective(ColorizationObjective.Config(rebalance_lambda=1.0))
+    flat = flat_obj({"colorization/logits": logits, "colorization/ab": ab}, None)[0]
     assert flat.item() == pytest.approx(reference_loss(logits.numpy(), ab.numpy(), ab_bins("gamut").numpy(),
                                                        lam=1.0)[0], rel=1e-5)
-    off = ColorizationObjective(rebalance=False)({"colorization/logits": logits, "colorization/ab": ab}, None)[0]
+    off_obj = ColorizationObjective(ColorizationObjective.Config(rebalance=False))
+    off = off_obj({"colorization/logits": logits, "colorization/ab": ab}, None)[0]
     assert off.item() == pytest.approx(flat.item(), rel=1e-6)
 
 

@@ -13,7 +13,8 @@ from torch import nn
 from conftest import REPO
 from test_train import run_two_processes
 from vlp.objectives.base import BuildContext
-from vlp.objectives.dino import DINOObjective, koleo_loss, local_crop_size
+from vlp.objectives.dino import DINOObjective, koleo_loss
+from vlp.objectives.heads import local_crop_size
 
 sys.path.insert(0, str(REPO / "tests" / "scripts"))
 from ddp_grads_dino import STEP, build, global_batch, grads  # noqa: E402
@@ -84,8 +85,8 @@ def test_loss_and_center_equal_the_reference_dinoloss_through_the_temperature_wa
     K, B, V = 16, 5, 2 + n_local
     ref = DINOLoss(K, V, warmup_teacher_temp=0.02, teacher_temp=0.06, warmup_teacher_temp_epochs=3, nepochs=6,
                    student_temp=0.1, center_momentum=0.9)
-    obj = DINOObjective(out_dim=K, n_local=n_local, warmup_teacher_temp=0.02, teacher_temp=0.06,
-                        warmup_teacher_temp_steps=3, student_temp=0.1, center_momentum=0.9)
+    obj = DINOObjective(DINOObjective.Config(out_dim=K, n_local=n_local, warmup_teacher_temp=0.02, teacher_temp=0.06,
+                                             warmup_teacher_temp_steps=3, student_temp=0.1, center_momentum=0.9))
     g = torch.Generator().manual_seed(0)
     for step in range(6):
         s, t = 3 * torch.randn(V, B, K, generator=g), 3 * torch.randn(2, B, K, generator=g)
@@ -108,7 +109,7 @@ def test_loss_and_center_equal_lightly_dinoloss(n_local):
     K, B, V = 16, 5, 2 + n_local
     ref = lightly_loss.DINOLoss(output_dim=K, warmup_teacher_temp=0.04, teacher_temp=0.04,
                                 warmup_teacher_temp_epochs=0, student_temp=0.1, center_momentum=0.9)
-    obj = DINOObjective(out_dim=K, n_local=n_local, student_temp=0.1, center_momentum=0.9)
+    obj = DINOObjective(DINOObjective.Config(out_dim=K, n_local=n_local, student_temp=0.1, center_momentum=0.9))
     g = torch.Generator().manual_seed(4)
     for step in range(3):
         s, t = 3 * torch.randn(V, B, K, generator=g), 3 * torch.randn(2, B, K, generator=g)
@@ -172,8 +173,8 @@ def test_koleo_against_a_hand_computed_case_and_its_weight_in_the_loss():
     pooled = torch.randn(2, 5, 8, generator=g)
     outputs = {"dino/student": torch.randn(2, 5, 16, generator=g), "teacher/dino/logits": torch.randn(2, 5, 16),
                "teacher/dino/temp": 0.04, "dino/pooled": pooled}
-    base, _ = DINOObjective(out_dim=16, n_local=0)(outputs, None)
-    loss, metrics = DINOObjective(out_dim=16, n_local=0, koleo_weight=0.1)(outputs, None)
+    base, _ = DINOObjective(DINOObjective.Config(out_dim=16, n_local=0))(outputs, None)
+    loss, metrics = DINOObjective(DINOObjective.Config(out_dim=16, n_local=0, koleo_weight=0.1))(outputs, None)
     koleo = koleo_loss(pooled[0]) + koleo_loss(pooled[1])  # summed over the 2 global crops, as DINOv2
     assert torch.allclose(metrics["koleo"], koleo) and torch.allclose(loss, base + 0.1 * koleo, atol=1e-6)
 
@@ -202,7 +203,7 @@ def test_loss_is_computed_in_fp32_under_autocast():
     g = torch.Generator().manual_seed(0)
     outputs = {"dino/student": torch.randn(4, 5, 16, generator=g).bfloat16(), "teacher/dino/temp": 0.04,
                "teacher/dino/logits": torch.randn(2, 5, 16, generator=g).bfloat16()}
-    ref, _ = DINOObjective(out_dim=16, n_local=2)(outputs, None)
+    ref, _ = DINOObjective(DINOObjective.Config(out_dim=16, n_local=2))(outputs, None)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss, _ = DINOObjective(out_dim=16, n_local=2)(outputs, None)
+        loss, _ = DINOObjective(DINOObjective.Config(out_dim=16, n_local=2))(outputs, None)
     assert loss.dtype == torch.float32 and torch.equal(loss, ref)

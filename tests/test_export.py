@@ -620,7 +620,8 @@ def test_teacher_weights_old_ema_file_and_no_teacher(tmp_path, capsys):
 
 def test_card_asks_each_objective_for_its_settings(tmp_path, monkeypatch):
     from vlp.config import config_from_dict
-    from vlp.objectives import OBJECTIVES, Objective, SupervisedObjective
+    from vlp.objectives import OBJECTIVES, Objective
+    from vlp.objectives.supervised import SupervisedObjective
 
     cfg = config_from_dict(_run_config(tmp_path), check_files=False)
     assert ex.card_from_run(cfg)["objectives"] == {

@@ -32,7 +32,8 @@ def test_infonce_and_symmetric_loss_equal_the_official_code():
     q, k = torch.randn(2, 6, 16, generator=g), torch.randn(2, 6, 16, generator=g)
     for T in (0.1, 0.2, 1.0):
         assert torch.allclose(moco_infonce(q[0], k[1], T), official_contrastive_loss(q[0], k[1], T), atol=1e-6)
-    loss, metrics = MoCoV3Objective(temperature=0.2)({"mocov3/q": q, "teacher/mocov3/k": k}, None)
+    obj = MoCoV3Objective(MoCoV3Objective.Config(temperature=0.2))
+    loss, metrics = obj({"mocov3/q": q, "teacher/mocov3/k": k}, None)
     expected = official_contrastive_loss(q[0], k[1], 0.2) + official_contrastive_loss(q[1], k[0], 0.2)
     assert torch.allclose(loss, expected, atol=1e-6) and set(metrics) == {"cos"}
 

@@ -90,7 +90,7 @@ def test_softmax_loss_is_the_papers_cross_entropy_with_the_normalized_k_hot_targ
 
 
 def test_objective_reads_batch_labels_and_mean_average_precision_by_hand():
-    obj = MultiLabelObjective("softmax")
+    obj = MultiLabelObjective(MultiLabelObjective.Config(loss="softmax"))
 
     class B(dict):
         labels = torch.tensor([[0, 2], [1, -1], [-1, -1]])

@@ -10,8 +10,13 @@ import torch
 import torch.nn.functional as F
 from open_clip.loss import ClipLoss, SigLipLoss
 
-from vlp.models.mae import patchify, random_masking
-from vlp.objectives import ContrastiveObjective, MAEObjective, SupervisedObjective, UniCLLoss, combine, mae_loss
+from vlp.models.model import random_masking
+from vlp.objectives import combine
+from vlp.objectives.base import BuildContext
+from vlp.objectives.contrastive import ContrastiveObjective, UniCLLoss
+from vlp.objectives.masked_decoder import patchify
+from vlp.objectives.reconstruction import MAEObjective, mae_loss
+from vlp.objectives.supervised import SupervisedObjective
 
 
 def _features(n=6, d=8, seed=0):
@@ -25,7 +30,7 @@ def test_clip_objective_equals_open_clip_cliploss():
     img, txt = _features()
     scale = torch.tensor(10.0)
     batch = {"label": torch.full((6,), -1), "has_text": torch.ones(6, dtype=torch.bool)}
-    loss, metrics = ContrastiveObjective("clip")({"image_features": img, "text_features": txt, "logit_scale": scale},
+    loss, metrics = ContrastiveObjective()({"image_features": img, "text_features": txt, "logit_scale": scale},
                                                  batch)
     ref = ClipLoss()(img, txt, scale)
     assert torch.allclose(loss, ref, atol=1e-7)
@@ -40,7 +45,8 @@ def test_siglip_objective_equals_open_clip_sigliploss():
     img, txt = _features()
     scale, bias = torch.tensor(10.0), torch.tensor(-10.0)
     out = {"image_features": img, "text_features": txt, "logit_scale": scale, "logit_bias": bias}
-    loss, _ = ContrastiveObjective("siglip")(out, {"label": torch.full((6,), -1), "has_text": torch.ones(6, dtype=bool)})
+    siglip = ContrastiveObjective(ContrastiveObjective.Config(loss="siglip"))
+    loss, _ = siglip(out, {"label": torch.full((6,), -1), "has_text": torch.ones(6, dtype=bool)})
     assert torch.allclose(loss, SigLipLoss()(img, txt, scale, bias), atol=1e-7)
     # the sigmoid loss formula of Zhai et al. 2023: -sum log sigmoid(z_ij * (t x_i.y_j + b)) / n
     z = 2 * torch.eye(6) - 1
@@ -78,7 +84,7 @@ def test_unicl_objective_row_ids_keep_paired_rows_unique():
     # rows 0-2 paired (label -1), rows 3-4 labeled with the same class: only 3 and 4 are mutual positives
     batch = {"label": torch.tensor([-1, -1, -1, 7, 7]), "has_text": torch.ones(5, dtype=torch.bool)}
     out = {"image_features": img, "text_features": txt, "logit_scale": scale}
-    loss, _ = ContrastiveObjective("clip", labels_as_text=True)(out, batch)
+    loss, _ = ContrastiveObjective(ContrastiveObjective.Config(labels_as_text=True))(out, batch)
     expected = UniCLLoss()(img, txt, scale, torch.tensor([100, 101, 102, 7, 7]))
     assert torch.allclose(loss, expected, atol=1e-7)
 
@@ -110,7 +116,8 @@ def test_mae_loss_matches_paper_formula(norm_pix):
     _, mask, _ = random_masking(torch.rand(3, 16, generator=g), 0.75)
     got = mae_loss(pred, imgs, mask, p, norm_pix)
     assert abs(got.item() - _mae_reference(imgs, pred, mask, p, norm_pix)) < 1e-5
-    obj_loss, _ = MAEObjective(p, norm_pix)({"mae_pred": pred, "mae_mask": mask}, {"image": imgs})
+    mae = MAEObjective(MAEObjective.Config(norm_pix_loss=norm_pix), BuildContext(cfg=None, patch=p))
+    obj_loss, _ = mae({"mae_pred": pred, "mae_mask": mask}, {"image": imgs})
     assert torch.allclose(obj_loss, got)
 
 
@@ -145,7 +152,7 @@ def test_combine_weights_losses_and_names_metrics():
     logits = torch.tensor([[2.0, 0.0], [0.0, 1.0]])
     batch = {"label": torch.tensor([0, 1]), "image": torch.randn(2, 3, 8, 8)}
     pred, mask = torch.randn(2, 4, 48), torch.ones(2, 4)
-    objs = {"supervised": (SupervisedObjective(), 0.5), "mae": (MAEObjective(4), 2.0)}
+    objs = {"supervised": (SupervisedObjective(), 0.5), "mae": (MAEObjective(ctx=BuildContext(cfg=None, patch=4)), 2.0)}
     total, metrics = combine(objs, {"class_logits": logits, "mae_pred": pred, "mae_mask": mask}, batch)
     expected = 0.5 * F.cross_entropy(logits, batch["label"]) + 2.0 * mae_loss(pred, batch["image"], mask, 4)
     assert torch.allclose(total, expected)

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from vlp.config import config_from_dict
 from vlp.data.batch import Batch
-from vlp.models.mae import random_masking
+from vlp.models.model import random_masking
 from vlp.objectives.pseudolabel import fairness, flexmatch_thresholds, topk_per_class
 from vlp.task import PretrainTask
 

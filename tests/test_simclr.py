@@ -45,12 +45,12 @@ def test_nt_xent_equals_lightly_ntxentloss(temperature):
 def test_objective_reads_the_two_views_and_is_computed_in_fp32():
     g = torch.Generator().manual_seed(2)
     z = torch.randn(5, 2, 8, generator=g, requires_grad=True)  # [rows, views, dim]
-    loss, metrics = SimCLRObjective(temperature=0.3)({"simclr/z": z}, None)
+    loss, metrics = SimCLRObjective(SimCLRObjective.Config(temperature=0.3))({"simclr/z": z}, None)
     assert torch.allclose(loss, nt_xent(z[:, 0], z[:, 1], 0.3)) and set(metrics) == {"pos_cos"}
     loss.backward()
     assert z.grad[:, 0].abs().sum() > 0 and z.grad[:, 1].abs().sum() > 0  # both views get gradient (no stop-grad)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        low, _ = SimCLRObjective(temperature=0.3)({"simclr/z": z.detach().bfloat16()}, None)
+        low, _ = SimCLRObjective(SimCLRObjective.Config(temperature=0.3))({"simclr/z": z.detach().bfloat16()}, None)
     assert low.dtype == torch.float32
 
 

@@ -81,7 +81,7 @@ def test_loss_equals_the_official_loop(n_local):
     s = scores(2 + n_local)
     expected = official_loss(s.flatten(0, 1), 8, [2, n_local] if n_local else [2])
     assert torch.allclose(swav_loss(s, 0.1), expected, atol=1e-5)
-    loss, metrics = SwAVObjective(n_local=n_local)({"swav/scores": s}, None)
+    loss, metrics = SwAVObjective(SwAVObjective.Config(n_local=n_local))({"swav/scores": s}, None)
     assert torch.allclose(loss, expected, atol=1e-5) and set(metrics) == {"mean_entropy", "code_entropy"}
     q = official_sinkhorn(s[0].clone())  # the batch's codes: their mean entropy (ln K when uniform)
     assert torch.allclose(metrics["code_entropy"], -(q * q.log()).sum(1).mean(), atol=1e-5)
@@ -123,7 +123,7 @@ def test_queue_equals_the_official_loop_over_steps():
     """Queue of 16 rows per crop, batch 8, 2 global + 2 local crops: the first 2 steps fill it (codes from the batch
     alone), from step 3 its scores against the current prototypes join Sinkhorn; losses and queue contents equal the
     reference's at every step."""
-    obj = SwAVObjective(n_local=2, queue_length=16, proj_dim=6)
+    obj = SwAVObjective(SwAVObjective.Config(n_local=2, queue_length=16, proj_dim=6))
     ref_queue = torch.zeros(2, 16, 6)
     g = torch.Generator().manual_seed(5)
     losses = []

@@ -40,7 +40,8 @@ def build_context(model: VLPModel, cfg: Config | None = None, rank: int = 0, wor
     return BuildContext(cfg=cfg, rank=rank, world_size=world_size, width=model.width, embed_dim=embed_dim,
                         patch=model.patch, grid=tuple(v.grid_size) if model.is_vit else None, is_vit=model.is_vit,
                         image_size=size, mean=tuple(v.image_mean or ()), std=tuple(v.image_std or ()),
-                        classnames=classnames, num_classes=num_classes, tokenizer=tokenizer)
+                        classnames=classnames, num_classes=num_classes, tokenizer=tokenizer,
+                        seed=cfg.seed if cfg is not None else 0)
 
 
 def _fmt(values) -> str:
@@ -63,10 +64,20 @@ def dataset_size(cfg: Config) -> int | None:
 
 
 def add_heads(model: VLPModel, objectives: list[Objective], ctx: BuildContext) -> VLPModel:
-    """Every head the objectives declare, added to the student."""
+    """Every head the objectives declare (``head_names``), added to the student; then every head a teacher reads
+    (``teacher_heads``) must be one of them."""
     for obj in objectives:
-        for name, head in obj.heads(ctx).items():
+        heads = obj.heads(ctx)
+        if tuple(heads) != obj.head_names:
+            raise ValueError(f"objectives.{obj.name}: heads() built {tuple(heads)}, but head_names declares "
+                             f"{obj.head_names}")
+        for name, head in heads.items():
             model.add_head(name, head)
+    for obj in objectives:
+        missing = [h for h in obj.teacher_heads if h not in model.head_names]
+        if missing:
+            raise ValueError(f"objectives.{obj.name}: its teacher reads the head(s) {missing}, which no objective "
+                             f"of this run adds")
     return model
 
 

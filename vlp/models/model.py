@@ -23,7 +23,22 @@ from open_clip.transformer import VisionTransformer
 from torch import nn
 
 from vlp.config import ModelConfig
-from vlp.models.mae import random_masking
+
+
+def random_masking(noise: torch.Tensor, mask_ratio: float):
+    """Per-sample random subset of patches from uniform ``noise [B, N]`` (lowest noise kept, as in MAE).
+
+    Returns ``ids_keep [B, N_keep]``, ``mask [B, N]`` (1 = removed) and ``ids_restore [B, N]``.
+    """
+    B, N = noise.shape
+    keep = max(1, int(round(N * (1 - mask_ratio))))
+    ids_shuffle = torch.argsort(noise, dim=1)
+    ids_restore = torch.argsort(ids_shuffle, dim=1)
+    ids_keep = ids_shuffle[:, :keep]
+    mask = torch.ones(B, N, device=noise.device)
+    mask[:, :keep] = 0
+    mask = torch.gather(mask, 1, ids_restore)
+    return ids_keep, mask, ids_restore
 
 
 def interpolate_pos_embed(pos: torch.Tensor, grid: tuple[int, int], new_grid: tuple[int, int]) -> torch.Tensor:

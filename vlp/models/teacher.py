@@ -4,9 +4,11 @@ Chen et al. 2021; DINO, Caron et al. 2021), kept outside DDP/FSDP, always in eva
 After each optimizer step ``teacher = tau * teacher + (1 - tau) * student`` over the tracked parameters, with one
 ``torch._foreach_lerp_`` (as lightly's ``update_momentum``). ``tau`` follows solo-learn's ``MomentumUpdater``:
 ``tau_end - (tau_end - tau) * (cos(pi * step / total) + 1) / 2`` (cosine) or stays at ``tau`` (constant).
-Scope ``image`` tracks the image tower (with its projection) and the heads objectives name; ``all`` tracks every
-parameter (a plain EMA of the model, what ``optim.ema_decay`` asks for). ``state_dict_tracked`` is what a checkpoint
-saves (``teacher.safetensors``, student key names) and what ``vlp export --weights teacher`` ships.
+Scope ``image`` tracks the image tower (with its projection) and the heads objectives name (``teacher_heads``);
+``all`` tracks every parameter (a plain EMA of the model, what ``optim.ema_decay`` asks for). An objective reads the
+teacher's copy of a head through :meth:`MomentumTeacher.head`, which refuses a head the teacher does not track.
+``state_dict_tracked`` is what a checkpoint saves (``teacher.safetensors``, student key names) and what ``vlp export
+--weights teacher`` ships.
 
 Under FSDP the teacher stays a full, unsharded copy on every rank (built before the student is wrapped), and
 :meth:`update` reads the student's *full* parameters: the caller gathers them (``PretrainTask.after_optimizer_step``
@@ -42,6 +44,14 @@ class MomentumTeacher(nn.Module):
             self.tracked = [n for n, _ in student.named_parameters()]
         params = dict(self.model.named_parameters())
         self._params = [params[n] for n in self.tracked]
+
+    def head(self, name: str) -> nn.Module:
+        """The teacher's copy of the student's head ``name``: one it tracks (an objective's ``teacher_heads``, or
+        every head under scope ``all``); an untracked copy would keep its initial weights, so asking for one fails."""
+        if name not in self.model.head_names:
+            raise KeyError(f"the teacher does not track head {name!r} (it tracks {self.model.head_names}); "
+                           f"name it in the objective's teacher_heads")
+        return getattr(self.model, name)
 
     def train(self, mode: bool = True):
         return super().train(False)  # always in eval mode

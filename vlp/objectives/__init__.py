@@ -1,6 +1,7 @@
 """Training objectives, one file each, registered by name (``objectives.<name>`` in a run config).
 
-Every ``*.py`` file in this package is imported, so adding an objective is adding its file (see ``base.py``).
+Every ``*.py`` file in this package is imported, so adding an objective is adding its file (see ``base.py``); an
+objective is imported from its own module (``vlp.objectives.contrastive``...), not from here.
 """
 from __future__ import annotations
 
@@ -15,18 +16,13 @@ for _info in pkgutil.iter_modules(__path__):
     if _info.name != "base":
         importlib.import_module(f"{__name__}.{_info.name}")
 
-from vlp.objectives.contrastive import ContrastiveObjective, UniCLLoss  # noqa: E402
-from vlp.objectives.reconstruction import MAEObjective, mae_loss  # noqa: E402
-from vlp.objectives.supervised import SupervisedObjective  # noqa: E402
-
 __all__ = ["OBJECTIVES", "BuildContext", "Objective", "ObjectiveConfig", "ViewGroup", "register",
-           "build_objectives", "combine", "ContrastiveObjective", "UniCLLoss", "MAEObjective", "mae_loss",
-           "SupervisedObjective"]
+           "build_objectives", "combine"]
 
 
 def build_objectives(cfg, ctx: BuildContext) -> dict[str, tuple[Objective, float]]:
     """name -> (objective, weight) for every objective of the run config with a positive weight."""
-    return {name: (OBJECTIVES[name].from_config(o, ctx), o.weight)
+    return {name: (OBJECTIVES[name](o, ctx), o.weight)
             for name, o in cfg.objectives.items() if o.weight > 0}
 
 

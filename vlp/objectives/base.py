@@ -2,23 +2,26 @@
 
     @register("rotation")
     class RotationObjective(Objective):
-        class Config(ObjectiveConfig):          # validated under objectives.rotation (one-line errors)
-            label_smoothing: float = 0.0
-        kinds = ("unlabeled",)                  # rows it reads (the run config must give some)
+        class Config(RowsConfig):               # validated under objectives.rotation (one-line errors)
+            label_smoothing: float = 0.0        # RowsConfig adds kinds: the rows it reads (default unlabeled)
+        head_names = ("rotation_head",)
         def heads(self, ctx): ...               # modules added to the student (trained, in DDP)
         def view_groups(self, ctx): ...         # extra augmented views of its rows, decoded once per record
         def forward(self, outputs, batch): ...  # -> (loss, {metric: tensor})
 
-Everything else is optional: ``check`` (cross-key validation against the run config), ``uses_teacher`` and
-``teacher_heads`` (the momentum teacher tracks the image tower plus these heads), ``needs_text`` (the student
-computes text features), ``labels_as_text`` (labeled rows carry prompts), hooks ``after_backward`` /
-``after_optimizer_step`` (called with the unwrapped student), and ``card_settings`` (its line in the model card).
-An objective holds no trainable parameters of its own: those are heads, owned by the student, so DDP syncs them.
-State that must survive a resume (a DINO center, class-wise counters) lives in registered buffers; the task saves
-every objective's buffers in each checkpoint.
+Every objective is built the same way, ``Objective(cfg, ctx)``: its validated ``Config`` (kept as ``self.cfg``) and
+the :class:`BuildContext`; one whose state depends on them (buffers, a loss module) extends ``__init__`` with that
+signature. Everything else is optional: ``check`` (cross-key validation against the run config), ``uses_teacher``
+and ``teacher_heads`` (the momentum teacher tracks the image tower plus these heads; ``teacher.head(name)`` is the
+teacher's copy), ``needs_text`` (the student computes text features), ``labels_as_text`` (labeled rows carry
+prompts), hooks ``after_backward`` / ``after_optimizer_step`` (called with the unwrapped student), and
+``card_settings`` (its line in the model card). An objective holds no trainable parameters of its own: those are
+heads, owned by the student, so DDP syncs them. State that must survive a resume (a DINO center, class-wise
+counters) lives in registered buffers; the task saves every objective's buffers in each checkpoint.
 
-A head is an ``nn.Module`` whose ``forward(model, outputs, batch) -> dict`` runs inside the student's forward
-after the shared image pass (so DDP sees every parameter it uses) and adds named outputs for its objective.
+A head (``vlp.objectives.heads.Head``) is an ``nn.Module`` whose ``forward(model, outputs, batch) -> dict`` runs
+inside the student's forward after the shared image pass (so DDP sees every parameter it uses) and adds named outputs
+for its objective.
 """
 from __future__ import annotations
 
@@ -62,7 +65,7 @@ def register(name: str):
 class BuildContext:
     """What an objective may read when it builds its heads and views: the run config and the student's shape."""
 
-    cfg: Any                          # vlp.config.Config
+    cfg: Any = None                   # vlp.config.Config (None: a bare context, for tests)
     rank: int = 0
     world_size: int = 1
     width: int = 0                    # image tower's pooled feature width (pre-projection)
@@ -76,17 +79,18 @@ class BuildContext:
     classnames: list[str] | None = None  # the labeled sources' class names (one label space)
     num_classes: int = 0
     tokenizer: Any = None             # the text tower's tokenizer (open_clip's)
+    seed: int = 0                     # the run's seed (cfg.seed)
 
 
 class Objective(nn.Module):
     name: ClassVar[str] = ""
     Config: ClassVar[type[ObjectiveConfig]] = ObjectiveConfig
-    kinds: ClassVar[tuple[str, ...]] = ()       # rows it reads; empty = any rows
+    kinds: ClassVar[tuple[str, ...]] = ()       # rows it reads where its config does not choose them (cfg.kinds)
+    head_names: ClassVar[tuple[str, ...]] = ()  # the student attributes of the heads it adds (heads()' keys)
     needs_text: ClassVar[bool] = False
     labels_as_text: bool = False
     uses_teacher: ClassVar[bool] = False
-    teacher_heads: ClassVar[tuple[str, ...]] = ()
-    needs: ClassVar[tuple[str, ...]] = ()        # model outputs read (documentation and checks)
+    teacher_heads: ClassVar[tuple[str, ...]] = ()  # heads (its own or another's) the teacher tracks for it
     # outputs it reads over the whole accumulated batch under train.accum_freq (open_clip_train's --accum-freq):
     # those of the other micro-batches come from a no-grad pass; it then also reads the accumulated rows'
     # batch["label"], batch["has_text"], batch["kind"]. Empty: its loss is per micro-batch, averaged.
@@ -95,15 +99,16 @@ class Objective(nn.Module):
     # every rank saves its own (``objectives.rank<R>.safetensors``) and a resumed rank of the same world gets its own
     per_process_state: ClassVar[tuple[str, ...]] = ()
 
-    @classmethod
-    def from_config(cls, o: ObjectiveConfig, ctx: BuildContext) -> "Objective":
-        """Build from its validated config ``o`` (the default passes no arguments)."""
-        return cls()
+    def __init__(self, cfg: ObjectiveConfig | None = None, ctx: BuildContext | None = None):
+        """``cfg``: its validated config (default: every default), kept as ``self.cfg`` (its own copy); ``ctx``:
+        what it may read of the run (default: a bare context). A subclass with state extends this signature."""
+        super().__init__()
+        self.cfg = (cfg if cfg is not None else self.Config()).model_copy(deep=True)
 
     @classmethod
     def check(cls, o: ObjectiveConfig, cfg) -> None:
         """Cross-key checks against the run config, raising ``ValueError('objectives.<name>...: why')``. The
-        default: the step has rows of the kinds it reads (``o.kinds`` where its config chooses them)."""
+        default: the step has rows of the kinds it reads (``o.kinds`` where its config chooses them, else ``kinds``)."""
         b = cfg.data.batch
         if isinstance(o, RowsConfig):
             if not any(getattr(b, k) > 0 for k in o.kinds):
@@ -118,7 +123,7 @@ class Objective(nn.Module):
         return {"weight": o.weight, **o.model_dump(mode="json", exclude_defaults=True, exclude={"weight"})}
 
     def heads(self, ctx: BuildContext) -> dict[str, nn.Module]:
-        """Modules the student adds (attribute name -> head); trained with the student."""
+        """Modules the student adds (attribute name in ``head_names`` -> head); trained with the student."""
         return {}
 
     def view_groups(self, ctx: BuildContext) -> list["ViewGroup"]:

@@ -18,8 +18,8 @@ the run (``beit.codebook`` in ``objectives.safetensors``) and a resume keeps it 
 Departures: the k-means pixel-patch codebook instead of the DALL-E dVAE (coarser tokens: local intensity patterns,
 not a learned 8192-word vocabulary); the student's pass is vlp's shared masked pass (the encoder sees the visible
 patches only, with ``model.mask_ratio``'s random masking, not BEiT's blockwise 40% with mask tokens in the encoder),
-and a narrow decoder (MAE's, ``vlp.models.mae.MAEDecoder``, with mask tokens at the removed positions) predicts the
-``K`` logits of every position, as CAE / MAE with token targets do.
+and a narrow decoder (MAE's, ``vlp.objectives.masked_decoder.MAEDecoder``, with mask tokens at the removed
+positions) predicts the ``K`` logits of every position, as CAE / MAE with token targets do.
 """
 from __future__ import annotations
 
@@ -27,16 +27,16 @@ import logging
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from pydantic import Field
 from safetensors.torch import load_file
 from torch import nn
 
 from vlp.data.sources import stream_seed
-from vlp.models.heads import Head
-from vlp.models.mae import MAEDecoder, patchify, visible_layout
-from vlp.objectives.base import Objective, ObjectiveConfig, register
+from vlp.objectives.base import BuildContext, Objective, ObjectiveConfig, register
+from vlp.objectives.gather import broadcast, gather_nograd, rank_and_world
+from vlp.objectives.heads import Head
+from vlp.objectives.masked_decoder import MAEDecoder, patchify, visible_layout
 
 log = logging.getLogger("vlp.objectives.beit")
 
@@ -126,42 +126,39 @@ class BEiTObjective(Objective):
         decoder_depth: int = Field(2, gt=0)        # its transformer blocks
         decoder_heads: int = Field(4, gt=0)        # their attention heads
 
-    needs = ("beit/logits", "beit/mask")
+    head_names = ("beit_decoder",)
 
-    def __init__(self, patch: int, codebook_size: int = 512, codebook: str | None = None, kmeans_iters: int = 20,
-                 fit_patches: int = 65536, decoder_width: int = 128, decoder_depth: int = 2, decoder_heads: int = 4,
-                 seed: int = 0, channels: int = 3):
-        super().__init__()
-        self.patch, self.seed = patch, seed
-        self.kmeans_iters, self.fit_patches = kmeans_iters, fit_patches
-        self.decoder = (decoder_width, decoder_depth, decoder_heads)
-        dim = patch * patch * channels
-        saved = read_codebook(codebook) if codebook else None
-        if saved is not None and (saved.ndim != 2 or saved.shape[1] != dim):
-            raise ValueError(f"objectives.beit.codebook: {codebook} is {tuple(saved.shape)}, this model's patches "
-                             f"need [K, {dim}] ({patch}x{patch}x{channels})")
-        k = saved.shape[0] if saved is not None else codebook_size
-        self.register_buffer("codebook", saved.clone() if saved is not None else torch.zeros(k, dim))
-        self.register_buffer("fitted", torch.tensor(float(saved is not None)))
-
-    @classmethod
-    def from_config(cls, o, ctx):
+    def __init__(self, cfg=None, ctx=None):
+        super().__init__(cfg, ctx)
+        c, ctx = self.cfg, ctx or BuildContext()
         if not ctx.is_vit:
             raise ValueError("objectives.beit: the image tower is not a ViT; BEiT predicts a code per patch token "
                              "(use an open_clip ViT config or drop the beit objective)")
-        k = o.codebook_size  # the default is capped to the patches of the first step; a value set is not
-        if ctx.cfg is not None and o.codebook is None:
+        self.patch, self.seed, channels = ctx.patch, ctx.seed, 3
+        dim = self.patch * self.patch * channels
+        saved = read_codebook(c.codebook) if c.codebook else None
+        if saved is not None and (saved.ndim != 2 or saved.shape[1] != dim):
+            raise ValueError(f"objectives.beit.codebook: {c.codebook} is {tuple(saved.shape)}, this model's patches "
+                             f"need [K, {dim}] ({self.patch}x{self.patch}x{channels})")
+        k = saved.shape[0] if saved is not None else self.codebook_words(c, ctx)
+        self.register_buffer("codebook", saved.clone() if saved is not None else torch.zeros(k, dim))
+        self.register_buffer("fitted", torch.tensor(float(saved is not None)))
+
+    @staticmethod
+    def codebook_words(c, ctx) -> int:
+        """``codebook_size``; the default is capped to the patches of the first step, a value set is not."""
+        k = c.codebook_size
+        if ctx.cfg is not None:
             local = ctx.cfg.data.batch.total * ctx.grid[0] * ctx.grid[1]
-            available = min(local, max(1, o.fit_patches // ctx.world_size)) * ctx.world_size
+            available = min(local, max(1, c.fit_patches // ctx.world_size)) * ctx.world_size
             if available < k:
-                if "codebook_size" in o.model_fields_set:
+                if "codebook_size" in c.model_fields_set:
                     raise ValueError(f"objectives.beit.codebook_size: {k} centroids, but the first step fits them "
                                      f"on {available} patches; lower it or raise the batch (or fit_patches)")
                 log.warning("objectives.beit: the first step holds %d patches, fewer than the default codebook_size "
                             "%d: the codebook has %d words", available, k, available)
                 k = available
-        return cls(ctx.patch, k, o.codebook, o.kmeans_iters, o.fit_patches, o.decoder_width,
-                   o.decoder_depth, o.decoder_heads, seed=ctx.cfg.seed if ctx.cfg is not None else 0)
+        return k
 
     @classmethod
     def check(cls, o, cfg):
@@ -179,9 +176,9 @@ class BEiTObjective(Objective):
                 "decoder": f"{o.decoder_depth} layers x {o.decoder_width}"}
 
     def heads(self, ctx):
-        width, depth, n_heads = self.decoder
-        return {"beit_decoder": BEiTHead(ctx.width, ctx.grid, ctx.patch, self.codebook.shape[0], width, depth,
-                                         n_heads)}
+        c = self.cfg
+        return {"beit_decoder": BEiTHead(ctx.width, ctx.grid, ctx.patch, self.codebook.shape[0], c.decoder_width,
+                                         c.decoder_depth, c.decoder_heads)}
 
     @torch.no_grad()
     def fit(self, patches: torch.Tensor) -> list[float]:
@@ -189,23 +186,15 @@ class BEiTObjective(Objective):
         with a generator seeded by (seed, rank)) gathered from every rank; rank 0's result is broadcast. Returns the
         k-means inertia curve."""
         x = patches.reshape(-1, patches.shape[-1]).float()
-        distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-        world, rank = (dist.get_world_size(), dist.get_rank()) if distributed else (1, 0)
-        per_rank = max(1, self.fit_patches // world)  # each rank's share, sampled before the gather
+        rank, world = rank_and_world()
+        per_rank = max(1, self.cfg.fit_patches // world)  # each rank's share, sampled before the gather
         if x.shape[0] > per_rank:
             pick = torch.Generator().manual_seed(stream_seed(self.seed, "beit-fit-sample", rank))
             x = x[torch.randperm(x.shape[0], generator=pick)[:per_rank].to(x.device)]
-        x = x.contiguous()
-        if distributed:
-            parts = [torch.empty_like(x) for _ in range(world)]
-            dist.all_gather(parts, x)
-            x = torch.cat(parts)
+        x = gather_nograd(x)
         g = torch.Generator().manual_seed(stream_seed(self.seed, "beit-codebook"))
-        centroids, inertia = kmeans(x, self.codebook.shape[0], self.kmeans_iters, g)
-        centroids = centroids.to(self.codebook.device)
-        if distributed:
-            dist.broadcast(centroids, 0)
-        self.codebook.copy_(centroids)
+        centroids, inertia = kmeans(x, self.codebook.shape[0], self.cfg.kmeans_iters, g)
+        self.codebook.copy_(broadcast(centroids.to(self.codebook.device), 0))
         self.fitted.fill_(1)
         return inertia
 

@@ -9,20 +9,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from pydantic import Field
-from torch import nn
 
 from vlp.data.views import view_transform
-from vlp.models.heads import Head
 from vlp.objectives.base import Objective, RowsConfig, ViewGroup, register
-from vlp.objectives.gather import GlobalBatchNorm1d
-
-
-def mlp(dim_in: int, hidden: int, dim_out: int, norm: str = "layer") -> nn.Sequential:
-    """Linear, norm, GELU, Linear; ``norm`` "layer" (LayerNorm) or "batch" (BatchNorm over the global batch, after
-    a bias-free Linear: BatchNorm removes any bias, as MoCo v3's ``_build_mlp``)."""
-    norm_layer = {"layer": nn.LayerNorm, "batch": GlobalBatchNorm1d}[norm](hidden)
-    return nn.Sequential(nn.Linear(dim_in, hidden, bias=norm != "batch"), norm_layer, nn.GELU(),
-                         nn.Linear(hidden, dim_out))
+from vlp.objectives.heads import Head, mlp
 
 
 def byol_loss(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
@@ -52,29 +42,19 @@ class BYOLObjective(Objective):
         crop_scale: tuple[float, float] = (0.2, 1.0)
 
     uses_teacher = True
-    teacher_heads = ("byol_head",)
-    needs = ("byol/p", "teacher/byol/z")
-
-    def __init__(self, kinds=("unlabeled",), hidden_dim: int = 1024, proj_dim: int = 256,
-                 crop_scale=(0.2, 1.0)):
-        super().__init__()
-        self.row_kinds, self.hidden, self.dim, self.crop_scale = tuple(kinds), hidden_dim, proj_dim, tuple(crop_scale)
-
-    @classmethod
-    def from_config(cls, o, ctx):
-        return cls(o.kinds, o.hidden_dim, o.proj_dim, o.crop_scale)
+    head_names = teacher_heads = ("byol_head",)
 
     def heads(self, ctx):
-        return {"byol_head": BYOLHead(ctx.width, self.hidden, self.dim)}
+        return {"byol_head": BYOLHead(ctx.width, self.cfg.hidden_dim, self.cfg.proj_dim)}
 
     def view_groups(self, ctx):
-        t = view_transform("strong", ctx.image_size, ctx.mean, ctx.std, scale=self.crop_scale)
-        return [ViewGroup("byol", self.row_kinds, (t, t), recipe=f"strong{self.crop_scale}")]
+        c = self.cfg
+        t = view_transform("strong", ctx.image_size, ctx.mean, ctx.std, scale=c.crop_scale)
+        return [ViewGroup("byol", tuple(c.kinds), (t, t), recipe=f"strong{c.crop_scale}")]
 
     def teacher_forward(self, teacher, batch, step):
         views = batch.views["byol"]
-        t = teacher.model
-        z = t.byol_head.projector(t.encode_pooled(views.flatten(0, 1)))
+        z = teacher.head("byol_head").projector(teacher.model.encode_pooled(views.flatten(0, 1)))
         return {"teacher/byol/z": z.unflatten(0, views.shape[:2])}
 
     def forward(self, outputs, batch):

@@ -29,14 +29,14 @@ from typing import Literal
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
 from vlp.data.views import view_transform
-from vlp.models.heads import Head
 from vlp.objectives.base import Objective, RowsConfig, ViewGroup, register
+from vlp.objectives.gather import all_reduce_sum
+from vlp.objectives.heads import Head
 
 GRID_STEP = 10.0     # ab bin width (the paper's)
 GRID_LIMIT = 110.0   # the grid's centers span [-110, 110] on a and b
@@ -182,20 +182,15 @@ class ColorizationObjective(Objective):
         hidden_dim: int = Field(256, ge=0)         # head MLP width (0: linear)
         crop_scale: tuple[float, float] = (0.5, 1.0)
 
-    needs = ("colorization/logits", "colorization/ab")
+    head_names = ("colorization_head",)
 
-    def __init__(self, **settings):
-        super().__init__()
-        self.cfg = self.Config(**settings)
+    def __init__(self, cfg=None, ctx=None):
+        super().__init__(cfg, ctx)
         centers = ab_bins(self.cfg.bins)
         self.register_buffer("centers", centers.clone(), persistent=False)
         # running mean of the batches' nearest-bin histograms (the empirical p), and how many batches it holds
         self.register_buffer("bin_freq", torch.zeros(centers.shape[0]))
         self.register_buffer("batches", torch.zeros(()))
-
-    @classmethod
-    def from_config(cls, o, ctx):
-        return cls(**o.model_dump(exclude={"weight"}))
 
     @staticmethod
     def stride_for(c, ctx) -> int:
@@ -218,9 +213,7 @@ class ColorizationObjective(Objective):
     @torch.no_grad()
     def update_prior(self, nearest: torch.Tensor) -> None:
         """Adds this batch's histogram of nearest bins (every rank's pixels) to the running mean ``bin_freq``."""
-        counts = torch.bincount(nearest.flatten(), minlength=self.centers.shape[0]).float()
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(counts)
+        counts = all_reduce_sum(torch.bincount(nearest.flatten(), minlength=self.centers.shape[0]).float())
         self.batches += 1
         self.bin_freq += (counts / counts.sum() - self.bin_freq) / self.batches
 

@@ -25,8 +25,8 @@ from pydantic import Field
 from torch import nn
 
 from vlp.data.views import view_transform
-from vlp.models.heads import Head
 from vlp.objectives.base import Objective, RowsConfig, ViewGroup, register
+from vlp.objectives.heads import Head
 
 GRID = 3
 CENTER = (1, 1)
@@ -113,17 +113,7 @@ class ContextObjective(Objective):
         color_drop: bool = False                    # keep one random channel per patch, noise in the others
         color_drop_noise: float = Field(0.01, ge=0)  # the noise's std over the kept channel's (the paper's 1/100)
 
-    needs = ("context/logits", "context/target")
-
-    def __init__(self, **settings):
-        super().__init__()
-        self.cfg = self.Config(**settings)
-
-    @classmethod
-    def from_config(cls, o, ctx):
-        settings = o.model_dump(exclude={"weight"})
-        settings["patch_size"], settings["gap"], settings["jitter"] = context_geometry(o, ctx)
-        return cls(**settings)
+    head_names = ("context_head",)
 
     def heads(self, ctx):
         c = self.cfg

@@ -16,13 +16,8 @@ import torch.nn.functional as F
 from open_clip.loss import ClipLoss, SigLipLoss
 from pydantic import Field
 
-from vlp.objectives.base import Objective, ObjectiveConfig, register
-
-
-def _all_gather_nograd(t: torch.Tensor, world_size: int) -> torch.Tensor:
-    parts = [torch.empty_like(t) for _ in range(world_size)]
-    torch.distributed.all_gather(parts, t)
-    return torch.cat(parts)
+from vlp.objectives.base import BuildContext, Objective, ObjectiveConfig, register
+from vlp.objectives.gather import gather_nograd
 
 
 class UniCLLoss(ClipLoss):
@@ -36,7 +31,7 @@ class UniCLLoss(ClipLoss):
         if self.world_size > 1:
             if self.local_loss:
                 raise ValueError("UniCL needs the full gathered logits (local_loss=False)")
-            labels = _all_gather_nograd(labels, self.world_size)
+            labels = gather_nograd(labels)
         targets = (labels[:, None] == labels[None, :]).to(logits_per_image.dtype)
         targets = targets / targets.sum(dim=1, keepdim=True)
         loss_i = -(targets * F.log_softmax(logits_per_image, dim=1)).sum(dim=1).mean()
@@ -65,31 +60,26 @@ class ContrastiveObjective(Objective):
         mask_ratio: float | None = Field(None, ge=0.0, lt=1.0)
         unmasked_tail_steps: int = Field(0, ge=0)  # FLIP's unmasked tuning: the last N steps unmasked
 
-    needs = ("image_features", "text_features", "logit_scale")
     accumulates = ("image_features", "text_features")
     needs_text = True
 
-    def __init__(self, loss: str = "clip", labels_as_text: bool = False, rank: int = 0, world_size: int = 1,
-                 mask_ratio: float | None = None, unmasked_tail_steps: int = 0, total_steps: int = 0):
-        super().__init__()
-        self.mask_ratio, self.tail_from = mask_ratio, total_steps - unmasked_tail_steps if unmasked_tail_steps else None
-        self.labels_as_text = labels_as_text
-        self.kind = "siglip" if loss == "siglip" else ("unicl" if labels_as_text else "clip")
-        if loss == "siglip" and labels_as_text:
+    def __init__(self, cfg=None, ctx=None):
+        super().__init__(cfg, ctx)
+        c, ctx = self.cfg, ctx or BuildContext()
+        steps = ctx.cfg.train.steps if ctx.cfg is not None else 0
+        self.tail_from = steps - c.unmasked_tail_steps if c.unmasked_tail_steps else None
+        self.labels_as_text = c.labels_as_text
+        self.kind = "siglip" if c.loss == "siglip" else ("unicl" if c.labels_as_text else "clip")
+        if c.loss == "siglip" and c.labels_as_text:
             raise ValueError("objectives.contrastive: labels_as_text is implemented for loss: clip only")
-        self.rank = rank
+        self.rank = ctx.rank
         if self.kind == "siglip":
-            self.loss = SigLipLoss(rank=rank, world_size=world_size)
+            self.loss = SigLipLoss(rank=ctx.rank, world_size=ctx.world_size)
         elif self.kind == "unicl":
-            self.loss = UniCLLoss(gather_with_grad=True, rank=rank, world_size=world_size)
+            self.loss = UniCLLoss(gather_with_grad=True, rank=ctx.rank, world_size=ctx.world_size)
         else:
             # gather_with_grad: gradients equal those of one process with the whole global batch.
-            self.loss = ClipLoss(gather_with_grad=True, rank=rank, world_size=world_size)
-
-    @classmethod
-    def from_config(cls, o, ctx):
-        steps = ctx.cfg.train.steps if ctx.cfg is not None else 0
-        return cls(o.loss, o.labels_as_text, ctx.rank, ctx.world_size, o.mask_ratio, o.unmasked_tail_steps, steps)
+            self.loss = ClipLoss(gather_with_grad=True, rank=ctx.rank, world_size=ctx.world_size)
 
     @classmethod
     def check(cls, o, cfg):
@@ -112,7 +102,7 @@ class ContrastiveObjective(Objective):
     def text_pass_ratio(self, step: int) -> float | None:
         if self.tail_from is not None and step >= self.tail_from:
             return 0.0
-        return self.mask_ratio
+        return self.cfg.mask_ratio
 
     def after_optimizer_step(self, model, step):
         with torch.no_grad():

@@ -17,14 +17,13 @@ blur p 1.0 / p 0.1 + solarize p 0.2; local crops: blur p 0.5). Optional KoLeo re
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from vlp.data.views import view_transform
-from vlp.models.heads import Head
-from vlp.objectives.base import Objective, RowsConfig, ViewGroup, register
+from vlp.objectives.base import BuildContext, Objective, RowsConfig, register
+from vlp.objectives.gather import all_reduce_sum, rank_and_world
+from vlp.objectives.heads import Head, multicrop_groups, multicrop_pooled
 
 
 def dino_loss(student: torch.Tensor, q: torch.Tensor, student_temp: float) -> torch.Tensor:
@@ -76,23 +75,10 @@ class DINOHead(Head):
         return self.last_layer(F.normalize(self.mlp(x), dim=-1))
 
     def head_forward(self, model, outputs, batch) -> dict:
-        crops = [batch.views["dino_global"]] + ([batch.views["dino_local"]] if self.n_local else [])
-        pooled = [model.encode_pooled(c.flatten(0, 1)) for c in crops]  # one pass per resolution
-        rows = crops[0].shape[1]
+        pooled = multicrop_pooled(model, batch, "dino", self.n_local)
+        rows = batch.views["dino_global"].shape[1]
         return {"dino/student": self(torch.cat(pooled)).unflatten(0, (-1, rows)),        # [2 + n_local, B, K]
                 "dino/pooled": pooled[0].unflatten(0, (2, rows))}                           # global features
-
-
-def local_crop_size(c, ctx, name: str = "dino") -> int:
-    """``local_size``, by default half the image size rounded to a multiple of the patch (``objectives.<name>``'s
-    multi-crop; SwAV's too)."""
-    if not ctx.is_vit:
-        raise ValueError(f"objectives.{name}.n_local: local crops need a ViT image tower (positional-embedding "
-                         "interpolation); set n_local: 0")
-    size = c.local_size or max(ctx.patch, round(ctx.image_size / 2 / ctx.patch) * ctx.patch)
-    if size % ctx.patch:
-        raise ValueError(f"objectives.{name}.local_size: {size} is not a multiple of the patch size {ctx.patch}")
-    return size
 
 
 @register("dino")
@@ -115,12 +101,13 @@ class DINOObjective(Objective):
         norm_last_layer: bool = True
 
     uses_teacher = True
-    teacher_heads = ("dino_head",)
-    needs = ("dino/student", "dino/pooled", "teacher/dino/logits", "teacher/dino/temp")
+    head_names = teacher_heads = ("dino_head",)
 
-    def __init__(self, **settings):
-        super().__init__()
-        self.cfg = self.Config(**settings)
+    def __init__(self, cfg=None, ctx=None):
+        super().__init__(cfg, ctx)
+        ctx = ctx or BuildContext()
+        if self.cfg.warmup_teacher_temp_steps is None:
+            self.cfg.warmup_teacher_temp_steps = ctx.cfg.train.steps // 10 if ctx.cfg is not None else 0
         self.register_buffer("center", torch.zeros(1, self.cfg.out_dim))
 
     @classmethod
@@ -131,33 +118,16 @@ class DINOObjective(Objective):
             if not 0 < lo <= hi <= 1:
                 raise ValueError(f"objectives.dino.{key}: needs 0 < min <= max <= 1 (got {[lo, hi]})")
 
-    @classmethod
-    def from_config(cls, o, ctx):
-        settings = o.model_dump(exclude={"weight"})
-        if o.n_local:
-            settings["local_size"] = local_crop_size(o, ctx)
-        if o.warmup_teacher_temp_steps is None:
-            settings["warmup_teacher_temp_steps"] = ctx.cfg.train.steps // 10 if ctx.cfg is not None else 0
-        return cls(**settings)
-
     def heads(self, ctx):
         c = self.cfg
         return {"dino_head": DINOHead(ctx.width, c.hidden_dim, c.bottleneck_dim, c.out_dim, c.norm_last_layer,
                                       c.n_local)}
 
     def view_groups(self, ctx):
-        c, kinds = self.cfg, tuple(self.cfg.kinds)
-
-        def strong(size, scale, blur_p, solarize_p):
-            return view_transform("strong", size, ctx.mean, ctx.std, scale=scale, blur_p=blur_p, solarize_p=solarize_p)
-        size = ctx.image_size
-        views = (strong(size, c.global_scale, 1.0, 0.0), strong(size, c.global_scale, 0.1, 0.2))
-        groups = [ViewGroup("dino_global", kinds, views, recipe=f"dino-global{c.global_scale}")]
-        if c.n_local:
-            size = local_crop_size(c, ctx)
-            t = strong(size, c.local_scale, 0.5, 0.0)
-            groups.append(ViewGroup("dino_local", kinds, (t,) * c.n_local, recipe=f"dino-local{c.local_scale}@{size}"))
-        return groups
+        # DataAugmentationDINO: global crops blur p 1.0 / p 0.1 + solarize p 0.2; local crops blur p 0.5
+        return multicrop_groups("dino", self.cfg, ctx, ({"blur_p": 1.0, "solarize_p": 0.0},
+                                                        {"blur_p": 0.1, "solarize_p": 0.2}),
+                                {"blur_p": 0.5, "solarize_p": 0.0})
 
     def teacher_temp(self, step: int) -> float:
         """Linear from ``warmup_teacher_temp`` (step 0) to ``teacher_temp`` (last warm-up step), then constant."""
@@ -169,8 +139,9 @@ class DINOObjective(Objective):
 
     @torch.no_grad()
     def teacher_forward(self, teacher, batch, step):
-        views, t = batch.views["dino_global"], teacher.model  # the teacher sees the global crops only
-        logits = t.dino_head(t.encode_pooled(views.flatten(0, 1))).unflatten(0, views.shape[:2])
+        views = batch.views["dino_global"]  # the teacher sees the global crops only
+        pooled = teacher.model.encode_pooled(views.flatten(0, 1))
+        logits = teacher.head("dino_head")(pooled).unflatten(0, views.shape[:2])
         return {"teacher/dino/logits": logits, "teacher/dino/temp": self.teacher_temp(step)}
 
     def forward(self, outputs, batch):
@@ -195,10 +166,7 @@ class DINOObjective(Objective):
     def update_center(self, t: torch.Tensor) -> None:
         """``center = m center + (1 - m) mean(teacher logits)``, the mean over every rank's rows."""
         t = t.flatten(0, 1)
-        total, n = t.sum(0, keepdim=True), t.shape[0]
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(total)
-            n *= dist.get_world_size()
+        total, n = all_reduce_sum(t.sum(0, keepdim=True)), t.shape[0] * rank_and_world()[1]
         m = self.cfg.center_momentum
         self.center.mul_(m).add_(total / n, alpha=1 - m)
 

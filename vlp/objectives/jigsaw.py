@@ -25,8 +25,8 @@ from pydantic import Field
 from torch import nn
 
 from vlp.data.views import view_transform
-from vlp.models.heads import Head
 from vlp.objectives.base import Objective, RowsConfig, ViewGroup, register
+from vlp.objectives.heads import Head
 
 GRID = 3
 
@@ -151,17 +151,7 @@ class JigsawObjective(Objective):
         tile_norm: bool = True                   # each tile's channels to zero mean, unit std (the paper's)
         encode: Literal["tiles", "image"] = "tiles"  # tiles: each alone (the paper's); image: all 9 as one image
 
-    needs = ("jigsaw/logits", "jigsaw/target")
-
-    def __init__(self, **settings):
-        super().__init__()
-        self.cfg = self.Config(**settings)
-
-    @classmethod
-    def from_config(cls, o, ctx):
-        settings = o.model_dump(exclude={"weight"})
-        settings["tile_size"], settings["gap"] = tile_geometry(o, ctx)
-        return cls(**settings)
+    head_names = ("jigsaw_head",)
 
     def heads(self, ctx):
         c = self.cfg

@@ -11,23 +11,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from pydantic import Field
-from torch import nn
 
 from vlp.data.views import view_transform
-from vlp.models.heads import Head
 from vlp.objectives.base import Objective, RowsConfig, ViewGroup, register
 from vlp.objectives.gather import gather_nograd, rank_and_world
-
-
-def mlp(dim_in: int, hidden: int, dim_out: int, layers: int) -> nn.Sequential:
-    """``layers`` linear layers, LayerNorm + GELU between them (MoCo v3's ``_build_mlp`` with LN for BN)."""
-    mods: list[nn.Module] = []
-    for i in range(layers):
-        d_in, d_out = dim_in if i == 0 else hidden, dim_out if i == layers - 1 else hidden
-        mods.append(nn.Linear(d_in, d_out))
-        if i < layers - 1:
-            mods += [nn.LayerNorm(d_out), nn.GELU()]
-    return nn.Sequential(*mods)
+from vlp.objectives.heads import Head, mlp
 
 
 def moco_infonce(q: torch.Tensor, k: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -43,8 +31,8 @@ def moco_infonce(q: torch.Tensor, k: torch.Tensor, temperature: float) -> torch.
 class MoCoV3Head(Head):
     def __init__(self, width: int, hidden: int, dim: int):
         super().__init__()
-        self.projector = mlp(width, hidden, dim, 3)
-        self.predictor = mlp(dim, hidden, dim, 2)
+        self.projector = mlp(width, hidden, dim, layers=3)
+        self.predictor = mlp(dim, hidden, dim, layers=2)
 
     def head_forward(self, model, outputs, batch) -> dict:
         views = batch.views["mocov3"]                                # [2, B, 3, H, W]
@@ -61,41 +49,32 @@ class MoCoV3Objective(Objective):
         crop_scale: tuple[float, float] = (0.2, 1.0)
 
     uses_teacher = True
-    teacher_heads = ("mocov3_head",)
-    needs = ("mocov3/q", "teacher/mocov3/k")
-
-    def __init__(self, kinds=("unlabeled",), hidden_dim: int = 1024, proj_dim: int = 256, temperature: float = 0.2,
-                 crop_scale=(0.2, 1.0)):
-        super().__init__()
-        self.row_kinds, self.hidden, self.dim = tuple(kinds), hidden_dim, proj_dim
-        self.temperature, self.crop_scale = temperature, tuple(crop_scale)
-
-    @classmethod
-    def from_config(cls, o, ctx):
-        return cls(o.kinds, o.hidden_dim, o.proj_dim, o.temperature, o.crop_scale)
+    head_names = teacher_heads = ("mocov3_head",)
 
     def heads(self, ctx):
-        return {"mocov3_head": MoCoV3Head(ctx.width, self.hidden, self.dim)}
+        return {"mocov3_head": MoCoV3Head(ctx.width, self.cfg.hidden_dim, self.cfg.proj_dim)}
 
     def view_groups(self, ctx):
         # BYOL's asymmetric augmentations, as MoCo v3: blur 1.0 / 0.1, solarize 0 / 0.2
-        views = (view_transform("strong", ctx.image_size, ctx.mean, ctx.std, scale=self.crop_scale, blur_p=1.0,
+        c = self.cfg
+        views = (view_transform("strong", ctx.image_size, ctx.mean, ctx.std, scale=c.crop_scale, blur_p=1.0,
                                 solarize_p=0.0),
-                 view_transform("strong", ctx.image_size, ctx.mean, ctx.std, scale=self.crop_scale, blur_p=0.1,
+                 view_transform("strong", ctx.image_size, ctx.mean, ctx.std, scale=c.crop_scale, blur_p=0.1,
                                 solarize_p=0.2))
-        return [ViewGroup("mocov3", self.row_kinds, views, recipe=f"byol-asym{self.crop_scale}")]
+        return [ViewGroup("mocov3", tuple(c.kinds), views, recipe=f"byol-asym{c.crop_scale}")]
 
     @torch.no_grad()
     def teacher_forward(self, teacher, batch, step):
-        views, t = batch.views["mocov3"], teacher.model
-        k = t.mocov3_head.projector(t.encode_pooled(views.flatten(0, 1)))
+        views = batch.views["mocov3"]
+        k = teacher.head("mocov3_head").projector(teacher.model.encode_pooled(views.flatten(0, 1)))
         return {"teacher/mocov3/k": k.unflatten(0, views.shape[:2])}
 
     def forward(self, outputs, batch):
         q = outputs["mocov3/q"]
         with torch.autocast(q.device.type, enabled=False):
             q, k = q.float(), outputs["teacher/mocov3/k"].detach().float()
-            loss = moco_infonce(q[0], k[1], self.temperature) + moco_infonce(q[1], k[0], self.temperature)
+            t = self.cfg.temperature
+            loss = moco_infonce(q[0], k[1], t) + moco_infonce(q[1], k[0], t)
         with torch.no_grad():
             cos = F.cosine_similarity(q[0], k[1], dim=-1).mean()
         return loss, {"cos": cos}

@@ -68,14 +68,6 @@ class MultiLabelObjective(SupervisedObjective):
     class Config(ObjectiveConfig):
         loss: Literal["softmax", "bce"] = "softmax"
 
-    def __init__(self, loss: str = "softmax"):
-        super().__init__()
-        self.loss = loss
-
-    @classmethod
-    def from_config(cls, o, ctx):
-        return cls(o.loss)
-
     @classmethod
     def check(cls, o, cfg) -> None:
         super().check(o, cfg)
@@ -93,5 +85,5 @@ class MultiLabelObjective(SupervisedObjective):
         logits = outputs["class_logits"][rows]
         labels = batch.labels[rows] if getattr(batch, "labels", None) is not None else batch["label"][rows]
         target = multi_hot(labels, logits.shape[1])
-        loss = (softmax_multilabel_loss if self.loss == "softmax" else bce_multilabel_loss)(logits, target)
+        loss = (softmax_multilabel_loss if self.cfg.loss == "softmax" else bce_multilabel_loss)(logits, target)
         return loss, {"p@1": precision_at_1(logits.detach(), target)}

@@ -30,14 +30,14 @@ import math
 from typing import Literal
 
 import torch
-import torch.distributed as dist
-import torch.distributed.nn.functional as dist_nn
 import torch.nn.functional as F
 from pydantic import Field
 
 from vlp.data.transforms import resolve_templates
 from vlp.data.views import view_transform
-from vlp.objectives.base import Objective, RowsConfig, ViewGroup, register
+from vlp.objectives.base import OBJECTIVES, BuildContext, Objective, RowsConfig, ViewGroup, register
+from vlp.objectives.gather import all_reduce_sum, gather_with_grad
+from vlp.objectives.heads import CLASSIFIER
 
 
 def flexmatch_thresholds(sigma: torch.Tensor, unused: torch.Tensor, tau: float, warmup: bool = True) -> torch.Tensor:
@@ -77,46 +77,40 @@ class PseudoLabelObjective(Objective):
 
     needs_text = True
     uses_teacher = True
-    needs = ("embed", "logit_scale", "teacher/pseudolabel/probs")
 
-    def __init__(self, classnames: list[str], templates: list[str], tokenizer, kinds=("unlabeled",),
-                 source: str = "bank", select: str = "flexmatch", tau: float = 0.7, flex_warmup: bool = True,
-                 count_momentum: float = 0.99, topk: int = 4, fairness: float = 0.5, rampup_steps: int = 0,
-                 bank_every: int = 10, rank: int = 0, world_size: int = 1):
-        super().__init__()
-        if not classnames:
+    def __init__(self, cfg=None, ctx=None):
+        super().__init__(cfg, ctx)
+        c, ctx = self.cfg, ctx or BuildContext()
+        if not ctx.classnames:
             raise ValueError("objectives.pseudolabel: needs the labeled sources' class names (classnames.txt)")
-        self.row_kinds, self.source, self.select, self.tau = tuple(kinds), source, select, tau
-        self.flex_warmup, self.momentum, self.topk, self.fairness_weight = flex_warmup, count_momentum, topk, fairness
-        self.rampup, self.bank_every, self.world_size = rampup_steps, bank_every, world_size
-        self.teacher_heads = ("classifier",) if source != "bank" else ()
-        c = len(classnames)
+        if c.rampup_steps is None:  # 10% of train.steps
+            c.rampup_steps = (ctx.cfg.train.steps if ctx.cfg is not None else 1000) // 10
+        templates = resolve_templates(ctx.cfg.data.templates) if ctx.cfg is not None else ["a photo of a {c}."]
+        n = len(ctx.classnames)
         self.n_templates = len(templates)
-        prompts = [t.format(c=name) for name in classnames for t in templates]
-        self.register_buffer("prompt_tokens", tokenizer(prompts), persistent=False)
-        self.register_buffer("bank", torch.zeros(c, 0))  # [C, D] once built (resized on the first refresh)
+        prompts = [t.format(c=name) for name in ctx.classnames for t in templates]
+        self.register_buffer("prompt_tokens", ctx.tokenizer(prompts), persistent=False)
+        self.register_buffer("bank", torch.zeros(n, 0))  # [C, D] once built (resized on the first refresh)
         self.register_buffer("bank_scale", torch.tensor(0.0))
-        self.register_buffer("sigma", torch.zeros(c))
+        self.register_buffer("sigma", torch.zeros(n))
         self.register_buffer("unused", torch.tensor(0.0))
 
-    @classmethod
-    def from_config(cls, o, ctx):
-        steps = ctx.cfg.train.steps if ctx.cfg is not None else 1000
-        templates = resolve_templates(ctx.cfg.data.templates) if ctx.cfg is not None else ["a photo of a {c}."]
-        ramp = o.rampup_steps if o.rampup_steps is not None else steps // 10
-        return cls(ctx.classnames, templates, ctx.tokenizer, o.kinds, o.source, o.select, o.tau, o.flex_warmup,
-                   o.count_momentum, o.topk, o.fairness, ramp, o.bank_every, ctx.rank, ctx.world_size)
+    @property
+    def teacher_heads(self) -> tuple[str, ...]:
+        """The classifier head (another objective's) when the teacher's classifier scores the rows."""
+        return (CLASSIFIER,) if self.cfg.source != "bank" else ()
 
     @classmethod
     def check(cls, o, cfg):
         super().check(o, cfg)
-        if o.source != "bank" and "supervised" not in cfg.objectives:
-            raise ValueError(f"objectives.pseudolabel.source: {o.source} reads the classifier head; "
-                             f"add objectives.supervised (or use source: bank)")
+        if o.source != "bank" and not any(CLASSIFIER in OBJECTIVES[n].head_names
+                                          for n, c in cfg.objectives.items() if c.weight > 0):
+            raise ValueError(f"objectives.pseudolabel.source: {o.source} reads the classifier head; add an objective "
+                             f"that trains it (objectives.supervised or multilabel) or use source: bank")
 
     def view_groups(self, ctx):
         weak = view_transform("weak", ctx.image_size, ctx.mean, ctx.std)
-        return [ViewGroup("pseudolabel", self.row_kinds, (weak,), recipe="weak")]
+        return [ViewGroup("pseudolabel", tuple(self.cfg.kinds), (weak,), recipe="weak")]
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         if "bank" in state_dict:  # the bank's width is known once built
@@ -138,7 +132,7 @@ class PseudoLabelObjective(Objective):
             self.refresh_bank(model)
 
     def after_optimizer_step(self, model, step):
-        if (step + 1) % self.bank_every == 0:
+        if (step + 1) % self.cfg.bank_every == 0:
             self.refresh_bank(model)
 
     # ---- teacher --------------------------------------------------------------------------------------------
@@ -146,16 +140,17 @@ class PseudoLabelObjective(Objective):
         t = teacher.model
         pooled = t.encode_pooled(batch.views["pseudolabel"][0])
         probs = []
-        if self.source != "classifier":
+        if self.cfg.source != "classifier":
             if self.bank.shape[1] == 0:  # before the first refresh: no opinion (nothing is selected)
                 probs.append(torch.full((pooled.shape[0], self.sigma.numel()), 1.0 / self.sigma.numel(),
                                         device=pooled.device))
             else:
                 emb = F.normalize(t.image_features(pooled).float(), dim=-1)
                 probs.append((self.bank_scale * emb @ self.bank.T).softmax(-1))
-        if self.source != "bank":
-            probs.append(t.classifier(pooled).float().softmax(-1))
-        ramp = min(1.0, (step + 1) / self.rampup) if self.rampup > 0 else 1.0
+        if self.cfg.source != "bank":
+            probs.append(teacher.head(CLASSIFIER)(pooled).float().softmax(-1))
+        ramp = self.cfg.rampup_steps
+        ramp = min(1.0, (step + 1) / ramp) if ramp > 0 else 1.0
         return {"teacher/pseudolabel/probs": sum(probs) / len(probs),
                 "pseudolabel/ramp": torch.tensor(ramp, device=pooled.device)}
 
@@ -163,19 +158,18 @@ class PseudoLabelObjective(Objective):
     @torch.no_grad()
     def choose(self, probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(pseudo-label, selected mask, per-row threshold); FlexMatch counters are updated after selecting."""
+        c = self.cfg
         conf, pred = probs.max(-1)
-        if self.select == "topk":
-            return pred, topk_per_class(conf, pred, self.topk), torch.zeros_like(conf)
-        if self.select == "threshold":
-            thr = torch.full_like(conf, self.tau)
+        if c.select == "topk":
+            return pred, topk_per_class(conf, pred, c.topk), torch.zeros_like(conf)
+        if c.select == "threshold":
+            thr = torch.full_like(conf, c.tau)
         else:
-            thr = flexmatch_thresholds(self.sigma, self.unused, self.tau, self.flex_warmup)[pred]
-            confident = conf > self.tau
-            counts = torch.cat([torch.bincount(pred[confident], minlength=self.sigma.numel()).float(),
-                                (~confident).sum().float().view(1)])
-            if self.world_size > 1 and dist.is_available() and dist.is_initialized():
-                dist.all_reduce(counts)
-            m = self.momentum
+            thr = flexmatch_thresholds(self.sigma, self.unused, c.tau, c.flex_warmup)[pred]
+            confident = conf > c.tau
+            counts = all_reduce_sum(torch.cat([torch.bincount(pred[confident], minlength=self.sigma.numel()).float(),
+                                               (~confident).sum().float().view(1)]))
+            m = c.count_momentum
             self.sigma.mul_(m).add_(counts[:-1], alpha=1 - m)
             self.unused.mul_(m).add_(counts[-1], alpha=1 - m)
         return pred, conf > thr, thr
@@ -184,23 +178,23 @@ class PseudoLabelObjective(Objective):
     def forward(self, outputs, batch):
         probs = outputs["teacher/pseudolabel/probs"].float()
         pred, mask, thr = self.choose(probs)
-        rows = batch.rows_of(self.row_kinds)
+        rows = batch.rows_of(tuple(self.cfg.kinds))
         n = max(1, pred.numel())
         losses, student_probs = [], []
-        if self.source != "classifier" and self.bank.shape[1] > 0:
+        source = self.cfg.source
+        if source != "classifier" and self.bank.shape[1] > 0:
             logits = outputs["logit_scale"].float() * outputs["embed"][rows].float() @ self.bank.T
             losses.append((F.cross_entropy(logits, pred, reduction="none") * mask).sum() / n)
             student_probs.append(logits.softmax(-1))
-        if self.source != "bank":
+        if source != "bank":
             logits = outputs["class_logits"][rows].float()
             losses.append((F.cross_entropy(logits, pred, reduction="none") * mask).sum() / n)
             student_probs.append(logits.softmax(-1))
         if not losses:  # no bank yet: a zero that keeps the graph
             return outputs["embed"].sum() * 0.0, {"selected": mask.float().mean()}
         student = sum(student_probs) / len(student_probs)
-        if self.world_size > 1 and dist.is_available() and dist.is_initialized():  # the global mean prediction
-            student = torch.cat(dist_nn.all_gather(student))
-        loss = sum(losses) / len(losses) + self.fairness_weight * fairness(student)
+        student = gather_with_grad(student)  # the global mean prediction
+        loss = sum(losses) / len(losses) + self.cfg.fairness * fairness(student)
         metrics = {"selected": mask.float().mean(), "threshold": thr.mean(), "confidence": probs.max(-1)[0].mean()}
         if self.sigma.numel() <= 32:
             for c in range(self.sigma.numel()):

@@ -6,8 +6,8 @@ import torch
 
 from pydantic import Field
 
-from vlp.models.mae import MAEDecoder, patchify
-from vlp.objectives.base import Objective, ObjectiveConfig, register
+from vlp.objectives.base import BuildContext, Objective, ObjectiveConfig, register
+from vlp.objectives.masked_decoder import MAEDecoder, patchify
 
 
 def mae_loss(pred: torch.Tensor, images: torch.Tensor, mask: torch.Tensor, patch: int,
@@ -34,18 +34,11 @@ class MAEObjective(Objective):
         decoder_heads: int = Field(4, gt=0)
         norm_pix_loss: bool = True
 
-    needs = ("mae_pred", "mae_mask")
+    head_names = ("mae_decoder",)
 
-    def __init__(self, patch: int, norm_pix: bool = True, decoder_width: int = 128, decoder_depth: int = 2,
-                 decoder_heads: int = 4):
-        super().__init__()
-        self.patch = patch
-        self.norm_pix = norm_pix
-        self.decoder = (decoder_width, decoder_depth, decoder_heads)
-
-    @classmethod
-    def from_config(cls, o, ctx):
-        return cls(ctx.patch, o.norm_pix_loss, o.decoder_width, o.decoder_depth, o.decoder_heads)
+    def __init__(self, cfg=None, ctx=None):
+        super().__init__(cfg, ctx)
+        self.patch = (ctx or BuildContext()).patch
 
     @classmethod
     def check(cls, o, cfg):
@@ -63,10 +56,11 @@ class MAEObjective(Objective):
         if not ctx.is_vit:
             raise ValueError("objectives.mae: the image tower is not a ViT; MAE needs a patch-token ViT "
                              "(use an open_clip ViT config or drop the mae objective)")
-        width, depth, n_heads = self.decoder
-        return {"mae_decoder": MAEDecoder(ctx.width, ctx.grid, ctx.patch, width, depth, n_heads)}
+        c = self.cfg
+        return {"mae_decoder": MAEDecoder(ctx.width, ctx.grid, ctx.patch, c.decoder_width, c.decoder_depth,
+                                          c.decoder_heads)}
 
     def forward(self, outputs, batch):
         loss = mae_loss(outputs["mae_pred"].float(), batch["image"].float(), outputs["mae_mask"], self.patch,
-                        self.norm_pix)
+                        self.cfg.norm_pix_loss)
         return loss, {}

@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from vlp.data.views import view_transform
-from vlp.models.heads import Head
 from vlp.objectives.base import Objective, RowsConfig, ViewGroup, register
+from vlp.objectives.heads import Head
 
 
 class RotationHead(Head):
@@ -33,22 +33,15 @@ class RotationObjective(Objective):
     class Config(RowsConfig):
         crop_scale: tuple[float, float] = (0.5, 1.0)
 
-    needs = ("rotation_logits", "rotation_target")
-
-    def __init__(self, kinds=("unlabeled",), crop_scale=(0.5, 1.0)):
-        super().__init__()
-        self.row_kinds, self.crop_scale = tuple(kinds), tuple(crop_scale)
-
-    @classmethod
-    def from_config(cls, o, ctx):
-        return cls(o.kinds, o.crop_scale)
+    head_names = ("rotation_head",)
 
     def heads(self, ctx):
         return {"rotation_head": RotationHead(ctx.width)}
 
     def view_groups(self, ctx):
-        t = view_transform("crop", ctx.image_size, ctx.mean, ctx.std, scale=self.crop_scale)
-        return [ViewGroup("rotation", self.row_kinds, (t,), recipe=f"crop{self.crop_scale}")]
+        c = self.cfg
+        t = view_transform("crop", ctx.image_size, ctx.mean, ctx.std, scale=c.crop_scale)
+        return [ViewGroup("rotation", tuple(c.kinds), (t,), recipe=f"crop{c.crop_scale}")]
 
     def forward(self, outputs, batch):
         logits, target = outputs["rotation_logits"].float(), outputs["rotation_target"]

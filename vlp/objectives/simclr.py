@@ -12,10 +12,9 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from vlp.data.views import view_transform
-from vlp.models.heads import Head
 from vlp.objectives.base import Objective, RowsConfig, ViewGroup, register
-from vlp.objectives.byol import mlp
 from vlp.objectives.gather import gather_with_grad, rank_and_world
+from vlp.objectives.heads import Head, mlp
 
 LARGE_NUM = 1e9  # SimCLR / SLIP mask a view's similarity with itself by subtracting this
 
@@ -57,34 +56,25 @@ class SimCLRObjective(Objective):
         crop_scale: tuple[float, float] = (0.2, 1.0)
         blur_p: float = Field(0.5, ge=0, le=1)  # the paper drops blur for CIFAR-10
 
-    needs = ("simclr/z",)
+    head_names = ("simclr_head",)
     # under train.accum_freq the negatives are the whole accumulated batch, as CLIP's (open_clip_train's feature
     # cache): one big batch's gradient
     accumulates = ("simclr/z",)
 
-    def __init__(self, kinds=("unlabeled",), hidden_dim: int = 1024, proj_dim: int = 128, temperature: float = 0.2,
-                 crop_scale=(0.2, 1.0), blur_p: float = 0.5):
-        super().__init__()
-        self.row_kinds, self.hidden, self.dim = tuple(kinds), hidden_dim, proj_dim
-        self.temperature, self.crop_scale, self.blur_p = temperature, tuple(crop_scale), blur_p
-
-    @classmethod
-    def from_config(cls, o, ctx):
-        return cls(o.kinds, o.hidden_dim, o.proj_dim, o.temperature, o.crop_scale, o.blur_p)
-
     def heads(self, ctx):
-        return {"simclr_head": SimCLRHead(ctx.width, self.hidden, self.dim)}
+        return {"simclr_head": SimCLRHead(ctx.width, self.cfg.hidden_dim, self.cfg.proj_dim)}
 
     def view_groups(self, ctx):
-        t = view_transform("strong", ctx.image_size, ctx.mean, ctx.std, scale=self.crop_scale, blur_p=self.blur_p,
+        c = self.cfg
+        t = view_transform("strong", ctx.image_size, ctx.mean, ctx.std, scale=c.crop_scale, blur_p=c.blur_p,
                            solarize_p=0.0)
-        return [ViewGroup("simclr", self.row_kinds, (t, t), recipe=f"simclr{self.crop_scale}-blur{self.blur_p}")]
+        return [ViewGroup("simclr", tuple(c.kinds), (t, t), recipe=f"simclr{c.crop_scale}-blur{c.blur_p}")]
 
     def forward(self, outputs, batch):
         z = outputs["simclr/z"]
         with torch.autocast(z.device.type, enabled=False):
             z = z.float()
-            loss = nt_xent(z[:, 0], z[:, 1], self.temperature)
+            loss = nt_xent(z[:, 0], z[:, 1], self.cfg.temperature)
         with torch.no_grad():
             pos = F.cosine_similarity(z[:, 0], z[:, 1], dim=-1).mean()
         return loss, {"pos_cos": pos}

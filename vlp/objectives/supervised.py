@@ -6,8 +6,8 @@ import logging
 import torch.nn.functional as F
 from pydantic import Field
 
-from vlp.models.heads import ClassifierHead
 from vlp.objectives.base import Objective, ObjectiveConfig, register
+from vlp.objectives.heads import CLASSIFIER, ClassifierHead
 
 log = logging.getLogger(__name__)
 
@@ -20,15 +20,7 @@ class SupervisedObjective(Objective):
         label_smoothing: float = Field(0.0, ge=0, lt=1)
 
     kinds = ("labeled",)
-    needs = ("class_logits",)
-
-    def __init__(self, label_smoothing: float = 0.0):
-        super().__init__()
-        self.label_smoothing = label_smoothing
-
-    @classmethod
-    def from_config(cls, o, ctx):
-        return cls(o.label_smoothing)
+    head_names = (CLASSIFIER,)
 
     @classmethod
     def card_settings(cls, o, cfg):
@@ -38,7 +30,7 @@ class SupervisedObjective(Objective):
         if ctx.num_classes <= 0:
             raise ValueError("model.num_classes: the supervised objective needs a class count "
                              "(or classnames on a labeled source)")
-        return {"classifier": ClassifierHead(ctx.width, ctx.num_classes)}
+        return {CLASSIFIER: ClassifierHead(ctx.width, ctx.num_classes)}
 
     def forward(self, outputs, batch):
         if getattr(batch, "labels", None) is not None and not getattr(self, "_warned_multilabel", False):
@@ -47,6 +39,6 @@ class SupervisedObjective(Objective):
                         "first label only; objectives.multilabel trains on all of them (Mahajan et al. 2018)")
         rows = batch["label"] >= 0
         logits, labels = outputs["class_logits"][rows], batch["label"][rows]
-        loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.label_smoothing)
+        loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.cfg.label_smoothing)
         acc = (logits.argmax(-1) == labels).float().mean()
         return loss, {"acc": acc.detach()}

@@ -18,34 +18,24 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from vlp.data.views import view_transform
-from vlp.models.heads import Head
-from vlp.objectives.base import Objective, RowsConfig, ViewGroup, register
-from vlp.objectives.byol import mlp
-from vlp.objectives.dino import local_crop_size
-from vlp.objectives.gather import rank_and_world
+from vlp.objectives.base import Objective, RowsConfig, register
+from vlp.objectives.gather import all_reduce_sum, rank_and_world
+from vlp.objectives.heads import Head, mlp, multicrop_groups, multicrop_pooled
 
 
 @torch.no_grad()
 def distributed_sinkhorn(out: torch.Tensor, epsilon: float = 0.05, iterations: int = 3) -> torch.Tensor:
     """Codes ``[B, K]`` for scores ``out [B, K]`` (this rank's rows): the reference's ``distributed_sinkhorn``,
     equal prototype mass over the global batch; every sum is all-reduced across ranks."""
-    world = rank_and_world()[1]
-
-    def all_reduce(t):
-        if world > 1:
-            dist.all_reduce(t)
-        return t
     Q = torch.exp(out.float() / epsilon).t()  # K x B
-    B, K = Q.shape[1] * world, Q.shape[0]
-    Q /= all_reduce(torch.sum(Q))
+    B, K = Q.shape[1] * rank_and_world()[1], Q.shape[0]
+    Q /= all_reduce_sum(torch.sum(Q))
     for _ in range(iterations):
-        Q /= all_reduce(torch.sum(Q, dim=1, keepdim=True))  # each prototype: total mass 1/K
+        Q /= all_reduce_sum(torch.sum(Q, dim=1, keepdim=True))  # each prototype: total mass 1/K
         Q /= K
         Q /= torch.sum(Q, dim=0, keepdim=True)              # each sample: mass 1/B
         Q /= B
@@ -82,7 +72,7 @@ def swav_loss(scores: torch.Tensor, temperature: float, epsilon: float = 0.05, i
 class SwAVHead(Head):
     def __init__(self, width: int, hidden: int, dim: int, n_prototypes: int, n_local: int = 0, norm: str = "batch"):
         super().__init__()
-        self.projector = mlp(width, hidden, dim, norm)
+        self.projector = mlp(width, hidden, dim, norm=norm)
         self.prototypes = nn.Linear(dim, n_prototypes, bias=False)
         self.n_local = n_local
 
@@ -92,9 +82,9 @@ class SwAVHead(Head):
         self.prototypes.weight.copy_(F.normalize(self.prototypes.weight, dim=1))
 
     def head_forward(self, model, outputs, batch) -> dict:
-        crops = [batch.views["swav_global"]] + ([batch.views["swav_local"]] if self.n_local else [])
-        pooled = torch.cat([model.encode_pooled(c.flatten(0, 1)) for c in crops])  # one pass per resolution
-        z = F.normalize(self.projector(pooled), dim=-1).unflatten(0, (-1, crops[0].shape[1]))  # [2 + n_local, B, D]
+        pooled = torch.cat(multicrop_pooled(model, batch, "swav", self.n_local))
+        rows = batch.views["swav_global"].shape[1]
+        z = F.normalize(self.projector(pooled), dim=-1).unflatten(0, (-1, rows))  # [2 + n_local, B, D]
         return {"swav/scores": self.prototypes(z), "swav/z": z[:2].detach(),
                 "swav/prototypes": self.prototypes.weight.detach()}
 
@@ -116,21 +106,13 @@ class SwAVObjective(Objective):
         queue_length: int = Field(0, ge=0)               # rows per process (the reference: 3840 / world size); 0: none
         projector_norm: Literal["batch", "layer"] = "batch"  # batch: over the global batch (the reference's SyncBN)
 
-    needs = ("swav/scores",)
+    head_names = ("swav_head",)
     per_process_state = ("queue",)  # each process queues its own rows, as the reference's queue<rank>.pth
 
-    def __init__(self, **settings):
-        super().__init__()
-        self.cfg = self.Config(**settings)
+    def __init__(self, cfg=None, ctx=None):
+        super().__init__(cfg, ctx)
         queue = torch.zeros(2, self.cfg.queue_length, self.cfg.proj_dim) if self.cfg.queue_length else None
         self.register_buffer("queue", queue)  # saved in checkpoints, per rank (None: no queue, not saved)
-
-    @classmethod
-    def from_config(cls, o, ctx):
-        settings = o.model_dump(exclude={"weight"})
-        if o.n_local:
-            settings["local_size"] = local_crop_size(o, ctx, "swav")
-        return cls(**settings)
 
     def heads(self, ctx):
         c = self.cfg
@@ -138,17 +120,8 @@ class SwAVObjective(Objective):
                                       c.projector_norm)}
 
     def view_groups(self, ctx):
-        c, kinds = self.cfg, tuple(self.cfg.kinds)
-
-        def strong(size, scale):  # SwAV's colour distortion + PIL blur (p 0.5), no solarize
-            return view_transform("strong", size, ctx.mean, ctx.std, scale=scale, blur_p=0.5, solarize_p=0.0)
-        t = strong(ctx.image_size, c.global_scale)
-        groups = [ViewGroup("swav_global", kinds, (t, t), recipe=f"swav-global{c.global_scale}")]
-        if c.n_local:
-            size = local_crop_size(c, ctx, "swav")
-            groups.append(ViewGroup("swav_local", kinds, (strong(size, c.local_scale),) * c.n_local,
-                                    recipe=f"swav-local{c.local_scale}@{size}"))
-        return groups
+        strong = {"blur_p": 0.5, "solarize_p": 0.0}  # SwAV's colour distortion + PIL blur (p 0.5), no solarize
+        return multicrop_groups("swav", self.cfg, ctx, (strong, strong), strong)
 
     def on_train_start(self, model):
         model.swav_head.normalize_prototypes()

@@ -1,5 +1,8 @@
-"""Masked autoencoding pieces (He et al. 2022, "Masked Autoencoders Are Scalable Vision Learners"):
-random patch masking, patchify, and the narrow decoder that reconstructs pixels from visible tokens."""
+"""The masked decoder of MAE (He et al. 2022, "Masked Autoencoders Are Scalable Vision Learners") and what reads the
+shared masked pass: ``patchify`` (the pixel targets, MAE's and BEiT's), ``visible_layout`` (the pass's visible tokens,
+restore order and mask) and :class:`MAEDecoder`, the narrow decoder that fills mask tokens and predicts every patch
+(MAE's pixels; BEiT's codes, with another output layer). The random masking itself is the model's
+(``vlp.models.model.random_masking``)."""
 from __future__ import annotations
 
 import torch
@@ -8,23 +11,7 @@ from timm.layers import trunc_normal_
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from vlp.models.heads import Head
-
-
-def random_masking(noise: torch.Tensor, mask_ratio: float):
-    """Per-sample random subset of patches from uniform ``noise [B, N]`` (lowest noise kept, as in MAE).
-
-    Returns ``ids_keep [B, N_keep]``, ``mask [B, N]`` (1 = removed) and ``ids_restore [B, N]``.
-    """
-    B, N = noise.shape
-    keep = max(1, int(round(N * (1 - mask_ratio))))
-    ids_shuffle = torch.argsort(noise, dim=1)
-    ids_restore = torch.argsort(ids_shuffle, dim=1)
-    ids_keep = ids_shuffle[:, :keep]
-    mask = torch.ones(B, N, device=noise.device)
-    mask[:, :keep] = 0
-    mask = torch.gather(mask, 1, ids_restore)
-    return ids_keep, mask, ids_restore
+from vlp.objectives.heads import Head
 
 
 def patchify(images: torch.Tensor, patch: int) -> torch.Tensor:
