@@ -328,12 +328,12 @@ def e2e_shards(train_root: Path, out: Path, n_images: int, size: int, seed: int 
                     s["cls"] = str(y)
                 yield s
 
-        for kind in ("paired", "labeled", "unlabeled"):
-            write_samples(samples(kind), folder / kind, prefix="cifar10", maxcount=1000)
+        for kind in ("paired", "labeled", "unlabeled"):  # 48 shards a kind: more than any bench's data workers
+            write_samples(samples(kind), folder / kind, prefix="cifar10", maxcount=max(1, -(-len(chosen) // 48)))
         class_files(folder / "labeled", classes, [y for _, y in chosen])
         return {"images": len(chosen), "size": size}
 
-    cached(out, {"n_images": n_images, "size": size, "seed": seed, "version": 1}, write)
+    cached(out, {"n_images": n_images, "size": size, "seed": seed, "version": 2}, write)
     return out
 
 
@@ -372,7 +372,7 @@ def run_vlp_e2e(recipe: str, mjson: Path, shards: Path, run_dir: Path, device, a
     tree["output_dir"] = str(run_dir)
     for src in tree["data"]["sources"]:
         src["shards"] = str(shards / src["kind"] / "*.tar")
-    tree["data"]["workers"] = args.workers
+    tree["data"].update(workers=args.workers, resampled=True)  # vlp's default; open_clip_train gets --dataset-resampled
     tree["train"].update(log_every=args.e2e_log_every, precision="bf16" if device.type == "cuda" else "no",
                          compile=bool(args.compile))
     tree["model"]["grad_checkpointing"] = bool(args.grad_checkpointing)
@@ -631,17 +631,15 @@ def main(argv: list[str] | None = None) -> int:
         write_json(out, doc, default=str)
 
     hosts = {}
-    for r in rows:
-        if r == "open_clip":
-            continue
-        doc["steps"][r], hosts[r] = bench_vlp(r, recipe_config(r, mjson, args.batch_size, args.steps), device, args, peak)
-        log(f"vlp {r}: {doc['steps'][r]['samples_per_s']:.1f} samples/s, {doc['steps'][r]['gflop_per_step']:.1f} GFLOP/step")
-        save()
-    if "open_clip" in rows:
-        host = hosts.get("clip") or vlp_task("clip", recipe_config("clip", mjson, args.batch_size, args.steps),
-                                            torch.device("cpu"), args)[1]
-        doc["steps"]["open_clip"] = row = bench_open_clip(mjson, host, device, args, peak)
-        log(f"open_clip step (synchronized): {row['samples_per_s']:.1f} samples/s, {row['gflop_per_step']:.1f} GFLOP/step")
+    for r in rows:  # in the order given: a run cut short keeps the rows asked for first
+        if r == "open_clip":  # on the CLIP-only recipe's batch (built here when that row has not run)
+            host = hosts.get("clip") or vlp_task("clip", recipe_config("clip", mjson, args.batch_size, args.steps),
+                                                torch.device("cpu"), args)[1]
+            doc["steps"][r] = row = bench_open_clip(mjson, host, device, args, peak)
+        else:
+            row, hosts[r] = bench_vlp(r, recipe_config(r, mjson, args.batch_size, args.steps), device, args, peak)
+            doc["steps"][r] = row
+        log(f"{row['label']}: {row['samples_per_s']:.1f} samples/s, {row['gflop_per_step']:.1f} GFLOP/step")
         save()
 
     if not args.no_loader and any(r in RECIPES for r in rows):
