@@ -57,7 +57,7 @@ run)
   else
     model=(--model ViT-B-16 --image-size 224 --batch-size 256)
     steps=(--steps 30 --warmup 10 --loader-batches 2)
-    e2e=(--workers 12 --e2e-steps 40 --e2e-warmup 10 --e2e-log-every 5 --e2e-images 5000)
+    e2e=(--workers 12 --e2e-steps 40 --e2e-warmup 10 --e2e-log-every 5 --e2e-images 3000)
     fsdp=(--model vlp-tiny-vit --steps 8 --resume-at 4 --workers 2)
     compile_rows=open_clip,clip,mixed,flip
   fi
