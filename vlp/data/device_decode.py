@@ -397,11 +397,16 @@ class DeviceDecoder:
         self.failed: dict[int, torch.Tensor] = {}  # worker -> cumulative count per source
         self.logged = 0
         self.rows = 0  # rows decoded on the device so far
+        self._warned_cpu = False
 
     def __call__(self, batch, meta, device):
         p = batch.image
         if not isinstance(p, PendingImages):
             return batch
+        if torch.device(device).type == "cpu" and not self._warned_cpu:
+            self._warned_cpu = True
+            log.warning("data.decode: device on a CPU: the trainer's process decodes and augments the JPEGs the "
+                        "workers no longer do (data.decode: cpu is faster without an accelerator)")
         image, failed = decode_pending(p, device)
         self.rows += len(p.device_rows) - len(failed)
         batch = dataclasses.replace(batch, image=image)
