@@ -107,7 +107,8 @@ class ModelConfig(StrictModel):
     # open_clip weights to start from (open_clip_train's --pretrained): a folder (a `vlp export`, or any folder
     # holding open_clip_config.json + open_clip_model.safetensors; model.name then defaults to its config), a
     # .safetensors / .pt / .bin file (torch.load(weights_only=True)), or an open_clip pretrained tag for model.name
-    # (e.g. laion2b_s34b_b88k: downloads). Loaded with open_clip.load_checkpoint (strict).
+    # (e.g. laion2b_s34b_b88k: downloads). Loaded with open_clip.load_checkpoint (strict). Or a vlp run or checkpoint
+    # folder (LiT's second stage): the newest readable checkpoint's student weights, strict; model.name must be its.
     pretrained: str | None = None
     # fraction of image patches dropped in the shared training pass (FLIP / MAE); default (null): 0.75 when an
     # objective reconstructs masked patches (mae), else 0 (open_clip_train drops none unless asked)
