@@ -141,3 +141,24 @@ def test_fsdp_check_names_a_broken_resume(tmp_path, monkeypatch, capsys):
                               "--work", str(tmp_path / "work")])
     out = capsys.readouterr().out
     assert rc == 1 and "FAIL first step after resume" in out and "FAILED (" in out
+
+
+def test_a_failing_row_is_reported_and_the_rest_still_run(tmp_path, monkeypatch, capsys):
+    """On a one-shot GPU call an OOM or a compile error in one row must not lose the rows after it."""
+    def oom(*a, **k):
+        raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    def fake_open_clip(mjson, host, device, args, peak):
+        assert host.image.shape[0] == 16  # the CLIP-only batch, built although its row did not run
+        return {"label": "open_clip step (synchronized)", "batch": 16, "samples_per_s": 10.0, "step_s": 1.6,
+                "parts_s": {"data": 0.1, "forward": 0.5, "backward": 0.8, "optimizer": 0.2},
+                "gflop_per_step": 1.0, "mfu": 0.1, "peak_mem_mb": 1.0}
+
+    monkeypatch.setattr(bench_gpu, "bench_vlp", oom)
+    monkeypatch.setattr(bench_gpu, "bench_open_clip", fake_open_clip)
+    out = tmp_path / "r.json"
+    assert bench_gpu.main(["--model", "vlp-test-vit", "--batch-size", "16", "--rows", "flip,open_clip", "--e2e", "",
+                           "--no-loader", "--cache-dir", str(tmp_path), "--out", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert list(doc["steps"]) == ["open_clip"] and "CUDA out of memory" in doc["errors"]["step flip"]
+    assert "FAILED step flip: RuntimeError: CUDA out of memory" in bench_gpu.report([doc])
