@@ -18,7 +18,7 @@ import torch
 import webdataset as wds
 
 from vlp.data.format import (CLASSNAMES_FILE, IMAGE_KEYS, decode_image, expand_shards, find_sidecar, is_local,
-                             load_classnames, read_lines)
+                             is_multilabel, load_classnames, read_lines)
 
 TEMPLATES_FILE = "zeroshot_classification_templates.txt"
 DATASET_TYPE_FILE = "dataset_type.txt"
@@ -108,9 +108,9 @@ def template_fns(templates: Sequence[str | Callable]) -> list[Callable[[str], st
     return [make(t) for t in templates]
 
 
-def first_sample_keys(spec) -> set[str] | None:
-    """The extensions of the first sample of the first local shard (``{"jpg", "cls"}``), read from the tar's
-    first members; None when the first shard is remote or unreadable."""
+def first_sample(spec, max_bytes: int = 1 << 16) -> dict[str, bytes] | None:
+    """The members of the first sample of the first local shard (``{"jpg": b"...", "cls": b"3"}``; each read up
+    to ``max_bytes``), read from the tar's first members; None when the first shard is remote or unreadable."""
     import tarfile
 
     try:
@@ -119,7 +119,7 @@ def first_sample_keys(spec) -> set[str] | None:
         return None
     if not is_local(url) or not os.path.isfile(url):
         return None
-    keys, first = set(), None
+    members, first = {}, None
     try:
         with tarfile.open(url) as tar:
             for member in tar:
@@ -131,10 +131,22 @@ def first_sample_keys(spec) -> set[str] | None:
                     first = key
                 elif key != first:
                     break
-                keys.add(ext.lower())
+                members[ext.lower()] = tar.extractfile(member).read(max_bytes)
     except (OSError, tarfile.TarError):
         return None
-    return keys or None
+    return members or None
+
+
+def first_sample_keys(spec) -> set[str] | None:
+    """The extensions of :func:`first_sample` (``{"jpg", "cls"}``)."""
+    sample = first_sample(spec, max_bytes=0)
+    return set(sample) if sample else None
+
+
+def is_multilabel_data(spec) -> bool:
+    """Whether the first sample carries several labels (``cls`` ``3,17`` or a ``tags`` member)."""
+    sample = first_sample(spec)
+    return bool(sample) and is_multilabel(sample)
 
 
 def find_dataset_type(spec) -> str | None:

@@ -21,7 +21,9 @@ from typing import Callable
 import torch
 
 from vlp.eval.data import (CLASSNAMES_FILE, TEMPLATES_FILE, find_classnames, find_dataset_type, find_metadata_file,
-                           find_templates, first_sample_keys, labeled_loader, retrieval_loader)
+                           find_templates, first_sample_keys, is_multilabel_data, labeled_loader,
+                           retrieval_loader)
+from vlp.eval.multilabel import multilabel_batches, zeroshot_multilabel_eval
 from vlp.eval.probe import extract_features, knn_eval, linear_probe, split_train_test
 from vlp.eval.retrieval import retrieval_eval
 from vlp.eval.zeroshot import build_classifier, load_classifier, unwrap, zeroshot_eval
@@ -65,14 +67,17 @@ def register_eval_task(name: str, *, needs_text: bool = True, shards: str = "lab
 
 def get_eval_task(task: str | None, data=None) -> EvalTask:
     """The task named ``task`` (a name or alias, any case). ``None``/``auto``: from the shards, as clip_benchmark's
-    dataset_type: ``dataset_type.txt`` when there is one, else the first sample: labels (``cls``) -> ``zeroshot``,
-    captions only (``txt`` / ``json``) -> ``retrieval``."""
+    dataset_type: ``dataset_type.txt`` when there is one, else the first sample: several labels (``cls`` ``3,17``
+    or ``tags``) -> ``zeroshot_multilabel``, one label (``cls``) -> ``zeroshot``, captions only (``txt`` / ``json``)
+    -> ``retrieval``."""
     if task is None or task == "auto":
         kind = find_dataset_type(data) if data is not None else None
         if kind is None and data is not None:
             keys = first_sample_keys(data) or set()
             kind = "retrieval" if "cls" not in keys and keys & {"txt", "json"} else None
-        task = "retrieval" if kind and "retrieval" in kind else "zeroshot"
+            kind = kind or ("multilabel" if is_multilabel_data(data) else None)
+        task = "retrieval" if kind and "retrieval" in kind else "zeroshot_multilabel" if kind and "multilabel" in kind \
+            else "zeroshot"
     key = str(task).lower()
     for t in EVAL_TASKS.values():
         if key == t.name.lower() or key in t.aliases:
@@ -80,13 +85,16 @@ def get_eval_task(task: str | None, data=None) -> EvalTask:
     raise ValueError(f"unknown eval task {task!r}; known: {', '.join(EVAL_TASKS)} (or auto)")
 
 
-SHARD_KEYS = {"labeled": ("cls",), "captions": ("txt",)}
+SHARD_KEYS = {"labeled": ("cls",), "captions": ("txt",), "multilabel": ("cls", "tags")}
 
 
 def check_shards_fit(entry: EvalTask, data) -> None:
     """Fail at once, naming what is missing, when the first sample of ``data`` lacks what ``entry`` reads
     (retrieval on shards without captions would otherwise run every batch and report NaN)."""
     keys = first_sample_keys(data)
+    if entry.shards == "labeled" and keys and is_multilabel_data(data):  # int("3,17") would drop every sample
+        raise ValueError(f"eval --task {entry.name}: the samples of {data} carry several labels each; use --task "
+                         f"zeroshot_multilabel (mAP), or --task auto")
     need = SHARD_KEYS.get(entry.shards, ())
     if keys is None or not need or any(k in keys for k in need):
         return
@@ -153,6 +161,23 @@ def run_zeroshot(model, tokenizer, preprocess, data, *, device, batch_size, work
         weights = classifier
     loader = labeled_loader(data, preprocess, batch_size, workers, max_samples)
     return zeroshot_eval(model, weights, loader, device)
+
+
+@register_eval_task("zeroshot_multilabel", shards="multilabel",
+                    aliases=("multilabel", "zeroshot_multilabel_classification"),
+                    help="zero-shot multi-label classification (cls 3,17 or tags): mAP, top1_hit")
+def run_zeroshot_multilabel(model, tokenizer, preprocess, data, *, device, batch_size, workers, max_samples,
+                            classnames=None, templates=None, classifier=None, default_classnames=None,
+                            default_templates=None, **_) -> dict:
+    """mAP over classes and top-1 hit rate (:mod:`vlp.eval.multilabel`) of a given or built classifier."""
+    names, temps = zeroshot_labels(data, classnames, templates, default_classnames, default_templates)
+    if classifier is None:
+        weights = build_classifier(model, tokenizer, names, temps, device)
+    else:
+        weights = load_classifier(classifier)[0] if isinstance(classifier, (str, os.PathLike)) else classifier
+    skipped: dict = {}
+    batches = multilabel_batches(data, preprocess, names, batch_size, max_samples, skipped)
+    return zeroshot_multilabel_eval(model, weights, batches, device, skipped)
 
 
 def zeroshot_labels(data, classnames=None, templates=None, default_classnames=None, default_templates=None):
