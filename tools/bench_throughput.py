@@ -37,6 +37,7 @@ Usage::
     python tools/bench_throughput.py                 # 40 steps (10 warm-up), 3 repeats, batch 128
     python tools/bench_throughput.py --quick         # smoke run: batch 64, 8 steps (3 warm-up), 1 repeat
     python tools/bench_throughput.py --out bench_out/throughput.json --repeats 5
+    python tools/bench_throughput.py --contenders vlp_clip,vlp_mixed --baseline /tmp/base   # vs an older checkout
 """
 from __future__ import annotations
 
@@ -111,7 +112,9 @@ def vlp_config(name: str, shards: Path, run_dir: Path, args) -> dict:
     return tree
 
 
-def run_vlp(name: str, shards: Path, run_dir: Path, args) -> dict:
+def run_vlp(name: str, shards: Path, run_dir: Path, args, root: Path = REPO) -> dict:
+    """One ``python -m vlp.train`` of a throughput config; ``root``: the checkout whose ``vlp`` runs (``--baseline``:
+    an older one, first on the path and the working directory, so ``-m`` finds it before this one)."""
     import yaml
 
     shutil.rmtree(run_dir, ignore_errors=True)
@@ -119,7 +122,9 @@ def run_vlp(name: str, shards: Path, run_dir: Path, args) -> dict:
     cfg = run_dir / "bench_config.yaml"
     cfg.write_text(yaml.safe_dump(vlp_config(name, shards, run_dir, args), sort_keys=False))
     env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1")
-    res = run_subprocess([sys.executable, "-m", "vlp.train", "--config", str(cfg)], run_dir / "stdout.log", env, REPO)
+    if root != REPO:
+        env["PYTHONPATH"] = os.pathsep.join([str(root)] + [x for x in [env.get("PYTHONPATH")] if x])
+    res = run_subprocess([sys.executable, "-m", "vlp.train", "--config", str(cfg)], run_dir / "stdout.log", env, root)
     if res["rc"] != 0 or not (run_dir / "metrics.jsonl").is_file():
         tail = (run_dir / "stdout.log").read_text()[-2500:]
         raise RuntimeError(f"vlp {name} failed (exit {res['rc']}):\n{tail}")
@@ -141,6 +146,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--images", type=int, default=10000, help="CIFAR-10 images written to the shards (default: 10000)")
     p.add_argument("--contenders", default=",".join(CONTENDERS), help=f"subset of {','.join(CONTENDERS)}")
     p.add_argument("--quick", action="store_true", help="smoke run: batch 64, 8 steps, 3 warm-up, 1 repeat")
+    p.add_argument("--baseline", default=None, metavar="CHECKOUT",
+                   help="another vlp checkout (e.g. `git worktree add /tmp/base HEAD~1`): its vlp contenders run too, "
+                        "alternating with this checkout's, and the table gives this / baseline")
     p.add_argument("--cache-dir", default=str(REPO / "bench_out"), help="extraction, shards, runs (default: bench_out/)")
     p.add_argument("--out", default=None, help="results JSON (default: CACHE/throughput/results[-quick].json)")
     args = p.parse_args(argv)
@@ -160,6 +168,14 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [c for c in contenders if c not in CONTENDERS]
     if unknown:
         p.error(f"--contenders: unknown {unknown}; choose from {list(CONTENDERS)}")
+    labels = dict(CONTENDERS)
+    baseline = Path(args.baseline).resolve() if args.baseline else None
+    if baseline is not None:
+        if not (baseline / "vlp" / "train.py").is_file():
+            p.error(f"--baseline: {baseline} is not a vlp checkout (no vlp/train.py)")
+        for c in [c for c in contenders if c.startswith("vlp_")]:
+            contenders.append(f"{c}@baseline")
+            labels[f"{c}@baseline"] = f"{CONTENDERS[c].split(' (')[0]} (baseline)"
 
     cache = Path(args.cache_dir).resolve()
     train_root = ensure_cifar(cache / "cache")
@@ -190,7 +206,8 @@ def main(argv: list[str] | None = None) -> int:
             if c == "open_clip_train":
                 res = run_openclip(shards, run_dir, wds_dir, args)
             else:
-                res = run_vlp(c.removeprefix("vlp_"), shards, run_dir, args)
+                name = c.removeprefix("vlp_").removesuffix("@baseline")
+                res = run_vlp(name, shards, run_dir, args, baseline if c.endswith("@baseline") else REPO)
             rate, wait, n = windows_rate(res["windows"], args.batch_size, args.warmup)
             res.update({"samples_per_s": rate, "data_wait_frac": wait, "steps_measured": n, "load_before": load})
             runs[c].append(res)
@@ -201,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = {}
     for c, rs in runs.items():
         summary[c] = {
-            "label": CONTENDERS[c],
+            "label": labels[c],
             "samples_per_s_median": statistics.median(r["samples_per_s"] for r in rs),
             "samples_per_s_all": [round(r["samples_per_s"], 2) for r in rs],
             "data_wait_frac_median": statistics.median(r["data_wait_frac"] for r in rs),
@@ -230,6 +247,10 @@ def main(argv: list[str] | None = None) -> int:
           f"{args.warmup + 1}..{args.steps}, start-up and warm-up excluded.")
     if mixed_over_clip:
         print(f"vlp mixed / vlp CLIP-only: {mixed_over_clip:.2f}x")
+    vs_baseline = {c: summary[c]["samples_per_s_median"] / summary[f"{c}@baseline"]["samples_per_s_median"]
+                   for c in summary if f"{c}@baseline" in summary}
+    for c, ratio in vs_baseline.items():
+        print(f"{CONTENDERS[c]}: this checkout / baseline {baseline}: {ratio:.3f}x")
     goals = {}
     for c, goal in GOALS.items():
         if c in summary and base:
@@ -244,6 +265,7 @@ def main(argv: list[str] | None = None) -> int:
         "method": "samples/s = batch x steps / summed step seconds over post-warm-up windows of each trainer's own "
                   "timing (open_clip_train: 'Batch (t)' and 'Data (t)' log lines; vlp: metrics.jsonl)",
         "summary": summary, "mixed_over_vlp_clip": mixed_over_clip, "goals": goals,
+        "baseline": str(baseline) if baseline else None, "vs_baseline": vs_baseline,
         "runs": {c: [{k: v for k, v in r.items()} for r in rs] for c, rs in runs.items()},
     }
     out = Path(args.out) if args.out else cache / "throughput" / ("results-quick.json" if q else "results.json")
