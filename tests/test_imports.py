@@ -109,3 +109,52 @@ def test_the_checker_reads_deferred_and_type_checking_imports():
 def test_no_import_circle_inside_vlp():
     found = circles(import_graph())
     assert not found, "import circles: " + "; ".join(" <-> ".join(c) for c in found)
+
+
+# the rooms of the house (README, "Architecture"): module -> room, and the rooms each room may import
+ROOMS = {
+    "format": ("vlp.strict", "vlp.data.format"),
+    "data": ("vlp.data.batch", "vlp.data.views", "vlp.data.transforms", "vlp.data.sources", "vlp.data"),
+    "objectives": ("vlp.objectives",),
+    "config": ("vlp.config", "vlp.schema", "vlp.eval.config"),
+    "loader": ("vlp.data.mixing", "vlp.data.device_decode"),
+    "checkpoint": ("vlp.checkpoint",),
+    "models": ("vlp.models",),
+    "task": ("vlp.task", "vlp.flops"),
+    "eval": ("vlp.eval",),
+    "export": ("vlp.export",),
+    "shards": ("vlp.shards",),
+    "trainer": ("vlp.train", "vlp.checkpointer", "vlp.optim", "vlp.train_log", "vlp.data_wait", "vlp.run_dir"),
+    "cli": ("vlp.cli", "vlp.demo", "vlp.plot", "vlp"),
+}
+MAY_IMPORT = {
+    "format": set(),
+    "data": {"format"},
+    "objectives": {"format", "data"},
+    "config": {"format", "objectives"},  # objectives: the registry of their configs, inside the validators
+    "loader": {"format", "data", "config"},
+    "checkpoint": {"format", "config"},
+    "models": {"format", "config", "checkpoint"},
+    "task": {"format", "data", "objectives", "config", "loader", "checkpoint", "models"},
+    "eval": {"format", "data", "objectives", "config", "checkpoint", "models"},
+    "export": {"format", "data", "objectives", "config", "checkpoint", "models"},
+    "shards": {"format"},
+    "trainer": {"format", "data", "objectives", "config", "loader", "checkpoint", "models", "task", "eval"},
+    "cli": set(ROOMS) - {"cli"},
+}
+
+
+def room_of(module: str) -> str:
+    """The room of the longest prefix of ``module`` named in ROOMS."""
+    best = max(((p, r) for r, prefixes in ROOMS.items() for p in prefixes
+                if module == p or module.startswith(p + ".")), key=lambda pr: len(pr[0]), default=None)
+    assert best is not None, f"{module} belongs to no room: add it to ROOMS (and README's Architecture)"
+    return best[1]
+
+
+def test_each_room_imports_only_the_rooms_below_it():
+    bad = sorted(f"{m} -> {d} ({room_of(m)} may not import {room_of(d)})"
+                 for m, deps in import_graph().items() for d in deps
+                 if room_of(d) != room_of(m) and room_of(d) not in MAY_IMPORT[room_of(m)])
+    assert not bad, "\n".join(bad)
+    assert not circles({r: MAY_IMPORT[r] for r in ROOMS}), "the rooms themselves must form layers"
