@@ -25,9 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib.cli import write_json  # noqa: E402
-from benchlib.images import synthetic_jpegs  # noqa: E402
+from benchlib.cli import write_json
+from benchlib.images import synthetic_jpegs
 
 MEAN = (0.48145466, 0.4578275, 0.40821073)
 STD = (0.26862954, 0.26130258, 0.27577711)
