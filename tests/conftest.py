@@ -1,4 +1,5 @@
 """Shared fixtures: real digits shards of all three kinds, and run configs on them."""
+import json
 import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -71,3 +72,14 @@ def student(clip, model_cfg, num_classes: int = 0, use_mae: bool = True, **mae):
     objectives = [ContrastiveObjective()] + ([mae_objective] if use_mae else []) + \
         ([SupervisedObjective()] if num_classes else [])
     return build_student(clip, model_cfg, objectives, num_classes=num_classes)
+
+
+def step_metrics(run_dir: Path) -> dict[int, dict]:
+    """The last logged losses record of each step in a run's metrics.jsonl (a resumed run re-logs the steps after
+    its checkpoint)."""
+    out = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if "loss/total" in rec:
+            out[rec["step"]] = rec
+    return out

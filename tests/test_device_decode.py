@@ -14,7 +14,7 @@ from PIL import Image
 from torchvision import transforms as T
 from torchvision.transforms import functional as TF
 
-from conftest import run_config
+from conftest import run_config, step_metrics
 from vlp.config import ConfigError, DataConfig, config_from_dict
 from vlp.data.batch import Batch, StreamMeta, ViewGroup, flatten
 from vlp.data.device_decode import (DeviceDecoder, DevicePlanner, DeviceRecipe, DeviceRow, PendingImages,
@@ -387,17 +387,6 @@ def test_pending_images_move_and_pin_like_a_tensor(photos):
 # ------------------------------------------------------------------------------ (4) training runs
 
 
-def _losses(run_dir: Path) -> dict[int, dict]:
-    import json
-
-    out = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        rec = json.loads(line)
-        if "loss/total" in rec:
-            out[rec["step"]] = rec
-    return out
-
-
 def test_training_with_device_decode_resumes_exactly(demo_data, tmp_path):
     """A real mixed run (CLIP + MAE + supervised, 2 workers) with data.decode: device trains; a run resumed from its
     step-3 checkpoint logs the uninterrupted run's losses at steps 4-6. Its images equal the CPU path's within the
@@ -411,14 +400,14 @@ def test_training_with_device_decode_resumes_exactly(demo_data, tmp_path):
     result = trainer.fit()
     assert result["step"] == 6
     assert trainer.device_decoder.rows == 6 * 16  # every row of every step: the demo's images are RGB JPEGs
-    reference = _losses(tmp_path / "ref")
+    reference = step_metrics(tmp_path / "ref")
     assert all(math.isfinite(reference[s]["loss/total"]) for s in range(1, 7))
 
     ckpt = ckpt_io.checkpoint_dir(tmp_path / "ref", 3)
     assert ckpt in ckpt_io.list_checkpoints(tmp_path / "ref")
     run_dir = tmp_path / "resumed"
     Trainer(config_from_dict(run_config(demo_data, run_dir, data=data)), resume=str(ckpt)).fit()
-    resumed = _losses(run_dir)
+    resumed = step_metrics(run_dir)
     for step in (4, 5, 6):
         for key in ("loss/total", "loss/contrastive", "loss/mae", "loss/supervised"):
             assert resumed[step][key] == pytest.approx(reference[step][key], rel=1e-5, abs=1e-6), (step, key)

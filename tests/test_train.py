@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, run_config, write_config
+from conftest import REPO, run_config, step_metrics, write_config
 from vlp import checkpoint as ckpt_io
 from vlp.config import config_from_dict
 from vlp.data.mixing import live_children
@@ -22,16 +22,6 @@ from vlp.train import NonFiniteLoss, Trainer
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
 LAUNCH_2 = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
             "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0"]
-
-
-def _metrics(run_dir: Path) -> dict[int, dict]:
-    """Last logged record per step (a resumed run re-logs the steps after its checkpoint)."""
-    out = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        rec = json.loads(line)
-        if "loss/total" in rec:
-            out[rec["step"]] = rec
-    return out
 
 
 def sigkill_after_first_checkpoint(config: Path, run_dir: Path, timeout: float) -> list[Path]:
@@ -170,7 +160,7 @@ def test_two_process_training_run(demo_data, tmp_path):
     assert info["step"] == 4 and info["world_size"] == 2
     # samples seen count both ranks: 4 steps x 2 ranks x per-rank composition
     assert info["samples_seen"] == {"paired": 64, "labeled": 32, "unlabeled": 32}
-    steps = _metrics(tmp_path / "run")
+    steps = step_metrics(tmp_path / "run")
     assert sorted(steps) == [1, 2, 3, 4]
     assert all(math.isfinite(r["loss/contrastive"]) for r in steps.values())
 
@@ -210,7 +200,7 @@ def test_killed_run_resumes_to_identical_losses(demo_data, tmp_path):
     ref_path = write_config(tmp_path / "ref.yaml", ref_cfg)
     subprocess.run([sys.executable, "-m", "vlp.train", "--config", str(ref_path)], env=ENV, check=True,
                    capture_output=True, timeout=300)
-    reference = _metrics(tmp_path / "ref")
+    reference = step_metrics(tmp_path / "ref")
 
     run_dir = tmp_path / "killed"
     # a larger batch slows each step so the kill lands between the first checkpoint and the end
@@ -223,7 +213,7 @@ def test_killed_run_resumes_to_identical_losses(demo_data, tmp_path):
 
     subprocess.run([sys.executable, "-m", "vlp.train", "--config", str(path), "--resume", "auto"], env=ENV,
                    check=True, capture_output=True, timeout=300)
-    resumed = _metrics(run_dir)
+    resumed = step_metrics(run_dir)
     assert ckpt_io.read_run_info(run_dir)["step"] == steps
     for step in range(killed_at + 1, steps + 1):
         for key in ("loss/total", "loss/contrastive", "loss/mae", "loss/supervised"):
@@ -250,7 +240,7 @@ def test_sigkill_with_two_workers_then_resume_at_once_gives_the_uninterrupted_lo
 
     subprocess.run([sys.executable, "-m", "vlp.train", "--config", str(config("ref"))], env=ENV, check=True,
                    capture_output=True, timeout=300)
-    reference = _metrics(tmp_path / "ref")
+    reference = step_metrics(tmp_path / "ref")
     run_dir, path = tmp_path / "run", config("run")
     proc = subprocess.Popen([sys.executable, "-m", "vlp.train", "--config", str(path)], env=ENV,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -267,7 +257,7 @@ def test_sigkill_with_two_workers_then_resume_at_once_gives_the_uninterrupted_lo
     resume = subprocess.run([sys.executable, "-m", "vlp.train", "--config", str(path), "--resume", "auto"], env=ENV,
                             capture_output=True, text=True, timeout=300)
     assert resume.returncode == 0, resume.stderr[-3000:]
-    resumed = _metrics(run_dir)
+    resumed = step_metrics(run_dir)
     assert ckpt_io.read_run_info(run_dir)["step"] == steps
     for step in range(killed_at + 1, steps + 1):
         for key in ("loss/total", "loss/contrastive", "loss/mae", "loss/supervised"):
@@ -360,7 +350,7 @@ def test_nonfinite_loss_step_is_skipped_and_counted(demo_data, tmp_path):
     assert result["step"] == 5 and result["nonfinite_steps"] == 1
     info = ckpt_io.read_run_info(tmp_path / "run")
     assert info["nonfinite_steps"] == 1
-    assert 3 not in _metrics(tmp_path / "run")  # the skipped step logged no losses
+    assert 3 not in step_metrics(tmp_path / "run")  # the skipped step logged no losses
     assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
     assert any(not torch.equal(before[n], p) for n, p in trainer.model.named_parameters())
 
@@ -429,7 +419,7 @@ def test_sigterm_to_the_group_then_resume_gives_the_uninterrupted_losses(demo_da
 
     subprocess.run([*launch, "-m", "vlp.train", "--config", str(config("ref"))], env=ENV, check=True,
                    capture_output=True, timeout=300)
-    reference = _metrics(tmp_path / "ref")
+    reference = step_metrics(tmp_path / "ref")
     run_dir, path = tmp_path / "run", config("run")
     proc = subprocess.Popen([*launch, "-m", "vlp.train", "--config", str(path)], env=ENV,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
@@ -444,7 +434,7 @@ def test_sigterm_to_the_group_then_resume_gives_the_uninterrupted_losses(demo_da
     assert 3 <= stopped_at < steps, err
     subprocess.run([*launch, "-m", "vlp.train", "--config", str(path), "--resume", "auto"], env=ENV, check=True,
                    capture_output=True, timeout=300)
-    resumed = _metrics(run_dir)
+    resumed = step_metrics(run_dir)
     assert ckpt_io.read_run_info(run_dir)["step"] == steps
     for step in range(1, steps + 1):
         for key in keys:

@@ -75,13 +75,14 @@ from pathlib import Path
 import torch
 
 from benchlib import REPO
-from benchlib.cifar import CLASSNAMES, DATA_TARBALL, by_class, ensure_cifar
+from benchlib.cifar import CLASSNAMES, DATA_TARBALL, ensure_cifar, stratified_subset
 from benchlib.cli import log, parse_list, write_json
 from benchlib.images import synthetic_jpegs
 from benchlib.openclip import OpenClipStep, run_openclip
 from benchlib.process import run_subprocess
 from benchlib.shards import cached, class_files
 from benchlib.wds_old import OLD_WDS, ensure_old_webdataset
+from benchlib.windows import vlp_windows, windows_rate
 
 RECIPES = {"clip": "CLIP-only (unmasked)", "flip": "FLIP (75% masked)", "mixed": "mixed CLIP+MAE+sup (75% masked)"}
 STEP_ROWS = {**{r: f"vlp {label}" for r, label in RECIPES.items()},
@@ -296,20 +297,12 @@ def _resized_jpeg(job: tuple[str, int]) -> bytes:
 def e2e_shards(train_root: Path, out: Path, n_images: int, size: int, seed: int = 0) -> Path:
     """The first ``n_images`` CIFAR-10 images (stratified, seeded) at ``size`` px (bicubic, JPEG quality 90; the
     original bytes at 32 px) as paired / labeled / unlabeled shards, written once (benchlib.shards.cached)."""
-    import random
     from multiprocessing import Pool
 
     from vlp.shards import write_samples
 
     def write(folder: Path) -> dict:
-        classes, paths_of = by_class(train_root)
-        rng = random.Random(seed)
-        chosen = []
-        for y in sorted(paths_of):
-            paths = sorted(paths_of[y])
-            rng.shuffle(paths)
-            chosen += [(p, y) for p in paths[: n_images // len(paths_of)]]
-        rng.shuffle(chosen)
+        classes, chosen = stratified_subset(train_root, n_images, seed)
         t0 = time.time()
         if size == 32:
             jpgs = [Path(p).read_bytes() for p, _ in chosen]
@@ -335,31 +328,6 @@ def e2e_shards(train_root: Path, out: Path, n_images: int, size: int, seed: int 
 
     cached(out, {"n_images": n_images, "size": size, "seed": seed, "version": 2}, write)
     return out
-
-
-def windows_rate(windows: list[tuple[int, int, float, float]], batch: int, warmup: int) -> dict | None:
-    """``windows``: (first step, last step, step seconds, data seconds), steps 1-based. samples/s, step seconds and
-    the loader-wait share over the windows that start after ``warmup``; None when there are none."""
-    used = [w for w in windows if w[0] > warmup]
-    steps = sum(last - first + 1 for first, last, _, _ in used)
-    t, d = sum(w[2] for w in used), sum(w[3] for w in used)
-    if not steps or t <= 0:
-        return None
-    return {"samples_per_s": batch * steps / t, "step_s": t / steps, "loader_wait_frac": d / t, "steps_measured": steps}
-
-
-def vlp_windows(metrics_path: Path, batch: int) -> list[tuple[int, int, float, float]]:
-    """vlp's ``metrics.jsonl`` windows: ``samples_per_s`` and ``data_wait_frac`` per ``log_every`` steps."""
-    windows, prev = [], 0
-    for line in metrics_path.read_text().splitlines():
-        m = json.loads(line)
-        if "samples_per_s" not in m:
-            continue
-        n = m["step"] - prev
-        t = n * batch / m["samples_per_s"]
-        windows.append((prev + 1, m["step"], t, t * m["data_wait_frac"]))
-        prev = m["step"]
-    return windows
 
 
 def run_vlp_e2e(recipe: str, mjson: Path, shards: Path, run_dir: Path, device, args) -> dict:
@@ -395,6 +363,7 @@ def e2e_row(name: str, res: dict, args, step_rows: dict, peak: float | None) -> 
     rate = windows_rate(res["windows"], args.batch_size, args.e2e_warmup)
     if rate is None:
         return None
+    rate["loader_wait_frac"] = rate.pop("data_wait_frac")
     ref = step_rows.get(E2E[name][0]) or {}
     gflop, step_s = ref.get("gflop_per_step"), ref.get("step_s")
     return {"label": E2E[name][1], **rate, "gflop_per_step": gflop,

@@ -42,7 +42,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import statistics
@@ -55,6 +54,7 @@ from benchlib.cli import log, write_json
 from benchlib.openclip import TINY_VIT, run_openclip
 from benchlib.process import run_subprocess
 from benchlib.wds_old import OLD_WDS, ensure_old_webdataset
+from benchlib.windows import vlp_windows, windows_rate
 
 MODEL = TINY_VIT.stem
 CONTENDERS = {
@@ -67,31 +67,6 @@ GOALS = {"vlp_clip": 1.05, "vlp_mixed": 1.8}
 
 
 # ---------------------------------------------------------------------------------------------- running
-
-
-def windows_rate(windows: list[tuple[int, int, float, float]], batch: int, warmup: int):
-    """``windows``: (first step, last step, step seconds, data seconds) per logged window, steps 1-based.
-    Returns (samples/s, data-wait fraction, steps measured) over the windows that start after ``warmup``."""
-    used = [w for w in windows if w[0] > warmup]
-    steps = sum(last - first + 1 for first, last, _, _ in used)
-    t = sum(s for _, _, s, _ in used)
-    d = sum(dt for _, _, _, dt in used)
-    if not steps or t <= 0:
-        return None, None, 0
-    return batch * steps / t, d / t, steps
-
-
-def vlp_windows(metrics_path: Path, batch: int) -> list[tuple[int, int, float, float]]:
-    windows, prev = [], 0
-    for line in metrics_path.read_text().splitlines():
-        m = json.loads(line)
-        if "samples_per_s" not in m:
-            continue
-        n = m["step"] - prev
-        t = n * batch / m["samples_per_s"]
-        windows.append((prev + 1, m["step"], t, t * m["data_wait_frac"]))
-        prev = m["step"]
-    return windows
 
 
 def vlp_config(name: str, shards: Path, run_dir: Path, args) -> dict:
@@ -208,7 +183,8 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 name = c.removeprefix("vlp_").removesuffix("@baseline")
                 res = run_vlp(name, shards, run_dir, args, baseline if c.endswith("@baseline") else REPO)
-            rate, wait, n = windows_rate(res["windows"], args.batch_size, args.warmup)
+            r = windows_rate(res["windows"], args.batch_size, args.warmup) or {}
+            rate, wait, n = r.get("samples_per_s"), r.get("data_wait_frac"), r.get("steps_measured", 0)
             res.update({"samples_per_s": rate, "data_wait_frac": wait, "steps_measured": n, "load_before": load})
             runs[c].append(res)
             log(f"repeat {rep + 1}/{args.repeats} {c}: {rate:.1f} samples/s over {n} steps, data wait "

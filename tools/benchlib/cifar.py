@@ -190,19 +190,26 @@ def prepare_val(cache: Path, out: Path, split: dict, n_val: int) -> int | None:
     return len(val)
 
 
+def stratified_subset(train_root: Path, n_images: int, seed: int = 0) -> tuple[list[str], list[tuple[str, int]]]:
+    """The class names and ``n_images`` (path, class) pairs of an ImageFolder: the same number of each class
+    (seeded), shuffled."""
+    classes, paths_of = by_class(train_root)
+    rng = random.Random(seed)
+    chosen = []
+    for y in sorted(paths_of):
+        paths = sorted(paths_of[y])
+        rng.shuffle(paths)
+        chosen += [(p, y) for p in paths[: n_images // len(paths_of)]]
+    rng.shuffle(chosen)
+    return classes, chosen
+
+
 def subset_shards(train_root: Path, out: Path, n_images: int, seed: int = 0) -> dict:
     """The first ``n_images`` (stratified) as paired / labeled / unlabeled shards; skipped when already there."""
     from vlp.shards import write_samples
 
     def write(folder: Path) -> dict:
-        classes, paths_of = by_class(train_root)
-        rng = random.Random(seed)
-        chosen = []
-        for y in sorted(paths_of):
-            paths = sorted(paths_of[y])
-            rng.shuffle(paths)
-            chosen += [(p, y) for p in paths[: n_images // len(paths_of)]]
-        rng.shuffle(chosen)
+        classes, chosen = stratified_subset(train_root, n_images, seed)
         log(f"writing {len(chosen)} images as paired / labeled / unlabeled shards to {folder}")
 
         def samples(kind):

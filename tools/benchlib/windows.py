@@ -1,0 +1,32 @@
+"""Training speed from a trainer's own timing windows: ``(first step, last step, step seconds, data seconds)`` per
+logged window (steps 1-based), read from vlp's ``metrics.jsonl`` here and from open_clip_train's ``Batch (t)`` /
+``Data (t)`` log lines in :mod:`benchlib.openclip`."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def vlp_windows(metrics_path: Path, batch: int) -> list[tuple[int, int, float, float]]:
+    """vlp's ``metrics.jsonl`` windows: ``samples_per_s`` and ``data_wait_frac`` per ``log_every`` steps."""
+    windows, prev = [], 0
+    for line in metrics_path.read_text().splitlines():
+        m = json.loads(line)
+        if "samples_per_s" not in m:
+            continue
+        n = m["step"] - prev
+        t = n * batch / m["samples_per_s"]
+        windows.append((prev + 1, m["step"], t, t * m["data_wait_frac"]))
+        prev = m["step"]
+    return windows
+
+
+def windows_rate(windows: list[tuple[int, int, float, float]], batch: int, warmup: int) -> dict | None:
+    """samples/s, step seconds and the data-wait share over the windows that start after ``warmup``
+    (``steps_measured``: the steps they hold); None when there are none."""
+    used = [w for w in windows if w[0] > warmup]
+    steps = sum(last - first + 1 for first, last, _, _ in used)
+    t, d = sum(w[2] for w in used), sum(w[3] for w in used)
+    if not steps or t <= 0:
+        return None
+    return {"samples_per_s": batch * steps / t, "step_s": t / steps, "data_wait_frac": d / t, "steps_measured": steps}
