@@ -79,10 +79,9 @@ from benchlib.cifar import CLASSNAMES, DATA_TARBALL, ensure_cifar, stratified_su
 from benchlib.cli import log, parse_list, write_json
 from benchlib.images import synthetic_jpegs
 from benchlib.openclip import OpenClipStep, run_openclip
-from benchlib.process import run_subprocess
 from benchlib.shards import cached, class_files
 from benchlib.wds_old import OLD_WDS, ensure_old_webdataset
-from benchlib.windows import vlp_windows, windows_rate
+from benchlib.windows import timed_vlp_run, windows_rate
 
 RECIPES = {"clip": "CLIP-only (unmasked)", "flip": "FLIP (75% masked)", "mixed": "mixed CLIP+MAE+sup (75% masked)"}
 STEP_ROWS = {**{r: f"vlp {label}" for r, label in RECIPES.items()},
@@ -332,10 +331,6 @@ def e2e_shards(train_root: Path, out: Path, n_images: int, size: int, seed: int 
 
 def run_vlp_e2e(recipe: str, mjson: Path, shards: Path, run_dir: Path, device, args) -> dict:
     """``python -m vlp.train`` on the shards with the recipe's throughput config."""
-    import shutil
-
-    import yaml
-
     tree = recipe_tree(recipe, mjson, args.batch_size, args.e2e_steps)
     tree["output_dir"] = str(run_dir)
     for src in tree["data"]["sources"]:
@@ -344,17 +339,7 @@ def run_vlp_e2e(recipe: str, mjson: Path, shards: Path, run_dir: Path, device, a
     tree["train"].update(log_every=args.e2e_log_every, precision="bf16" if device.type == "cuda" else "no",
                          compile=bool(args.compile))
     tree["model"]["grad_checkpointing"] = bool(args.grad_checkpointing)
-    shutil.rmtree(run_dir, ignore_errors=True)
-    run_dir.mkdir(parents=True)
-    cfg = run_dir / "bench_config.yaml"
-    cfg.write_text(yaml.safe_dump(tree, sort_keys=False))
-    env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    res = run_subprocess([sys.executable, "-m", "vlp.train", "--config", str(cfg)], run_dir / "stdout.log", env, REPO)
-    if res["rc"] != 0 or not (run_dir / "metrics.jsonl").is_file():
-        tail = (run_dir / "stdout.log").read_text()[-2500:]
-        raise RuntimeError(f"vlp {recipe} failed (exit {res['rc']}):\n{tail}")
-    res["windows"] = vlp_windows(run_dir / "metrics.jsonl", args.batch_size)
-    return res
+    return timed_vlp_run(tree, run_dir, args.batch_size, recipe)
 
 
 def e2e_row(name: str, res: dict, args, step_rows: dict, peak: float | None) -> dict | None:

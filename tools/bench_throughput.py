@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import statistics
 import sys
 from pathlib import Path
@@ -52,9 +51,8 @@ from benchlib import REPO
 from benchlib.cifar import DATA_TARBALL, ensure_cifar, subset_shards
 from benchlib.cli import log, write_json
 from benchlib.openclip import TINY_VIT, run_openclip
-from benchlib.process import run_subprocess
 from benchlib.wds_old import OLD_WDS, ensure_old_webdataset
-from benchlib.windows import vlp_windows, windows_rate
+from benchlib.windows import timed_vlp_run, windows_rate
 
 MODEL = TINY_VIT.stem
 CONTENDERS = {
@@ -88,23 +86,8 @@ def vlp_config(name: str, shards: Path, run_dir: Path, args) -> dict:
 
 
 def run_vlp(name: str, shards: Path, run_dir: Path, args, root: Path = REPO) -> dict:
-    """One ``python -m vlp.train`` of a throughput config; ``root``: the checkout whose ``vlp`` runs (``--baseline``:
-    an older one, first on the path and the working directory, so ``-m`` finds it before this one)."""
-    import yaml
-
-    shutil.rmtree(run_dir, ignore_errors=True)
-    run_dir.mkdir(parents=True)
-    cfg = run_dir / "bench_config.yaml"
-    cfg.write_text(yaml.safe_dump(vlp_config(name, shards, run_dir, args), sort_keys=False))
-    env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1")
-    if root != REPO:
-        env["PYTHONPATH"] = os.pathsep.join([str(root)] + [x for x in [env.get("PYTHONPATH")] if x])
-    res = run_subprocess([sys.executable, "-m", "vlp.train", "--config", str(cfg)], run_dir / "stdout.log", env, root)
-    if res["rc"] != 0 or not (run_dir / "metrics.jsonl").is_file():
-        tail = (run_dir / "stdout.log").read_text()[-2500:]
-        raise RuntimeError(f"vlp {name} failed (exit {res['rc']}):\n{tail}")
-    res["windows"] = vlp_windows(run_dir / "metrics.jsonl", args.batch_size)
-    return res
+    """One ``python -m vlp.train`` of a throughput config; ``root``: the checkout whose ``vlp`` runs (``--baseline``)."""
+    return timed_vlp_run(vlp_config(name, shards, run_dir, args), run_dir, args.batch_size, name, root)
 
 
 # ---------------------------------------------------------------------------------------------- main
