@@ -9,8 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import run_config
-from test_train import _metrics
+from conftest import run_config, step_metrics
 from vlp.config import ConfigError, config_from_dict
 from vlp.data.batch import Batch
 from vlp.objectives.base import BuildContext
@@ -175,7 +174,7 @@ def test_beit_trains_on_real_shards_and_keeps_its_codebook_across_a_resume(demo_
     cfg["objectives"] = {"beit": {"codebook_size": 32, "kmeans_iters": 5, "decoder_width": 32, "decoder_depth": 1,
                                   "decoder_heads": 2}}
     Trainer(config_from_dict(copy.deepcopy(cfg))).fit()
-    steps = _metrics(run)
+    steps = step_metrics(run)
     assert sorted(steps) == [1, 2, 3]
     assert all(math.isfinite(r["loss/beit"]) and r["loss/beit"] > 0 for r in steps.values())
     assert steps[1]["loss/beit"] < math.log(32) * 1.5
@@ -192,7 +191,7 @@ def test_beit_trains_on_real_shards_and_keeps_its_codebook_across_a_resume(demo_
     trainer.fit()
     last = load_file(sorted((run / "checkpoints").glob("step_*"))[-1] / "objectives.safetensors")
     assert torch.equal(last["beit.codebook"], saved[0]["beit.codebook"])
-    assert math.isfinite(_metrics(run)[4]["loss/beit"])
+    assert math.isfinite(step_metrics(run)[4]["loss/beit"])
 
 
 def _fit_on_rank(rank, path, halves):

@@ -9,8 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import run_config
-from test_train import _metrics
+from conftest import run_config, step_metrics
 from vlp.config import config_from_dict
 from vlp.data.batch import Batch
 from vlp.objectives.colorization import (ColorizationObjective, ab_bins, lightness_image, rgb_to_lab,
@@ -159,7 +158,7 @@ def test_colorization_trains_on_real_shards_and_checkpoints_its_prior(demo_data,
     cfg["data"].update(batch={"unlabeled": 6}, workers=0)
     cfg["objectives"] = {"colorization": {"hidden_dim": 32}}
     Trainer(config_from_dict(cfg)).fit()
-    steps = _metrics(tmp_path / "color")
+    steps = step_metrics(tmp_path / "color")
     assert sorted(steps) == [1, 2, 3]
     assert all(math.isfinite(r["loss/colorization"]) and r["loss/colorization"] > 0 for r in steps.values())
     last = sorted((tmp_path / "color" / "checkpoints").glob("step_*"))[-1]

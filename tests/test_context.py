@@ -8,8 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import run_config
-from test_train import _metrics
+from conftest import run_config, step_metrics
 from vlp.config import config_from_dict
 from vlp.data.batch import Batch
 from vlp.objectives.base import BuildContext
@@ -141,7 +140,7 @@ def test_context_trains_on_real_shards(demo_data, tmp_path):
     cfg["data"].update(batch={"unlabeled": 6}, workers=0)
     cfg["objectives"] = {"context": {"patch_dim": 8, "hidden_dim": 16, "color_drop": True}}
     Trainer(config_from_dict(cfg)).fit()
-    steps = _metrics(tmp_path / "ctx")
+    steps = step_metrics(tmp_path / "ctx")
     assert sorted(steps) == [1, 2, 3]
     assert all(math.isfinite(r["loss/context"]) and r["loss/context"] > 0 and "context/acc" in r
                for r in steps.values())

@@ -10,8 +10,8 @@ import pytest
 import torch
 import yaml
 
-from conftest import REPO, run_config
-from test_train import _metrics, run_two_processes
+from conftest import REPO, run_config, step_metrics
+from test_train import run_two_processes
 from vlp.config import config_from_dict, load_config
 from vlp.train import Trainer
 
@@ -91,7 +91,7 @@ def test_method_alone_trains_on_real_shards(demo_data, tmp_path, method):
     cfg["eval"] = {"knn": {"shards": str(demo_data / "test" / "*.tar"),
                            "train_shards": str(demo_data / "labeled" / "*.tar"), "k": 5}, "batch_size": 64}
     Trainer(config_from_dict(cfg)).fit()
-    steps = _metrics(tmp_path / method)
+    steps = step_metrics(tmp_path / method)
     assert sorted(steps) == [1, 2, 3]
     assert all(math.isfinite(r[f"loss/{method}"]) and r[f"loss/{method}"] > 0 for r in steps.values())
     knn = [json for json in (tmp_path / method / "metrics.jsonl").read_text().splitlines() if "knn" in json]
@@ -116,7 +116,7 @@ def test_each_clip_config_trains_the_method_mixed_with_clip(demo_data, tmp_path,
                             "train_shards": str(demo_data / "labeled" / "*.tar"), "k": 5},
                     "zeroshot": {"shards": str(demo_data / "test" / "*.tar")}, "batch_size": 64}
     Trainer(config_from_dict(tree)).fit()
-    steps = _metrics(tmp_path / path.stem)
+    steps = step_metrics(tmp_path / path.stem)
     assert sorted(steps) == [1, 2]
     for rec in steps.values():
         for name in ("contrastive", method):

@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from conftest import REPO, run_config, write_config
-from test_train import ENV, LAUNCH_2, _metrics
+from conftest import REPO, run_config, step_metrics, write_config
+from test_train import ENV, LAUNCH_2
 from vlp import checkpoint as ckpt_io
 from vlp.objectives.swav import SwAVObjective, distributed_sinkhorn, swav_loss
 
@@ -164,7 +164,7 @@ def test_two_process_resume_gives_each_rank_its_own_queue_and_the_uninterrupted_
     path = config("run")  # the reference's checkpoint at step 3 as this run's latest, then resumed
     shutil.copytree(step3, ckpt_io.checkpoint_dir(tmp_path / "run", 3))
     subprocess.run([*run, str(path), "--resume", "auto"], env=ENV, check=True, capture_output=True, timeout=300)
-    reference, resumed = _metrics(tmp_path / "ref"), _metrics(tmp_path / "run")
+    reference, resumed = step_metrics(tmp_path / "ref"), step_metrics(tmp_path / "run")
     assert sorted(resumed) == [4, 5, 6]
     for step in (4, 5, 6):
         assert resumed[step]["loss/swav"] == pytest.approx(reference[step]["loss/swav"], rel=1e-5, abs=1e-6), step

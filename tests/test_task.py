@@ -8,8 +8,8 @@ import sys
 import pytest
 import torch
 
-from conftest import run_config, write_config
-from test_train import ENV, _metrics, sigkill_after_first_checkpoint
+from conftest import run_config, step_metrics, write_config
+from test_train import ENV, sigkill_after_first_checkpoint
 from vlp import checkpoint as ckpt_io
 from vlp.config import TeacherConfig, config_from_dict
 from vlp.data.mixing import make_loader
@@ -126,7 +126,7 @@ def test_killed_run_with_a_teacher_resumes_to_identical_losses_and_teacher(demo_
 
     subprocess.run([sys.executable, "-m", "vlp.train", "--config", str(config("ref"))], env=ENV, check=True,
                    capture_output=True, timeout=400)
-    reference = _metrics(tmp_path / "ref")
+    reference = step_metrics(tmp_path / "ref")
 
     run_dir, path = tmp_path / "killed", config("killed")
     saved = sigkill_after_first_checkpoint(path, run_dir, timeout=300)
@@ -136,7 +136,7 @@ def test_killed_run_with_a_teacher_resumes_to_identical_losses_and_teacher(demo_
 
     subprocess.run([sys.executable, "-m", "vlp.train", "--config", str(path), "--resume", "auto"], env=ENV,
                    check=True, capture_output=True, timeout=400)
-    resumed = _metrics(run_dir)
+    resumed = step_metrics(run_dir)
     for step in range(killed_at + 1, steps + 1):
         for key in ("loss/total", "loss/contrastive", "loss/byol"):
             assert resumed[step][key] == pytest.approx(reference[step][key], rel=1e-5, abs=1e-6), (step, key)
