@@ -574,7 +574,8 @@ def probe_shards(images, tmp_path_factory):
 
 def test_registry_lists_tasks_and_aliases():
     assert {n: (t.needs_text, t.uses_train_data) for n, t in EVAL_TASKS.items()} == {
-        "zeroshot": (True, False), "retrieval": (True, False), "knn": (False, True), "linear_probe": (False, True)}
+        "zeroshot": (True, False), "zeroshot_multilabel": (True, False), "retrieval": (True, False),
+        "knn": (False, True), "linear_probe": (False, True)}
     # every spelling the CLI accepted before the registry
     spellings = {"zeroshot": "zeroshot", "zero-shot": "zeroshot", "zero_shot": "zeroshot",
                  "zeroshot_classification": "zeroshot", "classification": "zeroshot", "retrieval": "retrieval",
