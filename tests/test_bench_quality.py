@@ -262,6 +262,15 @@ def test_a_second_stage_waits_for_its_first_and_its_sweep_selects_on_zero_shot()
     second = start()
     assert second.name == "sweep-lit-lr0.0005" and second.key() == ("lit", 0, 5e-4, 157, ("lit-tower", 0, 1e-3, 281))
 
+    # lit's sweep is over with its best lr at the edge: the extra sweep job starts from the same first stage, and its
+    # key says which (an earlier bench's run of it is taken over by --reuse)
+    running.clear()
+    pending[:] = [j for j in pending if j.name == "lit-seed0"]
+    extra = quality_plan.Job("sweep-lit-lr0.002", "lit", 0, 2e-3, 157, ["sweep"],
+                                          init_of="lit-tower-seed0")
+    got = bench_quality.next_ready(pending, running, chosen, lambda run: extra, finished)
+    assert got is extra and got.key() == ("lit", 0, 2e-3, 157, ("lit-tower", 0, 1e-3, 281))
+
     def swept(*pairs):
         return [{"lr": lr, "eval": {"val": {"knn_top1/pooled": 0.4, "zeroshot_top1/templates": z}}} for lr, z in pairs]
     assert quality_plan.best_swept(swept((5e-4, 0.30), (1e-3, 0.35)),

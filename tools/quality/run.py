@@ -250,18 +250,24 @@ def next_ready(pending: list[Job], running: dict, chosen: dict[str, float], choo
     busy = {j.key() for j, _ in running.values()}
     sweeping = {j.config for j, _ in running.values() if "sweep" in j.phases}
     sweeping |= {j.config for j in pending if "sweep" in j.phases and j.lr is not None}
-    for i, job in enumerate(pending):
+    def init_known(job: Job) -> bool:  # a job starting from another's run may go once that one has finished
         if job.init_of:
             if job.init_of not in finished:
-                continue
+                return False
             rec = finished[job.init_of]
             job.init = (rec["config"], rec["seed"], rec["lr"], rec["steps"])
+        return True
+
+    for i, job in enumerate(pending):
+        if not init_known(job):
+            continue
         if job.lr is None:
             if job.lr_of not in chosen:
                 if job.lr_of in sweeping:
                     continue
                 extra = choose_lr(job.lr_of)
-                if extra is not None:
+                if extra is not None:  # one more sweep job (a second stage's: from the same first stage, finished)
+                    init_known(extra)
                     return extra
             job.lr = chosen[job.lr_of]
         if job.key() in busy:
