@@ -308,3 +308,19 @@ def test_report_prints_the_two_stage_row_and_its_stages():
     assert sweep["lit-tower"][1:] == ["281", "-", "38.00*", "0.001"]
     assert sweep["lit"][1:] == ["†", "157", "35.00*", "-", "0.0005"]
     assert "† lit: validation zeroshot_top1/templates (its image tower is locked" in text
+
+
+def test_ablate_names_the_pieces_to_remove_and_refuses_one_the_run_lacks():
+    """``--ablate mixed:pseudolabel`` builds only that ablation; ``--ablate mixed`` all of them; an unknown piece
+    is an error naming the pieces there are."""
+    tree = quality_plan.base_tree("mixed")
+    assert quality_plan.parse_ablate("mixed") == ("mixed", ())
+    assert quality_plan.parse_ablate("mixed:pseudolabel, labels-as-text") == ("mixed", ("pseudolabel", "labels-as-text"))
+    everything = quality_plan.ablation_trees("mixed", tree)
+    assert {"mixed-no-pseudolabel", "mixed-no-contrastive", "mixed-no-labels-as-text"} <= set(everything)
+    only = quality_plan.ablation_trees("mixed", tree, ("pseudolabel",))
+    assert list(only) == ["mixed-no-pseudolabel"]
+    assert "pseudolabel" not in only["mixed-no-pseudolabel"][0]["objectives"]
+    assert only["mixed-no-pseudolabel"][0]["objectives"].keys() == tree["objectives"].keys() - {"pseudolabel"}
+    with pytest.raises(ValueError, match="mae not ablatable in mixed"):
+        quality_plan.ablation_trees("mixed", tree, ("mae",))

@@ -64,9 +64,10 @@ Protocol, in this order:
    (``RUN=@OTHER``: the lr chosen for OTHER); a single ``--lrs`` value skips all sweeps.
 2. Seeds (``--seeds``, default 0,1,2; the run config's ``seed``: model init, data order, masking): every run at
    its chosen lr and equal-FLOPs steps. The headline table gives mean ± std (sample std over the seeds).
-3. Ablations (``--ablate RUN``): one config per active objective of RUN with that objective removed, and one with
-   ``contrastive.labels_as_text: false`` where it is true; each re-measured for FLOPs and trained at equal FLOPs to
-   the reference, first seed, RUN's chosen lr. The table gives each one's delta to RUN at the same seed.
+3. Ablations (``--ablate RUN``, or ``RUN:PIECE,...`` for only those pieces): one config per active objective of
+   RUN with that objective removed, and one with ``contrastive.labels_as_text: false`` where it is true; each
+   re-measured for FLOPs and trained at equal FLOPs to the reference, first seed, RUN's chosen lr. The table gives
+   each one's delta to RUN at the same seed.
 
 Evaluation, with frozen features of each run's ``clip`` (``vlp.models.factory.load_clip``); probes are fit on the
 10% labeled split (4,500 images; the labels a practitioner has):
@@ -177,7 +178,9 @@ def main(argv: list[str] | None = None) -> int:
                    "one grid step further, at most this many times per run (default: 1; 0: never)")
     p.add_argument("--sweep-fraction", type=float, default=1.0, help="sweep runs' length as a fraction of a run's "
                                                                      "steps (default: 1, full length)")
-    p.add_argument("--ablate", default=None, metavar="RUN", help="ablate every objective of RUN (default: none)")
+    p.add_argument("--ablate", default=None, metavar="RUN[:PIECE,...]",
+                   help="ablate every objective of RUN, or only the PIECEs named (objectives, labels-as-text; "
+                        "e.g. mixed:pseudolabel) (default: none)")
     p.add_argument("--equal-steps", action="store_true", help="also train every run at the reference's steps")
     p.add_argument("--flop-steps", type=int, default=None, help="steps FLOPs are averaged over (default: 10; quick 2)")
     p.add_argument("--batch-size", type=int, default=None, help="rows per step, every run (default: 128; quick 64)")

@@ -108,8 +108,18 @@ def text_trained(tree: dict) -> bool:
     return any(OBJECTIVES[n].needs_text for n in active_objectives(tree)) and not cfg.model.text.lock
 
 
-def ablation_trees(run: str, tree: dict) -> dict[str, tuple[dict, str]]:
-    """name -> (config, what changed): each active objective removed; labels-as-text off where it is on."""
+def parse_ablate(spec: str | None) -> tuple[str | None, tuple[str, ...]]:
+    """``--ablate RUN`` (every ablation of RUN) or ``RUN:PIECE,...`` (only those: an objective's name or
+    ``labels-as-text``) -> ``(RUN, pieces)``; no pieces: all."""
+    if not spec:
+        return None, ()
+    run, _, pieces = spec.partition(":")
+    return run, tuple(p.strip() for p in pieces.split(",") if p.strip())
+
+
+def ablation_trees(run: str, tree: dict, only: tuple[str, ...] = ()) -> dict[str, tuple[dict, str]]:
+    """name -> (config, what changed): each active objective removed; labels-as-text off where it is on. ``only``:
+    just these pieces (objective names or ``labels-as-text``); a piece RUN does not have is an error."""
     from vlp.config import ConfigError
 
     out = {}
@@ -124,6 +134,12 @@ def ablation_trees(run: str, tree: dict) -> dict[str, tuple[dict, str]]:
         t = copy.deepcopy(tree)
         t["objectives"]["contrastive"]["labels_as_text"] = False
         out[f"{run}-no-labels-as-text"] = (t, "contrastive.labels_as_text false")
+    if only:
+        missing = [p for p in only if f"{run}-no-{p}" not in out]
+        if missing:
+            raise ValueError(f"--ablate {run}:{','.join(only)}: {', '.join(missing)} not ablatable in {run} "
+                             f"(pieces: {', '.join(n[len(run) + 4:] for n in out)})")
+        out = {n: v for n, v in out.items() if n[len(run) + 4:] in only}
     for name, (t, _) in list(out.items()):
         try:
             validated(t)
@@ -139,16 +155,17 @@ def run_configs(p: argparse.ArgumentParser, args: argparse.Namespace, shards: Pa
     configs adapted to the bench; ``configs``: each one's run, change, objectives, batch, masking, model and FLOPs."""
     runs = parse_list(args.runs) if args.runs else available_runs()
     known, firsts = available_runs(), first_stages()
-    for r in runs + [args.reference] + ([args.ablate] if args.ablate else []):
+    ablate, pieces = parse_ablate(args.ablate)
+    for r in runs + [args.reference] + ([ablate] if ablate else []):
         if r in firsts:
             p.error(f"{r!r} is the first stage of the two-stage run {firsts[r]!r}, not a run of its own: "
                     f"--runs {firsts[r]}")
         if r not in known:
             p.error(f"unknown run {r!r}: no configs/bench/quality-{r}.yaml (runs: {', '.join(known)})")
-    if args.ablate and args.ablate not in runs:
-        p.error(f"--ablate {args.ablate}: not among --runs")
-    if args.ablate and first_stage(base_tree(args.ablate)):
-        p.error(f"--ablate {args.ablate}: a two-stage run has no ablations here")
+    if ablate and ablate not in runs:
+        p.error(f"--ablate {ablate}: not among --runs")
+    if ablate and first_stage(base_tree(ablate)):
+        p.error(f"--ablate {ablate}: a two-stage run has no ablations here")
     if first_stage(base_tree(args.reference)):
         p.error(f"--reference {args.reference}: a two-stage run cannot be the reference")
     adapt = lambda t: adapt_tree(t, shards, batch, args.mask_ratio, args.model, args.workers)  # noqa: E731
@@ -158,10 +175,14 @@ def run_configs(p: argparse.ArgumentParser, args: argparse.Namespace, shards: Pa
             trees[first] = adapt(base_tree(first))
         trees[r] = adapt(base_tree(r))
     configs = {r: {"run": r, "change": None} for r in trees}
-    if args.ablate:
-        for abl, (tree, change) in ablation_trees(args.ablate, base_tree(args.ablate)).items():
+    if ablate:
+        try:
+            ablations = ablation_trees(ablate, base_tree(ablate), pieces)
+        except ValueError as err:
+            p.error(str(err))
+        for abl, (tree, change) in ablations.items():
             trees[abl] = adapt(tree)
-            configs[abl] = {"run": args.ablate, "change": change}
+            configs[abl] = {"run": ablate, "change": change}
     flop_steps = args.flop_steps or (2 if args.quick else 10)
     for c, v in configs.items():
         cfg = validated(trees[c])
