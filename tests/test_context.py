@@ -116,6 +116,33 @@ def test_head_encodes_each_patch_alone_and_classifies_the_concatenation():
     assert student.clip.visual.conv1.weight.grad.abs().sum() > 0
 
 
+def test_pair_encoding_is_both_patches_as_one_image_each_feature_the_mean_of_its_tokens():
+    """``encode: pair``: center | neighbour side by side (12 x 24 px: a 3 x 6 token grid on patch 4), each patch's
+    feature the mean of the 9 tokens over it, then the same fc6 and classifier."""
+    t = task(encode="pair")
+    student, head = t.student.train(), t.student.context_head
+    torch.manual_seed(0)
+    patches = torch.randn(3, 2, 3, 12, 12)
+    image = torch.cat([patches[:, 0], patches[:, 1]], dim=-1)
+    assert image.shape == (3, 3, 12, 24) and torch.equal(image[:, :, :, 12:], patches[:, 1])
+    tokens = student.encode_visible(image, None)[1].view(3, 3, 6, -1)   # [B, rows, cols, width]
+    center, neighbour = tokens[:, :, :3].mean(dim=(1, 2)), tokens[:, :, 3:].mean(dim=(1, 2))
+    ref = head.classifier(torch.cat([head.patch_fc(center), head.patch_fc(neighbour)], dim=1))
+    logits = head.classify(student, patches)
+    assert torch.allclose(logits, ref, atol=1e-5)
+    F.cross_entropy(logits, torch.tensor([0, 4, 7])).backward()
+    assert student.clip.visual.conv1.weight.grad.abs().sum() > 0
+
+
+def test_tile_norm_normalizes_each_patch_channel_alone():
+    head = task(tile_norm=True).student.context_head
+    torch.manual_seed(0)
+    patches, _ = head.sample(torch.randn(8, 3, 50, 50) * 3 + 2)
+    flat = patches.flatten(-2)
+    assert torch.allclose(flat.mean(-1), torch.zeros(8, 2, 3), atol=1e-5)
+    assert torch.allclose(flat.std(-1), torch.ones(8, 2, 3), atol=1e-4)
+
+
 def test_color_dropping_keeps_one_channel_and_fills_the_others_with_faint_noise():
     torch.manual_seed(0)
     patches = torch.randn(50, 2, 3, 12, 12) * 2 + 1
@@ -133,12 +160,13 @@ def test_color_dropping_keeps_one_channel_and_fills_the_others_with_faint_noise(
     assert ((got.abs().flatten(-2).amax(-1) < 0.2).sum(-1) == 2).all()  # two faint channels in every patch
 
 
-def test_context_trains_on_real_shards(demo_data, tmp_path):
+@pytest.mark.parametrize("settings", [{"color_drop": True}, {"encode": "pair", "tile_norm": True}])
+def test_context_trains_on_real_shards(demo_data, tmp_path, settings):
     cfg = run_config(demo_data, tmp_path / "ctx", train={"steps": 3, "log_every": 1, "save_every": 3,
                                                           "progress": False})
     cfg["data"]["sources"] = [s for s in cfg["data"]["sources"] if s["kind"] == "unlabeled"]
     cfg["data"].update(batch={"unlabeled": 6}, workers=0)
-    cfg["objectives"] = {"context": {"patch_dim": 8, "hidden_dim": 16, "color_drop": True}}
+    cfg["objectives"] = {"context": {"patch_dim": 8, "hidden_dim": 16, **settings}}
     Trainer(config_from_dict(cfg)).fit()
     steps = step_metrics(tmp_path / "ctx")
     assert sorted(steps) == [1, 2, 3]

@@ -10,9 +10,10 @@ question the README's context row asks:
 
 * ``tiles`` (the objective's: each patch encoded alone, the pooled feature); ``tiles-up``: each patch resized to the
   model's image size first, so the encoder sees the token grid it sees at evaluation;
-* ``pair``: the two patches side by side as one image, each patch's feature the mean of its tokens (as Jigsaw's
-  ``encode: image``); ``pair-cls``: the same image, classified from its pooled token;
-* ``--tile-norm``: each patch's channels normalized alone (Jigsaw's guard against low-level shortcuts);
+* ``pair`` (the objective's ``encode: pair``): the two patches side by side as one image, each patch's feature the
+  mean of its tokens (as Jigsaw's ``encode: image``); ``pair-cls``: the same image, classified from its pooled token;
+* ``--tile-norm`` (the objective's ``tile_norm``): each patch's channels normalized alone (Jigsaw's guard against
+  low-level shortcuts);
 * ``--encoder cnn``: a 2-layer CNN instead of the ViT, to ask whether the task is learnable at this geometry at all.
 
     python tools/bench_quality.py --prepare-only          # the shards; bench_quality's runs write a val/ split
@@ -75,15 +76,9 @@ def logits_of(args, model, head, pair_cls, patches: torch.Tensor) -> torch.Tenso
         size = size[0] if isinstance(size, (tuple, list)) else size
         patches = F.interpolate(patches.flatten(0, 1), size=size, mode="bilinear", antialias=True,
                                 align_corners=False).unflatten(0, patches.shape[:2])
-    if args.encode in ("tiles", "tiles-up"):
-        return head.classify(model, patches)
-    image = torch.cat([patches[:, 0], patches[:, 1]], dim=-1)           # [B, 3, t, 2t]: center | neighbour
-    pooled, tokens = model.encode_visible(image, None)
     if args.encode == "pair-cls":
-        return pair_cls(pooled)
-    n = patches.shape[-1] // model.clip.visual.patch_size[0]
-    feats = tokens.unflatten(1, (n, 2, n)).mean(dim=(1, 3))             # [B, 2, width]: each patch's token mean
-    return head.classifier(head.patch_fc(feats).flatten(1))
+        return pair_cls(model.encode_visible(torch.cat([patches[:, 0], patches[:, 1]], dim=-1), None)[0])
+    return head.classify(model, patches)                                 # the objective's tiles or pair
 
 
 def main(argv=None) -> dict:
@@ -119,12 +114,12 @@ def main(argv=None) -> dict:
     from vlp.eval.data import labeled_loader
     from vlp.eval.probe import knn_eval
     from vlp.models.factory import image_transforms
-    from vlp.objectives.jigsaw import normalize_tiles
     from vlp.task import PretrainTask
 
     shards = Path(args.shards)
     images = load_images(str(shards / "unlabeled" / "*.tar"), args.images)
     context = {k: v for k, v in (("patch_size", args.patch_size), ("gap", args.gap), ("jitter", args.jitter)) if v}
+    context.update(tile_norm=args.tile_norm, encode="pair" if args.encode == "pair" else "tiles")
     cfg = {"data": {"sources": [{"kind": "unlabeled", "shards": "unused.tar"}], "batch": {"unlabeled": args.batch}},
            "model": {"name": args.model, "mask_ratio": 0.0}, "objectives": {"context": context}}
     torch.manual_seed(args.seed)
@@ -159,9 +154,7 @@ def main(argv=None) -> dict:
             group["lr"] = args.lr * min(1.0, step / max(1, args.warmup))
         idx = torch.randint(0, len(images), (args.batch,))
         views = torch.stack([crop(images[i]) for i in idx]).float().div(255).sub(mean).div(std)
-        patches, target = head.sample(views)
-        if args.tile_norm:
-            patches = normalize_tiles(patches)
+        patches, target = head.sample(views)                             # with the objective's tile_norm
         logits = logits_of(args, encoder if args.encoder == "cnn" else student, head, pair_cls, patches)
         loss = F.cross_entropy(logits, target)
         opt.zero_grad()

@@ -16,17 +16,26 @@ colour: ``color_drop`` (off by default) keeps one random channel of each patch a
 noise of ``color_drop_noise`` (the paper's 1/100) times the kept channel's std (on normalized pixels: noise around the
 mean colour); the green-magenta projection is not implemented. The paper's pre-processing (downsampling some patches
 to 100 pixels total and back) is not either.
+
+Two options that are not the paper's, for small images (README, "Colorization, context prediction and BEiT"):
+``tile_norm`` normalizes each patch's channels alone (Noroozi & Favaro 2016's guard against low-level shortcuts,
+as Jigsaw's), before any colour dropping; ``encode: pair`` encodes the two patches side by side as one image
+(center left, neighbour right: a fixed layout, so positions say nothing of the label), each patch's feature the mean
+of its tokens, as Jigsaw's ``encode: image``.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from typing import Literal
+
 from pydantic import Field
 from torch import nn
 
 from vlp.data.views import view_transform
 from vlp.objectives.base import Objective, RowsConfig, ViewGroup, register
 from vlp.objectives.heads import Head
+from vlp.objectives.jigsaw import normalize_tiles
 
 GRID = 3
 CENTER = (1, 1)
@@ -55,10 +64,12 @@ def drop_colors(patches: torch.Tensor, noise: float = 0.01) -> torch.Tensor:
 
 class ContextHead(Head):
     def __init__(self, width: int, tile: int, gap: int, jitter: int, patch_dim: int, hidden: int,
-                 color_drop: bool = False, color_drop_noise: float = 0.01):
+                 color_drop: bool = False, color_drop_noise: float = 0.01, tile_norm: bool = False,
+                 encode: str = "tiles", patch: int = 1):
         super().__init__()
         self.tile, self.gap, self.jitter = tile, gap, jitter
         self.color_drop, self.color_drop_noise = color_drop, color_drop_noise
+        self.tile_norm, self.encode, self.patch = tile_norm, encode, patch
         self.register_buffer("neighbors", torch.tensor(NEIGHBORS), persistent=False)
         self.patch_fc = nn.Linear(width, patch_dim)
         self.classifier = nn.Sequential(nn.GELU(), nn.Linear(2 * patch_dim, hidden), nn.GELU(),
@@ -75,13 +86,22 @@ class ContextHead(Head):
         cells = torch.stack([torch.tensor(CENTER, device=dev).expand(B, 2), self.neighbors[target]], dim=1)
         jitter = torch.randint(-self.jitter, self.jitter + 1, (B, 2, 2), device=dev)
         patches = cut_patches(view, self.tile, self.corners(cells, jitter))
+        if self.tile_norm:
+            patches = normalize_tiles(patches)
         if self.color_drop:
             patches = drop_colors(patches, self.color_drop_noise)
         return patches, target
 
     def classify(self, model, patches: torch.Tensor) -> torch.Tensor:
-        feats = self.patch_fc(model.encode_pooled(patches.flatten(0, 1))).unflatten(0, patches.shape[:2])
-        return self.classifier(feats.flatten(1))                              # [center, neighbour] concatenated
+        """The 8 logits of ``patches [B, 2, 3, t, t]`` (center, neighbour): each encoded alone (the paper's), or
+        (``encode: pair``) side by side as one ``t x 2t`` image, each patch's feature the mean of its tokens."""
+        if self.encode == "tiles":
+            feats = model.encode_pooled(patches.flatten(0, 1)).unflatten(0, patches.shape[:2])
+        else:
+            tokens = model.encode_visible(torch.cat([patches[:, 0], patches[:, 1]], dim=-1), None)[1]
+            n = self.tile // self.patch                                       # tokens per patch side
+            feats = tokens.unflatten(1, (n, 2, n)).mean(dim=(1, 3))           # [B, 2, width]
+        return self.classifier(self.patch_fc(feats).flatten(1))              # [center, neighbour] concatenated
 
     def head_forward(self, model, outputs, batch) -> dict:
         patches, target = self.sample(batch.views["context"][0])
@@ -112,6 +132,8 @@ class ContextObjective(Objective):
         crop_scale: tuple[float, float] = (0.5, 1.0)
         color_drop: bool = False                    # keep one random channel per patch, noise in the others
         color_drop_noise: float = Field(0.01, ge=0)  # the noise's std over the kept channel's (the paper's 1/100)
+        tile_norm: bool = False                     # each patch's channels to zero mean, unit std (not the paper's)
+        encode: Literal["tiles", "pair"] = "tiles"  # tiles: each alone (the paper's); pair: both as one image
 
     head_names = ("context_head",)
 
@@ -119,7 +141,7 @@ class ContextObjective(Objective):
         c = self.cfg
         tile, gap, jitter = context_geometry(c, ctx)
         return {"context_head": ContextHead(ctx.width, tile, gap, jitter, c.patch_dim, c.hidden_dim, c.color_drop,
-                                            c.color_drop_noise)}
+                                            c.color_drop_noise, c.tile_norm, c.encode, ctx.patch)}
 
     def view_groups(self, ctx):
         tile, gap, jitter = context_geometry(self.cfg, ctx)
