@@ -35,7 +35,7 @@ from torch import nn
 from vlp.data.views import view_transform
 from vlp.objectives.base import Objective, RowsConfig, ViewGroup, register
 from vlp.objectives.heads import Head
-from vlp.objectives.jigsaw import normalize_tiles
+from vlp.objectives.jigsaw import cell_token_means, normalize_tiles
 
 GRID = 3
 CENTER = (1, 1)
@@ -99,8 +99,7 @@ class ContextHead(Head):
             feats = model.encode_pooled(patches.flatten(0, 1)).unflatten(0, patches.shape[:2])
         else:
             tokens = model.encode_visible(torch.cat([patches[:, 0], patches[:, 1]], dim=-1), None)[1]
-            n = self.tile // self.patch                                       # tokens per patch side
-            feats = tokens.unflatten(1, (n, 2, n)).mean(dim=(1, 3))           # [B, 2, width]
+            feats = cell_token_means(tokens, 1, 2, self.tile // self.patch)    # [B, 2, width]
         return self.classifier(self.patch_fc(feats).flatten(1))              # [center, neighbour] concatenated
 
     def head_forward(self, model, outputs, batch) -> dict:

@@ -82,13 +82,18 @@ def assemble(tiles: torch.Tensor) -> torch.Tensor:
     return tiles.reshape(B, GRID, GRID, C, t, t).permute(0, 3, 1, 4, 2, 5).reshape(B, C, GRID * t, GRID * t)
 
 
+def cell_token_means(tokens: torch.Tensor, rows: int, cols: int, n: int) -> torch.Tensor:
+    """``tokens [B, rows*n * cols*n, width]`` (row-major) of an image made of ``rows x cols`` cells of ``n x n``
+    tokens -> ``[B, rows*cols, width]``: each cell's token mean, cells row-major."""
+    grid = tokens.unflatten(1, (rows, n, cols, n))                     # [B, gy, y, gx, x, width]
+    return grid.mean(dim=(2, 4)).flatten(1, 2)
+
+
 def tile_token_means(model, tiles: torch.Tensor, patch: int) -> torch.Tensor:
     """``[B, 9, width]``: the shuffled ``tiles`` encoded together as one image (``assemble``), each position's
     feature the mean of the patch tokens that fall in its tile."""
     tokens = model.encode_visible(assemble(tiles), None)[1]          # [B, (3t/p)^2, width]
-    n = tiles.shape[-1] // patch                                       # patches per tile side
-    grid = tokens.unflatten(1, (GRID, n, GRID, n))                     # [B, gy, y, gx, x, width]
-    return grid.mean(dim=(2, 4)).flatten(1, 2)
+    return cell_token_means(tokens, GRID, GRID, tiles.shape[-1] // patch)
 
 
 class JigsawHead(Head):
