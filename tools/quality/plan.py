@@ -135,11 +135,12 @@ def ablation_trees(run: str, tree: dict, only: tuple[str, ...] = ()) -> dict[str
         t["objectives"]["contrastive"]["labels_as_text"] = False
         out[f"{run}-no-labels-as-text"] = (t, "contrastive.labels_as_text false")
     if only:
-        missing = [p for p in only if f"{run}-no-{p}" not in out]
+        pieces = {name.removeprefix(f"{run}-no-"): name for name in out}
+        missing = [p for p in only if p not in pieces]
         if missing:
             raise ValueError(f"--ablate {run}:{','.join(only)}: {', '.join(missing)} not ablatable in {run} "
-                             f"(pieces: {', '.join(n[len(run) + 4:] for n in out)})")
-        out = {n: v for n, v in out.items() if n[len(run) + 4:] in only}
+                             f"(pieces: {', '.join(pieces)})")
+        out = {pieces[p]: out[pieces[p]] for p in only}
     for name, (t, _) in list(out.items()):
         try:
             validated(t)
