@@ -33,9 +33,6 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchlib.evaluate import pooled_and_embed  # noqa: E402
 
-MEAN = (0.48145466, 0.4578275, 0.40821073)  # vlp-tiny-vit's (open_clip's OpenAI) mean and std
-STD = (0.26862954, 0.26130258, 0.27577711)
-
 
 def load_images(shards: str, n: int) -> torch.Tensor:
     """The first ``n`` images of ``shards`` as uint8 ``[n, 3, H, W]``, read by webdataset."""
@@ -123,7 +120,8 @@ def main(argv=None) -> dict:
     cfg = {"data": {"sources": [{"kind": "unlabeled", "shards": "unused.tar"}], "batch": {"unlabeled": args.batch}},
            "model": {"name": args.model, "mask_ratio": 0.0}, "objectives": {"context": context}}
     torch.manual_seed(args.seed)
-    student = PretrainTask(config_from_dict(cfg, check_files=False)).student
+    task = PretrainTask(config_from_dict(cfg, check_files=False))
+    student, ctx = task.student, task.ctx
     head = student.context_head
     pair_cls = torch.nn.Sequential(torch.nn.Linear(student.clip.visual.transformer.width, 512), torch.nn.GELU(),
                                    torch.nn.Linear(512, 8))
@@ -133,7 +131,7 @@ def main(argv=None) -> dict:
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.05)
     view = 3 * head.tile + 2 * head.gap + 2 * head.jitter
     crop = v2.RandomResizedCrop(view, scale=(args.crop_min, 1.0), antialias=True)
-    mean, std = torch.tensor(MEAN)[:, None, None], torch.tensor(STD)[:, None, None]
+    mean, std = torch.tensor(ctx.mean)[:, None, None], torch.tensor(ctx.std)[:, None, None]  # the context view's
     preprocess = image_transforms(student.clip)[1]
 
     def val_knn() -> float:
