@@ -105,6 +105,29 @@ def test_loss_is_masked_cross_entropy_to_teacher_labels_plus_fairness_times_the_
     assert math.isclose(metrics["teacher_acc"].item(), (pred == torch.tensor([0, 1, 2, 1])).float().mean().item())
 
 
+def test_soft_target_is_cross_entropy_to_the_sharpened_teacher_distribution():
+    """``target: soft``: each selected row's target is MixMatch's sharpened teacher distribution
+    ``p^(1/T) / sum p^(1/T)``, computed here by hand; T -> 0 approaches the hard label's loss."""
+    task = _task({"select": "threshold", "tau": 0.34, "fairness": 0.0, "rampup_steps": 0, "target": "soft",
+                  "sharpen": 0.5})
+    obj = task.objectives["pseudolabel"][0]
+    batch = _batch(task)
+    task.student.train()
+    outputs = task.student(batch)
+    with torch.no_grad():
+        outputs.update(obj.teacher_forward(task.teacher, batch, step=4))
+    probs = outputs["teacher/pseudolabel/probs"]
+    loss, _ = obj(outputs, batch)
+    mask = probs.max(-1)[0] > 0.34
+    q = probs ** 2 / (probs ** 2).sum(-1, keepdim=True)  # T = 0.5
+    log_p = (outputs["logit_scale"] * outputs["embed"][4:] @ obj.bank.T).log_softmax(-1)
+    expected = (-(q * log_p).sum(-1) * mask).sum() / 4
+    assert mask.any() and torch.allclose(loss, expected, atol=1e-6)
+    obj.cfg.sharpen = 1e-3  # nearly one-hot: the hard label's cross-entropy
+    hard = (-log_p.gather(1, probs.argmax(-1, keepdim=True)).squeeze(1) * mask).sum() / 4
+    assert torch.allclose(obj(outputs, batch)[0], hard, atol=1e-4)
+
+
 def test_pseudo_labels_come_from_the_teacher_only_and_carry_no_gradient():
     task = _task({"select": "threshold", "tau": 0.01})
     obj = task.objectives["pseudolabel"][0]

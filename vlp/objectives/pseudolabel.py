@@ -18,7 +18,10 @@ adaptive thresholds ``T_c = M(beta_c) tau``, ``beta_c = sigma_c / max(max_k sigm
   temperature is the image-to-text half of UniCL with the class prompts as text, so a selected row is a positive
   of its class's prompts in the contrastive space (plus the classifier head's CE when the source uses it).
   Loss ``ramp(step) * (sum_selected CE / rows + fairness * KL(uniform || mean student prediction))`` (MUST's
-  fairness regularizer), ``ramp`` linear over ``rampup_steps``.
+  fairness regularizer), ``ramp`` linear over ``rampup_steps``. ``target: soft`` replaces each selected row's
+  hard label by the teacher's distribution sharpened at temperature ``sharpen`` (MixMatch, Berthelot et al. 2019,
+  eq. 7: ``p^(1/T) / sum p^(1/T)``; soft pseudo-labels as Noisy Student's, Xie et al. 2020): a wrong but unsure
+  teacher pulls less.
 
 Logged: the fraction selected (overall and per class for up to 32 classes), the mean threshold, and where rows
 carry a withheld label (``Batch.hidden_label``, benchmarks only) the accuracy of the teacher and of the selected
@@ -56,6 +59,11 @@ def topk_per_class(conf: torch.Tensor, pred: torch.Tensor, k: int) -> torch.Tens
     return mask
 
 
+def sharpen(probs: torch.Tensor, T: float) -> torch.Tensor:
+    """MixMatch's sharpening ``p^(1/T) / sum_c p_c^(1/T)`` (Berthelot et al. 2019, eq. 7), row by row."""
+    return (probs.clamp_min(1e-12).log() / T).softmax(-1)  # the same, without p^(1/T) underflowing at small T
+
+
 def fairness(probs: torch.Tensor) -> torch.Tensor:
     """MUST's fairness term: ``KL(uniform || mean prediction) = -mean_c log pbar_c - log C`` (0 when balanced)."""
     mean = probs.mean(0)
@@ -72,6 +80,8 @@ class PseudoLabelObjective(Objective):
         count_momentum: float = Field(0.99, ge=0, lt=1)  # EMA of the per-class counters (streaming FlexMatch)
         topk: int = Field(4, gt=0)                       # rows per class per batch (select: topk)
         fairness: float = Field(0.5, ge=0)
+        target: Literal["hard", "soft"] = "hard"         # soft: the sharpened teacher distribution
+        sharpen: float = Field(0.5, gt=0)                # target: soft's temperature T (MixMatch's 0.5)
         rampup_steps: int | None = Field(None, ge=0)     # default: 10% of train.steps
         bank_every: int = Field(10, gt=0)
 
@@ -180,15 +190,16 @@ class PseudoLabelObjective(Objective):
         pred, mask, thr = self.choose(probs)
         rows = batch.rows_of(tuple(self.cfg.kinds))
         n = max(1, pred.numel())
+        target = pred if self.cfg.target == "hard" else sharpen(probs, self.cfg.sharpen)
         losses, student_probs = [], []
         source = self.cfg.source
         if source != "classifier" and self.bank.shape[1] > 0:
             logits = outputs["logit_scale"].float() * outputs["embed"][rows].float() @ self.bank.T
-            losses.append((F.cross_entropy(logits, pred, reduction="none") * mask).sum() / n)
+            losses.append((F.cross_entropy(logits, target, reduction="none") * mask).sum() / n)
             student_probs.append(logits.softmax(-1))
         if source != "bank":
             logits = outputs["class_logits"][rows].float()
-            losses.append((F.cross_entropy(logits, pred, reduction="none") * mask).sum() / n)
+            losses.append((F.cross_entropy(logits, target, reduction="none") * mask).sum() / n)
             student_probs.append(logits.softmax(-1))
         if not losses:  # no bank yet: a zero that keeps the graph
             return outputs["embed"].sum() * 0.0, {"selected": mask.float().mean()}
