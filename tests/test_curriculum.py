@@ -88,9 +88,32 @@ def test_stage2_trains_the_mix_with_pseudo_labels_from_the_first_step(demo_data,
 
 
 def test_the_bench_trains_the_curriculum_as_two_stages():
-    """configs/bench/quality-mixed-curriculum-first.yaml is the first stage of mixed-curriculum, not a run of its own."""
-    assert quality_plan.first_stages()["mixed-curriculum-first"] == "mixed-curriculum"
+    """configs/bench/quality-mixed-curriculum-first.yaml is the first stage of mixed-curriculum and of
+    mixed-curriculum-soft, not a run of its own."""
+    assert quality_plan.first_stages()["mixed-curriculum-first"] == ["mixed-curriculum", "mixed-curriculum-soft"]
     runs = quality_plan.available_runs()
     assert "mixed-curriculum" in runs and "mixed-curriculum-first" not in runs
     stage2 = quality_plan.base_tree("mixed-curriculum")
     assert not stage2["model"].get("lock_image") and "pseudolabel" in stage2["objectives"]
+
+
+def test_two_runs_that_share_a_first_stage_train_it_once_per_seed():
+    """--runs mixed-curriculum,mixed-curriculum-soft: each seed's first stage is planned for both runs, trained once
+    (the second is the same training: reused), and each second stage starts from that seed's first stage."""
+    base = {"objectives": ["contrastive", "supervised"], "text_trained": True, "mask_ratio": 0.5,
+            "model": "vlp-tiny-vit", "change": None}
+    configs = {"mixed": dict(base, run="mixed", gflops_per_step=65.83),
+               "mixed-curriculum-first": dict(base, run="mixed-curriculum-first", gflops_per_step=59.7,
+                                              stage_of="mixed-curriculum")}
+    for run in ("mixed-curriculum", "mixed-curriculum-soft"):
+        configs[run] = dict(base, run=run, gflops_per_step=65.83, stages=["mixed-curriculum-first", run],
+                            first_stage_share=0.5)
+    runs = ["mixed-curriculum", "mixed-curriculum-soft"]
+    chosen = {"mixed-curriculum-first": 5e-4, "mixed-curriculum": 5e-4, "mixed-curriculum-soft": 5e-4}
+    jobs = quality_plan.plan_jobs(1000, runs, "mixed", configs, {}, chosen, [0, 1], 1.0, [], False)
+    got = [(j.name, j.steps, j.init_of.removeprefix("mixed-curriculum-")) for j in jobs]
+    assert got == [("mixed-curriculum-first-seed0", 551, ""), ("mixed-curriculum-seed0", 500, "first-seed0"),
+                   ("mixed-curriculum-first-seed1", 551, ""), ("mixed-curriculum-seed1", 500, "first-seed1"),
+                   ("mixed-curriculum-first-seed0", 551, ""), ("mixed-curriculum-soft-seed0", 500, "first-seed0"),
+                   ("mixed-curriculum-first-seed1", 551, ""), ("mixed-curriculum-soft-seed1", 500, "first-seed1")]
+    assert quality_plan.reused(jobs, {}) == [False] * 4 + [True, False, True, False]

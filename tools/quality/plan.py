@@ -36,9 +36,14 @@ def first_stage(tree: dict) -> str | None:
     return name if name and (CONFIGS / f"quality-{name}.yaml").is_file() else None
 
 
-def first_stages() -> dict[str, str]:
-    """First-stage config -> the two-stage run that starts from it (``lit-tower`` -> ``lit``)."""
-    return {first: run for run in all_configs() if (first := first_stage(base_tree(run)))}
+def first_stages() -> dict[str, list[str]]:
+    """First-stage config -> the two-stage runs that start from it (``lit-tower`` -> ``[lit]``; ``mixed-curriculum``
+    and ``mixed-curriculum-soft`` share one first stage, trained once per seed)."""
+    out: dict[str, list[str]] = {}
+    for run in all_configs():
+        if first := first_stage(base_tree(run)):
+            out.setdefault(first, []).append(run)
+    return out
 
 
 def available_runs() -> list[str]:
@@ -159,8 +164,8 @@ def run_configs(p: argparse.ArgumentParser, args: argparse.Namespace, shards: Pa
     ablate, pieces = parse_ablate(args.ablate)
     for r in runs + [args.reference] + ([ablate] if ablate else []):
         if r in firsts:
-            p.error(f"{r!r} is the first stage of the two-stage run {firsts[r]!r}, not a run of its own: "
-                    f"--runs {firsts[r]}")
+            p.error(f"{r!r} is the first stage of the two-stage run(s) {', '.join(firsts[r])}, not a run of its own: "
+                    f"--runs {firsts[r][0]}")
         if r not in known:
             p.error(f"unknown run {r!r}: no configs/bench/quality-{r}.yaml (runs: {', '.join(known)})")
     if ablate and ablate not in runs:
