@@ -303,6 +303,10 @@ def test_report_prints_the_two_stage_row_and_its_stages():
     assert "first-stage share 0.6: the reference's FLOP share of its labeled+unlabeled rows" in text
     stage_rows = [line.split() for line in text.splitlines() if line.startswith(("1 ", "2 "))]
     assert [r[:2] for r in stage_rows] == [["1", "lit-tower"], ["2", "lit"]]
+    assert stage_rows[0][2:4] == ["mae,", "supervised"] and stage_rows[1][2] == "contrastive"  # older JSON: the new
+    configs["lit"]["second_stage_objectives"] = ["contrastive", "supervised"]  # a second stage that keeps one
+    stage2 = next(line for line in bench_quality.report(doc).splitlines() if line.startswith("2 "))
+    assert stage2.split()[2:4] == ["contrastive,", "supervised"]
     assert "seed 0: 40.00 / 40.00" in text
     sweep = {line.split()[0]: line.split() for line in text.split("LR sweep")[1].splitlines()[3:5]}
     assert sweep["lit-tower"][1:] == ["281", "-", "38.00*", "0.001"]

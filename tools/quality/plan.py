@@ -203,8 +203,10 @@ def run_configs(p: argparse.ArgumentParser, args: argparse.Namespace, shards: Pa
                 share, how = first_stage_share(trees[args.reference], trees[first], flop_steps)
             log(f"{r}: two stages, {first} then {r}; the first spends {share:.4g} of the FLOPs: {how}")
             configs[first]["stage_of"] = r
-            # the run's own objectives are both stages' (a two-stage run is never a single-objective row)
+            # the run's own objectives are both stages' (a two-stage run is never a single-objective row); its
+            # second stage's are kept for the stages table
             configs[r].update(stages=[first, r], first_stage_share=share, first_stage_share_how=how,
+                              second_stage_objectives=configs[r]["objectives"],
                               select=STAGE2_SELECT_KEY if validated(trees[r]).model.lock_image else SELECT_KEY,
                               objectives=list(dict.fromkeys(configs[first]["objectives"] + configs[r]["objectives"])))
     return runs, trees, configs

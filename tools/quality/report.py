@@ -86,8 +86,8 @@ def stages_table(doc: dict) -> list[str]:
         for i, (name, cfg, steps, lr) in enumerate(((first, f, init["steps"], init["lr"]),
                                                     (run, c, jobs[0]["steps"], jobs[0]["lr"]))):
             g = cfg["gflops_per_step"]
-            objectives = ", ".join(doc["configs"][name]["objectives"]) if i == 0 else \
-                ", ".join(o for o in c["objectives"] if o not in f["objectives"])
+            objectives = ", ".join(doc["configs"][name]["objectives"] if i == 0 else c.get(
+                "second_stage_objectives", [o for o in c["objectives"] if o not in f["objectives"]]))  # older JSONs
             how = f"{lr_how[name]} ({select[name]})" if lr_how[name] == "sweep" else lr_how[name]
             lines.append(f"{i + 1:<8} {name:<16} {objectives:<24} {g:>10.2f} {steps:>6} {g * steps / 1e3:>7.2f} "
                          f"{g * steps / total:>6.3f} {lr:>8g}  {how}")
