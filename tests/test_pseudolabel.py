@@ -41,6 +41,17 @@ def _batch(task, seed=0) -> Batch:
     return b
 
 
+def _forward(task, step=4):
+    """(the pseudolabel objective, the batch, the student's outputs with the teacher's at ``step``)."""
+    obj = task.objectives["pseudolabel"][0]
+    batch = _batch(task)
+    task.student.train()
+    outputs = task.student(batch)
+    with torch.no_grad():
+        outputs.update(obj.teacher_forward(task.teacher, batch, step=step))
+    return obj, batch, outputs
+
+
 def test_flexmatch_thresholds_match_a_hand_computed_case():
     sigma, tau = torch.tensor([4.0, 2.0, 0.0]), 0.9
     # no warm-up: beta = sigma / max sigma = [1, .5, 0]; M(x) = x / (2 - x) = [1, 1/3, 0]
@@ -86,12 +97,7 @@ def test_fairness_is_kl_of_uniform_to_the_mean_prediction():
 
 def test_loss_is_masked_cross_entropy_to_teacher_labels_plus_fairness_times_the_ramp():
     task = _task({"select": "threshold", "tau": 0.34, "fairness": 0.5, "rampup_steps": 10})
-    obj = task.objectives["pseudolabel"][0]
-    batch = _batch(task)
-    task.student.train()
-    outputs = task.student(batch)
-    with torch.no_grad():
-        outputs.update(obj.teacher_forward(task.teacher, batch, step=4))
+    obj, batch, outputs = _forward(task)
     probs = outputs["teacher/pseudolabel/probs"]
     assert not probs.requires_grad
     loss, metrics = obj(outputs, batch)
@@ -110,12 +116,7 @@ def test_soft_target_is_cross_entropy_to_the_sharpened_teacher_distribution():
     ``p^(1/T) / sum p^(1/T)``, computed here by hand; T -> 0 approaches the hard label's loss."""
     task = _task({"select": "threshold", "tau": 0.34, "fairness": 0.0, "rampup_steps": 0, "target": "soft",
                   "sharpen": 0.5})
-    obj = task.objectives["pseudolabel"][0]
-    batch = _batch(task)
-    task.student.train()
-    outputs = task.student(batch)
-    with torch.no_grad():
-        outputs.update(obj.teacher_forward(task.teacher, batch, step=4))
+    obj, batch, outputs = _forward(task)
     probs = outputs["teacher/pseudolabel/probs"]
     loss, _ = obj(outputs, batch)
     mask = probs.max(-1)[0] > 0.34
