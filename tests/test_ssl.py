@@ -1,5 +1,5 @@
 """The self-supervised methods together: 2-process DDP gradients of SimCLR (gather with grad), MoCo v3 (gathered
-keys) and SwAV (distributed Sinkhorn) equal one process at the doubled batch (one `accelerate launch` for the three);
+keys), SwAV and MSN (distributed Sinkhorn) equal one process at the doubled batch (one `accelerate launch` for all);
 every configs/ssl/*.yaml validates as an SSL run with kNN monitoring; each new method trains alone on real shards, and
 each shipped <method>-clip config trains the method mixed with CLIP."""
 import json

@@ -1,7 +1,7 @@
-"""SimCLR, MoCo v3 and SwAV, each alone, on a fixed model (and teacher) and a fixed global batch of views, shared by
-the single-process and the 2-process gradient runs. Under `accelerate launch --multi_gpu --num_processes 2`: for each
+"""SimCLR, MoCo v3, SwAV and MSN, each alone, on a fixed model (and teacher) and a fixed global batch of views, shared
+by the single-process and the 2-process gradient runs. Under `accelerate launch --multi_gpu --num_processes 2`: for each
 method one `task.training_forward` on this rank's half of the batch and a backward; rank 0 writes every method's
-student gradients to the path given as argv[1] (one launch for the three)."""
+student gradients to the path given as argv[1] (one launch for all)."""
 import copy
 import os
 import sys
@@ -24,6 +24,7 @@ METHODS = {
              "projector_norm": "layer"},
     "swav-batchnorm": {"hidden_dim": 32, "proj_dim": 16, "n_prototypes": 24, "n_local": 2,
                        "projector_norm": "batch"},                  # and BatchNorm over the global batch
+    "msn": {"hidden_dim": 32, "proj_dim": 16, "n_prototypes": 24},  # distributed Sinkhorn, me-max on the gathered mean
 }
 BASE = {
     "data": {"sources": [{"kind": "unlabeled", "shards": "x.tar"}], "batch": {"unlabeled": PER_RANK}},
@@ -62,6 +63,7 @@ def global_batch(world=2) -> Batch:
     n = world * PER_RANK
     views = {name: torch.randn(2, n, 3, 32, 32, generator=g) for name in ("simclr", "mocov3", "swav_global")}
     views["swav_local"] = torch.randn(2, n, 3, 16, 16, generator=g)
+    views["msn"] = torch.randn(1, n, 3, 32, 32, generator=g)
     return Batch(image=torch.randn(n, 3, 32, 32, generator=g), text=torch.zeros(n, 16, dtype=torch.long),
                  has_text=torch.zeros(n, dtype=torch.bool), label=torch.full((n,), -1), kind=torch.full((n,), 2),
                  views=views)
