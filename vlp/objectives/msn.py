@@ -77,14 +77,14 @@ class MSNHead(Head):
 @register("msn")
 class MSNObjective(Objective):
     class Config(RowsConfig):
-        n_prototypes: int = Field(1024, gt=1)
-        hidden_dim: int = Field(1024, gt=0)
+        n_prototypes: int = Field(1024, gt=1)         # the reference's 1024 (ViT-S/B on ImageNet)
+        hidden_dim: int = Field(1024, gt=0)           # the projector's (3 layers)
         proj_dim: int = Field(256, gt=0)
         temperature: float = Field(0.1, gt=0)        # the assignments' (anchor and target)
         sharpen: float = Field(0.25, gt=0, le=1)     # the targets' sharpening T
-        sinkhorn_iterations: int = Field(3, ge=0)
-        me_max_weight: float = Field(1.0, ge=0)
-        target_view: Literal["weak", "strong"] = "strong"
+        sinkhorn_iterations: int = Field(3, ge=0)     # on the targets, over the global batch (0: off)
+        me_max_weight: float = Field(1.0, ge=0)       # mean-entropy maximisation (against collapse)
+        target_view: Literal["weak", "strong"] = "strong"  # the teacher's: weak crop + flip, or the paper's augment
         crop_scale: tuple[float, float] = (0.3, 1.0)  # the strong target view's (the reference's 0.3-1.0)
 
     uses_teacher = True
