@@ -59,12 +59,12 @@ def me_max(mean_probs: torch.Tensor) -> torch.Tensor:
 
 
 class MSNHead(Head):
-    def __init__(self, width: int, hidden: int, dim: int, n_prototypes: int):
+    def __init__(self, width: int, hidden: int, dim: int, n_prototypes: int, kinds: tuple[str, ...]):
         super().__init__()
         self.projector = mlp(width, hidden, dim, layers=3)
         bound = dim ** -0.5  # the reference's uniform(-1/sqrt(d), 1/sqrt(d))
         self.prototypes = nn.Parameter(torch.empty(n_prototypes, dim).uniform_(-bound, bound))
-        self.kinds: tuple[str, ...] = ()
+        self.kinds = kinds  # the rows whose shared-pass features are the anchors
 
     def head_forward(self, model, outputs, batch) -> dict:
         pooled = outputs["pooled"][batch.rows_of(self.kinds)]  # the shared masked pass: the anchors
@@ -92,9 +92,7 @@ class MSNObjective(Objective):
 
     def heads(self, ctx):
         c = self.cfg
-        head = MSNHead(ctx.width, c.hidden_dim, c.proj_dim, c.n_prototypes)
-        head.kinds = tuple(c.kinds)
-        return {"msn_head": head}
+        return {"msn_head": MSNHead(ctx.width, c.hidden_dim, c.proj_dim, c.n_prototypes, tuple(c.kinds))}
 
     def view_groups(self, ctx):
         c = self.cfg
