@@ -106,10 +106,11 @@ class MSNObjective(Objective):
 
     def forward(self, outputs, batch):
         c = self.cfg
-        anchor = (outputs["msn/scores"].float() / c.temperature).softmax(-1)
+        log_anchor = (outputs["msn/scores"].float() / c.temperature).log_softmax(-1)
+        anchor = log_anchor.exp()
         target = msn_targets(outputs["teacher/msn/z"].float(), outputs["msn/prototypes"].float(), c.temperature,
                              c.sharpen, c.sinkhorn_iterations)
-        ce = -(target * anchor.clamp_min(1e-12).log()).sum(-1).mean()
+        ce = -(target * log_anchor).sum(-1).mean()
         reg = me_max(gather_with_grad(anchor).mean(0))
         metrics = {"ce": ce.detach(), "me_max": reg.detach(),
                    "agree": (anchor.argmax(-1) == target.argmax(-1)).float().mean(),
