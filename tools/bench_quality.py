@@ -187,6 +187,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mask-ratio", type=float, default=None, help="override every config's model.mask_ratio")
     p.add_argument("--model", default=None, help="model config name (default: the configs', vlp-tiny-vit)")
     p.add_argument("--split-seed", type=int, default=0, help="data split seed")
+    p.add_argument("--save-every", type=int, default=None, metavar="STEPS",
+                   help="every training also checkpoints each STEPS steps (default: the configs', only at the end). "
+                        "A training stopped by a kill or a time limit continues from its last checkpoint when the bench "
+                        "runs again into the same --out-dir (with --reuse of its results JSON for the finished ones)")
     p.add_argument("--reuse", metavar="JSON", action="append", default=[],
                    help="an earlier results JSON of this bench (repeatable): each of its uncut trainings with the same "
                         "config (objectives, batch, masking, model, FLOPs), seed, lr and steps is taken over instead "

@@ -63,24 +63,49 @@ def job_tree(tree: dict, out_dir: Path, steps: int, lr: float, seed: int, log_ev
     return tree
 
 
-def launch(tree: dict, run_dir: Path, time_limit: float | None = None, env_extra: dict | None = None) -> dict:
+def unfinished_step(tree: dict, run_dir: Path) -> int | None:
+    """The step of the last checkpoint that a stopped training of this very config (``run_dir/bench_config.yaml``
+    equal to ``tree``) left short of its steps; None when there is none (no folder, another config, a finished run)."""
+    import yaml
+
+    from vlp.checkpoint import list_checkpoints, read_run_info
+
+    cfg_path = run_dir / "bench_config.yaml"
+    try:
+        if not cfg_path.is_file() or yaml.safe_load(cfg_path.read_text()) != tree:
+            return None
+        found = list_checkpoints(run_dir)
+        step = read_run_info(found[-1])["step"] if found else None
+    except (OSError, ValueError, KeyError, yaml.YAMLError):  # unreadable leftovers: train afresh
+        return None
+    return step if step is not None and step < tree["train"]["steps"] else None
+
+
+def launch(tree: dict, run_dir: Path, time_limit: float | None = None, env_extra: dict | None = None,
+           resume: bool = False) -> dict:
     """Train one config in a ``python -m vlp.train`` subprocess (``env_extra``: e.g. its CPU threads when runs share
     the machine). A run past ``time_limit`` seconds gets SIGTERM: vlp checkpoints the current step and exits (the
-    run is then marked ``cut_short``)."""
+    run is then marked ``cut_short``). ``resume``: a training of the same config that was stopped (a killed bench,
+    a time limit) continues from its last checkpoint (``vlp.train --resume auto``, which restores the data stream,
+    optimizer and schedules) instead of starting over; ``resumed_at`` says from which step."""
     import signal
 
     import yaml
 
-    shutil.rmtree(run_dir, ignore_errors=True)
-    run_dir.mkdir(parents=True)
+    at = unfinished_step(tree, run_dir) if resume else None
+    if at is None:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        run_dir.mkdir(parents=True)
+    else:
+        log(f"{run_dir.name}: resuming its stopped training from step {at} of {tree['train']['steps']}")
     cfg_path = run_dir / "bench_config.yaml"
     cfg_path.write_text(yaml.safe_dump(tree, sort_keys=False))
     env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", **(env_extra or {}))
     t0 = time.time()
     cut = False
-    with open(run_dir / "train.log", "w") as logf:
-        proc = subprocess.Popen([sys.executable, "-m", "vlp.train", "--config", str(cfg_path)], cwd=REPO, env=env,
-                                stdout=logf, stderr=subprocess.STDOUT)
+    argv = [sys.executable, "-m", "vlp.train", "--config", str(cfg_path)] + ([] if at is None else ["--resume", "auto"])
+    with open(run_dir / "train.log", "w" if at is None else "a") as logf:
+        proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=logf, stderr=subprocess.STDOUT)
         while proc.poll() is None:
             if time_limit is not None and not cut and time.time() - t0 > time_limit:
                 log(f"{run_dir.name}: past its time limit ({time_limit:.0f} s): SIGTERM, checkpoint and stop")
@@ -96,12 +121,13 @@ def launch(tree: dict, run_dir: Path, time_limit: float | None = None, env_extra
     state = read_run_info(run_dir)
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     return {"wall_s": round(wall, 1), "steps_done": state["step"], "cut_short": cut or state["step"] < tree["train"]["steps"],
-            "last": state.get("metrics", {}), "metrics": metrics}
+            "last": state.get("metrics", {}), "metrics": metrics, **({} if at is None else {"resumed_at": at})}
 
 
 def seconds_per_step(metrics: list[dict], batch_total: int, skip_steps: int) -> float | None:
-    """Mean seconds per step over the logged windows after ``skip_steps`` (each window: log_every steps)."""
-    rows = [m for m in metrics if "samples_per_s" in m]
+    """Mean seconds per step over the logged windows after ``skip_steps`` (each window: log_every steps; a resumed
+    run logs again the steps after its checkpoint: the last record of a step counts)."""
+    rows = sorted({m["step"]: m for m in metrics if "samples_per_s" in m}.values(), key=lambda m: m["step"])
     steps_prev, t, n = 0, 0.0, 0
     for m in rows:
         window = m["step"] - steps_prev

@@ -140,7 +140,7 @@ def bench(p: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str] 
         return None
 
     def train_and_evaluate(job: Job, tree: dict, limit: float | None) -> tuple[dict, dict]:
-        train = launch(tree, runs_dir / job.name, time_limit=limit, env_extra=env_extra)
+        train = launch(tree, runs_dir / job.name, time_limit=limit, env_extra=env_extra, resume=True)
         with eval_lock:  # one evaluation at a time: it uses every core of this process
             ev = evaluate_run(runs_dir / job.name, shards, val_dir)
         return train, ev
@@ -159,7 +159,8 @@ def bench(p: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str] 
                 "gflops_per_step": gf, "total_tflops": round(own + (init["total_tflops"] if init else 0), 3),
                 **({"stage_tflops": own, "init": init} if init else {}), "run_dir": str(runs_dir / job.name),
                 "train": {"steps_done": train["steps_done"], "cut_short": train["cut_short"],
-                          "wall_s": train["wall_s"],
+                          "wall_s": train["wall_s"],  # a resumed training: since its resume
+                          **({"resumed_at": train["resumed_at"]} if "resumed_at" in train else {}),
                           "samples_per_s": round(batch / sps_run, 2) if sps_run else None,
                           "final_losses": {k: v for k, v in train["last"].items() if k.startswith("loss/")}},
                 "eval": ev}
@@ -206,6 +207,8 @@ def bench(p: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str] 
                     save()
                     continue
                 tree = job_tree(trees[job.config], runs_dir / job.name, job.steps, job.lr, job.seed, log_every)
+                if args.save_every:
+                    tree["train"]["save_every"] = args.save_every
                 if job.init_of:  # a second stage starts from its first stage's run folder
                     tree["model"]["pretrained"] = finished[job.init_of]["run_dir"]
                 limit = None
