@@ -141,3 +141,22 @@ def test_lightness_input_is_colorizations_student_input_before_normalization():
     expected = (lightness_image(transforms.ToTensor()(image)) - 0.5) / 0.25
     assert torch.allclose(grey, expected, atol=1e-6)
     assert torch.allclose(grey[0], grey[1], atol=1e-5) and torch.allclose(grey[1], grey[2], atol=1e-5)
+
+
+def test_several_seeds_report_the_mean_its_standard_error_and_the_difference_from_random_init():
+    def doc(seed, runs):
+        return {"reference": "simclr", "budget_steps": 300, "batch_size": 64, "split": "full", "seed": seed,
+                "runs": {m: {"eval": {"test": {"knn_top1/pooled": k, "linear_top1/pooled": k + 0.1}}, "steps": 10,
+                             "steps_done": 10 * (m != "random"), "gflops_per_step": 1.0} for m, k in runs.items()}}
+    docs = [doc(0, {"random": 0.28, "context": 0.305}), doc(1, {"random": 0.27}), doc(1, {"context": 0.31}),
+            doc(2, {"random": 0.29, "context": 0.33})]
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+            for line in bench_ssl.seeds_table(docs).splitlines()[2:]}
+    assert list(rows) == ["context", "random"]                       # ranked by mean kNN
+    mean, se = bench_ssl.mean_se([30.5, 31.0, 33.0])
+    assert mean == pytest.approx(31.5) and se == pytest.approx((((1.0 + 0.25 + 2.25) / 2) ** 0.5) / 3 ** 0.5)
+    r_mean, r_se = bench_ssl.mean_se([28.0, 27.0, 29.0])
+    assert rows["context"][:3] == ["0,1,2", f"{mean:.1f} ± {se:.1f}", f"{mean - r_mean:+.1f} ± {(se ** 2 + r_se ** 2) ** 0.5:.1f}"]
+    assert rows["context"][4] == f"+{mean - r_mean:.1f} ± {(se ** 2 + r_se ** 2) ** 0.5:.1f}"  # linear: the same shift
+    assert rows["context"][5] == "30.5, 31.0, 33.0" and rows["random"][2] == "-"
+    assert bench_ssl.mean_se([0.3]) == (0.3, None)

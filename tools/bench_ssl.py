@@ -8,7 +8,7 @@ stratified 5,000 test images; of the rest 10% labeled, 20% image-text, 70% unlab
 message when the tarball is absent. Each method trains on the unlabeled split (31,500 images) with its config
 ``configs/ssl/<method>.yaml``; two reference rows: ``mae`` (``configs/bench/quality-mae.yaml``: MAE on every
 training image) and ``supervised`` (``configs/bench/quality-supervised.yaml``: cross-entropy on the 4,500 labeled
-images); and ``random``, the untrained model (seed 0), evaluated the same way.
+images); and ``random``, the untrained model (initialized with the bench's seed), evaluated the same way.
 
 Equal FLOPs (as bench_quality): the training FLOPs per step of each run config are counted by
 ``vlp.flops.training_flops_per_step`` (student pass, heads, teacher forwards, backward, hooks, on a synthetic batch of
@@ -16,9 +16,10 @@ the run's composition and views); the reference method (``--reference``, default
 every other one ``round(budget * flops(reference) / flops(method))``. Every run: vlp-tiny-vit, batch ``--batch-size``
 (default 64: twice the updates of 128 at the same FLOPs), the config's lr and recipe, warm-up 10% of its steps (at
 least 30, at most half), the config's schedule compressed to the run's length (``compress_schedule``: step-counted
-freezes keep their fraction of the run, the teacher's time constant 1 / (1 - tau) too), seed 0; one ``python -m
+freezes keep their fraction of the run, the teacher's time constant 1 / (1 - tau) too), seed ``--seed`` (0); one ``python -m
 vlp.train`` subprocess each (``--parallel N``: N at once), stopped (SIGTERM, checkpointed, marked cut short) past its
-share of ``--max-minutes``.
+share of ``--max-minutes``. A training stopped by a kill continues from its last checkpoint when the bench runs again
+(``benchlib.train.launch``'s ``resume``).
 
 Evaluation (bench_quality's: ``benchlib.evaluate.evaluate_clip``, on ``pooled``, the ViT's pooled token before the
 CLIP projection): kNN top-1 (k=20, T=0.07) and linear-probe top-1 (logistic regression on standardized features),
@@ -42,6 +43,8 @@ Usage::
     python tools/bench_ssl.py --report-only bench_out/ssl/results.json
     python tools/bench_ssl.py --batch-size 128 --budget 1200 --workers 3 --parallel 6   # one GPU: README's table, 8x
     python tools/bench_ssl.py --report-only a.json b.json   # bench processes run side by side (own --cache-dir each)
+    python tools/bench_ssl.py --methods random,context --seed 1 --out bench_out/ssl/s1.json   # then --seed 2 ...
+    python tools/bench_ssl.py --report-only s0.json s1.json s2.json   # several seeds: mean ± s.e. against random init
 """
 from __future__ import annotations
 
@@ -60,7 +63,7 @@ from benchlib.train import adapt_tree, equal_flops_steps, job_tree, launch, meas
 
 # method -> (config under configs/, paper); "random" has no config: the untrained model
 METHODS = {
-    "random": (None, "untrained (seed 0)"),
+    "random": (None, "untrained (the bench's seed)"),
     "simclr": ("ssl/simclr.yaml", "Chen et al. 2020, SimCLR"),
     "mocov3": ("ssl/mocov3.yaml", "Chen, Xie & He 2021, MoCo v3"),
     "byol": ("ssl/byol.yaml", "Grill et al. 2020, BYOL"),
@@ -259,6 +262,46 @@ def table(doc: dict) -> str:
     return "\n".join(lines)
 
 
+def mean_se(values: list[float]) -> tuple[float, float | None]:
+    """Mean and its standard error over seeds (sample std / sqrt(n)); None with one seed."""
+    n = len(values)
+    mean = sum(values) / n
+    return mean, ((sum((v - mean) ** 2 for v in values) / (n - 1)) ** 0.5 / n ** 0.5 if n > 1 else None)
+
+
+def seeds_table(docs: list[dict]) -> str:
+    """Runs of one bench at several seeds (``--seed``; the docs of each seed merged): per method, test kNN and linear
+    top-1 as the mean over its seeds ± the standard error of that mean, and the difference from random init's mean
+    ± the standard error of the difference (the two added in quadrature); each seed's kNN in the last column."""
+    by_seed: dict[int, list[dict]] = {}
+    for d in docs:
+        by_seed.setdefault(d.get("seed", 0), []).append(d)
+    runs = {seed: merge_results(ds)["runs"] for seed, ds in sorted(by_seed.items())}
+    methods = list(dict.fromkeys(m for r in runs.values() for m, run in r.items() if "eval" in run))
+    stats = {m: {k: mean_se([100 * r[m]["eval"]["test"][k] for r in runs.values() if "eval" in r.get(m, {})])
+                 for k in KEYS} for m in methods}
+
+    def cell(m: str, k: str) -> str:
+        mean, se = stats[m][k]
+        return f"{mean:.1f}" + (f" ± {se:.1f}" if se is not None else "")
+
+    def versus(m: str, k: str) -> str:
+        if m == "random" or "random" not in stats:
+            return "-"
+        (a, sa), (b, sb) = stats[m][k], stats["random"][k]
+        se = (sa ** 2 + sb ** 2) ** 0.5 if sa is not None and sb is not None else None
+        return f"{a - b:+.1f}" + (f" ± {se:.1f}" if se is not None else "")
+
+    lines = ["| method | seeds | kNN top-1 | vs random init | linear top-1 | vs random init | kNN per seed |",
+             "|---|---|---:|---:|---:|---:|---|"]
+    for m in sorted(methods, key=lambda m: -stats[m][KEYS[0]][0]):
+        seeds = [s for s, r in runs.items() if "eval" in r.get(m, {})]
+        per_seed = ", ".join(f"{100 * runs[s][m]['eval']['test'][KEYS[0]]:.1f}" for s in seeds)
+        lines.append(f"| {m} | {','.join(map(str, seeds))} | {cell(m, KEYS[0])} | {versus(m, KEYS[0])} | "
+                     f"{cell(m, KEYS[1])} | {versus(m, KEYS[1])} | {per_seed} |")
+    return "\n".join(lines)
+
+
 def choose_lr(entries: dict[float, dict]) -> tuple[float, dict]:
     """The lr whose run has the best validation kNN (the test split chooses nothing)."""
     return max(entries.items(), key=lambda kv: kv[1]["eval"]["val"][KEYS[0]])
@@ -301,10 +344,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None, help="results JSON (default: CACHE/ssl[-quick]/results.json)")
     p.add_argument("--report-only", metavar="JSON", nargs="+", default=None,
                    help="print the table of saved results JSONs (several: runs of the same bench, e.g. methods run "
-                        "in parallel processes, merged; a later file's run of a method replaces an earlier one's)")
+                        "in parallel processes, merged; a later file's run of a method replaces an earlier one's; of "
+                        "several --seed values: each method's mean over seeds ± its standard error, against random "
+                        "init's)")
     args = p.parse_args(argv)
     if args.report_only:
-        print(table(merge_results([json.loads(Path(f).read_text()) for f in args.report_only])))
+        docs = [json.loads(Path(f).read_text()) for f in args.report_only]
+        several = len({d.get("seed", 0) for d in docs}) > 1
+        print(seeds_table(docs) if several else table(merge_results(docs)))
         return 0
     t_start = time.time()
     methods = parse_list(args.methods)
@@ -370,11 +417,11 @@ def main(argv: list[str] | None = None) -> int:
                                                             args.seed, inputs[m]))
             return entry
         steps = plan[m]
-        run_dir = out_dir / "runs" / (m if lr is None else f"{m}-lr{lr:g}")
+        run_dir = out_dir / "runs" / ((m if lr is None else f"{m}-lr{lr:g}") + (f"-seed{args.seed}" if args.seed else ""))
         tree = job_tree(compress_schedule(trees[m], steps), run_dir, steps,
                         lr or lrs.get(m, trees[m]["optim"]["lr"]), args.seed, log_every=max(1, steps // 10))
         log(f"{m}: {steps} steps at lr {tree['optim']['lr']:g}" + (f" (at most {limit:.0f} s)" if limit else ""))
-        res = launch(tree, run_dir, limit)
+        res = launch(tree, run_dir, limit, resume=True)  # a stopped training of this config continues
         entry.update(steps=steps, steps_done=res["steps_done"], cut_short=res["cut_short"], wall_s=res["wall_s"],
                      gflops_per_step=configs[m]["gflops_per_step"], lr=tree["optim"]["lr"],
                      warmup=tree["optim"]["warmup_steps"], teacher_tau=(tree.get("teacher") or {}).get("tau"),
