@@ -37,3 +37,15 @@ def test_supervised_step_is_three_forwards(tmp_path):
     total, split = training_flops_per_step(_cfg(tmp_path, {"supervised": {}}), CLASSES, steps=3, breakdown=True)
     assert set(split) <= {"image tower", "head classifier", "losses"}
     assert total == pytest.approx(3 * sum(split.values()), rel=0.10)
+
+
+def test_rows_a_teacher_drops_cost_its_forward_only(tmp_path):
+    """``pseudolabel.keep``: the teacher scores the 4 unlabeled rows, the student's pass sees 2 of them (14 rows of
+    16): its image tower costs 14/16 of the pass over every row, the teacher's forward the same as without keep."""
+    objectives = {"contrastive": {"labels_as_text": True}, "pseudolabel": {"rampup_steps": 0}}
+    every, every_split = training_flops_per_step(_cfg(tmp_path, objectives), CLASSES, steps=1, breakdown=True)
+    objectives["pseudolabel"]["keep"] = 2
+    kept, kept_split = training_flops_per_step(_cfg(tmp_path, objectives), CLASSES, steps=1, breakdown=True)
+    assert kept_split["image tower"] == pytest.approx(every_split["image tower"] * 14 / 16, rel=1e-6)
+    assert kept_split["teacher"] == pytest.approx(every_split["teacher"], rel=1e-6)
+    assert every - kept == pytest.approx(3 * (every_split["image tower"] - kept_split["image tower"]), rel=0.10)

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from vlp.config import config_from_dict
 from vlp.data.batch import Batch
 from vlp.models.model import random_masking
-from vlp.objectives.pseudolabel import fairness, flexmatch_thresholds, topk_per_class
+from vlp.objectives.pseudolabel import fairness, flexmatch_thresholds, keep_order, topk_per_class
 from vlp.task import PretrainTask
 
 CLASSES = ["cat", "dog", "ship"]
@@ -189,3 +189,90 @@ def test_pseudolabel_config_errors_name_the_key(bad):
 
     with pytest.raises((ConfigError, ValueError), match="objectives.pseudolabel"):
         _task(bad)
+
+
+def test_keep_order_puts_selected_rows_first_then_each_class_in_turn_by_confidence():
+    pred = torch.tensor([0, 0, 0, 1, 1, 2, 2])
+    conf = torch.tensor([0.9, 0.8, 0.7, 0.6, 0.95, 0.5, 0.4])
+    selected = torch.tensor([False, True, False, False, False, False, True])
+    # selected: rows 1 (class 0) and 6 (class 2), each its class's best -> by confidence: 1, 6; then the rest:
+    # each class's best (0: 0.9, 1: 4 at 0.95, 2: 5 at 0.5) by confidence, then the second ones (2 at 0.7, 3 at 0.6)
+    assert keep_order(selected, conf, pred).tolist() == [1, 6, 4, 0, 5, 2, 3]
+    assert keep_order(torch.zeros(7, dtype=torch.bool), conf, pred).tolist() == [4, 0, 5, 1, 3, 6, 2]
+
+
+def test_batch_select_keeps_the_rows_and_each_view_groups_views_of_them():
+    task = _task()
+    batch = _batch(task)
+    batch.views["both"] = torch.arange(2 * 6).view(2, 6, 1, 1, 1).float()   # a group of labeled + unlabeled rows
+    keep = torch.tensor([True, True, False, True, False, True, True, False])
+    sub = batch.select(keep, {"pseudolabel": ("unlabeled",), "both": ("labeled", "unlabeled")})
+    assert torch.equal(sub.image, batch.image[keep]) and sub.kind.tolist() == [0, 0, 1, 2, 2]
+    assert torch.equal(sub.views["pseudolabel"], batch.views["pseudolabel"][:, [1, 2]])
+    assert sub.views["both"].flatten().tolist() == [1, 3, 4, 7, 9, 10]
+    assert sub.hidden_label.tolist() == [-1, -1, -1, 1, 2] and sub.labels is None
+
+
+def test_keep_trains_the_student_on_the_kept_rows_only_with_the_loss_of_those_rows_alone():
+    """``keep: 2`` of the 4 unlabeled rows: the teacher scores all four and keeps the two best (the selected ones
+    first); the student's step is then the step of the batch without the two others (same teacher labels), its
+    pseudo-label cross-entropy still a mean over the 4 scored rows (half the sum over 2), and its FLOPs are lower."""
+    from vlp.flops import count_training_flops
+
+    cfg = {"select": "threshold", "tau": 0.34, "fairness": 0.0, "rampup_steps": 0}
+    task = _task({**cfg, "keep": 2})
+    obj = task.objectives["pseudolabel"][0]
+    batch = _batch(task)
+    with torch.no_grad():
+        probs = obj.teacher_forward(task.teacher, batch, 4)["teacher/pseudolabel/probs"]
+    conf, pred = probs.max(-1)
+    best = keep_order(conf > 0.34, conf, pred)[:2].sort().values
+    keep = torch.tensor([True] * 4 + [False] * 4)
+    keep[4 + best] = True
+    task.student.train()
+    loss, metrics = task.training_forward(batch, step=4)
+
+    plain = _task(cfg)  # the same weights (seed 0), every row it is given trained
+    alone = batch.select(keep, plain.group_kinds)
+    plain.student.train()
+    expected, plain_metrics = plain.training_forward(alone, step=4)
+    assert (conf > 0.34)[best].any() and plain_metrics["loss/pseudolabel"] > 0
+    assert torch.allclose(metrics["loss/contrastive"], plain_metrics["loss/contrastive"], atol=1e-6)
+    assert torch.allclose(metrics["loss/pseudolabel"], plain_metrics["loss/pseudolabel"] * 2 / 4, atol=1e-6)
+    assert torch.allclose(loss, expected - plain_metrics["loss/pseudolabel"] / 2, atol=1e-6)
+    assert math.isclose(metrics["pseudolabel/scored/kept"].item(), 0.5)
+    assert math.isclose(metrics["pseudolabel/scored/selected"].item(), (conf > 0.34).float().mean().item())
+    assert math.isclose(metrics["pseudolabel/scored/teacher_acc"].item(),
+                        (pred == torch.tensor([0, 1, 2, 1])).float().mean().item())
+    assert math.isclose(metrics["pseudolabel/teacher_acc"].item(), plain_metrics["pseudolabel/teacher_acc"].item())
+    assert count_training_flops(task, batch, steps=1) < count_training_flops(_task(cfg), batch, steps=1)
+
+
+def test_keep_refuses_accum_freq():
+    from vlp.config import ConfigError
+
+    with pytest.raises(ConfigError, match="objectives.pseudolabel.keep"):
+        config_from_dict({
+            "data": {"sources": [{"kind": k, "shards": "x.tar"} for k in ("paired", "labeled", "unlabeled")],
+                     "batch": {"paired": 2, "labeled": 2, "unlabeled": 4}},
+            "model": {"name": "vlp-test-vit"}, "objectives": {"contrastive": {"labels_as_text": True},
+                                                               "pseudolabel": {"keep": 2}},
+            "train": {"steps": 10, "accum_freq": 2}}, check_files=False)
+
+
+def test_keep_trains_on_real_mixed_shards(demo_data, tmp_path):
+    """The real trainer on the digits' three kinds of shards: the teacher scores 4 unlabeled rows a step, 2 are
+    trained."""
+    from conftest import run_config, step_metrics
+    from vlp.train import Trainer
+
+    cfg = run_config(demo_data, tmp_path / "run", train={"steps": 3, "log_every": 1, "save_every": 3,
+                                                          "progress": False})
+    cfg["data"]["workers"] = 0
+    cfg["objectives"] = {"contrastive": {"labels_as_text": True}, "supervised": {"weight": 0.5},
+                         "pseudolabel": {"select": "topk", "topk": 1, "keep": 2, "rampup_steps": 0}}
+    Trainer(config_from_dict(cfg)).fit()
+    steps = step_metrics(tmp_path / "run")
+    assert sorted(steps) == [1, 2, 3]
+    for rec in steps.values():
+        assert math.isfinite(rec["loss/pseudolabel"]) and rec["pseudolabel/scored/kept"] == 0.5

@@ -84,8 +84,9 @@ def forward_split(task, batch: Batch, step: int = 0) -> dict[str, float]:
     task.student.train()
     student, full = FlopCounterMode(display=False), FlopCounterMode(display=False)
     with torch.no_grad():
+        seen = task.choose_rows(batch, step)[0]  # the rows the student's pass sees (a teacher may choose them)
         with student:
-            task.model(batch, noise=task.masking_noise(batch, step, 0))
+            task.model(seen, noise=task.masking_noise(seen, step, 0))
         with full:
             task.training_forward(batch, step)
     root = type(task.student).__name__

@@ -210,6 +210,11 @@ class PretrainTask:
         except ValueError as err:
             raise ConfigError(str(err)) from None
         self.labels_as_text = any(o.labels_as_text for o in objs)
+        choosers = [name for name, (o, _) in self.objectives.items() if o.chooses_rows]
+        if len(choosers) > 1:
+            raise ConfigError(f"objectives {', '.join(choosers)}: each chooses the student's rows before its pass; "
+                              f"at most one may")
+        self.group_kinds = {g.name: g.kinds for g in self.view_groups}
         tcfg = teacher_config(cfg, objs)
         heads = tuple(h for o in objs for h in o.teacher_heads)
         self.teacher = MomentumTeacher(self.student, tcfg, cfg.train.steps, heads) if tcfg else None
@@ -271,14 +276,26 @@ class PretrainTask:
             raise ValueError(f"objectives ask for different text-pass masking ratios: {sorted(ratios)}")
         return ratios.pop() if ratios else None
 
+    def choose_rows(self, batch, step: int) -> tuple:
+        """``(the rows the student's pass sees, teacher outputs of them)``: every row, or the rows an objective's
+        teacher keeps (:meth:`Objective.teacher_select`, e.g. ``pseudolabel.keep``) with its outputs of those."""
+        for obj, _ in self.objectives.values():
+            if self.teacher is not None and obj.uses_teacher and obj.chooses_rows:
+                with torch.no_grad():
+                    keep, chosen = obj.teacher_select(self.teacher, batch, step)
+                return batch.select(keep, self.group_kinds), chosen
+        return batch, {}
+
     def training_forward(self, batch, step: int, micro: int = 0) -> tuple[torch.Tensor, dict]:
         """One micro-batch's loss (with grad) and metrics. The trainer backpropagates ``loss / micro-batches``."""
         text_ratio = self.text_pass_ratio(step)
+        batch, chosen = self.choose_rows(batch, step)
         outputs = self.model(batch, noise=self.masking_noise(batch, step, micro, text_ratio), text_ratio=text_ratio)
+        outputs.update(chosen)
         if self.teacher is not None:
             with torch.no_grad():
                 for obj, _ in self.objectives.values():
-                    if obj.uses_teacher:
+                    if obj.uses_teacher and not obj.chooses_rows:
                         outputs.update(obj.teacher_forward(self.teacher, batch, step))
         if self._cache is not None and self._cache[0] == step:
             return self._combine_accumulated(outputs, batch, micro)

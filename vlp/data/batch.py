@@ -110,6 +110,15 @@ class Batch:
         ids = torch.tensor([KIND_ID[k] for k in kinds], device=self.kind.device)
         return torch.isin(self.kind, ids)
 
+    def select(self, keep: torch.Tensor, group_kinds: dict[str, tuple[str, ...]]) -> "Batch":
+        """The rows where ``keep [B]`` (bool) is true, in batch order; each view group (``group_kinds``: the kinds
+        its rows are) keeps its views of those rows."""
+        def rows(t):
+            return None if t is None else t[keep]
+        views = {g: v[:, keep[self.rows_of(group_kinds[g])]] for g, v in self.views.items()}
+        return Batch(self.image[keep], self.text[keep], self.has_text[keep], self.label[keep], self.kind[keep],
+                     views, rows(self.hidden_label), rows(self.labels))
+
 
 _FIELDS = {f.name for f in fields(Batch)}
 

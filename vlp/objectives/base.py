@@ -140,6 +140,17 @@ class Objective(nn.Module):
         """No-grad teacher outputs this objective reads (``outputs['teacher/...']``); called before the student."""
         return {}
 
+    @property
+    def chooses_rows(self) -> bool:
+        """Whether this objective's teacher chooses, before the student pass, which rows the student trains on
+        (:meth:`teacher_select`); at most one objective of a run may."""
+        return False
+
+    def teacher_select(self, teacher, batch, step: int) -> tuple[torch.Tensor, dict]:
+        """``(keep [B] bool, no-grad teacher outputs of the kept rows)``: called instead of :meth:`teacher_forward`
+        when :attr:`chooses_rows`, before the student pass, which then sees the kept rows only."""
+        raise NotImplementedError
+
     def on_train_start(self, model: nn.Module) -> None:
         """Called with the unwrapped student before the first step (after a resume restored its buffers)."""
 

@@ -22,6 +22,12 @@ adaptive thresholds ``T_c = M(beta_c) tau``, ``beta_c = sigma_c / max(max_k sigm
   hard label by the teacher's distribution sharpened at temperature ``sharpen`` (MixMatch, Berthelot et al. 2019,
   eq. 7: ``p^(1/T) / sum p^(1/T)``; soft pseudo-labels as Noisy Student's, Xie et al. 2020): a wrong but unsure
   teacher pulls less.
+- **Teacher-first** (``keep``): the teacher scores and selects every row of its kinds *before* the student pass,
+  and only the ``keep`` best of them (selected ones first, class-balanced, most confident first) go through the
+  student; the others cost the teacher's forward only (online batch selection: Loshchilov & Hutter 2015; RHO-LOSS,
+  Mindermann et al. 2022, select with a forward pass and train on what they select). The loss stays a mean over every
+  scored row, so ``keep`` changes what the step costs, not the loss. Logged: ``scored/selected``, ``scored/kept``,
+  ``scored/teacher_acc`` over every scored row.
 
 Logged: the fraction selected (overall and per class for up to 32 classes), the mean threshold, and where rows
 carry a withheld label (``Batch.hidden_label``, benchmarks only) the accuracy of the teacher and of the selected
@@ -59,6 +65,17 @@ def topk_per_class(conf: torch.Tensor, pred: torch.Tensor, k: int) -> torch.Tens
     return mask
 
 
+def keep_order(selected: torch.Tensor, conf: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
+    """Row indices, best first: selected rows before the others; within each, class-balanced (every predicted
+    class's most confident row, then every class's second, ...), ties by confidence."""
+    rank, group = torch.empty_like(pred), 2 * pred + selected.long()  # a row's rank among its class's in its part
+    for c in group.unique():
+        idx = (group == c).nonzero().squeeze(1)
+        rank[idx[conf[idx].argsort(descending=True, stable=True)]] = torch.arange(idx.numel(), device=pred.device)
+    key = (~selected).to(conf.dtype) * (2 * pred.numel() + 2) + 2 * rank.to(conf.dtype) - conf  # conf in [0, 1]
+    return key.argsort(stable=True)
+
+
 def sharpen(probs: torch.Tensor, T: float) -> torch.Tensor:
     """MixMatch's sharpening ``p^(1/T) / sum_c p_c^(1/T)`` (Berthelot et al. 2019, eq. 7), row by row."""
     return (probs.clamp_min(1e-12).log() / T).softmax(-1)  # the same, without p^(1/T) underflowing at small T
@@ -84,6 +101,10 @@ class PseudoLabelObjective(Objective):
         sharpen: float = Field(0.5, gt=0)                # target: soft's temperature T (MixMatch's 0.5)
         rampup_steps: int | None = Field(None, ge=0)     # default: 10% of train.steps
         bank_every: int = Field(10, gt=0)
+        # teacher-first: the teacher scores every row of its kinds before the student pass, and only this many of
+        # them go through the student (selected ones first, class-balanced, most confident first); the others cost
+        # the teacher's forward only (online batch selection: Loshchilov & Hutter 2015; Mindermann et al. 2022)
+        keep: int | None = Field(None, gt=0)
 
     needs_text = True
     uses_teacher = True
@@ -113,6 +134,9 @@ class PseudoLabelObjective(Objective):
     @classmethod
     def check(cls, o, cfg):
         super().check(o, cfg)
+        if o.keep is not None and cfg.train.accum_freq > 1:
+            raise ValueError("objectives.pseudolabel.keep: the rows it keeps differ between train.accum_freq's "
+                             "feature pass and its grad pass; use train.grad_accum, or no keep")
         if o.source != "bank" and not any(CLASSIFIER in OBJECTIVES[n].head_names
                                           for n, c in cfg.objectives.items() if c.weight > 0):
             raise ValueError(f"objectives.pseudolabel.source: {o.source} reads the classifier head; add an objective "
@@ -146,6 +170,30 @@ class PseudoLabelObjective(Objective):
             self.refresh_bank(model)
 
     # ---- teacher --------------------------------------------------------------------------------------------
+    @property
+    def chooses_rows(self) -> bool:
+        return self.cfg.keep is not None
+
+    def teacher_select(self, teacher, batch, step):
+        """``keep``: the teacher scores and selects every row of its kinds; the ``keep`` best of them (selected
+        first) stay in the batch with every row of other kinds. The kept rows' teacher outputs and selection, and the
+        teacher's accuracy over every scored row (rows with a withheld label, benchmarks only)."""
+        out = self.teacher_forward(teacher, batch, step)
+        probs = out["teacher/pseudolabel/probs"]
+        pred, mask, thr = self.choose(probs)
+        kept = keep_order(mask, probs.max(-1)[0], pred)[:self.cfg.keep].sort().values
+        rows = batch.rows_of(tuple(self.cfg.kinds))
+        keep = ~rows
+        keep[rows.nonzero().squeeze(1)[kept]] = True
+        scored = {"selected": mask.float().mean(), "kept": torch.tensor(kept.numel() / max(1, len(pred)))}
+        out.update({"teacher/pseudolabel/probs": probs[kept], "pseudolabel/scored": scored,
+                    "teacher/pseudolabel/choice": (pred[kept], mask[kept], thr[kept], len(pred))})
+        hidden = batch.hidden_label[rows] if batch.hidden_label is not None else None
+        if hidden is not None and (hidden >= 0).any():
+            known = hidden >= 0
+            scored["teacher_acc"] = (pred == hidden)[known].float().mean()
+        return keep, out
+
     def teacher_forward(self, teacher, batch, step):
         t = teacher.model
         pooled = t.encode_pooled(batch.views["pseudolabel"][0])
@@ -187,9 +235,11 @@ class PseudoLabelObjective(Objective):
     # ---- student loss ---------------------------------------------------------------------------------------
     def forward(self, outputs, batch):
         probs = outputs["teacher/pseudolabel/probs"].float()
-        pred, mask, thr = self.choose(probs)
+        # keep: chosen before the student pass, and the loss is over every scored row (as without keep: FixMatch's
+        # mean over the unlabeled rows), so keep changes which rows cost the student, not the loss's scale
+        pred, mask, thr, scored = outputs.get("teacher/pseudolabel/choice") or (*self.choose(probs), probs.shape[0])
         rows = batch.rows_of(tuple(self.cfg.kinds))
-        n = max(1, pred.numel())
+        n = max(1, scored)
         target = pred if self.cfg.target == "hard" else sharpen(probs, self.cfg.sharpen)
         losses, student_probs = [], []
         source = self.cfg.source
@@ -207,6 +257,7 @@ class PseudoLabelObjective(Objective):
         student = gather_with_grad(student)  # the global mean prediction
         loss = sum(losses) / len(losses) + self.cfg.fairness * fairness(student)
         metrics = {"selected": mask.float().mean(), "threshold": thr.mean(), "confidence": probs.max(-1)[0].mean()}
+        metrics.update({f"scored/{k}": v for k, v in outputs.get("pseudolabel/scored", {}).items()})
         if self.sigma.numel() <= 32:
             for c in range(self.sigma.numel()):
                 metrics[f"selected/{c}"] = (mask & (pred == c)).float().sum() / n
