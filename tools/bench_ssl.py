@@ -60,6 +60,7 @@ from benchlib.cifar import DATA_TARBALL, prepare, prepare_val
 from benchlib.cli import log, parse_list, write_json
 from benchlib.evaluate import evaluate_clip
 from benchlib.train import adapt_tree, equal_flops_steps, job_tree, launch, measure_flops
+from quality.report import mean_std
 
 # method -> (config under configs/, paper); "random" has no config: the untrained model
 METHODS = {
@@ -263,10 +264,9 @@ def table(doc: dict) -> str:
 
 
 def mean_se(values: list[float]) -> tuple[float, float | None]:
-    """Mean and its standard error over seeds (sample std / sqrt(n)); None with one seed."""
-    n = len(values)
-    mean = sum(values) / n
-    return mean, ((sum((v - mean) ** 2 for v in values) / (n - 1)) ** 0.5 / n ** 0.5 if n > 1 else None)
+    """Mean and its standard error over seeds (bench_quality's sample std / sqrt(n)); None with one seed."""
+    mean, std = mean_std(values)
+    return mean, (std / len(values) ** 0.5 if std is not None else None)
 
 
 def seeds_table(docs: list[dict]) -> str:
