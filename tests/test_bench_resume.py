@@ -65,8 +65,13 @@ def test_a_killed_training_resumes_from_its_checkpoint_with_the_uninterrupted_lo
     assert sorted(step_metrics(run_dir)) == list(range(1, STEPS + 1))
     assert 0 < seconds_per_step(resumed["metrics"], 1, 0) < resumed["wall_s"]
 
-    # finished now: nothing is left to resume, and a bench running it again trains it afresh
+    # finished now: nothing is left to resume, and a bench stopped before it evaluated it does not train it again
     assert unfinished_step(tree, run_dir) is None
+    log_before = (run_dir / "train.log").read_text()
+    again = launch(tree, run_dir, resume=True)
+    assert again["finished_before"] and again["steps_done"] == STEPS and again["resumed_at"] == killed_at
+    assert again["last"] == resumed["last"] and again["metrics"] == resumed["metrics"]
+    assert (run_dir / "train.log").read_text() == log_before
 
 
 def test_a_folder_of_another_config_or_without_a_checkpoint_is_trained_afresh(demo_data, tmp_path):
@@ -81,3 +86,10 @@ def test_a_folder_of_another_config_or_without_a_checkpoint_is_trained_afresh(de
     assert "resumed_at" not in res and res["steps_done"] == 2
     assert [p.name for p in ckpt_io.list_checkpoints(run_dir)] == ["step_00000002"]  # the old run's are gone
     assert "resumed from" not in (run_dir / "train.log").read_text()
+
+    # a finished training is taken as it is only with its own config and its record
+    assert launch(dict(other, train=dict(other["train"], steps=2)), run_dir, resume=True)["finished_before"]
+    (run_dir / "bench_train.json").unlink()
+    res = launch(dict(other, train=dict(other["train"], steps=2)), run_dir, resume=True)
+    assert "finished_before" not in res and res["steps_done"] == 2
+    assert "finished_before" not in launch(dict(other, train=dict(other["train"], steps=3)), run_dir, resume=True)

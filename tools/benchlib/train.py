@@ -63,9 +63,12 @@ def job_tree(tree: dict, out_dir: Path, steps: int, lr: float, seed: int, log_ev
     return tree
 
 
-def unfinished_step(tree: dict, run_dir: Path) -> int | None:
-    """The step of the last checkpoint that a stopped training of this very config (``run_dir/bench_config.yaml``
-    equal to ``tree``) left short of its steps; None when there is none (no folder, another config, a finished run)."""
+RECORD = "bench_train.json"  # launch's record of a training that ran to its end
+
+
+def last_step(tree: dict, run_dir: Path) -> int | None:
+    """The step of the last checkpoint of a training of this very config (``run_dir/bench_config.yaml`` equal to
+    ``tree``); None when there is none (no folder, another config, no checkpoint, unreadable leftovers)."""
     import yaml
 
     from vlp.checkpoint import list_checkpoints, read_run_info
@@ -75,10 +78,28 @@ def unfinished_step(tree: dict, run_dir: Path) -> int | None:
         if not cfg_path.is_file() or yaml.safe_load(cfg_path.read_text()) != tree:
             return None
         found = list_checkpoints(run_dir)
-        step = read_run_info(found[-1])["step"] if found else None
+        return read_run_info(found[-1])["step"] if found else None
     except (OSError, ValueError, KeyError, yaml.YAMLError):  # unreadable leftovers: train afresh
         return None
+
+
+def unfinished_step(tree: dict, run_dir: Path) -> int | None:
+    """The step of the last checkpoint that a stopped training of this very config left short of its steps; None
+    when there is none (no folder, another config, a finished run)."""
+    step = last_step(tree, run_dir)
     return step if step is not None and step < tree["train"]["steps"] else None
+
+
+def finished_record(tree: dict, run_dir: Path) -> dict | None:
+    """``launch``'s record of a training of this very config that ran to its end (a bench stopped while evaluating
+    it); None when there is none."""
+    try:
+        record = json.loads((run_dir / RECORD).read_text())
+    except (OSError, ValueError):
+        return None
+    if last_step(tree, run_dir) != tree["train"]["steps"] or record.get("steps_done") != tree["train"]["steps"]:
+        return None
+    return record
 
 
 def launch(tree: dict, run_dir: Path, time_limit: float | None = None, env_extra: dict | None = None,
@@ -87,11 +108,16 @@ def launch(tree: dict, run_dir: Path, time_limit: float | None = None, env_extra
     the machine). A run past ``time_limit`` seconds gets SIGTERM: vlp checkpoints the current step and exits (the
     run is then marked ``cut_short``). ``resume``: a training of the same config that was stopped (a killed bench,
     a time limit) continues from its last checkpoint (``vlp.train --resume auto``, which restores the data stream,
-    optimizer and schedules) instead of starting over; ``resumed_at`` says from which step."""
+    optimizer and schedules) instead of starting over; ``resumed_at`` says from which step. One that ran to its end
+    is not trained again: its record comes back with ``finished_before: True``."""
     import signal
 
     import yaml
 
+    done = finished_record(tree, run_dir) if resume else None
+    if done is not None:
+        log(f"{run_dir.name}: trained to its end before; taken as it is")
+        return {**done, "metrics": read_metrics(run_dir), "finished_before": True}
     at = unfinished_step(tree, run_dir) if resume else None
     if at is None:
         shutil.rmtree(run_dir, ignore_errors=True)
@@ -119,9 +145,16 @@ def launch(tree: dict, run_dir: Path, time_limit: float | None = None, env_extra
     from vlp.checkpoint import read_run_info
 
     state = read_run_info(run_dir)
-    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    return {"wall_s": round(wall, 1), "steps_done": state["step"], "cut_short": cut or state["step"] < tree["train"]["steps"],
-            "last": state.get("metrics", {}), "metrics": metrics, **({} if at is None else {"resumed_at": at})}
+    record = {"wall_s": round(wall, 1), "steps_done": state["step"],
+              "cut_short": cut or state["step"] < tree["train"]["steps"], "last": state.get("metrics", {}),
+              **({} if at is None else {"resumed_at": at})}
+    if not record["cut_short"]:
+        (run_dir / RECORD).write_text(json.dumps(record))
+    return {**record, "metrics": read_metrics(run_dir)}
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
 
 
 def seconds_per_step(metrics: list[dict], batch_total: int, skip_steps: int) -> float | None:

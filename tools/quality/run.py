@@ -161,6 +161,7 @@ def bench(p: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str] 
                 "train": {"steps_done": train["steps_done"], "cut_short": train["cut_short"],
                           "wall_s": train["wall_s"],  # a resumed training: since its resume
                           **({"resumed_at": train["resumed_at"]} if "resumed_at" in train else {}),
+                          **({"finished_before": True} if train.get("finished_before") else {}),
                           "samples_per_s": round(batch / sps_run, 2) if sps_run else None,
                           "final_losses": {k: v for k, v in train["last"].items() if k.startswith("loss/")}},
                 "eval": ev}
