@@ -82,11 +82,16 @@ def plot_gap(docs: list[dict], png: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from matplotlib.ticker import NullFormatter
+
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), constrained_layout=True)
     series: dict[str, list] = {}
+    budgets = []  # each budget's TFLOP (its runs' mean): the x ticks
     for doc in sorted(docs, key=lambda d: d["reference_steps"]):
-        for run, point in run_points(doc).items():
+        points = run_points(doc)
+        for run, point in points.items():
             series.setdefault(run, []).append((doc, point))
+        budgets.append(statistics.fmean(statistics.fmean(p["tflops"]) for p in points.values()))
     for ax, (label, key, text_only) in zip(axes, METRICS):
         for run, items in sorted(series.items()):
             if text_only and not items[0][0]["configs"][run]["text_trained"]:
@@ -98,6 +103,8 @@ def plot_gap(docs: list[dict], png: Path) -> Path:
             ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=run, linewidth=2.2 if multi else 1.2,
                         linestyle="-" if multi else "--")
         ax.set_xscale("log")
+        ax.set_xticks(budgets, [f"{t:.3g}" for t in budgets])
+        ax.xaxis.set_minor_formatter(NullFormatter())  # the log axis' own minor labels crowd the budgets'
         ax.set_xlabel("training TFLOP (forward + teacher + backward)")
         ax.set_ylabel(f"test {label} top-1 %")
         ax.set_title(f"{label} (CIFAR-10, 5,000 held-out images)")
