@@ -2,6 +2,7 @@
 run) and ``--reuse``, which takes trainings over from an earlier results JSON only when they trained the same
 thing on the same bench."""
 import json
+import os
 import sys
 
 import pytest
@@ -276,6 +277,22 @@ def test_a_second_stage_waits_for_its_first_and_its_sweep_selects_on_zero_shot()
     assert quality_plan.best_swept(swept((5e-4, 0.30), (1e-3, 0.35)),
                                                  "zeroshot_top1/templates")["lr"] == 1e-3
     assert bench_quality.beyond_edge(swept((5e-4, 0.30), (1e-3, 0.35)), "zeroshot_top1/templates") == 2e-3
+
+
+def test_a_lone_training_whose_followers_wait_on_it_gets_every_core():
+    """--parallel N splits the cores between the trainings that can run side by side: a first stage whose second
+    stage waits on it, with nothing else to run, gets them all; beside another training, its share."""
+    from quality.run import run_threads, startable
+
+    first = quality_plan.Job("mixed-curriculum-first-seed1", "mixed-curriculum-first", 1, 5e-4, 2757, ["seed"])
+    second = quality_plan.Job("mixed-curriculum-seed1", "mixed-curriculum", 1, 5e-4, 2500, ["seed"],
+                              init_of=first.name)
+    other = quality_plan.Job("clip-seed2", "clip", 2, 5e-4, 5514, ["seed"])
+    assert startable([second], {}) == [] and startable([second], {first.name: {}}) == [second]
+    assert startable([second, other], {}) == [other]
+    assert run_threads(1) == {}
+    halves = str(max(1, (os.cpu_count() or 1) // 2))
+    assert run_threads(2) == {"OMP_NUM_THREADS": halves, "MKL_NUM_THREADS": halves}
 
 
 def test_report_prints_the_two_stage_row_and_its_stages():

@@ -118,7 +118,6 @@ def bench(p: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str] 
     out = Path(args.out) if args.out else out_dir / "results.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     cost_of = {j.name: cst for j, cst in zip(jobs, costs)} if costs else {}
-    env_extra = run_threads(args.parallel)
 
     def choose_lr(run: str) -> Job | None:
         """The sweep of ``run`` is over: one more sweep job past the edge, or None once its lr is chosen."""
@@ -139,7 +138,7 @@ def bench(p: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str] 
         log(f"{run}: lr {best['lr']:g} chosen (validation {key} {100 * best['eval']['val'][key]:.2f})")
         return None
 
-    def train_and_evaluate(job: Job, tree: dict, limit: float | None) -> tuple[dict, dict]:
+    def train_and_evaluate(job: Job, tree: dict, limit: float | None, env_extra: dict) -> tuple[dict, dict]:
         train = launch(tree, runs_dir / job.name, time_limit=limit, env_extra=env_extra, resume=True)
         with eval_lock:  # one evaluation at a time: it uses every core of this process
             ev = evaluate_run(runs_dir / job.name, shards, val_dir)
@@ -217,11 +216,13 @@ def bench(p: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str] 
                     rest = sum(cost_of.get(j.name, 0.0) for j in pending + [r[0] for r in running.values()])
                     mine = cost_of.get(job.name) or cost(job.config, job.steps)
                     limit = max(60.0, (deadline - time.time()) * args.parallel * mine / max(rest + mine, 1e-9))
+                threads = run_threads(min(args.parallel, len(running) + 1 + len(startable(pending, finished))))
                 log(f"training {job.name}: {job.steps} steps, lr {job.lr:g}, seed {job.seed}, batch "
                     f"{tree['data']['batch']}" + (f", from {job.init_of}" if job.init_of else "")
                     + (f", time limit {limit:.0f} s" if limit else "")
-                    + (f" ({len(running) + 1} running)" if args.parallel > 1 else ""))
-                running[pool.submit(train_and_evaluate, job, tree, limit)] = (job, tree)
+                    + (f" ({len(running) + 1} running, {threads.get('OMP_NUM_THREADS', 'all')} threads)"
+                       if args.parallel > 1 else ""))
+                running[pool.submit(train_and_evaluate, job, tree, limit, threads)] = (job, tree)
                 continue
             if job is not None:  # no free slot: it waits at the head of the queue
                 pending.insert(0, job)
@@ -348,6 +349,12 @@ def results_doc(args, argv, info, n_val, runs, seeds, lrs, steps, batch, configs
         "sweep_fraction": args.sweep_fraction, "flop_steps": args.flop_steps or (2 if args.quick else 10),
         "configs": configs, "lr": lr_info, "calibration": calib, "jobs": [],
     }
+
+
+def startable(pending: list[Job], finished: dict) -> list[Job]:
+    """The pending jobs that do not wait on a first stage still to be trained: those that may run beside a job
+    starting now (a lone job whose followers all wait on it gets every core)."""
+    return [j for j in pending if not j.init_of or j.init_of in finished]
 
 
 def run_threads(parallel: int) -> dict:
