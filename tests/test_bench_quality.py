@@ -288,8 +288,15 @@ def test_a_lone_training_whose_followers_wait_on_it_gets_every_core():
     second = quality_plan.Job("mixed-curriculum-seed1", "mixed-curriculum", 1, 5e-4, 2500, ["seed"],
                               init_of=first.name)
     other = quality_plan.Job("clip-seed2", "clip", 2, 5e-4, 5514, ["seed"])
-    assert startable([second], {}) == [] and startable([second], {first.name: {}}) == [second]
-    assert startable([second, other], {}) == [other]
+    first_done = {first.name: {"config": first.config, "seed": 1, "lr": 5e-4, "steps": 2757}}
+    assert startable([second], {}, {}, set()) == [] and startable([second], first_done, {}, set()) == [second]
+    assert startable([second, other], {}, {}, set()) == [other]
+    # trainings an earlier bench has done (taken over) run nothing beside it; nor does one trained in this bench
+    assert startable([second, other], first_done, {}, {other.key(), ("mixed-curriculum", 1, 5e-4, 2500,
+                                                                     ("mixed-curriculum-first", 1, 5e-4, 2757))}) == []
+    later = quality_plan.Job("clip-seed3", "clip", 3, None, 5514, ["seed"], lr_of="clip")
+    assert startable([later], {}, {}, set()) == [later]               # its lr is not chosen yet
+    assert startable([later], {}, {"clip": 5e-4}, {("clip", 3, 5e-4, 5514)}) == []
     assert run_threads(1) == {}
     halves = str(max(1, (os.cpu_count() or 1) // 2))
     assert run_threads(2) == {"OMP_NUM_THREADS": halves, "MKL_NUM_THREADS": halves}

@@ -216,7 +216,8 @@ def bench(p: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str] 
                     rest = sum(cost_of.get(j.name, 0.0) for j in pending + [r[0] for r in running.values()])
                     mine = cost_of.get(job.name) or cost(job.config, job.steps)
                     limit = max(60.0, (deadline - time.time()) * args.parallel * mine / max(rest + mine, 1e-9))
-                threads = run_threads(min(args.parallel, len(running) + 1 + len(startable(pending, finished))))
+                neighbours = startable(pending, finished, chosen, set(prior) | set(done))
+                threads = run_threads(min(args.parallel, len(running) + 1 + len(neighbours)))
                 log(f"training {job.name}: {job.steps} steps, lr {job.lr:g}, seed {job.seed}, batch "
                     f"{tree['data']['batch']}" + (f", from {job.init_of}" if job.init_of else "")
                     + (f", time limit {limit:.0f} s" if limit else "")
@@ -351,10 +352,23 @@ def results_doc(args, argv, info, n_val, runs, seeds, lrs, steps, batch, configs
     }
 
 
-def startable(pending: list[Job], finished: dict) -> list[Job]:
-    """The pending jobs that do not wait on a first stage still to be trained: those that may run beside a job
-    starting now (a lone job whose followers all wait on it gets every core)."""
-    return [j for j in pending if not j.init_of or j.init_of in finished]
+def startable(pending: list[Job], finished: dict, chosen: dict[str, float], known: set) -> list[Job]:
+    """The pending jobs that may train beside a job starting now (a lone job whose followers all wait on it gets
+    every core): not those that wait on a first stage still to be trained, nor those whose training is ``known``
+    (a key taken over from an earlier bench or trained in this one)."""
+    def trains(job: Job) -> bool:
+        if job.init_of and job.init_of not in finished:
+            return False
+        lr = job.lr if job.lr is not None else chosen.get(job.lr_of)
+        if lr is None:  # its lr is still to be chosen: it may well train
+            return True
+        own = job.config, job.seed, lr, job.steps
+        if job.init_of:
+            first = finished[job.init_of]
+            own += ((first["config"], first["seed"], first["lr"], first["steps"]),)
+        return own not in known
+
+    return [j for j in pending if trains(j)]
 
 
 def run_threads(parallel: int) -> dict:
