@@ -261,7 +261,7 @@ def next_ready(pending: list[Job], running: dict, chosen: dict[str, float], choo
             if job.init_of not in finished:
                 return False
             rec = finished[job.init_of]
-            job.init = (rec["config"], rec["seed"], rec["lr"], rec["steps"])
+            job.init = trained(rec)
         return True
 
     for i, job in enumerate(pending):
@@ -302,10 +302,9 @@ def reusable_records(paths: list[Path], doc: dict) -> dict[tuple, tuple[str, dic
                 continue
             if abs(was["gflops_per_step"] - now["gflops_per_step"]) > 1e-3 * now["gflops_per_step"]:
                 continue
-            key = (rec["config"], rec["seed"], rec["lr"], rec["steps"])
+            key = trained(rec)
             if rec.get("init"):  # a second stage: the same only from the same first stage
-                i = rec["init"]
-                key += ((i["config"], i["seed"], i["lr"], i["steps"]),)
+                key += (trained(rec["init"]),)
             out[key] = (f"{path} of {old['created']}", rec)
     return out
 
@@ -352,6 +351,11 @@ def results_doc(args, argv, info, n_val, runs, seeds, lrs, steps, batch, configs
     }
 
 
+def trained(record: dict) -> tuple:
+    """What a job's record trained (config, seed, lr, steps): the key of a first stage in its second's key."""
+    return record["config"], record["seed"], record["lr"], record["steps"]
+
+
 def startable(pending: list[Job], finished: dict, chosen: dict[str, float], known: set) -> list[Job]:
     """The pending jobs that may train beside a job starting now (a lone job whose followers all wait on it gets
     every core): not those that wait on a first stage still to be trained, nor those whose training is ``known``
@@ -363,10 +367,7 @@ def startable(pending: list[Job], finished: dict, chosen: dict[str, float], know
         if lr is None:  # its lr is still to be chosen: it may well train
             return True
         own = job.config, job.seed, lr, job.steps
-        if job.init_of:
-            first = finished[job.init_of]
-            own += ((first["config"], first["seed"], first["lr"], first["steps"]),)
-        return own not in known
+        return (own + (trained(finished[job.init_of]),) if job.init_of else own) not in known
 
     return [j for j in pending if trains(j)]
 
