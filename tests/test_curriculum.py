@@ -89,9 +89,10 @@ def test_stage2_trains_the_mix_with_pseudo_labels_from_the_first_step(demo_data,
 
 def test_the_bench_trains_the_curriculum_as_two_stages():
     """configs/bench/quality-mixed-curriculum-first.yaml is the first stage of mixed-curriculum and its variants
-    (-flexmatch, -keep, -soft), not a run of its own."""
-    assert quality_plan.first_stages()["mixed-curriculum-first"] == ["mixed-curriculum", "mixed-curriculum-flexmatch",
-                                                                     "mixed-curriculum-keep", "mixed-curriculum-soft"]
+    (-flexmatch, -flexmatch-nowarmup, -keep, -soft), not a run of its own."""
+    assert quality_plan.first_stages()["mixed-curriculum-first"] == [
+        "mixed-curriculum", "mixed-curriculum-flexmatch", "mixed-curriculum-flexmatch-nowarmup",
+        "mixed-curriculum-keep", "mixed-curriculum-soft"]
     runs = quality_plan.available_runs()
     assert "mixed-curriculum" in runs and "mixed-curriculum-first" not in runs
     stage2 = quality_plan.base_tree("mixed-curriculum")
