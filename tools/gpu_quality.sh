@@ -5,7 +5,8 @@
 #
 #   bash tools/gpu_quality.sh prepare      # here: wheels -> .whl/, the CIFAR-10 tarball -> .device-data/ (ignored)
 #   device run: command "bash tools/gpu_quality.sh run", carry [".whl", ".device-data"], timeout_s 600
-#   bash tools/gpu_quality.sh run --quick --steps 4,8 --seeds 0 --one-seed ""   # the same path on the CPU (smoke)
+#   bash tools/gpu_quality.sh run --quick --steps 4,8 --runs clip,supervised,mixed,mixed-curriculum --seeds 0 \
+#       --one-seed ""                      # the same path on the CPU (smoke, ~1.5 min)
 #
 # `run` installs the carried wheels with --target when a package is missing, trains the curve (defaults below; any
 # argument replaces them), stops the training at $LIMIT seconds (default 510) so the call ends inside its 10 minutes,
