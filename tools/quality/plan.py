@@ -283,10 +283,12 @@ class Job:
     init_of: str = ""
     init: tuple | None = None
 
-    def key(self, lr: float | None = None):
-        """Jobs with equal keys train the same thing: the later one reuses the earlier one's result."""
+    def key(self, lr: float | None = None, init: tuple | None = None):
+        """Jobs with equal keys train the same thing: the later one reuses the earlier one's result. ``lr`` and
+        ``init`` (its first stage's (config, seed, lr, steps)) stand in for those not set on the job yet."""
         own = self.config, self.seed, self.lr if lr is None else lr, self.steps
-        return own + ((tuple(self.init) if self.init else ("after", self.init_of)),) if self.init_of else own
+        init = self.init or init
+        return own + ((tuple(init) if init else ("after", self.init_of)),) if self.init_of else own
 
 
 def plan_jobs(steps: int, runs: list[str], reference: str, configs: dict, sweep: dict[str, list[float]],

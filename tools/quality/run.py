@@ -366,8 +366,7 @@ def startable(pending: list[Job], finished: dict, chosen: dict[str, float], know
         lr = job.lr if job.lr is not None else chosen.get(job.lr_of)
         if lr is None:  # its lr is still to be chosen: it may well train
             return True
-        own = job.config, job.seed, lr, job.steps
-        return (own + (trained(finished[job.init_of]),) if job.init_of else own) not in known
+        return job.key(lr, trained(finished[job.init_of]) if job.init_of else None) not in known
 
     return [j for j in pending if trains(j)]
 
